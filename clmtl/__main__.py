@@ -1,0 +1,5 @@
+import sys
+
+from clmtl.cli import main
+
+sys.exit(main())

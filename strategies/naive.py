@@ -1,0 +1,8 @@
+"""Naive fine-tuning: no protection against forgetting, the lower bound of every table."""
+from clmtl.registry import register
+
+
+@register("naive")
+def naive(params: dict) -> None:
+    """Plain sequential fine-tuning (lower bound)."""
+    return None

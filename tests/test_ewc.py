@@ -1,0 +1,77 @@
+"""EWC: penalty properties, Fisher on every target kind, and agreement with Avalanche's own EWCPlugin."""
+import copy
+
+import pytest
+import torch
+from avalanche.benchmarks.utils import AvalancheDataset
+from avalanche.benchmarks.utils.data_attribute import TaskLabels
+from avalanche.benchmarks.utils.flat_data import ConstantSequence
+from avalanche.training.plugins import EWCPlugin
+from avalanche.training.utils import copy_params_dict
+from torch.utils.data import TensorDataset
+
+from strategies.ewc import MultiTaskEWCPlugin, ewc_penalty
+
+
+def classification_data(n=40, features=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return AvalancheDataset([TensorDataset(x, y)], data_attributes=[TaskLabels(ConstantSequence(0, n))])
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def test_fisher_equals_avalanche_ewc_on_a_classification_stream():
+    data, model = classification_data(), mlp()
+    twin = copy.deepcopy(model)
+    criterion = torch.nn.CrossEntropyLoss()
+    ours = MultiTaskEWCPlugin(1000.0).compute_importances(
+        model, criterion, torch.optim.SGD(model.parameters(), lr=0.1), data, "cpu", 8
+    )
+    theirs = EWCPlugin(1000.0).compute_importances(
+        twin, criterion, torch.optim.SGD(twin.parameters(), lr=0.1), data, "cpu", 8
+    )
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name].data, theirs[name].data)
+    assert any(float(imp.data.sum()) > 0 for imp in ours.values())
+
+
+def test_penalty_is_zero_at_the_anchor_and_quadratic_in_the_step():
+    model = mlp()
+    saved = copy_params_dict(model)
+    importances = {name: copy.deepcopy(p) for name, p in saved.items()}
+    for imp in importances.values():
+        imp.data = torch.rand_like(imp.data)
+    assert float(ewc_penalty(model, saved, importances).detach()) == 0.0
+    direction = [torch.randn_like(p) for p in model.parameters()]
+
+    def penalty_after(step):
+        moved = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, d in zip(moved.parameters(), direction):
+                p.add_(step * d)
+        return float(ewc_penalty(moved, saved, importances).detach())
+
+    expected = sum(float((imp.data * d.pow(2)).sum()) for imp, d in zip(importances.values(), direction))
+    assert penalty_after(0.1) == pytest.approx(0.01 * expected, rel=1e-4)
+    assert penalty_after(0.2) / penalty_after(0.1) == pytest.approx(4.0, rel=1e-4)
+
+
+def test_online_mode_accumulates_with_decay():
+    plugin = MultiTaskEWCPlugin(1.0, mode="online", decay_factor=0.5)
+    model = mlp()
+    first = {n: copy.deepcopy(p) for n, p in copy_params_dict(model).items()}
+    second = {n: copy.deepcopy(p) for n, p in copy_params_dict(model).items()}
+    for imp in first.values():
+        imp.data = torch.full_like(imp.data, 2.0)
+    for imp in second.values():
+        imp.data = torch.full_like(imp.data, 1.0)
+    plugin.update_importances(first, 0)
+    plugin.update_importances(second, 1)
+    for imp in plugin.importances[1].values():
+        torch.testing.assert_close(imp.data, torch.full_like(imp.data, 0.5 * 2.0 + 1.0))
