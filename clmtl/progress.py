@@ -22,7 +22,7 @@ class ProgressBar(SupervisedPlugin):
     def after_training_iteration(self, strategy, **kwargs) -> None:
         self._bar.update(1)
         if strategy.clock.train_exp_iterations % 10 == 0:
-            self._bar.set_postfix(loss=f"{float(strategy.loss):.3f}", epoch=strategy.clock.train_exp_epochs)
+            self._bar.set_postfix(loss=f"{strategy.loss.item():.3f}", epoch=strategy.clock.train_exp_epochs)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self._bar.close()

@@ -1,0 +1,84 @@
+"""The `clmtl` command: run, strategies. Heavy imports (torch, avalanche) happen only inside commands."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (defaults: clmtl/default.yaml)")
+    parser.add_argument("--seed", type=int, help="random seed (overrides the config's seed)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clmtl", description="Continual multi-task learning for vision.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="single-task baselines, then sequential training on the stream")
+    _add_common(run)
+    run.add_argument("--strategy", default="ewc", help="registered strategy or a+b composition (default: ewc)")
+    run.add_argument("--out", type=Path, help="output directory (default: runs/<benchmark>_<strategy>_seed<N>)")
+    run.add_argument("--no-baselines", action="store_true", help="skip the single-task baselines")
+
+    commands.add_parser("strategies", help="list registered strategies and their hyperparameters")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    """Config with overrides and --seed applied, validated against the registered strategies."""
+    from clmtl.config import load_config
+    from clmtl.registry import parse_strategy, strategy_defaults
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    config = load_config(args.config, overrides, strategy_params=strategy_defaults())
+    if getattr(args, "strategy", None):
+        parse_strategy(args.strategy)
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args)
+    except (ValueError, FileNotFoundError) as error:  # a bad config or strategy is one clear line
+        return _fail(error)
+    from clmtl.report import summary_markdown
+    from clmtl.run import run
+
+    out = args.out or Path("runs") / f"{config.benchmark}_{args.strategy.replace('+', '-')}_seed{config.seed}"
+    results = run(config, args.strategy, out, baselines=not args.no_baselines)
+    print(summary_markdown(results))
+    print(f"\nwrote {out}/results.json, summary.md, plots/, checkpoints/")
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from clmtl.registry import available
+
+    for name, entry in available().items():
+        params = ", ".join(f"{key}={value!r}" for key, value in entry.defaults.items()) or "no hyperparameters"
+        print(f"{name:12s} {entry.summary}\n{'':12s} strategy.{name}: {params}")
+    return 0
+
+
+def _fail(error: Exception) -> int:
+    if os.environ.get("CLMTL_DEBUG"):
+        raise error
+    print(f"clmtl: error: {error}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = {"run": cmd_run, "strategies": cmd_strategies}[args.command]
+    return command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""`clmtl run`: single-task baselines, then sequential training on the stream, then the report.
+
+Data flows one way: config -> datasets -> stream -> template (+ strategy plugins) -> metrics -> report.
+"""
+from __future__ import annotations
+
+import functools
+import platform
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clmtl.config import Config
+from clmtl.data.shapes import make_shapes_dataset, shapes_task
+from clmtl.decode import decode_detections
+from clmtl.io import atomic_torch_save
+from clmtl.losses import MultiTaskLoss
+from clmtl.metrics.forgetting import bwt, drop_vs_baseline, forgetting, forgetting_max
+from clmtl.metrics.plugin import task_metrics, task_scores
+from clmtl.models import UnifiedModel
+from clmtl.progress import ProgressBar
+from clmtl.registry import build_plugins
+from clmtl.report import prediction_overlays, summary_markdown, write_report
+from clmtl.stream import build_stream
+from clmtl.tasks import TASK_KINDS, TaskSpec
+from clmtl.template import MultiTaskTemplate
+
+VERSIONED_PACKAGES = ("clmtl", "torch", "torchvision", "avalanche-lib", "ultralytics", "pycocotools", "numpy")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so a run is repeatable on CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class Benchmark:
+    """The stream plus the task descriptions its task labels index."""
+
+    tasks: list[TaskSpec]
+    stream: Any  # avalanche CLScenario with train_stream / test_stream
+
+
+def build_benchmark(config: Config) -> Benchmark:
+    """The configured benchmark as one Avalanche stream (shapes: generated from the seed, nothing downloaded)."""
+    if config.benchmark != "shapes":
+        raise NotImplementedError(f"benchmark {config.benchmark!r} is not available yet; use benchmark=shapes")
+    tasks = [shapes_task(TASK_KINDS[name], name) for name in config.tasks]
+    data = config.data
+    train = [make_shapes_dataset(t.kind, "train", data.train_size, data.image_size, config.seed) for t in tasks]
+    test = [make_shapes_dataset(t.kind, "val", data.val_size, data.image_size, config.seed) for t in tasks]
+    return Benchmark(tasks, build_stream(tasks, train, test))
+
+
+def build_model(config: Config, tasks: Sequence[TaskSpec]) -> UnifiedModel:
+    """A freshly initialised model; the same seed gives the same initial weights for baselines and the stream."""
+    torch.manual_seed(config.seed)
+    return UnifiedModel(
+        tasks,
+        fpn_channels=config.model.fpn_channels,
+        image_size=config.data.image_size,
+        weights=config.model.weights,
+    )
+
+
+def make_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    train = config.train
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=0.9, weight_decay=train.weight_decay)
+    optimizer_class = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+
+
+def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: list, loggers: list,
+                  label: str = "") -> MultiTaskTemplate:
+    """The Avalanche template with our criterion, metrics and progress bar."""
+    from avalanche.training.plugins import EvaluationPlugin
+
+    decode = functools.partial(
+        decode_detections,
+        layout=model.anchor_layout,
+        score_threshold=config.eval.score_threshold,
+        iou_threshold=config.eval.iou_threshold,
+        max_detections=config.eval.max_detections,
+    )
+    evaluator = EvaluationPlugin(*task_metrics(tasks, decode), loggers=loggers)
+    return MultiTaskTemplate(
+        model=model,
+        optimizer=make_optimizer(config, model),
+        criterion=MultiTaskLoss(model.anchor_layout),
+        train_mb_size=config.train.batch_size,
+        eval_mb_size=config.train.eval_batch_size,
+        train_epochs=1,
+        device="cpu",
+        plugins=[*plugins, ProgressBar(label)],
+        evaluator=evaluator,
+    )
+
+
+def train_experience(template: MultiTaskTemplate, experience, epochs: int, num_workers: int) -> float:
+    """Train on one experience for ``epochs`` epochs; returns wall-clock seconds."""
+    template.train_epochs = epochs
+    start = time.perf_counter()
+    template.train(experience, num_workers=num_workers)
+    return time.perf_counter() - start
+
+
+def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list) -> tuple[dict, dict[str, float]]:
+    """Each task trained alone from the same initial weights with the same budget: the reference for drops.
+
+    Returns every metric of each task and the training seconds of each.
+    """
+    scores, seconds = {}, {}
+    for label, task in enumerate(benchmark.tasks):
+        model = build_model(config, benchmark.tasks)
+        template = make_template(config, model, benchmark.tasks, plugins=[], loggers=loggers, label="baseline ")
+        seconds[task.name] = train_experience(template, benchmark.stream.train_stream[label],
+                                              config.train.epochs[task.name], config.data.num_workers)
+        metrics = template.eval([benchmark.stream.test_stream[label]])
+        scores[task.name] = task_scores(metrics, benchmark.tasks)[label]
+    return scores, seconds
+
+
+def make_loggers(config: Config, out_dir: Path, log_file) -> list:
+    """Every metric to OUT/metrics.csv and the text log (and TensorBoard when asked)."""
+    from avalanche.logging import TensorboardLogger, TextLogger
+
+    from clmtl.csv_logger import MetricsCSVLogger
+
+    loggers = [MetricsCSVLogger(out_dir / "metrics.csv"), TextLogger(log_file)]
+    if config.output.tensorboard:
+        loggers.append(TensorboardLogger(out_dir / "tensorboard"))
+    return loggers
+
+
+def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool = True) -> dict:
+    """Baselines, then the stream with ``strategy``; writes the report into ``out_dir`` and returns results."""
+    from avalanche.logging import TextLogger
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.train.threads)
+    seed_everything(config.seed)
+    benchmark = build_benchmark(config)
+    tasks = benchmark.tasks
+    (out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
+    with open(out_dir / "log.txt", "w") as log_file:
+        baseline_scores, baseline_seconds = {}, {}
+        if baselines:
+            log_file.write("== single-task baselines ==\n")
+            baseline_scores, baseline_seconds = single_task_baselines(config, benchmark, [TextLogger(log_file)])
+        log_file.write(f"== sequential training, strategy {strategy} ==\n")
+        seed_everything(config.seed)
+        model = build_model(config, tasks)
+        plugins = build_plugins(strategy, config.strategy)
+        template = make_template(config, model, tasks, plugins, make_loggers(config, out_dir, log_file))
+        matrix: list[list[float | None]] = []
+        train_seconds: dict[str, float] = {}
+        for label, experience in enumerate(benchmark.stream.train_stream):
+            task = tasks[label]
+            train_seconds[task.name] = train_experience(
+                template, experience, config.train.epochs[task.name], config.data.num_workers
+            )
+            per_task = task_scores(template.eval(benchmark.stream.test_stream), tasks)
+            matrix.append([per_task[j][t.metric] for j, t in enumerate(tasks)])
+            if config.output.checkpoints:
+                checkpoint = {"model": model.state_dict(), "experience": label, "matrix": matrix,
+                              "config": config.to_dict(), "strategy": strategy}
+                atomic_torch_save(checkpoint, out_dir / "checkpoints" / f"exp{label}.pt")
+                atomic_torch_save(checkpoint, out_dir / "checkpoints" / "last.pt")
+
+    final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
+    results = assemble_results(config, strategy, tasks, matrix, final_scores, baseline_scores, model, train_seconds)
+    results["baseline_train_seconds"] = baseline_seconds
+    results["total_seconds"] = time.perf_counter() - start
+    write_report(results, out_dir)
+    if config.output.overlays:
+        draw_overlays(model, benchmark, config, out_dir / "plots")
+    return results
+
+
+def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], matrix: list[list[float | None]],
+                     final_scores: dict[str, dict[str, float]], baseline_scores: dict[str, dict[str, float]],
+                     model: torch.nn.Module, train_seconds: dict[str, float]) -> dict:
+    """The results.json contract of DESIGN.md."""
+    names = [t.name for t in tasks]
+    final = {t.name: final_scores[t.name][t.metric] for t in tasks}
+    baseline = {t.name: baseline_scores[t.name][t.metric] for t in tasks if t.name in baseline_scores}
+
+    def secondary(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        return {t.name: {m: scores[t.name][m] for m in t.extra_metrics} for t in tasks if t.name in scores}
+
+    return {
+        "clmtl_version": package_versions()["clmtl"],
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "benchmark": config.benchmark,
+        "strategy": strategy,
+        "tasks": [t.as_dict() for t in tasks],
+        "matrix": matrix,
+        "baseline": baseline,
+        "final": final,
+        "extra": {"baseline": secondary(baseline_scores), "final": secondary(final_scores)},
+        "forgetting": dict(zip(names, forgetting(matrix))),
+        "forgetting_max": dict(zip(names, forgetting_max(matrix))),
+        "bwt": bwt(matrix),
+        "drop_vs_baseline": drop_vs_baseline(final, baseline) if baseline else {},
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": train_seconds,
+        "versions": package_versions(),
+    }
+
+
+@torch.inference_mode()
+def draw_overlays(model: UnifiedModel, benchmark: Benchmark, config: Config, plot_dir: Path) -> None:
+    """A few validation images per task with what the final model predicts on them."""
+    model.eval()
+    count = config.output.overlays
+    for label, task in enumerate(benchmark.tasks):
+        dataset = benchmark.stream.test_stream[label].dataset
+        samples = [dataset[i] for i in range(min(count, len(dataset)))]
+        images = torch.stack([s[0] for s in samples])
+        output = model(images, label)
+        if task.kind == "segmentation":
+            predictions = list(output.argmax(1))
+        elif task.kind == "classification":
+            predictions = output.argmax(1).tolist()
+        else:
+            predictions = decode_detections(output, model.anchor_layout, score_threshold=0.3,
+                                            iou_threshold=config.eval.iou_threshold)
+        prediction_overlays(images, predictions, task.kind, task.classes, plot_dir / f"predictions_{task.name}.png",
+                            targets=[s[1] for s in samples])

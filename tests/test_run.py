@@ -1,0 +1,94 @@
+"""End to end: a tiny run through stream, template, plugins, metrics and report, checked against the contract."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clmtl.config import load_config
+from clmtl.io import load_checkpoint
+from clmtl.registry import strategy_defaults
+from clmtl.run import build_benchmark, build_model, run
+
+TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
+        "output.overlays=2", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = load_config(None, TINY + ["strategy.ewc.lambda=10.0"], strategy_params=strategy_defaults())
+    results = run(config, "ewc", out, baselines=True)
+    return out, results
+
+
+@pytest.mark.slow
+def test_results_json_matches_the_contract(tiny_run):
+    out, results = tiny_run
+    written = json.loads((out / "results.json").read_text())
+    assert written["matrix"] == results["matrix"]
+    for key in ("clmtl_version", "config", "seed", "benchmark", "strategy", "tasks", "matrix", "baseline", "final",
+                "extra", "forgetting", "forgetting_max", "bwt", "drop_vs_baseline", "params", "train_seconds",
+                "versions"):
+        assert key in written, key
+    assert [t["name"] for t in written["tasks"]] == ["seg", "det", "cls"]
+    assert [t["metric"] for t in written["tasks"]] == ["mIoU", "mAP50_95", "top1"]
+    assert written["tasks"][1]["extra"] == ["mAP50"]
+    matrix = written["matrix"]
+    assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
+    assert all(0.0 <= value <= 1.0 for row in matrix for value in row)
+    assert written["final"] == {t["name"]: matrix[-1][j] for j, t in enumerate(written["tasks"])}
+    assert written["forgetting"]["seg"] == pytest.approx(matrix[0][0] - matrix[2][0])
+    assert written["forgetting"]["det"] == pytest.approx(matrix[1][1] - matrix[2][1])
+    assert written["forgetting"]["cls"] is None
+    assert written["bwt"] == pytest.approx(-(written["forgetting"]["seg"] + written["forgetting"]["det"]) / 2)
+    assert set(written["baseline"]) == {"seg", "det", "cls"}
+    assert set(written["extra"]["final"]["det"]) == {"mAP50"}
+    assert written["config"]["strategy"]["ewc"]["lambda"] == 10.0
+    model = build_model(load_config(None, TINY), build_benchmark(load_config(None, TINY)).tasks)
+    assert written["params"] == sum(p.numel() for p in model.parameters())
+    assert written["versions"]["torch"] == torch.__version__.split("+")[0]
+
+
+@pytest.mark.slow
+def test_outputs_checkpoints_and_metric_log_are_written(tiny_run):
+    out, results = tiny_run
+    for name in ("summary.md", "plots/accuracy_matrix.png", "plots/task_curves.png", "plots/predictions_seg.png",
+                 "plots/predictions_det.png", "plots/predictions_cls.png", "log.txt"):
+        assert (out / name).stat().st_size > 0, name
+    for k in range(3):
+        checkpoint = load_checkpoint(out / "checkpoints" / f"exp{k}.pt")
+        assert checkpoint["experience"] == k
+        assert checkpoint["matrix"] == results["matrix"][: k + 1]
+    with open(out / "metrics.csv") as handle:
+        names = {row["metric"] for row in csv.DictReader(handle)}
+    assert "mIoU/eval_phase/test_stream/Task000/Exp000" in names
+    assert "mAP50/eval_phase/test_stream/Task001/Exp001" in names
+    assert any(name.startswith("TaskForgetting/") for name in names)
+    assert "| seg | mIoU |" in (out / "summary.md").read_text()
+
+
+def clmtl(*args):
+    return subprocess.run([sys.executable, "-m", "clmtl", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_config_typo_is_one_clear_line_with_a_suggestion():
+    result = clmtl("run", "train.lrr=0.1")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "did you mean 'train.lr'" in result.stderr
+
+
+def test_an_out_of_range_value_and_an_unknown_strategy_are_clear_errors():
+    result = clmtl("run", "train.lr=-1")
+    assert result.returncode == 2 and "train.lr" in result.stderr and "Traceback" not in result.stderr
+    result = clmtl("run", "--strategy", "ewc+replai")
+    assert result.returncode == 2 and "unknown strategy 'replai'" in result.stderr
+
+
+def test_strategies_lists_hyperparameters():
+    result = clmtl("strategies")
+    assert result.returncode == 0
+    assert "strategy.ewc: lambda=1000.0, mode='separate', decay=0.9" in result.stdout
