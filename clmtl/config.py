@@ -1,0 +1,365 @@
+"""Run configuration: typed defaults, YAML files and ``key=value`` overrides, validated strictly.
+
+A typo in a key or a value of the wrong type should stop a run before it trains for an hour, with one line
+that names the key, where it came from (file or override) and, for a typo, the key that was probably meant.
+Precedence: ``clmtl/default.yaml`` < the ``--config`` file < overrides, in the order given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+TASK_NAMES = ("seg", "det", "cls")
+"""The task names of the stream, also the keys of ``train.epochs``."""
+
+DEFAULTS_SOURCE = "clmtl/default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that clmtl refuses; the message is a single line."""
+
+
+def _rule(test: Callable[[Any], bool], text: str) -> dict[str, Any]:
+    """Field metadata: a range/choice check applied after the type check."""
+    return {"rule": (test, text)}
+
+
+def _one_of(*choices: str) -> dict[str, Any]:
+    return _rule(lambda v: v in choices, "must be one of " + ", ".join(choices))
+
+
+_POSITIVE = _rule(lambda v: v > 0, "must be > 0")
+_AT_LEAST_ONE = _rule(lambda v: v >= 1, "must be >= 1")
+_NON_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
+_FRACTION = _rule(lambda v: 0 <= v <= 1, "must be between 0 and 1")
+_NOT_EMPTY = _rule(lambda v: v != "", "must not be empty")
+_IMAGE_SIZE = _rule(lambda v: v >= 64 and v % 32 == 0, "must be a multiple of 32 and >= 64")
+_TASK_ORDER = _rule(lambda v: sorted(v) == sorted(TASK_NAMES),
+                    "must list each of " + ", ".join(TASK_NAMES) + " exactly once")
+
+
+@dataclass
+class DataConfig:
+    image_size: int = field(default=128, metadata=_IMAGE_SIZE)
+    train_size: int = field(default=240, metadata=_AT_LEAST_ONE)
+    val_size: int = field(default=60, metadata=_AT_LEAST_ONE)
+    num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = field(default="yolov8n", metadata=_NOT_EMPTY)
+    fpn_channels: int = field(default=64, metadata=_AT_LEAST_ONE)
+    weights: str | None = None
+
+
+@dataclass
+class EpochsConfig:
+    """Training epochs per task name; a single number in a file or override sets all of them."""
+
+    seg: int = field(default=10, metadata=_NON_NEGATIVE)
+    det: int = field(default=25, metadata=_NON_NEGATIVE)
+    cls: int = field(default=8, metadata=_NON_NEGATIVE)
+
+    def __getitem__(self, task: str) -> int:
+        """``epochs["det"]``: look up by a task name held in a variable."""
+        if task not in TASK_NAMES:
+            raise KeyError(task)
+        return getattr(self, task)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = field(default="adamw", metadata=_one_of("adam", "adamw", "sgd"))
+    lr: float = field(default=0.003, metadata=_POSITIVE)
+    weight_decay: float = field(default=0.0005, metadata=_NON_NEGATIVE)
+    batch_size: int = field(default=16, metadata=_AT_LEAST_ONE)
+    eval_batch_size: int = field(default=32, metadata=_AT_LEAST_ONE)
+    epochs: EpochsConfig = field(default_factory=EpochsConfig)
+    threads: int = field(default=2, metadata=_AT_LEAST_ONE)
+
+
+@dataclass
+class EvalConfig:
+    score_threshold: float = field(default=0.01, metadata=_FRACTION)
+    iou_threshold: float = field(default=0.5, metadata=_FRACTION)
+    max_detections: int = field(default=100, metadata=_AT_LEAST_ONE)
+
+
+@dataclass
+class OutputConfig:
+    checkpoints: bool = True
+    overlays: int = field(default=4, metadata=_NON_NEGATIVE)
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    """Everything a run reads. ``strategy`` maps a strategy name to its parameters (defaults merged in)."""
+
+    benchmark: str = field(default="shapes", metadata=_one_of("shapes", "files"))
+    seed: int = field(default=0, metadata=_NON_NEGATIVE)
+    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES), metadata=_TASK_ORDER)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON- and YAML-safe) that load_config accepts back as a file."""
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (),
+                strategy_params: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({})) -> Config:
+    """Defaults, then the file at ``path`` (if any), then each ``key=value`` override, all validated.
+
+    ``strategy_params`` maps each registered strategy name to its parameter defaults; ``strategy.<name>.<param>``
+    values are checked against them (name and parameter must exist, value of the default's type).
+    """
+    layers = [(_read_defaults(), DEFAULTS_SOURCE)]
+    if path is not None:
+        layers.append((_read_file(Path(path)), str(path)))
+    layers.extend(_parse_override(text) for text in overrides)
+    merged: dict[str, Any] = {}
+    for data, source in layers:
+        _deep_merge(merged, _check_section(data, Config, "", source, strategy_params))
+    chosen = merged.get("strategy", {})
+    merged["strategy"] = {name: {**_copy(strategy_params[name]), **params} for name, params in chosen.items()}
+    return _build(Config, merged)
+
+
+# ----------------------------------------------------------------------------------------------- reading YAML
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.2), not as the string YAML 1.1 makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str, source: str, positions: bool = True) -> Any:
+    """Parse YAML; an error names the source and, for files (``positions``), the line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if positions and mark is not None else source
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(problem.split())}") from None
+
+
+def _read_defaults() -> Any:
+    return _load_yaml(resources.files("clmtl").joinpath("default.yaml").read_text(encoding="utf-8"), DEFAULTS_SOURCE)
+
+
+def _read_file(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeError) as error:
+        raise ConfigError(f"{path}: cannot read config file: {error}") from None
+    data = _load_yaml(text, str(path))
+    return {} if data is None else data  # an empty file means "all defaults"
+
+
+_OVERRIDE_KEY = re.compile(r"^[\w-]+(\.[\w-]+)*$")
+
+
+def _parse_override(text: str) -> tuple[dict[str, Any], str]:
+    """``train.epochs.det=30`` -> ({"train": {"epochs": {"det": 30}}}, source name for messages)."""
+    source = f"override '{text}'"
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ConfigError(f"{source}: expected KEY=VALUE, e.g. train.lr=0.001")
+    if not _OVERRIDE_KEY.match(key):
+        raise ConfigError(f"{source}: malformed key '{key}'; expected dotted names like train.epochs.det")
+    value = _load_yaml(raw, source, positions=False)
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value, source
+
+
+# --------------------------------------------------------------------------------------------------- checking
+
+def _check_section(data: Any, cls: type, path: str, source: str,
+                   strategy_params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Check a partial mapping against dataclass ``cls``; returns it with values normalised (int -> float...)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping of keys, got {_describe(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for key, value in data.items():
+        key_path = _join(path, key)
+        if key not in fields:
+            raise _unknown_key(source, key_path, list(fields), _leaf_paths(Config))
+        hint = hints[key]
+        if hint is EpochsConfig and _is_int(value):
+            value = dict.fromkeys(TASK_NAMES, value)
+        if dataclasses.is_dataclass(hint):
+            checked[key] = _check_section(value, hint, key_path, source, strategy_params)
+        elif typing.get_origin(hint) is dict:
+            checked[key] = _check_strategies(value, key_path, source, strategy_params)
+        else:
+            checked[key] = _check_value(value, hint, key_path, source)
+            rule = fields[key].metadata.get("rule")
+            if rule is not None and not rule[0](checked[key]):
+                raise ConfigError(f"{source}: {key_path}: {rule[1]}, got {_describe(checked[key], kind=False)}")
+    return checked
+
+
+def _check_strategies(data: Any, path: str, source: str,
+                      strategy_params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {path}: expected a mapping of strategy names to parameters, "
+                          f"got {_describe(data)}")
+    checked = {}
+    for name, params in data.items():
+        name_path = _join(path, name)
+        if name not in strategy_params:
+            known = list(strategy_params)
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = (f"did you mean '{_join(path, close[0])}'?" if close
+                    else "registered: " + (", ".join(known) or "none"))
+            raise ConfigError(f"{source}: {name_path}: unknown strategy; {hint}")
+        checked[name] = _check_params(params, name_path, source, strategy_params[name])
+    return checked
+
+
+def _check_params(params: Any, path: str, source: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Check one strategy's parameters: each must exist in ``defaults`` and have its default's type."""
+    if params is None:  # "ewc:" with nothing under it: the defaults
+        return {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{source}: {path}: expected a mapping of parameters, got {_describe(params)}")
+    checked = {}
+    for param, value in params.items():
+        param_path = _join(path, param)
+        if param not in defaults:
+            raise _unknown_key(source, param_path, list(defaults), ())
+        default = defaults[param]
+        checked[param] = value if default is None else _check_value(value, _type_of(default), param_path, source)
+    return checked
+
+
+def _type_of(default: Any) -> Any:
+    return list if isinstance(default, tuple) else type(default)
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping"}
+
+
+def _check_value(value: Any, hint: Any, path: str, source: str) -> Any:
+    """Type check one value against ``hint`` (int, float, bool, str, X | None, list, list[X], dict)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    base = typing.get_origin(hint) or hint
+    if base is float and _is_int(value):
+        return float(value)
+    if base is list and isinstance(value, (list, tuple)):
+        return [_check_value(item, args[0], f"{path}[{i}]", source) if args else item
+                for i, item in enumerate(value)]
+    ok = isinstance(value, base) and not (isinstance(value, bool) and base is not bool)
+    if not ok:
+        expected = _EXPECTED.get(base, base.__name__)
+        raise ConfigError(f"{source}: {path}: expected {expected}, got {_describe(value)}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_KIND = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping",
+         type(None): "null"}
+
+
+def _describe(value: Any, kind: bool = True) -> str:
+    """A value as a message shows it: its YAML kind and a short JSON rendering."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    if not kind or value is None:
+        return text
+    return f"{_KIND.get(type(value), type(value).__name__)} {text}"
+
+
+def _unknown_key(source: str, key_path: str, siblings: list[str], all_paths: Sequence[str]) -> ConfigError:
+    """An unknown key, with the closest sibling or else a same-named key elsewhere (top-level ``lr``)."""
+    parent, _, key = key_path.rpartition(".")
+    close = difflib.get_close_matches(str(key), siblings, n=1)
+    if close:
+        hint = f"did you mean '{_join(parent, close[0])}'?"
+    else:
+        leaves = {p.rpartition(".")[2]: p for p in reversed(all_paths)}
+        close = difflib.get_close_matches(str(key), list(leaves), n=1)
+        hint = f"did you mean '{leaves[close[0]]}'?" if close else "known keys: " + ", ".join(siblings)
+    return ConfigError(f"{source}: {key_path}: unknown key; {hint}")
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> list[str]:
+    paths = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = _join(prefix, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            paths.extend(_leaf_paths(hints[f.name], path))
+        else:
+            paths.append(path)
+    return paths
+
+
+def _join(prefix: str, key: Any) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+def _deep_merge(target: dict[str, Any], update: Mapping[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value)
+        else:
+            target[key] = _copy(value)
+
+
+def _copy(value: Any) -> Any:
+    """Deep copy of plain containers, tuples as lists (so to_dict stays YAML-safe)."""
+    if isinstance(value, Mapping):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _build(hints[key], value) if dataclasses.is_dataclass(hints[key]) else value
+    return cls(**kwargs)

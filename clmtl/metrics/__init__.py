@@ -1,0 +1,19 @@
+"""Task scores (mIoU, COCO mAP, top-1) and forgetting from the accuracy matrix.
+
+The Avalanche plugin metrics live in ``clmtl.metrics.plugin``, imported on demand because it imports Avalanche.
+"""
+from clmtl.metrics.forgetting import abs_drop, bwt, drop_vs_baseline, forgetting, forgetting_max
+from clmtl.metrics.scores import CocoMAP, MeanIoU, Scorer, Top1, scorer_for
+
+__all__ = [
+    "CocoMAP",
+    "MeanIoU",
+    "Scorer",
+    "Top1",
+    "abs_drop",
+    "bwt",
+    "drop_vs_baseline",
+    "forgetting",
+    "forgetting_max",
+    "scorer_for",
+]

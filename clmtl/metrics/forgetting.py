@@ -1,0 +1,86 @@
+"""Forgetting, backward transfer and drop-vs-baseline from the accuracy matrix.
+
+``R[i][j]`` is the metric of task ``j`` (higher is better) after training experience ``i``; one experience per task,
+so ``R`` is ``T x T`` and ``R[j][j]`` is the score right after learning task ``j``. Entries with ``j > i``
+(zero-shot) may be ``None`` and are never used. Values that cannot be defined are ``None`` (JSON ``null``),
+never NaN.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+Matrix = Sequence[Sequence[Optional[float]]]
+
+
+def _square_size(R: Matrix) -> int:
+    T = len(R)
+    if any(len(row) != T for row in R):
+        raise ValueError(f"accuracy matrix must be T x T, got rows of lengths {[len(row) for row in R]}")
+    return T
+
+
+def forgetting(R: Matrix) -> list[float | None]:
+    """Avalanche's forgetting per task: ``R[j][j] - R[T-1][j]``; ``None`` for the last task.
+
+    Same numbers as Avalanche's ``ExperienceForgetting`` after the last experience (it records the "initial" value
+    when the eval experience is the one just trained, and reports initial - last) and as the last row of
+    ``avalanche.evaluation.functional.forgetting(R)`` (which reports 0, not ``None``, for the last task).
+    """
+    T = _square_size(R)
+    if T == 0:
+        return []
+    return [R[j][j] - R[T - 1][j] for j in range(T - 1)] + [None]
+
+
+def forgetting_max(R: Matrix) -> list[float | None]:
+    """Mammoth's forgetting per task: best score ever (``max_{i >= j} R[i][j]``) minus final; ``None`` for the last.
+
+    As in Mammoth's ``utils/metrics.py:forgetting`` the maximum includes the final row, so the value is never
+    negative. Chaudhry et al. (2018) take the maximum over ``i in [j, T-2]`` only, which can be negative; Mammoth's
+    value is ``max(that, 0)``.
+    """
+    T = _square_size(R)
+    if T == 0:
+        return []
+    return [max(R[i][j] for i in range(j, T)) - R[T - 1][j] for j in range(T - 1)] + [None]
+
+
+def bwt(R: Matrix) -> float | None:
+    """Backward transfer: mean over ``j < T-1`` of ``R[T-1][j] - R[j][j]`` (= minus the mean of ``forgetting``).
+
+    Same as Mammoth's ``backward_transfer`` and Avalanche's ``StreamBWT`` after the last experience.
+    ``None`` with fewer than two tasks, where no earlier task exists.
+    """
+    T = _square_size(R)
+    if T < 2:
+        return None
+    return sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
+
+
+def _defined(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def drop_vs_baseline(final: dict[str, float | None], baseline: dict[str, float | None]) -> dict[str, float | None]:
+    """Relative drop ``(baseline - final) / baseline`` per task of ``final``; positive means worse than baseline.
+
+    ``None`` where the baseline is missing, NaN or 0 (no relative change exists) or the final value is missing/NaN.
+    """
+    drops: dict[str, float | None] = {}
+    for task, value in final.items():
+        base = baseline.get(task)
+        ok = _defined(value) and _defined(base) and base != 0
+        drops[task] = (base - value) / base if ok else None
+    return drops
+
+
+def abs_drop(final: dict[str, float | None], baseline: dict[str, float | None]) -> dict[str, float | None]:
+    """Absolute drop ``baseline - final`` per task of ``final`` (metric points); ``None`` where either is undefined.
+
+    Reported next to the relative drop because "within 5%" can mean either.
+    """
+    return {
+        task: baseline[task] - value if _defined(value) and _defined(baseline.get(task)) else None
+        for task, value in final.items()
+    }

@@ -1,0 +1,183 @@
+"""Per-task score accumulators: mIoU, COCO mAP and top-1.
+
+Plain objects with ``reset()``, ``update(...)`` and ``result() -> dict[str, float]``, so they work inside the
+Avalanche plugin (``clmtl.metrics.plugin``), in ``clmtl eval`` and in tests alike. Each accumulates over a whole
+validation set and scores it once, as the pinned definitions in DESIGN.md ("Metric definitions") require.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Sequence
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION, TaskSpec
+
+
+class MeanIoU:
+    """Mean IoU from one confusion matrix over the whole val set.
+
+    Pixels whose target is ``ignore_index`` are skipped; background is an ordinary class. The mean runs over the
+    classes whose union (target or prediction) is non-empty, which is what torchmetrics'
+    ``MulticlassJaccardIndex(num_classes, average="macro", ignore_index=255)`` computes. With no scored pixel at all
+    the value is undefined; ``result()`` then reports 0.0 so that results stay valid JSON.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        # rows: target class, columns: predicted class
+        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+
+    def update(self, output: Tensor, target: Tensor) -> None:
+        """Add a batch: ``output`` is logits ``[B, C, H, W]`` or a label map ``[B, H, W]``; ``target`` is ``[B, H, W]``."""
+        pred = output.argmax(dim=1) if output.dim() == 4 else output
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        pred = pred.detach().cpu().flatten().long()
+        target = target.detach().cpu().flatten().long()
+        valid = target != self.ignore_index
+        pred, target = pred[valid], target[valid]
+        for name, labels in (("target", target), ("prediction", pred)):
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"{name} holds labels outside 0..{self.num_classes - 1} on scored pixels")
+        cells = torch.bincount(target * self.num_classes + pred, minlength=self.num_classes**2)
+        self.confusion += cells.reshape(self.num_classes, self.num_classes)
+
+    def result(self) -> dict[str, float]:
+        intersection = self.confusion.diag().double()
+        union = self.confusion.sum(0).double() + self.confusion.sum(1).double() - intersection
+        present = union > 0
+        if not present.any():
+            return {"mIoU": 0.0}
+        return {"mIoU": float((intersection[present] / union[present]).mean())}
+
+
+class Top1:
+    """Fraction of samples whose argmax class is the label (0.0 before any sample)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.correct = 0
+        self.total = 0
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        """Add a batch: ``logits`` ``[B, C]``, ``target`` ``[B]`` class indices."""
+        self.correct += int((logits.detach().argmax(dim=1).cpu() == target.detach().cpu()).sum())
+        self.total += int(target.numel())
+
+    def result(self) -> dict[str, float]:
+        return {"top1": self.correct / self.total if self.total else 0.0}
+
+
+class CocoMAP:
+    """COCO box mAP (pycocotools COCOeval, bbox) over everything passed to ``update``.
+
+    Ground truth and detections are kept per image and turned into an in-memory COCO dataset at ``result()``:
+    ``mAP50_95`` is ``COCOeval.stats[0]`` and ``mAP50`` is ``stats[1]``. Boxes come in xyxy pixels and are scored
+    in the coordinates given, so a loader that wants the official numbers passes original-image coordinates.
+
+    Ids: images are numbered 1, 2, ... in update order unless ``update(..., image_ids=...)`` names them; labels are
+    the contiguous task labels unless ``category_ids[label]`` maps them to a file's own category ids. A target may
+    carry an optional ``"iscrowd"`` bool tensor ``[N]``: COCOeval then ignores detections matched to crowd boxes.
+
+    Edge cases, defined here because COCOeval cannot score them: no detection at all gives 0.0 (pycocotools refuses
+    an empty result list; AP with ground truth and no detection is 0); no ground-truth box at all gives 0.0
+    (COCOeval reports -1, "undefined"; so does a set whose only ground truth is crowd).
+    """
+
+    def __init__(self, category_ids: Sequence[int] | None = None) -> None:
+        self.category_ids = list(category_ids) if category_ids is not None else None
+        self.reset()
+
+    def reset(self) -> None:
+        self._gt: list[dict] = []
+        self._dt: list[dict] = []
+        self._image_ids: set[int] = set()
+        self._next_image_id = 1
+        self._result: dict[str, float] | None = None
+
+    def _category(self, label: int) -> int:
+        return self.category_ids[label] if self.category_ids is not None else label
+
+    def update(
+        self, predictions: list[dict], targets: list[dict], image_ids: Sequence[int] | None = None
+    ) -> None:
+        """Add a batch of decoded detections (boxes, scores, labels) and their targets (boxes, labels), per image."""
+        if len(predictions) != len(targets):
+            raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
+        if image_ids is None:
+            image_ids = range(self._next_image_id, self._next_image_id + len(targets))
+        for image_id, pred, target in zip(image_ids, predictions, targets):
+            image_id = int(image_id)
+            if image_id in self._image_ids:
+                raise ValueError(f"image id {image_id} was already scored")
+            self._image_ids.add(image_id)
+            self._next_image_id = max(self._next_image_id, image_id + 1)
+            crowd = target.get("iscrowd")
+            crowd = [False] * len(target["labels"]) if crowd is None else crowd.tolist()
+            for box, label, is_crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), crowd):
+                self._gt.append({"image_id": image_id, "category_id": self._category(label),
+                                 "bbox": _xywh(box), "iscrowd": int(is_crowd)})
+            for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
+                self._dt.append({"image_id": image_id, "category_id": self._category(label),
+                                 "bbox": _xywh(box), "score": float(score)})
+        self._result = None
+
+    def result(self) -> dict[str, float]:
+        if self._result is None:
+            self._result = self._evaluate()
+        return dict(self._result)
+
+    def _evaluate(self) -> dict[str, float]:
+        if not self._dt:
+            return {"mAP50_95": 0.0, "mAP50": 0.0}
+        annotations = [
+            {**ann, "id": index, "area": ann["bbox"][2] * ann["bbox"][3]} for index, ann in enumerate(self._gt, start=1)
+        ]
+        categories = self.category_ids
+        if categories is None:
+            categories = sorted({ann["category_id"] for ann in self._gt + self._dt})
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco_gt = COCO()
+            coco_gt.dataset = {
+                "images": [{"id": image_id} for image_id in sorted(self._image_ids)],
+                "annotations": annotations,
+                "categories": [{"id": category} for category in categories],
+            }
+            coco_gt.createIndex()
+            coco_dt = coco_gt.loadRes([dict(det) for det in self._dt])  # loadRes adds keys to what it gets
+            evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        # COCOeval reports -1 when no category has a (non-crowd) ground-truth box
+        return {"mAP50_95": max(float(evaluator.stats[0]), 0.0), "mAP50": max(float(evaluator.stats[1]), 0.0)}
+
+
+def _xywh(box: Sequence[float]) -> list[float]:
+    x1, y1, x2, y2 = box
+    return [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]
+
+
+Scorer = MeanIoU | CocoMAP | Top1
+
+
+def scorer_for(task: TaskSpec) -> Scorer:
+    """The accumulator that scores ``task`` with its primary and extra metrics."""
+    if task.kind == SEGMENTATION:
+        return MeanIoU(task.num_classes)
+    if task.kind == DETECTION:
+        return CocoMAP()
+    if task.kind == CLASSIFICATION:
+        return Top1()
+    raise ValueError(f"no scorer for task kind {task.kind!r}")

@@ -1,0 +1,288 @@
+"""Turn a run's results into what people read: results.json, summary.md tables and plots.
+
+Everything here works from the results dict of the DESIGN.md contract (or from tensors for the overlays),
+so a report can be rebuilt from an old results.json without the model. Plots use matplotlib's object API
+with the Agg canvas (no pyplot state, no GUI backend, bundled DejaVu font).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
+from clmtl.io import atomic_write_json, atomic_write_text
+from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+
+NONE_MARK = "–"
+"""How a missing value (null in results.json) appears in tables and plots."""
+
+FORGETTING_TITLE = "forgetting (Avalanche: R[j][j] − R[T−1][j])"
+FORGETTING_MAX_TITLE = "forgetting_max (Mammoth: max_i R[i][j] − R[T−1][j])"
+
+
+def summary_markdown(results: Mapping[str, Any]) -> str:
+    """The run's tables as Markdown: final vs baseline, accuracy matrix, forgetting, cost."""
+    names = " → ".join(t["name"] for t in results["tasks"])
+    lines = [f"# clmtl results: strategy `{results.get('strategy', '?')}`, "
+             f"benchmark `{results.get('benchmark', '?')}`, seed {results.get('seed', '?')}", "",
+             f"clmtl {results.get('clmtl_version', '?')}. Stream order: {names}."]
+    for section in (_final_section, _matrix_section, _forgetting_section, _cost_section):
+        lines += [""] + section(results)
+    return "\n".join(lines) + "\n"
+
+
+def _final_section(results: Mapping[str, Any]) -> list[str]:
+    """The seed report's Table 1: each task's final score against its single-task baseline."""
+    tasks = results["tasks"]
+    baseline, final = results.get("baseline") or {}, results.get("final") or {}
+    drops = results.get("drop_vs_baseline") or {}
+    rows = [(t["name"], t["metric"], baseline.get(t["name"]), final.get(t["name"]), drops.get(t["name"]))
+            for t in tasks]
+    lines = ["## Final vs single-task baseline", ""] + _drop_table(rows)
+    lines += ["", "Drop: relative = (baseline − final) / baseline, absolute = baseline − final; positive = worse."]
+    if not baseline:
+        lines.append("Baselines were not trained in this run (`--no-baselines`).")
+
+    extra = results.get("extra") or {}
+    extra_base, extra_final = extra.get("baseline") or {}, extra.get("final") or {}
+    extra_rows = []
+    for t in tasks:
+        for metric in t.get("extra", []):
+            base = extra_base.get(t["name"], {}).get(metric)
+            fin = extra_final.get(t["name"], {}).get(metric)
+            extra_rows.append((t["name"], metric, base, fin, _relative_drop(base, fin)))
+    if extra_rows:
+        lines += ["", "### Secondary metrics", ""] + _drop_table(extra_rows)
+    return lines
+
+
+def _matrix_section(results: Mapping[str, Any]) -> list[str]:
+    tasks = results["tasks"]
+    lines = ["## Accuracy matrix R[i][j]", "",
+             "Primary metric of task j (column) after training experience i (row).", "",
+             "| | " + " | ".join(f"{t['name']} ({t['metric']})" for t in tasks) + " |",
+             "|---" * (len(tasks) + 1) + "|"]
+    for task, row in zip(tasks, results["matrix"]):
+        lines.append(f"| after training {task['name']} | " + " | ".join(_fmt(v, 3) for v in row) + " |")
+    return lines
+
+
+def _forgetting_section(results: Mapping[str, Any]) -> list[str]:
+    forgetting, forgetting_max = results.get("forgetting") or {}, results.get("forgetting_max") or {}
+    lines = ["## Forgetting", "",
+             "The headline forgetting is the Avalanche definition (`forgetting`); the Mammoth definition "
+             "(`forgetting_max`) starts from the task's best score since its own experience instead of its score "
+             "right after it.", "",
+             f"| Task | {FORGETTING_TITLE} | {FORGETTING_MAX_TITLE} |", "|---|---|---|"]
+    for task in results["tasks"]:
+        name = task["name"]
+        lines.append(f"| {name} | {_fmt(forgetting.get(name), 3)} | {_fmt(forgetting_max.get(name), 3)} |")
+    lines.append(f"| mean | {_fmt(_mean(forgetting.values()), 3)} | {_fmt(_mean(forgetting_max.values()), 3)} |")
+    lines += ["", f"BWT (mean over j < T−1 of R[T−1][j] − R[j][j]): {_fmt(results.get('bwt'), 3)}"]
+    return lines
+
+
+def _cost_section(results: Mapping[str, Any]) -> list[str]:
+    lines = ["## Cost", ""]
+    if results.get("params") is not None:
+        lines += [f"Parameters: {results['params']:,}", ""]
+    seconds = results.get("train_seconds") or {}
+    if seconds:
+        lines += ["| Stage | Train seconds |", "|---|---|"]
+        lines += [f"| {stage} | {_fmt(s, 1)} |" for stage, s in seconds.items()]
+        lines.append(f"| total | {_fmt(sum(s for s in seconds.values() if s is not None), 1)} |")
+    return lines
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | Path) -> None:
+    """Write ``results.json``, ``summary.md`` and ``plots/{accuracy_matrix,task_curves}.png`` under ``out_dir``.
+
+    Non-finite numbers (NaN, inf) are written as null so results.json stays strict JSON.
+    """
+    out_dir = Path(out_dir)
+    results = _finite_or_none(results)
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_text(out_dir / "summary.md", summary_markdown(results))
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    plot_accuracy_matrix(results, out_dir / "plots" / "accuracy_matrix.png")
+    plot_task_curves(results, out_dir / "plots" / "task_curves.png")
+
+
+def plot_accuracy_matrix(results: Mapping[str, Any], path: str | Path) -> None:
+    """Heatmap of R[i][j] with the values written in; colours scaled per column since metrics differ in range."""
+    tasks = results["tasks"]
+    matrix = results["matrix"]
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float).reshape(
+        len(matrix), len(tasks))
+    column_max = np.max(np.where(np.isnan(values), -np.inf, values), axis=0)
+    scaled = values / np.where(column_max > 0, column_max, 1.0)
+
+    fig = Figure(figsize=(1.6 * len(tasks) + 2.2, 1.1 * len(matrix) + 1.5), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    ax.imshow(np.ma.masked_invalid(scaled), cmap=cmap, vmin=0.0, vmax=1.0)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isnan(values[i, j]):
+                ax.text(j, i, NONE_MARK, ha="center", va="center", color="black")
+            else:
+                ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center",
+                        color="white" if scaled[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(tasks)), [f"{t['name']}\n({t['metric']})" for t in tasks])
+    ax.set_yticks(range(len(matrix)), [f"after {tasks[i]['name']}" for i in range(len(matrix))])
+    ax.set_xlabel("evaluated task j")
+    ax.set_ylabel("trained up to experience i")
+    ax.set_title("Accuracy matrix R[i][j] (colour scaled per column)", fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+def plot_task_curves(results: Mapping[str, Any], path: str | Path) -> None:
+    """Each task's metric after each experience, with its single-task baseline dashed."""
+    tasks = results["tasks"]
+    matrix = results["matrix"]
+    baseline = results.get("baseline") or {}
+    fig = Figure(figsize=(3.6 * len(tasks), 3.2), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    steps = list(range(len(matrix)))
+    for j, (task, ax) in enumerate(zip(tasks, axes)):
+        points = [(i, row[j]) for i, row in enumerate(matrix) if row[j] is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=results.get("strategy", "sequential"))
+        if baseline.get(task["name"]) is not None:
+            ax.axhline(baseline[task["name"]], linestyle="--", color="grey", label="baseline")
+        if j < len(matrix):
+            ax.axvline(j, linestyle=":", color="lightgrey")  # where the task itself is learned
+        ax.set_xticks(steps, [f"after {tasks[i]['name']}" for i in steps])
+        ax.set_xlim(-0.3, len(tasks) - 0.7)
+        ax.set_title(f"{task['name']} ({task['metric']})", fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def prediction_overlays(images: Any, predictions: Sequence[Any], kind: str, classes: Sequence[str],
+                        path: str | Path, targets: Sequence[Any] | None = None, min_score: float = 0.3) -> None:
+    """Draw a few images with their predictions (and ground truth below, if given) to see what the model does.
+
+    ``images``: tensor [B,3,H,W] or a sequence of [3,H,W] in [0, 1]; ``predictions``/``targets``: one per image in
+    the shared formats (seg label map, det dict, cls int). Detections below ``min_score`` are not drawn.
+    """
+    images = list(images)
+    rows = 2 if targets is not None and kind != CLASSIFICATION else 1
+    fig = Figure(figsize=(3.0 * len(images), 3.2 * rows + 0.3), layout="constrained")
+    axes = fig.subplots(rows, len(images), squeeze=False)
+    colours = _class_colours(len(classes))
+    for col, (image, prediction) in enumerate(zip(images, predictions)):
+        picture = image.detach().cpu().float().clamp(0, 1).permute(1, 2, 0).numpy()
+        truth = None if targets is None else targets[col]
+        top = axes[0][col]
+        top.imshow(picture)
+        if kind == SEGMENTATION:
+            _draw_mask(top, prediction, colours, classes)
+            top.set_title("prediction", fontsize=9)
+        elif kind == DETECTION:
+            kept = _draw_boxes(top, prediction, colours, classes, min_score)
+            top.set_title(f"prediction ({kept} with score ≥ {min_score:g})", fontsize=9)
+        elif kind == CLASSIFICATION:
+            label = int(prediction)
+            title = f"pred: {classes[label]}"
+            if truth is not None:
+                title += f"\ntrue: {classes[int(truth)]}"
+            top.set_title(title, fontsize=9, color="black" if truth is None else
+                          ("green" if int(truth) == label else "red"))
+        else:
+            raise ValueError(f"unknown task kind {kind!r}")
+        if rows == 2:
+            bottom = axes[1][col]
+            bottom.imshow(picture)
+            if kind == SEGMENTATION:
+                _draw_mask(bottom, truth, colours, classes)
+            else:
+                _draw_boxes(bottom, truth, colours, classes, min_score)
+            bottom.set_title("ground truth", fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def _draw_mask(ax: Any, label_map: Any, colours: Any, classes: Sequence[str]) -> None:
+    """Blend each non-background class in its colour; 255 (ignore) in white; legend of the classes present."""
+    labels = label_map.detach().cpu().numpy() if hasattr(label_map, "detach") else np.asarray(label_map)
+    overlay = np.zeros((*labels.shape, 4))
+    present = []
+    for c in np.unique(labels):
+        if c == 0:  # background (classes[0] by convention) stays see-through
+            continue
+        if c == 255:
+            overlay[labels == c] = (1.0, 1.0, 1.0, 0.6)
+        else:
+            overlay[labels == c] = (*colours[c][:3], 0.55)
+            present.append(int(c))
+    ax.imshow(overlay)
+    if present:
+        ax.legend(handles=[Patch(color=colours[c], label=classes[c]) for c in present], fontsize=7, loc="lower right")
+
+
+def _draw_boxes(ax: Any, detections: Mapping[str, Any], colours: Any, classes: Sequence[str],
+                min_score: float) -> int:
+    """Draw boxes with class name and score (ground truth has none: all drawn); returns how many were drawn."""
+    boxes = detections["boxes"].detach().cpu().tolist()
+    labels = detections["labels"].detach().cpu().tolist()
+    scores = detections["scores"].detach().cpu().tolist() if "scores" in detections else [None] * len(boxes)
+    drawn = 0
+    for (x1, y1, x2, y2), label, score in zip(boxes, labels, scores):
+        if score is not None and score < min_score:
+            continue
+        colour = colours[label]
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5))
+        text = classes[label] if score is None else f"{classes[label]} {score:.2f}"
+        ax.text(x1, y1, text, fontsize=7, color="white", va="bottom",
+                bbox={"facecolor": colour, "edgecolor": "none", "pad": 1, "alpha": 0.8})
+        drawn += 1
+    return drawn
+
+
+def _class_colours(count: int) -> list[tuple[float, float, float, float]]:
+    palette = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+    return [palette(i % palette.N) for i in range(count)]
+
+
+def _drop_table(rows: Sequence[tuple[str, str, Any, Any, Any]]) -> list[str]:
+    lines = ["| Task | Metric | Baseline | Final | Drop (relative) | Drop (absolute) |", "|---|---|---|---|---|---|"]
+    for name, metric, base, fin, relative in rows:
+        absolute = None if base is None or fin is None else base - fin
+        relative_text = NONE_MARK if relative is None else f"{100 * relative:.2f}%"
+        lines.append(f"| {name} | {metric} | {_fmt(base, 4)} | {_fmt(fin, 4)} | {relative_text} "
+                     f"| {_fmt(absolute, 4)} |")
+    return lines
+
+
+def _relative_drop(baseline: float | None, final: float | None) -> float | None:
+    if baseline is None or final is None or baseline == 0:
+        return None
+    return (baseline - final) / baseline
+
+
+def _mean(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return NONE_MARK if value is None else f"{value:.{digits}f}"
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
