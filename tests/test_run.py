@@ -9,19 +9,57 @@ import torch
 
 from clmtl.config import load_config
 from clmtl.io import load_checkpoint
-from clmtl.registry import strategy_defaults
+from avalanche.training.plugins import SupervisedPlugin
+
+from clmtl.registry import register, strategy_defaults
 from clmtl.run import build_benchmark, build_model, run
 
 TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
         "output.overlays=2", "train.threads=1"]
 
 
+CALLBACKS = [name for name in dir(SupervisedPlugin) if name.startswith(("before_", "after_"))]
+
+
+class CallbackRecorder(SupervisedPlugin):
+    """Records every callback the template fires, and the target type seen in training per task label."""
+
+    def __init__(self):
+        super().__init__()
+        self.fired: set[str] = set()
+        self.target_types: dict[int, str] = {}
+
+
+
+def _recording(name):
+    def callback(self, strategy, **kwargs):
+        self.fired.add(name)
+        if name == "before_backward":
+            self.target_types[int(strategy.mb_task_id[0])] = type(strategy.mb_y).__name__
+
+    return callback
+
+
+for _name in CALLBACKS:
+    setattr(CallbackRecorder, _name, _recording(_name))
+
+
+RECORDER = CallbackRecorder()
+register("recorder_for_run_test")(lambda params: RECORDER)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     config = load_config(None, TINY + ["strategy.ewc.lambda=10.0"], strategy_params=strategy_defaults())
-    results = run(config, "ewc", out, baselines=True)
+    results = run(config, "ewc+recorder_for_run_test", out, baselines=True)
     return out, results
+
+
+@pytest.mark.slow
+def test_every_avalanche_callback_fires_on_the_mixed_stream(tiny_run):
+    assert set(CALLBACKS) - RECORDER.fired == set()
+    assert RECORDER.target_types == {0: "Tensor", 1: "list", 2: "Tensor"}
 
 
 @pytest.mark.slow
