@@ -80,9 +80,9 @@ class EpochsConfig:
 
 @dataclass
 class TrainConfig:
-    optimizer: str = field(default="adamw", metadata=_one_of("adam", "adamw", "sgd"))
-    lr: float = field(default=0.003, metadata=_POSITIVE)
-    weight_decay: float = field(default=0.0005, metadata=_NON_NEGATIVE)
+    optimizer: str = field(default="adam", metadata=_one_of("adam", "adamw", "sgd"))
+    lr: float = field(default=0.002, metadata=_POSITIVE)
+    weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
     batch_size: int = field(default=16, metadata=_AT_LEAST_ONE)
     eval_batch_size: int = field(default=32, metadata=_AT_LEAST_ONE)
     epochs: EpochsConfig = field(default_factory=EpochsConfig)

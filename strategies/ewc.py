@@ -2,9 +2,16 @@
 
 Avalanche's ``EWCPlugin`` keeps the bookkeeping (separate / online modes, decay, saved θ*). Its Fisher
 pass moves targets with ``y.to(device)``, which fails on detection's list of box dictionaries; this
-subclass moves nested targets and otherwise computes the same estimator: the squared gradient of each
-mini-batch's mean loss (the task's own loss, through ``strategy._criterion``), averaged over batches,
-with the model in eval mode. The penalty is λ Σ F (θ − θ*)².
+subclass moves nested targets and offers two estimators of the diagonal Fisher, both from the task's own
+loss (``strategy._criterion``) with the model in eval mode:
+
+- ``empirical`` (default): the mean over samples of each sample's squared loss gradient, the estimator of
+  Kirkpatrick et al.;
+- ``batch``: the squared gradient of each mini-batch's mean loss, averaged over batches — Avalanche's
+  estimator (tested equal to it). Averaging gradients before squaring cancels their noise, so it is
+  smaller than ``empirical`` by up to the batch size, and a λ tuned for one does not fit the other.
+
+The penalty is λ Σ F (θ − θ*)².
 """
 from __future__ import annotations
 
@@ -32,8 +39,18 @@ def ewc_penalty(
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+FISHER_ESTIMATORS = ("empirical", "batch")
+
+
 class MultiTaskEWCPlugin(EWCPlugin):
     """EWC whose Fisher pass and penalty work with any target kind."""
+
+    def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None,
+                 fisher: str = "empirical") -> None:
+        if fisher not in FISHER_ESTIMATORS:
+            raise ValueError(f"strategy.ewc.fisher must be one of {FISHER_ESTIMATORS}, got {fisher!r}")
+        super().__init__(ewc_lambda, mode=mode, decay_factor=decay_factor)
+        self.fisher = fisher
 
     def before_backward(self, strategy, **kwargs) -> None:
         exp_counter = strategy.clock.train_exp_counter
@@ -49,6 +66,8 @@ class MultiTaskEWCPlugin(EWCPlugin):
     def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0):
         model.eval()
         importances = zerolike_params_dict(model)
+        if self.fisher == "empirical":
+            batch_size = 1  # BN is in eval mode, so a one-sample batch gives that sample's own gradient
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn, num_workers=num_workers)
         for batch in loader:
             x, y, task_labels = to_device(batch[0], device), to_device(batch[1], device), batch[-1]
@@ -64,12 +83,12 @@ class MultiTaskEWCPlugin(EWCPlugin):
         return importances
 
 
-@register("ewc", defaults={"lambda": 1000.0, "mode": "separate", "decay": 0.9})
+@register("ewc", defaults={"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical"})
 def ewc(params: dict) -> MultiTaskEWCPlugin:
-    """EWC: quadratic penalty weighted by the Fisher information (modes separate | online)."""
+    """EWC: quadratic penalty weighted by the Fisher information (modes separate | online; fisher empirical | batch)."""
     if params["mode"] not in ("separate", "online"):
         raise ValueError(f"strategy.ewc.mode must be 'separate' or 'online', got {params['mode']!r}")
     if not 0.0 <= params["decay"] <= 1.0:
         raise ValueError(f"strategy.ewc.decay must be in [0, 1], got {params['decay']}")
     decay = params["decay"] if params["mode"] == "online" else None
-    return MultiTaskEWCPlugin(ewc_lambda=params["lambda"], mode=params["mode"], decay_factor=decay)
+    return MultiTaskEWCPlugin(params["lambda"], mode=params["mode"], decay_factor=decay, fisher=params["fisher"])

@@ -29,7 +29,7 @@ def test_fisher_equals_avalanche_ewc_on_a_classification_stream():
     data, model = classification_data(), mlp()
     twin = copy.deepcopy(model)
     criterion = torch.nn.CrossEntropyLoss()
-    ours = MultiTaskEWCPlugin(1000.0).compute_importances(
+    ours = MultiTaskEWCPlugin(1000.0, fisher="batch").compute_importances(
         model, criterion, torch.optim.SGD(model.parameters(), lr=0.1), data, "cpu", 8
     )
     theirs = EWCPlugin(1000.0).compute_importances(
@@ -39,6 +39,49 @@ def test_fisher_equals_avalanche_ewc_on_a_classification_stream():
     for name in ours:
         torch.testing.assert_close(ours[name].data, theirs[name].data)
     assert any(float(imp.data.sum()) > 0 for imp in ours.values())
+
+
+def test_empirical_fisher_is_the_mean_of_per_sample_squared_gradients():
+    data, model = classification_data(n=12), mlp()
+    criterion = torch.nn.CrossEntropyLoss()
+    ours = MultiTaskEWCPlugin(1.0).compute_importances(
+        model, criterion, torch.optim.SGD(model.parameters(), lr=0.1), data, "cpu", 8
+    )
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.stack([data[i][1] for i in range(len(data))])
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def sample_loss(p, xi, yi):
+        return criterion(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    for name in params:
+        torch.testing.assert_close(ours[name].data, per_sample[name].pow(2).mean(0), rtol=1e-4, atol=1e-8)
+    batch = MultiTaskEWCPlugin(1.0, fisher="batch").compute_importances(
+        model, criterion, torch.optim.SGD(model.parameters(), lr=0.1), data, "cpu", 12
+    )
+    assert sum(float(i.data.sum()) for i in ours.values()) > sum(float(i.data.sum()) for i in batch.values())
+
+
+def test_fisher_is_nonnegative_on_every_target_kind():
+    from clmtl.data.shapes import make_shapes_dataset, shapes_task
+    from clmtl.losses import MultiTaskLoss
+    from clmtl.models import UnifiedModel
+    from clmtl.stream import build_stream
+    from clmtl.tasks import KINDS
+
+    tasks = [shapes_task(kind, kind[:3]) for kind in KINDS]
+    sets = [make_shapes_dataset(t.kind, "train", 3, 64) for t in tasks]
+    stream = build_stream(tasks, sets, sets)
+    torch.manual_seed(0)
+    model = UnifiedModel(tasks, image_size=64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for label, experience in enumerate(stream.train_stream):
+        importances = MultiTaskEWCPlugin(1.0).compute_importances(
+            model, MultiTaskLoss(model.anchor_layout), optimizer, experience.dataset, "cpu", 2
+        )
+        values = torch.cat([imp.data.flatten() for imp in importances.values()])
+        assert values.min() >= 0 and values.max() > 0, tasks[label].kind
 
 
 def test_penalty_is_zero_at_the_anchor_and_quadratic_in_the_step():

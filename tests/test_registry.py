@@ -8,7 +8,7 @@ from strategies.ewc import MultiTaskEWCPlugin
 def test_builtins_are_registered_with_their_defaults():
     names = available()
     assert {"naive", "ewc"} <= set(names)
-    assert strategy_defaults()["ewc"] == {"lambda": 1000.0, "mode": "separate", "decay": 0.9}
+    assert strategy_defaults()["ewc"] == {"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical"}
 
 
 def test_unknown_strategy_lists_what_exists_and_suggests():

@@ -129,4 +129,4 @@ def test_an_out_of_range_value_and_an_unknown_strategy_are_clear_errors():
 def test_strategies_lists_hyperparameters():
     result = clmtl("strategies")
     assert result.returncode == 0
-    assert "strategy.ewc: lambda=1000.0, mode='separate', decay=0.9" in result.stdout
+    assert "strategy.ewc: lambda=1000.0, mode='separate', decay=0.9, fisher='empirical'" in result.stdout
