@@ -54,6 +54,7 @@ class DataConfig:
     train_size: int = field(default=240, metadata=_AT_LEAST_ONE)
     val_size: int = field(default=60, metadata=_AT_LEAST_ONE)
     num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
+    hflip: float = field(default=0.5, metadata=_FRACTION)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class EpochsConfig:
 
     seg: int = field(default=10, metadata=_NON_NEGATIVE)
     det: int = field(default=25, metadata=_NON_NEGATIVE)
-    cls: int = field(default=8, metadata=_NON_NEGATIVE)
+    cls: int = field(default=30, metadata=_NON_NEGATIVE)
 
     def __getitem__(self, task: str) -> int:
         """``epochs["det"]``: look up by a task name held in a variable."""

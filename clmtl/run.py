@@ -19,6 +19,7 @@ import torch
 
 from clmtl.config import Config
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
+from clmtl.data.transforms import train_augmentation
 from clmtl.decode import decode_detections
 from clmtl.io import atomic_torch_save
 from clmtl.losses import MultiTaskLoss
@@ -66,7 +67,11 @@ def build_benchmark(config: Config) -> Benchmark:
         raise NotImplementedError(f"benchmark {config.benchmark!r} is not available yet; use benchmark=shapes")
     tasks = [shapes_task(TASK_KINDS[name], name) for name in config.tasks]
     data = config.data
-    train = [make_shapes_dataset(t.kind, "train", data.train_size, data.image_size, config.seed) for t in tasks]
+    train = [
+        train_augmentation(make_shapes_dataset(t.kind, "train", data.train_size, data.image_size, config.seed),
+                           t.kind, data.hflip)
+        for t in tasks
+    ]
     test = [make_shapes_dataset(t.kind, "val", data.val_size, data.image_size, config.seed) for t in tasks]
     return Benchmark(tasks, build_stream(tasks, train, test))
 
