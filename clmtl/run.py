@@ -28,9 +28,10 @@ from clmtl.metrics.plugin import task_metrics, task_scores
 from clmtl.models import UnifiedModel
 from clmtl.progress import ProgressBar
 from clmtl.registry import build_plugins
-from clmtl.report import prediction_overlays, summary_markdown, write_report
+from clmtl.report import prediction_overlays, write_report
+from clmtl.schedule import CosineDecay
 from clmtl.stream import build_stream
-from clmtl.tasks import TASK_KINDS, TaskSpec
+from clmtl.tasks import CLASSIFICATION, SEGMENTATION, TASK_KINDS, TaskSpec
 from clmtl.template import MultiTaskTemplate
 
 VERSIONED_PACKAGES = ("clmtl", "torch", "torchvision", "avalanche-lib", "ultralytics", "pycocotools", "numpy")
@@ -116,7 +117,7 @@ def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec]
         eval_mb_size=config.train.eval_batch_size,
         train_epochs=1,
         device="cpu",
-        plugins=[*plugins, ProgressBar(label)],
+        plugins=[*plugins, *([CosineDecay()] if config.train.schedule == "cosine" else []), ProgressBar(label)],
         evaluator=evaluator,
     )
 
@@ -246,9 +247,9 @@ def draw_overlays(model: UnifiedModel, benchmark: Benchmark, config: Config, plo
         samples = [dataset[i] for i in range(min(count, len(dataset)))]
         images = torch.stack([s[0] for s in samples])
         output = model(images, label)
-        if task.kind == "segmentation":
+        if task.kind == SEGMENTATION:
             predictions = list(output.argmax(1))
-        elif task.kind == "classification":
+        elif task.kind == CLASSIFICATION:
             predictions = output.argmax(1).tolist()
         else:
             predictions = decode_detections(output, model.anchor_layout, score_threshold=0.3,
