@@ -196,9 +196,9 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool = Tr
                 atomic_torch_save(checkpoint, out_dir / "checkpoints" / "last.pt")
 
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
-    results = assemble_results(config, strategy, tasks, matrix, final_scores, baseline_scores, model, train_seconds)
-    results["baseline_train_seconds"] = baseline_seconds
-    results["total_seconds"] = time.perf_counter() - start
+    seconds = {"train_seconds": train_seconds, "baseline_train_seconds": baseline_seconds,
+               "total_seconds": time.perf_counter() - start}
+    results = assemble_results(config, strategy, tasks, matrix, final_scores, baseline_scores, model, seconds)
     write_report(results, out_dir)
     if config.output.overlays:
         draw_overlays(model, benchmark, config, out_dir / "plots")
@@ -207,9 +207,10 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool = Tr
 
 def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], matrix: list[list[float | None]],
                      final_scores: dict[str, dict[str, float]], baseline_scores: dict[str, dict[str, float]],
-                     model: torch.nn.Module, train_seconds: dict[str, float]) -> dict:
-    """The results.json contract of DESIGN.md."""
+                     model: torch.nn.Module, seconds: dict[str, Any]) -> dict:
+    """The results.json contract of DESIGN.md; ``seconds`` holds the timing entries."""
     names = [t.name for t in tasks]
+    versions = package_versions()
     final = {t.name: final_scores[t.name][t.metric] for t in tasks}
     baseline = {t.name: baseline_scores[t.name][t.metric] for t in tasks if t.name in baseline_scores}
 
@@ -217,7 +218,7 @@ def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], m
         return {t.name: {m: scores[t.name][m] for m in t.extra_metrics} for t in tasks if t.name in scores}
 
     return {
-        "clmtl_version": package_versions()["clmtl"],
+        "clmtl_version": versions["clmtl"],
         "config": config.to_dict(),
         "seed": config.seed,
         "benchmark": config.benchmark,
@@ -232,8 +233,8 @@ def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], m
         "bwt": bwt(matrix),
         "drop_vs_baseline": drop_vs_baseline(final, baseline) if baseline else {},
         "params": sum(p.numel() for p in model.parameters()),
-        "train_seconds": train_seconds,
-        "versions": package_versions(),
+        **seconds,
+        "versions": versions,
     }
 
 
