@@ -63,7 +63,8 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
     for name, entry in available().items():
         params = ", ".join(f"{key}={value!r}" for key, value in entry.defaults.items()) or "no hyperparameters"
-        print(f"{name:12s} {entry.summary}\n{'':12s} strategy.{name}: {params}")
+        acts_on = ", ".join(entry.acts_on) or "nothing"
+        print(f"{name:12s} {entry.summary}\n{'':12s} acts on: {acts_on}\n{'':12s} strategy.{name}: {params}")
     return 0
 
 

@@ -4,6 +4,11 @@ Built-in strategies live in the top-level ``strategies`` package and register th
 third-party packages register theirs with the same ``register`` decorator, or through the entry point
 group ``clmtl.strategies`` (each entry point names a module to import). ``a+b`` composes strategies by
 concatenating their plugins, so hybrids need no code of their own.
+
+Each strategy declares what it acts on (``ACTIONS``). The composer uses that to order plugins the same way
+whatever order the user wrote (model changes first, then optimizer, data, loss terms; Avalanche runs plugin
+callbacks in list order) and to refuse hybrids in which two plugins would both take over an exclusive part
+(two plugins replacing the data a step sees, or the optimizer), a clash Avalanche's plugin lists accept silently.
 """
 from __future__ import annotations
 
@@ -17,6 +22,14 @@ from typing import Any
 
 ENTRY_POINT_GROUP = "clmtl.strategies"
 
+ACTIONS = ("model", "optimizer", "data", "loss")
+"""What a strategy may act on, in the order the composer applies plugins:
+``model`` changes the model or its mode (freezing, gating); ``optimizer`` reconfigures the optimizer or its
+learning rates; ``data`` changes what a training step sees (mixes in stored or other tasks' samples);
+``loss`` adds a term to the loss."""
+EXCLUSIVE_ACTIONS = frozenset({"optimizer", "data"})
+"""Actions at most one component of a hybrid may hold."""
+
 PluginFactory = Callable[[dict[str, Any]], Any]
 """Takes the resolved hyperparameters, returns one Avalanche plugin or ``None`` (no plugin)."""
 
@@ -27,20 +40,35 @@ class StrategyEntry:
     factory: PluginFactory
     defaults: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
+    acts_on: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        """Position in a composed plugin list: that of its earliest action (no action: last)."""
+        return min((ACTIONS.index(action) for action in self.acts_on), default=len(ACTIONS))
 
 
 _REGISTRY: dict[str, StrategyEntry] = {}
 _discovered = False
 
 
-def register(name: str, defaults: Mapping[str, Any] | None = None) -> Callable[[PluginFactory], PluginFactory]:
-    """Decorator registering ``factory`` under ``name``; ``defaults`` are its hyperparameters (config keys)."""
+def register(
+    name: str, defaults: Mapping[str, Any] | None = None, acts_on: tuple[str, ...] = ()
+) -> Callable[[PluginFactory], PluginFactory]:
+    """Decorator registering ``factory`` under ``name``.
+
+    ``defaults`` are its hyperparameters (config keys ``strategy.<name>.<key>``); ``acts_on`` lists what its
+    plugin changes, a subset of ``ACTIONS``.
+    """
+    unknown = sorted(set(acts_on) - set(ACTIONS))
+    if unknown:
+        raise ValueError(f"strategy {name!r}: unknown actions {unknown}; expected some of {ACTIONS}")
 
     def decorator(factory: PluginFactory) -> PluginFactory:
         if name in _REGISTRY and _REGISTRY[name].factory is not factory:
             raise ValueError(f"strategy {name!r} is registered twice")
         summary = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
-        _REGISTRY[name] = StrategyEntry(name, factory, dict(defaults or {}), summary)
+        _REGISTRY[name] = StrategyEntry(name, factory, dict(defaults or {}), summary, tuple(acts_on))
         return factory
 
     return decorator
@@ -72,7 +100,7 @@ def strategy_defaults() -> dict[str, dict[str, Any]]:
 
 
 def parse_strategy(spec: str) -> list[str]:
-    """Split ``a+b+c`` into registered names, with a clear error listing what exists."""
+    """Split ``a+b+c`` into registered names in composition order; clear errors for unknown names and clashes."""
     registry = available()
     names = [part.strip() for part in spec.split("+")]
     for name in names:
@@ -82,7 +110,14 @@ def parse_strategy(spec: str) -> list[str]:
             raise ValueError(f"unknown strategy {name!r}{hint} (available: {', '.join(registry)})")
     if len(set(names)) != len(names):
         raise ValueError(f"strategy {spec!r} names a component twice")
-    return names
+    for action in sorted(EXCLUSIVE_ACTIONS):
+        holders = [name for name in names if action in registry[name].acts_on]
+        if len(holders) > 1:
+            raise ValueError(
+                f"strategy {spec!r} cannot compose {' and '.join(holders)}: each takes over the {action} "
+                "of a training step, and only one component may"
+            )
+    return sorted(names, key=lambda name: registry[name].rank)  # stable: ties keep the user's order
 
 
 def build_plugins(spec: str, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[Any]:

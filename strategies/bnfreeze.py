@@ -38,7 +38,7 @@ class BatchNormFreeze(SupervisedPlugin):
                 layer.eval()
 
 
-@register("bnfreeze")
+@register("bnfreeze", acts_on=("model",))
 def bnfreeze(params: dict) -> BatchNormFreeze:
     """Freeze BatchNorm statistics and affine parameters after the first experience."""
     return BatchNormFreeze()

@@ -83,7 +83,8 @@ class MultiTaskEWCPlugin(EWCPlugin):
         return importances
 
 
-@register("ewc", defaults={"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical"})
+@register("ewc", defaults={"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical"},
+          acts_on=("loss",))
 def ewc(params: dict) -> MultiTaskEWCPlugin:
     """EWC: quadratic penalty weighted by the Fisher information (modes separate | online; fisher empirical | batch)."""
     if params["mode"] not in ("separate", "online"):

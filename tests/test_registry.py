@@ -5,6 +5,15 @@ from clmtl.registry import available, build_plugins, parse_strategy, register, s
 from strategies.ewc import MultiTaskEWCPlugin
 
 
+@pytest.fixture(autouse=True)
+def isolated_registry(monkeypatch):
+    """Strategies registered by a test disappear after it."""
+    import clmtl.registry as registry
+
+    available()  # discover the built-ins first, so the copy holds them
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
 def test_builtins_are_registered_with_their_defaults():
     names = available()
     assert {"naive", "ewc"} <= set(names)
@@ -39,3 +48,49 @@ def test_a_component_named_twice_is_an_error():
 def test_ewc_rejects_a_bad_mode():
     with pytest.raises(ValueError, match="strategy.ewc.mode"):
         build_plugins("ewc", {"ewc": {"mode": "sometimes"}})
+
+
+def _register_probe(name, acts_on):
+    register(name, acts_on=acts_on)(lambda params: name)
+
+
+def test_composition_order_follows_declared_actions_not_spelling():
+    _register_probe("probe_loss", ("loss",))
+    _register_probe("probe_model", ("model",))
+    _register_probe("probe_data", ("data", "loss"))
+    expected = ["probe_model", "probe_data", "probe_loss"]
+    assert parse_strategy("probe_loss+probe_data+probe_model") == expected
+    assert parse_strategy("probe_data+probe_model+probe_loss") == expected
+    assert build_plugins("probe_loss+probe_model") == ["probe_model", "probe_loss"]
+
+
+def test_two_components_taking_over_the_data_clash():
+    _register_probe("probe_data_a", ("data",))
+    _register_probe("probe_data_b", ("data",))
+    with pytest.raises(ValueError, match="cannot compose probe_data_a and probe_data_b: each takes over the data"):
+        parse_strategy("probe_data_a+ewc+probe_data_b")
+
+
+def test_an_unknown_action_is_refused_at_registration():
+    with pytest.raises(ValueError, match="unknown actions \\['weights'\\]"):
+        register("probe_bad", acts_on=("weights",))
+
+
+def test_entry_point_plugin_of_an_installed_package_is_found(tmp_path, monkeypatch):
+    """A tiny distribution on sys.path declaring the entry point group is discovered by name."""
+    import clmtl.registry as registry
+
+    (tmp_path / "thirdparty_probe.py").write_text(
+        "from clmtl.registry import register\n\n"
+        "@register('thirdparty', defaults={'alpha': 0.5}, acts_on=('loss',))\n"
+        "def thirdparty(params):\n    '''A strategy from another package.'''\n    return ('thirdparty', params['alpha'])\n"
+    )
+    dist_info = tmp_path / "thirdparty_probe-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-probe\nVersion: 1.0\n")
+    (dist_info / "entry_points.txt").write_text("[clmtl.strategies]\nthirdparty = thirdparty_probe\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_discovered", False)
+
+    assert "thirdparty" in available()
+    assert build_plugins("ewc+thirdparty", {"thirdparty": {"alpha": 2.0}})[1] == ("thirdparty", 2.0)
