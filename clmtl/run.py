@@ -88,12 +88,17 @@ def build_model(config: Config, tasks: Sequence[TaskSpec]) -> UnifiedModel:
     )
 
 
-def make_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: Config, model: UnifiedModel) -> torch.optim.Optimizer:
+    """The configured optimizer with one named parameter group per model part (backbone, neck, head).
+
+    All groups start at ``train.lr``; the groups let plugins (``layerlr``) give each part its own rate.
+    """
     train = config.train
+    groups = [{"params": params, "name": name} for name, params in model.parameter_groups().items()]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=0.9, weight_decay=train.weight_decay)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=0.9, weight_decay=train.weight_decay)
     optimizer_class = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    return optimizer_class(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
 def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: list, loggers: list,

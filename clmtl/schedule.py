@@ -1,7 +1,8 @@
 """Cosine learning-rate decay over each training experience.
 
 Short budgets end noisily at a constant learning rate; decaying to zero over the experience lets the last
-weights settle. It restarts at every experience, because each task gets its own budget.
+weights settle. It restarts at every experience, because each task gets its own budget, from each parameter group's rate at
+the start of the experience (so it composes with plugins that set per-group rates, such as ``layerlr``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class CosineDecay(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         groups = strategy.optimizer.param_groups
-        self._base = [group.setdefault("initial_lr", group["lr"]) for group in groups]
+        self._base = [group["lr"] for group in groups]
         self._total = max(1, strategy.train_epochs * len(strategy.dataloader))
         self._apply(strategy, 0)
 

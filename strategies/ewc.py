@@ -9,15 +9,22 @@ loss (``strategy._criterion``) with the model in eval mode:
   Kirkpatrick et al.;
 - ``batch``: the squared gradient of each mini-batch's mean loss, averaged over batches — Avalanche's
   estimator (tested equal to it). Averaging gradients before squaring cancels their noise, so it is
-  smaller than ``empirical`` by up to the batch size, and a λ tuned for one does not fit the other.
+  smaller than ``empirical`` by up to the batch size, and a λ tuned for one does not fit the other;
+- ``exact``: the true Fisher, an expectation over the model's OWN predictive distribution rather than the
+  observed labels, estimated per sample with ``fisher_samples`` labels drawn from it: a class for
+  classification, a class per pixel for segmentation, objectness and classes per anchor (Bernoulli) for
+  detection. YOLO's box regression is not a likelihood, so boxes add nothing to this estimator. It costs
+  ``fisher_samples`` backward passes per sample.
 
 The penalty is λ Σ F (θ − θ*)².
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from avalanche.models.utils import avalanche_forward
 from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import ParamData, zerolike_params_dict
@@ -39,18 +46,46 @@ def ewc_penalty(
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-FISHER_ESTIMATORS = ("empirical", "batch")
+FISHER_ESTIMATORS = ("empirical", "batch", "exact")
+
+
+def sampled_nll(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """Negative log-likelihood of labels drawn from the model's own predictive distribution (one draw).
+
+    Classification ``[B, C]`` and segmentation ``[B, C, H, W]`` logits are categorical per sample / pixel
+    (mean over pixels, as the training loss); detection's raw levels ``[B, A, H, W, 5 + C]`` are Bernoulli in
+    objectness per anchor and in each class on the anchors whose drawn objectness is 1.
+    """
+    if isinstance(output, (list, tuple)):
+        terms = []
+        for raw in output:
+            objectness, classes = raw[..., 4], raw[..., 5:]
+            drawn = torch.bernoulli(objectness.detach().sigmoid())
+            terms.append(F.binary_cross_entropy_with_logits(objectness, drawn))
+            positive = drawn.bool()
+            if positive.any():
+                logits = classes[positive]
+                terms.append(F.binary_cross_entropy_with_logits(logits, torch.bernoulli(logits.detach().sigmoid())))
+        return torch.stack(terms).sum()
+    logits = output if output.dim() == 2 else output.movedim(1, -1).reshape(-1, output.shape[1])
+    drawn = torch.multinomial(logits.detach().softmax(-1), 1).squeeze(1)
+    return F.cross_entropy(logits, drawn)
 
 
 class MultiTaskEWCPlugin(EWCPlugin):
     """EWC whose Fisher pass and penalty work with any target kind."""
 
     def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None,
-                 fisher: str = "empirical") -> None:
+                 fisher: str = "empirical", fisher_samples: int = 1) -> None:
         if fisher not in FISHER_ESTIMATORS:
             raise ValueError(f"strategy.ewc.fisher must be one of {FISHER_ESTIMATORS}, got {fisher!r}")
+        if fisher_samples < 1:
+            raise ValueError(f"strategy.ewc.fisher_samples must be >= 1, got {fisher_samples}")
         super().__init__(ewc_lambda, mode=mode, decay_factor=decay_factor)
         self.fisher = fisher
+        self.fisher_samples = fisher_samples
+        self.fisher_seconds: list[float] = []
+        """Wall-clock seconds of each experience's Fisher pass, so its cost can be reported."""
 
     def before_backward(self, strategy, **kwargs) -> None:
         exp_counter = strategy.clock.train_exp_counter
@@ -64,32 +99,39 @@ class MultiTaskEWCPlugin(EWCPlugin):
         strategy.loss += self.ewc_lambda * penalty.to(strategy.device)
 
     def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0):
+        start = time.perf_counter()
         model.eval()
         importances = zerolike_params_dict(model)
-        if self.fisher == "empirical":
+        if self.fisher != "batch":
             batch_size = 1  # BN is in eval mode, so a one-sample batch gives that sample's own gradient
+        draws = self.fisher_samples if self.fisher == "exact" else 1
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn, num_workers=num_workers)
         for batch in loader:
             x, y, task_labels = to_device(batch[0], device), to_device(batch[1], device), batch[-1]
-            optimizer.zero_grad()
-            criterion(avalanche_forward(model, x, task_labels), y).backward()
-            for (name, param), (_, importance) in zip(model.named_parameters(), importances.items()):
-                if param.grad is not None:
-                    importance.data += param.grad.detach().pow(2)
+            for _ in range(draws):
+                optimizer.zero_grad()
+                output = avalanche_forward(model, x, task_labels)
+                loss = sampled_nll(output) if self.fisher == "exact" else criterion(output, y)
+                loss.backward()
+                for param, importance in zip(model.parameters(), importances.values()):
+                    if param.grad is not None:
+                        importance.data += param.grad.detach().pow(2)
         for importance in importances.values():
-            importance.data /= float(len(loader))
+            importance.data /= float(len(loader) * draws)
         optimizer.zero_grad()
         model.train()
+        self.fisher_seconds.append(time.perf_counter() - start)
         return importances
 
 
-@register("ewc", defaults={"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical"},
-          acts_on=("loss",))
+@register("ewc", defaults={"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical",
+                           "fisher_samples": 1}, acts_on=("loss",))
 def ewc(params: dict) -> MultiTaskEWCPlugin:
-    """EWC: quadratic penalty weighted by the Fisher information (modes separate | online; fisher empirical | batch)."""
+    """EWC: Fisher-weighted quadratic penalty (mode separate | online; fisher empirical | batch | exact)."""
     if params["mode"] not in ("separate", "online"):
         raise ValueError(f"strategy.ewc.mode must be 'separate' or 'online', got {params['mode']!r}")
     if not 0.0 <= params["decay"] <= 1.0:
         raise ValueError(f"strategy.ewc.decay must be in [0, 1], got {params['decay']}")
     decay = params["decay"] if params["mode"] == "online" else None
-    return MultiTaskEWCPlugin(params["lambda"], mode=params["mode"], decay_factor=decay, fisher=params["fisher"])
+    return MultiTaskEWCPlugin(params["lambda"], mode=params["mode"], decay_factor=decay, fisher=params["fisher"],
+                              fisher_samples=params["fisher_samples"])

@@ -63,7 +63,39 @@ def test_empirical_fisher_is_the_mean_of_per_sample_squared_gradients():
     assert sum(float(i.data.sum()) for i in ours.values()) > sum(float(i.data.sum()) for i in batch.values())
 
 
-def test_fisher_is_nonnegative_on_every_target_kind():
+def test_exact_fisher_is_the_expectation_under_the_model_predictive_distribution():
+    """Monte-Carlo draws of labels from the model converge to sum_c p_c (grad log p_c)^2, computed in closed form."""
+    data, model = classification_data(n=4), mlp()
+    criterion = torch.nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    ours = MultiTaskEWCPlugin(1.0, fisher="exact", fisher_samples=500).compute_importances(
+        model, criterion, torch.optim.SGD(model.parameters(), lr=0.1), data, "cpu", 8
+    )
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    x = torch.stack([data[i][0] for i in range(len(data))])
+
+    def class_loss(p, xi, c):
+        return criterion(torch.func.functional_call(model, p, (xi[None],)), c[None])
+
+    grads = torch.func.vmap(torch.func.vmap(torch.func.grad(class_loss), in_dims=(None, None, 0)),
+                            in_dims=(None, 0, None))(params, x, torch.arange(3))  # [sample, class, ...]
+    probs = model(x).softmax(-1).detach()  # [sample, class]
+    ours_flat = torch.cat([ours[name].data.flatten() for name in params])
+    exact_flat = torch.cat([
+        (probs.reshape(4, 3, *[1] * (grads[name].dim() - 2)) * grads[name].pow(2)).sum(1).mean(0).flatten()
+        for name in params
+    ])
+    assert float(ours_flat.sum()) == pytest.approx(float(exact_flat.sum()), rel=0.1)
+    assert float(torch.nn.functional.cosine_similarity(ours_flat, exact_flat, dim=0)) > 0.98
+    empirical = MultiTaskEWCPlugin(1.0).compute_importances(
+        model, criterion, torch.optim.SGD(model.parameters(), lr=0.1), data, "cpu", 8
+    )
+    empirical_flat = torch.cat([empirical[name].data.flatten() for name in params])
+    assert not torch.allclose(empirical_flat, exact_flat, rtol=0.1)  # the observed labels give a different estimate
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_fisher_is_nonnegative_on_every_target_kind(fisher):
     from clmtl.data.shapes import make_shapes_dataset, shapes_task
     from clmtl.losses import MultiTaskLoss
     from clmtl.models import UnifiedModel
@@ -77,7 +109,7 @@ def test_fisher_is_nonnegative_on_every_target_kind():
     model = UnifiedModel(tasks, image_size=64)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for label, experience in enumerate(stream.train_stream):
-        importances = MultiTaskEWCPlugin(1.0).compute_importances(
+        importances = MultiTaskEWCPlugin(1.0, fisher=fisher).compute_importances(
             model, MultiTaskLoss(model.anchor_layout), optimizer, experience.dataset, "cpu", 2
         )
         values = torch.cat([imp.data.flatten() for imp in importances.values()])

@@ -17,7 +17,8 @@ def isolated_registry(monkeypatch):
 def test_builtins_are_registered_with_their_defaults():
     names = available()
     assert {"naive", "ewc"} <= set(names)
-    assert strategy_defaults()["ewc"] == {"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical"}
+    assert strategy_defaults()["ewc"] == {"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical",
+                                        "fisher_samples": 1}
 
 
 def test_unknown_strategy_lists_what_exists_and_suggests():

@@ -1,0 +1,50 @@
+"""Per-part learning rates: slow down the shared layers once the first task is learned.
+
+Every task reads the backbone and the neck; only part of the head is its own. Lower learning rates on the shared
+parts in later experiences trade plasticity for stability where forgetting happens, at no cost per step. The
+optimizer ``clmtl run`` builds has one named parameter group per model part (``backbone``, ``neck``, ``head``);
+this plugin sets each group's rate to the configured rate times the part's multiplier from experience
+``from_experience`` on. Adam is invariant to gradient scale, so the rate, not the gradient, must change.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from avalanche.training.plugins import SupervisedPlugin
+
+from clmtl.registry import register
+
+PARTS = ("backbone", "neck", "head")
+
+
+class LayerLearningRates(SupervisedPlugin):
+    """Multiplies each named parameter group's base learning rate by its part's multiplier."""
+
+    def __init__(self, multipliers: Mapping[str, float], from_experience: int = 1) -> None:
+        super().__init__()
+        self.multipliers = dict(multipliers)
+        self.from_experience = from_experience
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        active = strategy.clock.train_exp_counter >= self.from_experience
+        for group in strategy.optimizer.param_groups:
+            name = group.get("name")
+            if name not in self.multipliers:
+                raise ValueError(
+                    f"layerlr needs parameter groups named {PARTS}; found a group named {name!r} "
+                    "(build the optimizer with clmtl.run.make_optimizer)"
+                )
+            base = group.setdefault("base_lr", group["lr"])
+            group["lr"] = base * (self.multipliers[name] if active else 1.0)
+
+
+@register("layerlr", defaults={"backbone": 0.1, "neck": 0.3, "head": 1.0, "from_experience": 1},
+          acts_on=("optimizer",))
+def layerlr(params: dict) -> LayerLearningRates:
+    """Per-part learning-rate multipliers (backbone / neck / head) from a given experience on."""
+    for part in PARTS:
+        if not params[part] >= 0:
+            raise ValueError(f"strategy.layerlr.{part} must be a multiplier >= 0, got {params[part]!r}")
+    if int(params["from_experience"]) != params["from_experience"] or params["from_experience"] < 0:
+        raise ValueError(f"strategy.layerlr.from_experience must be an integer >= 0, got {params['from_experience']!r}")
+    return LayerLearningRates({part: float(params[part]) for part in PARTS}, int(params["from_experience"]))
