@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import torch
 
-from strategies.bnfreeze import BatchNormFreeze, batch_norms
+from strategies.bnfreeze import BatchNormFreeze, PerTaskBatchNorm, batch_norms
 
 
 def net():
@@ -36,3 +36,54 @@ def test_statistics_and_affine_parameters_are_frozen_after_the_first_experience(
     assert torch.equal(bn.running_mean, frozen_mean) and torch.equal(bn.running_var, frozen_var)
     assert not bn.weight.requires_grad and not bn.bias.requires_grad
     assert not torch.equal(model[0].weight, conv_before)  # the rest keeps learning
+
+
+def test_per_task_mode_gives_each_task_back_its_own_statistics_and_affine_parameters():
+    from clmtl.registry import build_plugins
+
+    model = net()
+    model(torch.randn(2, 3, 8, 8))
+    (plugin,) = build_plugins("bnfreeze", {"bnfreeze": {"mode": "per_task"}})
+    bn = batch_norms(model)[0]
+    strategy = SimpleNamespace(model=model, experience=SimpleNamespace(task_label=0))
+
+    def train_on(task, shift):
+        strategy.experience.task_label = task
+        plugin.before_training_exp(strategy)
+        model.train()
+        for _ in range(5):
+            model(torch.randn(8, 3, 8, 8) + shift)
+        with torch.no_grad():
+            bn.weight.add_(shift)  # stands in for an optimizer step on the affine parameters
+        plugin.after_training_exp(strategy)
+        return bn.running_mean.clone(), bn.weight.detach().clone()
+
+    mean0, weight0 = train_on(0, 0.0)
+    mean1, weight1 = train_on(1, 4.0)
+    assert not torch.allclose(mean0, mean1)
+    start_of_task1 = plugin.bn_states[1]
+    for task, (mean, weight) in [(0, (mean0, weight0)), (1, (mean1, weight1)), (0, (mean0, weight0))]:
+        strategy.experience.task_label = task
+        plugin.before_eval_exp(strategy)
+        torch.testing.assert_close(bn.running_mean, mean)
+        torch.testing.assert_close(bn.weight.detach(), weight)
+    assert start_of_task1 is plugin.bn_states[1]  # evaluating does not overwrite a task's stored state
+
+
+def test_a_new_task_starts_from_the_last_trained_task():
+    model = net()
+    model(torch.randn(2, 3, 8, 8))
+    plugin = PerTaskBatchNorm()
+    strategy = SimpleNamespace(model=model, experience=SimpleNamespace(task_label=0))
+    plugin.before_training_exp(strategy)
+    model.train()
+    model(torch.randn(8, 3, 8, 8) + 2)
+    plugin.after_training_exp(strategy)
+    trained = batch_norms(model)[0].running_mean.clone()
+    strategy.experience.task_label = 2
+    plugin.before_eval_exp(strategy)  # an untrained task: nothing to load
+    with torch.no_grad():
+        batch_norms(model)[0].running_mean.zero_()
+    strategy.experience.task_label = 1
+    plugin.before_training_exp(strategy)
+    torch.testing.assert_close(batch_norms(model)[0].running_mean, trained)
