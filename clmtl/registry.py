@@ -9,6 +9,9 @@ Each strategy declares what it acts on (``ACTIONS``). The composer uses that to 
 whatever order the user wrote (model changes first, then optimizer, data, loss terms; Avalanche runs plugin
 callbacks in list order) and to refuse hybrids in which two plugins would both take over an exclusive part
 (two plugins replacing the data a step sees, or the optimizer), a clash Avalanche's plugin lists accept silently.
+
+A plugin that needs the whole benchmark (``joint`` trains on every task's data) defines
+``bind_benchmark(benchmark)``; ``clmtl run`` calls it before training.
 """
 from __future__ import annotations
 

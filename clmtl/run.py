@@ -184,6 +184,9 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool = Tr
         seed_everything(config.seed)
         model = build_model(config, tasks)
         plugins = build_plugins(strategy, config.strategy)
+        for plugin in plugins:  # plugins that need the whole stream (joint) declare bind_benchmark
+            if hasattr(plugin, "bind_benchmark"):
+                plugin.bind_benchmark(benchmark)
         template = make_template(config, model, tasks, plugins, make_loggers(config, out_dir, log_file))
         matrix: list[list[float | None]] = []
         train_seconds: dict[str, float] = {}

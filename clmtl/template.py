@@ -25,6 +25,16 @@ def to_device(value: Any, device: torch.device | str) -> Any:
     return value
 
 
+def task_batch_loss(strategy, batch: list, task_label: int) -> torch.Tensor:
+    """Loss of a collated ``[images, targets, ...]`` batch of one task, through that task's head and loss.
+
+    For plugins that add other tasks' samples to a step (replay, joint): each task keeps its own output format,
+    so its samples cannot join the current mini-batch and get their own forward pass instead.
+    """
+    images, targets = to_device(batch[0], strategy.device), to_device(batch[1], strategy.device)
+    return strategy._criterion(strategy.model(images, task_label), targets)
+
+
 class MultiTaskTemplate(SupervisedTemplate):
     """SupervisedTemplate whose minibatches may hold targets of any kind (label maps, box lists, class ids)."""
 

@@ -6,12 +6,8 @@ from strategies.ewc import MultiTaskEWCPlugin
 
 
 @pytest.fixture(autouse=True)
-def isolated_registry(monkeypatch):
-    """Strategies registered by a test disappear after it."""
-    import clmtl.registry as registry
-
-    available()  # discover the built-ins first, so the copy holds them
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+def _isolated(isolated_registry):
+    """Every test here registers probes; they disappear after it."""
 
 
 def test_builtins_are_registered_with_their_defaults():
