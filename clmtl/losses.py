@@ -11,7 +11,7 @@ from torchvision.ops import complete_box_iou_loss
 
 from clmtl.decode import box_from_raw
 from clmtl.models.anchors import DEFAULT_IMAGE_SIZE, AnchorLayout
-from clmtl.tasks import IGNORE_INDEX
+from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
 
 ANCHOR_IOU_THRESHOLD = 0.25
 """A ground truth box is assigned to every anchor whose (w, h) IoU with it exceeds this (plus its best anchor)."""
@@ -133,6 +133,17 @@ def _positive_cells(center: torch.Tensor, width: int, height: int) -> tuple[torc
     return cells, pair
 
 
+def output_kind(output: torch.Tensor | list[torch.Tensor]) -> str:
+    """The task kind of a model output, by structure: a list is detection, 4-D segmentation, 2-D classification."""
+    if isinstance(output, (list, tuple)):
+        return DETECTION
+    if output.dim() == 4:
+        return SEGMENTATION
+    if output.dim() == 2:
+        return CLASSIFICATION
+    raise ValueError(f"cannot tell the task from an output of shape {tuple(output.shape)}")
+
+
 class MultiTaskLoss(torch.nn.Module):
     """``loss(output, target)`` for any task: a list is detection, 4-D segmentation, 2-D classification."""
 
@@ -141,10 +152,9 @@ class MultiTaskLoss(torch.nn.Module):
         self.layout = layout
 
     def forward(self, output, target) -> torch.Tensor:
-        if isinstance(output, (list, tuple)):
+        kind = output_kind(output)
+        if kind == DETECTION:
             return detection_loss(list(output), list(target), self.layout)
-        if output.dim() == 4:
+        if kind == SEGMENTATION:
             return segmentation_loss(output, target)
-        if output.dim() == 2:
-            return classification_loss(output, target)
-        raise ValueError(f"cannot tell the task from an output of shape {tuple(output.shape)}")
+        return classification_loss(output, target)

@@ -135,11 +135,16 @@ def train_experience(template: MultiTaskTemplate, experience, epochs: int, num_w
     return time.perf_counter() - start
 
 
-def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list) -> tuple[dict, dict[str, float]]:
-    """Each task trained alone from the same initial weights with the same budget: the reference for drops.
+@dataclass
+class Baselines:
+    """Single-task results: every metric of each task, and the training seconds of each."""
 
-    Returns every metric of each task and the training seconds of each.
-    """
+    scores: dict[str, dict[str, float]]
+    seconds: dict[str, float]
+
+
+def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list) -> Baselines:
+    """Each task trained alone from the same initial weights with the same budget: the reference for drops."""
     scores, seconds = {}, {}
     for label, task in enumerate(benchmark.tasks):
         model = build_model(config, benchmark.tasks)
@@ -148,7 +153,7 @@ def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list) -
                                               config.train.epochs[task.name], config.data.num_workers)
         metrics = template.eval([benchmark.stream.test_stream[label]])
         scores[task.name] = task_scores(metrics, benchmark.tasks)[label]
-    return scores, seconds
+    return Baselines(scores, seconds)
 
 
 def make_loggers(config: Config, out_dir: Path, log_file) -> list:
@@ -163,8 +168,12 @@ def make_loggers(config: Config, out_dir: Path, log_file) -> list:
     return loggers
 
 
-def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool = True) -> dict:
-    """Baselines, then the stream with ``strategy``; writes the report into ``out_dir`` and returns results."""
+def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Baselines = True) -> dict:
+    """Baselines, then the stream with ``strategy``; writes the report into ``out_dir`` and returns results.
+
+    ``baselines``: True trains them, False skips them, a ``Baselines`` reuses ones trained before with the same
+    config and seed (benchmark scripts share them between strategies).
+    """
     from avalanche.logging import TextLogger
 
     start = time.perf_counter()
@@ -176,10 +185,10 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool = Tr
     tasks = benchmark.tasks
     (out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
     with open(out_dir / "log.txt", "w") as log_file:
-        baseline_scores, baseline_seconds = {}, {}
-        if baselines:
+        if baselines is True:
             log_file.write("== single-task baselines ==\n")
-            baseline_scores, baseline_seconds = single_task_baselines(config, benchmark, [TextLogger(log_file)])
+            baselines = single_task_baselines(config, benchmark, [TextLogger(log_file)])
+        baselines = baselines or Baselines({}, {})
         log_file.write(f"== sequential training, strategy {strategy} ==\n")
         seed_everything(config.seed)
         model = build_model(config, tasks)
@@ -204,9 +213,10 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool = Tr
                 atomic_torch_save(checkpoint, out_dir / "checkpoints" / "last.pt")
 
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
-    seconds = {"train_seconds": train_seconds, "baseline_train_seconds": baseline_seconds,
-               "total_seconds": time.perf_counter() - start}
-    results = assemble_results(config, strategy, tasks, matrix, final_scores, baseline_scores, model, seconds)
+    measured = {"train_seconds": train_seconds, "baseline_train_seconds": baselines.seconds,
+                "memory_bytes": sum(getattr(plugin, "memory_bytes", 0) for plugin in plugins),
+                "total_seconds": time.perf_counter() - start}
+    results = assemble_results(config, strategy, tasks, matrix, final_scores, baselines.scores, model, measured)
     write_report(results, out_dir)
     if config.output.overlays:
         draw_overlays(model, benchmark, config, out_dir / "plots")
@@ -215,8 +225,8 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool = Tr
 
 def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], matrix: list[list[float | None]],
                      final_scores: dict[str, dict[str, float]], baseline_scores: dict[str, dict[str, float]],
-                     model: torch.nn.Module, seconds: dict[str, Any]) -> dict:
-    """The results.json contract of DESIGN.md; ``seconds`` holds the timing entries."""
+                     model: torch.nn.Module, measured: dict[str, Any]) -> dict:
+    """The results.json contract of DESIGN.md; ``measured`` holds timings and the strategy's memory."""
     names = [t.name for t in tasks]
     versions = package_versions()
     final = {t.name: final_scores[t.name][t.metric] for t in tasks}
@@ -241,7 +251,7 @@ def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], m
         "bwt": bwt(matrix),
         "drop_vs_baseline": drop_vs_baseline(final, baseline) if baseline else {},
         "params": sum(p.numel() for p in model.parameters()),
-        **seconds,
+        **measured,
         "versions": versions,
     }
 

@@ -87,6 +87,12 @@ class MultiTaskEWCPlugin(EWCPlugin):
         self.fisher_seconds: list[float] = []
         """Wall-clock seconds of each experience's Fisher pass, so its cost can be reported."""
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the stored anchors θ* and Fisher diagonals (one pair per experience in separate mode)."""
+        stores = [*self.saved_params.values(), *self.importances.values()]
+        return sum(p.data.numel() * p.data.element_size() for store in stores for p in store.values())
+
     def before_backward(self, strategy, **kwargs) -> None:
         exp_counter = strategy.clock.train_exp_counter
         if exp_counter == 0:

@@ -12,7 +12,7 @@ from clmtl.io import load_checkpoint
 from avalanche.training.plugins import SupervisedPlugin
 
 from clmtl.registry import register, strategy_defaults
-from clmtl.run import build_benchmark, build_model, run
+from clmtl.run import Baselines, build_benchmark, build_model, run
 
 TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
         "output.overlays=2", "train.threads=1"]
@@ -88,6 +88,19 @@ def test_results_json_matches_the_contract(tiny_run):
     model = build_model(load_config(None, TINY), build_benchmark(load_config(None, TINY)).tasks)
     assert written["params"] == sum(p.numel() for p in model.parameters())
     assert written["versions"]["torch"] == torch.__version__.split("+")[0]
+    # EWC keeps θ* and a Fisher diagonal (float32) per trained experience; the recorder stores nothing
+    assert written["memory_bytes"] == 3 * 2 * 4 * written["params"]
+
+
+def test_given_baselines_are_reused_instead_of_trained(tmp_path):
+    config = load_config(None, TINY + ["output.overlays=0", "output.checkpoints=false"])
+    given = Baselines({"seg": {"mIoU": 0.5}, "det": {"mAP50_95": 0.4, "mAP50": 0.8}, "cls": {"top1": 0.25}},
+                      {"seg": 1.0, "det": 2.0, "cls": 3.0})
+    results = run(config, "naive", tmp_path, baselines=given)
+    assert results["baseline"] == {"seg": 0.5, "det": 0.4, "cls": 0.25}
+    assert results["baseline_train_seconds"] == given.seconds
+    assert results["drop_vs_baseline"]["cls"] == pytest.approx((0.25 - results["final"]["cls"]) / 0.25)
+    assert "single-task baselines" not in (tmp_path / "log.txt").read_text()
 
 
 @pytest.mark.slow
@@ -130,3 +143,4 @@ def test_strategies_lists_hyperparameters():
     result = clmtl("strategies")
     assert result.returncode == 0
     assert "strategy.ewc: lambda=1000.0, mode='separate', decay=0.9, fisher='empirical'" in result.stdout
+    assert "acts on: data, loss" in result.stdout  # joint

@@ -1,0 +1,187 @@
+"""Learning without Forgetting (Li & Hoiem 2016) on a stream of heterogeneous tasks.
+
+After each experience a frozen copy of the model becomes the teacher. While a later task trains, every old
+task's head is run on the *current* inputs by teacher and student, and the student is pulled toward the
+teacher's outputs — no old data is stored. The distillation depends on the output kind:
+
+- segmentation ``[B, C, H, W]`` and classification ``[B, C]`` logits: KL(teacher ‖ student) of the softmaxes
+  at temperature T over classes, averaged over pixels / images, times T² (Hinton et al.: keeps the gradient
+  scale independent of T). Avalanche's ``LearningWithoutForgetting`` computes the same KL without the T² (and
+  only on the classes seen in the targets, all of ours): ours = T² × its ``_distillation_loss``. It also sums
+  over old heads where we average, so α does not grow with the number of tasks.
+- detection (3 raw ``[B, A, H, W, 5 + C]`` levels, anchors of all levels pooled): objectness and class logits
+  are independent Bernoullis, so each gets the Bernoulli KL of the sigmoids (BCE against the teacher's
+  probability minus the teacher's entropy: 0 when the student equals the teacher), averaged over anchors
+  (and classes). The temperature is a softmax notion and is not applied here. The raw box channels get a
+  smooth-L1 term on the anchors the teacher is confident about (objectness probability > ``det_conf``):
+  elsewhere the teacher's boxes are noise.
+
+The penalty is ``alpha × mean over old tasks of the per-task loss``, plus ``feature_weight ×`` the MSE between
+teacher and student FPN features (averaged over levels), read from the same forward pass by a hook.
+
+BatchNorm: the student's distillation pass runs in eval mode, like the teacher. An extra train-mode pass
+would update the running statistics a second time with the same batch (Avalanche's LwF does), and would
+compare batch-normalised student outputs with running-stat teacher outputs, which differ even when the weights
+are equal. In eval mode the penalty is exactly 0 at the start of each experience and measures how far the
+model *as it is evaluated* has moved — including the drift of its running statistics, which the main
+train-mode pass keeps updating and which the weights are then pushed to compensate.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from avalanche.training.plugins import SupervisedPlugin
+from torch import nn
+
+from clmtl.losses import output_kind
+from clmtl.registry import register
+from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+
+Output = torch.Tensor | list[torch.Tensor]
+
+
+def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) of softmaxes at ``temperature`` over dim 1, mean over every other position, × T²."""
+    log_student = F.log_softmax(student / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher / temperature, dim=1)
+    kl = (log_teacher.exp() * (log_teacher - log_student)).sum(dim=1)
+    return kl.mean() * temperature**2
+
+
+def bernoulli_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Element-wise KL(Bernoulli(σ(teacher)) ‖ Bernoulli(σ(student))): BCE to the soft target minus its entropy."""
+    target = teacher_logits.sigmoid()
+    cross_entropy = F.binary_cross_entropy_with_logits(student_logits, target, reduction="none")
+    entropy = F.binary_cross_entropy_with_logits(teacher_logits, target, reduction="none")
+    return cross_entropy - entropy
+
+
+def detection_distillation(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                           det_conf: float) -> torch.Tensor:
+    """Objectness KL + class KL (means over all anchors) + smooth-L1 on raw boxes of teacher-confident anchors."""
+    s = torch.cat([level.flatten(0, -2) for level in student])  # [anchors of all levels, 5 + C]
+    t = torch.cat([level.flatten(0, -2) for level in teacher])
+    objectness = bernoulli_kl(s[:, 4], t[:, 4]).mean()
+    classes = bernoulli_kl(s[:, 5:], t[:, 5:]).mean()
+    confident = t[:, 4].sigmoid() > det_conf
+    box = F.smooth_l1_loss(s[confident, :4], t[confident, :4]) if confident.any() else s.sum() * 0.0
+    return objectness + classes + box
+
+
+def distillation_loss(student_out: Output, teacher_out: Output, kind: str, temperature: float = 2.0,
+                      det_conf: float = 0.5) -> torch.Tensor:
+    """The distillation loss of one task's output (see the module docstring for each kind)."""
+    if kind == DETECTION:
+        return detection_distillation(student_out, teacher_out, det_conf)
+    if kind in (SEGMENTATION, CLASSIFICATION):
+        return softmax_kl(student_out, teacher_out, temperature)
+    raise ValueError(f"lwf: unknown task kind {kind!r}")
+
+
+def feature_distillation(student: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor]) -> torch.Tensor:
+    """MSE between student and teacher features, averaged over pyramid levels."""
+    return torch.stack([F.mse_loss(student[level], teacher[level]) for level in teacher]).mean()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode whose parameters take no gradient: the teacher."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block, then every module's own mode back (bnfreeze keeps BN in eval while training)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def outputs_and_features(model: nn.Module, x: torch.Tensor, labels: Sequence[int],
+                         with_features: bool) -> tuple[dict[int, Output], dict[int, torch.Tensor] | None]:
+    """Each label's output, from one backbone pass when the model has ``forward_all``, and its FPN features."""
+    if not hasattr(model, "forward_all"):
+        if with_features:
+            raise ValueError("strategy.lwf.feature_weight > 0 needs a model with forward_all and a neck")
+        return {label: model(x, label) for label in labels}, None
+    features: dict[int, torch.Tensor] = {}
+    hook = model.neck.register_forward_hook(lambda module, args, out: features.update(out)) if with_features else None
+    try:
+        outputs = model.forward_all(x)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return {label: outputs[label] for label in labels}, (features if with_features else None)
+
+
+class LwFPlugin(SupervisedPlugin):
+    """Distils every old task's head, from the model as it was after the previous experience, on current inputs."""
+
+    def __init__(self, alpha: float = 1.0, temperature: float = 2.0, det_conf: float = 0.5,
+                 feature_weight: float = 0.0) -> None:
+        super().__init__()
+        self.alpha, self.temperature, self.det_conf, self.feature_weight = alpha, temperature, det_conf, feature_weight
+        self.teacher: nn.Module | None = None
+        self.old_labels: list[int] = []
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the teacher's parameters and buffers."""
+        if self.teacher is None:
+            return 0
+        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        label = strategy.experience.task_label
+        if label not in self.old_labels:
+            self.old_labels.append(label)
+        self.teacher = frozen_copy(strategy.model)
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        current = strategy.experience.task_label
+        labels = [label for label in self.old_labels if label != current]
+        if self.teacher is None or not labels:
+            return
+        strategy.loss = strategy.loss + self.penalty(strategy.model, strategy.mb_x, labels)
+
+    def penalty(self, model: nn.Module, x: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
+        """alpha × mean over ``labels`` of the distillation loss (+ feature_weight × feature MSE)."""
+        with_features = self.feature_weight > 0
+        with torch.no_grad():
+            teacher_out, teacher_features = outputs_and_features(self.teacher, x, labels, with_features)
+        with evaluating(model):
+            student_out, student_features = outputs_and_features(model, x, labels, with_features)
+        per_task = [
+            distillation_loss(student_out[label], teacher_out[label], output_kind(teacher_out[label]),
+                              self.temperature, self.det_conf)
+            for label in labels
+        ]
+        loss = self.alpha * torch.stack(per_task).mean()
+        if with_features:
+            loss = loss + self.feature_weight * feature_distillation(student_features, teacher_features)
+        return loss
+
+
+@register("lwf", defaults={"alpha": 1.0, "temperature": 2.0, "det_conf": 0.5, "feature_weight": 0.0},
+          acts_on=("loss",))
+def lwf(params: dict) -> LwFPlugin:
+    """LwF: distil every old task's outputs on the current inputs from the previous model (any task kind)."""
+    if params["alpha"] < 0:
+        raise ValueError(f"strategy.lwf.alpha must be >= 0, got {params['alpha']}")
+    if params["temperature"] <= 0:
+        raise ValueError(f"strategy.lwf.temperature must be > 0, got {params['temperature']}")
+    if not 0.0 <= params["det_conf"] <= 1.0:
+        raise ValueError(f"strategy.lwf.det_conf must be in [0, 1], got {params['det_conf']}")
+    if params["feature_weight"] < 0:
+        raise ValueError(f"strategy.lwf.feature_weight must be >= 0, got {params['feature_weight']}")
+    return LwFPlugin(params["alpha"], params["temperature"], params["det_conf"], params["feature_weight"])
