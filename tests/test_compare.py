@@ -1,0 +1,103 @@
+"""Strategy comparison: aggregation over seeds, table formats, resumable runs and the reproducibility check."""
+import csv
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clmtl.compare import Comparison, Stat
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "compare_strategies.py"
+TASKS = [{"name": "seg", "kind": "segmentation", "metric": "mIoU"},
+         {"name": "cls", "kind": "classification", "metric": "top1"}]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("compare_strategies", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_results(strategy, seed, seg, cls, baseline=None, memory=0):
+    matrix = [[seg + 0.2, 0.0], [seg, cls]]
+    base = baseline or {}
+    return {"strategy": strategy, "seed": seed, "benchmark": "shapes", "tasks": TASKS, "matrix": matrix,
+            "final": {"seg": seg, "cls": cls}, "baseline": base,
+            "forgetting": {"seg": 0.2, "cls": None}, "bwt": -0.2,
+            "drop_vs_baseline": {k: (v - {"seg": seg, "cls": cls}[k]) / v for k, v in base.items()},
+            "train_seconds": {"seg": 10.0, "cls": 5.0 + seed}, "memory_bytes": memory}
+
+
+def test_stat_is_mean_and_sample_std_ignoring_undefined_values():
+    stat = Stat.of([0.2, None, 0.4, float("nan")])
+    assert stat.mean == pytest.approx(0.3) and stat.std == pytest.approx(np.sqrt(0.02)) and stat.count == 2
+    assert Stat.of([0.5]).std == 0.0 and Stat.of([None]).text() == "–"
+    assert Stat.of([0.1234, 0.1434]).text(digits=3, scale=100) == "13.340 ± 1.414"
+
+
+def test_comparison_table_values_are_the_per_seed_means():
+    base = {"seg": 0.5, "cls": 0.8}
+    results = [fake_results("naive", 0, 0.2, 0.6, base), fake_results("naive", 1, 0.4, 0.8, base),
+               fake_results("ewc+replay", 0, 0.45, 0.7, base, memory=2**20)]
+    comparison = Comparison.from_results(["ewc+replay", "naive"], results)
+    rows = {row["strategy"]: row for row in csv.DictReader(io.StringIO(comparison.csv()))}
+    assert list(rows) == ["ewc+replay", "naive"]  # the order asked for
+    assert float(rows["naive"]["seg mIoU mean"]) == pytest.approx(0.3)
+    assert float(rows["naive"]["seg mIoU std"]) == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert float(rows["naive"]["seg drop % mean"]) == pytest.approx(100 * np.mean([0.6, 0.2]))
+    assert float(rows["naive"]["avg forgetting mean"]) == pytest.approx(0.2)
+    assert float(rows["naive"]["train s mean"]) == pytest.approx(15.5)
+    assert float(rows["ewc+replay"]["memory MB mean"]) == pytest.approx(1.0)
+    assert rows["ewc+replay"]["seeds"] == "1"
+    markdown = comparison.markdown()
+    assert "| single-task baseline | 2 | 0.500 ± 0.000 | 0.800 ± 0.000 |" in markdown
+    assert "| naive | 2 | 0.300 ± 0.141 |" in markdown
+    assert "ewc+replay" in comparison.latex() and "\\pm" in comparison.latex() and "drop \\%" in comparison.latex()
+    np.testing.assert_allclose(comparison.mean_matrix("naive"), [[0.5, 0.0], [0.3, 0.7]])
+
+
+def test_a_strategy_without_runs_is_an_error():
+    with pytest.raises(ValueError, match="no finished run of \\['lwf'\\]"):
+        Comparison.from_results(["naive", "lwf"], [fake_results("naive", 0, 0.2, 0.6)])
+
+
+def test_check_reports_each_target_and_fails_outside_the_tolerance():
+    script = load_script()
+    targets = [{"strategy": "naive", "seed": 0, "task": "seg", "value": 0.30},
+               {"strategy": "naive", "seed": 0, "task": "cls", "value": 0.50},
+               {"strategy": "ewc", "seed": 0, "task": "seg", "value": 0.30}]
+    lines = script.check_against(targets, [fake_results("naive", 0, 0.31, 0.6)], tolerance=0.02)
+    assert [line[:4] for line in lines] == ["ok  ", "FAIL", "FAIL"]
+    assert "missing" in lines[2]
+
+
+@pytest.mark.slow
+def test_script_runs_resumes_and_writes_the_table(tmp_path, monkeypatch):
+    script = load_script()
+    tiny = ["data.train_size=6", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=3",
+            "output.overlays=0", "output.checkpoints=false", "train.threads=1"]
+    argv = ["--strategies", "naive,ewc", "--seeds", "0,1", "--out", str(tmp_path), "--jobs", "1", *tiny]
+    assert script.main(argv) == 0
+
+    runs = [json.loads((tmp_path / f"seed{s}" / name / "results.json").read_text())
+            for s in (0, 1) for name in ("naive", "ewc")]
+    baselines = json.loads((tmp_path / "seed1" / "baselines.json").read_text())
+    assert runs[3]["baseline"] == {t: baselines["scores"][t][m] for t, m in
+                                   [("seg", "mIoU"), ("det", "mAP50_95"), ("cls", "top1")]}
+    rows = {row["strategy"]: row for row in csv.DictReader(open(tmp_path / "table.csv"))}
+    assert float(rows["ewc"]["cls top1 mean"]) == pytest.approx(np.mean([runs[1]["final"]["cls"],
+                                                                          runs[3]["final"]["cls"]]))
+    assert "python benchmarks/compare_strategies.py --strategies naive,ewc" in (tmp_path / "table.md").read_text()
+    for plot in ("final_scores.png", "matrices.png"):
+        assert (tmp_path / "plots" / plot).stat().st_size > 0
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(script, "train_strategy", must_not_train)
+    monkeypatch.setattr(script, "train_baselines", must_not_train)
+    assert script.main(argv) == 0  # everything is reused
