@@ -143,11 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once, one thread each (default 2)")
     parser.add_argument("--check", action="store_true", help="rerun the targets.csv configuration and compare")
+    parser.add_argument("--plugin-file", type=Path, action="append", default=[], metavar="PATH",
+                        help="Python file registering extra strategies (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     args = parser.parse_args(argv)
 
+    from clmtl.cli import _use_plugin_files
     from clmtl.compare import Comparison
     from clmtl.registry import parse_strategy
+
+    _use_plugin_files(args.plugin_file)  # also exported to the worker processes
 
     if args.check:
         targets = read_targets()

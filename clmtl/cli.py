@@ -9,7 +9,13 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
+def _add_plugin_files(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin-file", type=Path, action="append", default=[], metavar="PATH",
+                        help="Python file registering extra strategies (repeatable)")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    _add_plugin_files(parser)
     parser.add_argument("--config", type=Path, help="YAML config file (defaults: clmtl/default.yaml)")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config's seed)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.lr=1e-3")
@@ -25,8 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="output directory (default: runs/<benchmark>_<strategy>_seed<N>)")
     run.add_argument("--no-baselines", action="store_true", help="skip the single-task baselines")
 
-    commands.add_parser("strategies", help="list registered strategies and their hyperparameters")
+    strategies = commands.add_parser("strategies", help="list registered strategies and their hyperparameters")
+    _add_plugin_files(strategies)
     return parser
+
+
+def _use_plugin_files(paths: list[Path]) -> None:
+    """Register the strategies of ``--plugin-file`` files, here and in any worker process started later."""
+    from clmtl.registry import FILES_VARIABLE, load_strategy_file
+
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"--plugin-file {path}: no such file")
+        load_strategy_file(path)
+    known = os.environ.get(FILES_VARIABLE, "")
+    os.environ[FILES_VARIABLE] = os.pathsep.join(filter(None, [known, *(str(p.resolve()) for p in paths)]))
 
 
 def _load(args: argparse.Namespace):
@@ -34,6 +53,7 @@ def _load(args: argparse.Namespace):
     from clmtl.config import load_config
     from clmtl.registry import parse_strategy, strategy_defaults
 
+    _use_plugin_files(args.plugin_file)
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
@@ -61,6 +81,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_strategies(args: argparse.Namespace) -> int:
     from clmtl.registry import available
 
+    try:
+        _use_plugin_files(args.plugin_file)
+    except FileNotFoundError as error:
+        return _fail(error)
     for name, entry in available().items():
         params = ", ".join(f"{key}={value!r}" for key, value in entry.defaults.items()) or "no hyperparameters"
         acts_on = ", ".join(entry.acts_on) or "nothing"

@@ -10,6 +10,10 @@ whatever order the user wrote (model changes first, then optimizer, data, loss t
 callbacks in list order) and to refuse hybrids in which two plugins would both take over an exclusive part
 (two plugins replacing the data a step sees, or the optimizer), a clash Avalanche's plugin lists accept silently.
 
+A strategy can also live in a plain Python file: ``load_strategy_file(path)`` (``clmtl run --plugin-file PATH``)
+imports it, and so does discovery for every path in the ``CLMTL_STRATEGY_FILES`` environment variable
+(separated by ``os.pathsep``), which reaches the worker processes of benchmark scripts.
+
 A plugin that needs the whole benchmark (``joint`` trains on every task's data) defines
 ``bind_benchmark(benchmark)``; ``clmtl run`` calls it before training.
 """
@@ -17,13 +21,18 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
+import os
 import pkgutil
+import sys
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
 ENTRY_POINT_GROUP = "clmtl.strategies"
+FILES_VARIABLE = "CLMTL_STRATEGY_FILES"
 
 ACTIONS = ("model", "optimizer", "data", "loss")
 """What a strategy may act on, in the order the composer applies plugins:
@@ -89,6 +98,22 @@ def _discover() -> None:
         importlib.import_module(f"strategies.{module.name}")
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         entry_point.load()
+    for path in filter(None, os.environ.get(FILES_VARIABLE, "").split(os.pathsep)):
+        load_strategy_file(path)
+
+
+def load_strategy_file(path: str | Path) -> None:
+    """Import a Python file whose ``@register`` calls add strategies (once per file)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"strategy file {path} does not exist")
+    name = f"clmtl_strategy_file_{abs(hash(str(path)))}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
 
 
 def available() -> dict[str, StrategyEntry]:

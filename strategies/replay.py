@@ -1,0 +1,305 @@
+"""Experience replay on a stream of heterogeneous tasks: a task-aware memory replayed through each task's own head.
+
+**Memory.** ``mem_size`` samples in all, split over the tasks seen so far (``split``): ``equal`` shares (the
+remainder to the oldest tasks, as Avalanche's ``ExperienceBalancedBuffer``) or shares ``proportional`` to each
+task's training-set size (largest remainders, ties to the older task). A task never holds more than its training
+set. Within a task, ``selection`` puts the samples in a priority order and the memory keeps its prefix, so when a new
+task arrives and quotas shrink every old task is trimmed deterministically by cutting that prefix shorter:
+
+- ``reservoir``: a random order — Avalanche's ``ReservoirSamplingBuffer`` (random priorities, a resize keeps the
+  highest), i.e. a uniform random subset of the task;
+- ``class_balanced``: random within each group, groups interleaved round-robin (rarest group first), so every prefix
+  is as balanced as the data allows. A classification sample's group is its label; a segmentation or detection
+  sample's group is the *rarest class present in it* (rarity = number of the task's training images containing the
+  class; segmentation ignores background and void, images with nothing else form one group, as do detection images
+  without boxes). Balancing by the rarest class present keeps every class in memory, which balancing by the most
+  frequent class would not.
+
+Images are stored as uint8 (``round(x * 255)``, at most 0.5/255 off), segmentation label maps as uint8 too (classes
+and the void label 255 fit), boxes and class ids as they come; ``nbytes`` (``memory_bytes`` on the plugin) counts the
+stored images and targets (a class id as 8 bytes, the int64 it is batched as). The memory is filled after each
+training experience from ``experience.dataset.eval()``: Avalanche's way to drop training augmentation. Augmentation
+wrapped *inside* the dataset (``clmtl.data.transforms.JointTransform``) still applies; the dataset is then read under
+a forked global RNG seeded from ``seed``, so what is stored is reproducible and training's random stream is untouched.
+
+**Replay.** A mini-batch may hold one task only (each task has its own output format and loss), so replay cannot
+concatenate memory samples into the training batch as Avalanche's ``ReplayPlugin`` does (its ``ReplayDataLoader``
+mixes current and memory samples of every task in one batch: one collate function and one head cannot take label
+maps, box lists and class ids at once). Instead, in ``before_backward`` while training task k, each stored task
+t != k gets its own replay batch — ``ceil(ratio * B)`` samples for a current mini-batch of B, split equally over the
+stored tasks (remainder to the oldest), at most ``per_task_cap`` each, drawn without replacement — forwarded as
+``model(x, t)`` and scored by ``strategy._criterion`` (which dispatches on the output's structure):
+
+    loss = L_k + weight * mean_t L_t
+
+The mean over tasks keeps the replay term's scale independent of how many tasks are stored: at ``weight`` 1 the old
+tasks together count as much as the current one, and each task's term is its own loss's batch mean, at its natural
+scale (as the current task's is).
+
+**Against Avalanche.** For one old task with a model without BatchNorm, Avalanche's concatenated batch of b current
+and m memory samples has loss (b L_k + m L_t) / (b + m); ours with ``weight = m / b`` is (b + m) / b times it — the
+same gradient direction, and the same SGD trajectory with the learning rate scaled by b / (b + m) (tested, as are
+our equal quotas against ``ExperienceBalancedBuffer``'s group sizes). What remains different: BatchNorm sees each
+task's batch separately (its statistics are per task, not of a mixed batch), and the default ``weight`` 1 weighs old
+tasks by ``weight`` rather than by their share of a mixed batch.
+
+**Why not Avalanche's buffers.** They store ``AvalancheDataset`` subsets, views on the training set that render float
+images and rerun augmentation at every access, with no byte count; their random picks come from the global torch
+RNG (``torch.rand``) or Python's ``random``, not a seeded generator, so they would shift training's random stream;
+and ``ClassBalancedBuffer`` needs an int ``targets`` attribute (segmentation and detection have none) and balances
+over all the stream's classes, not within a task's quota. The rules above are theirs, re-stated on our storage in a
+few lines, and tested against them. All sampling uses ``torch.Generator``s spawned from ``seed``: one for the
+selection, one for the replay draws, so the memory's content does not depend on how many steps were replayed.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+from torch.utils.data import Dataset
+
+from clmtl.registry import register
+from clmtl.stream import collate_for
+from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
+from clmtl.template import task_batch_loss
+
+SPLITS = ("equal", "proportional")
+SELECTIONS = ("reservoir", "class_balanced")
+NO_CLASS = -1
+"""Group of a sample with no class to balance on (a detection image without boxes, a background-only map)."""
+
+
+def split_quotas(total: int, sizes: Sequence[int], policy: str = "equal") -> list[int]:
+    """Shares of ``total`` for groups of the given sizes, oldest first; they sum to ``total``.
+
+    ``equal``: ``total // n`` each, the remainder one by one to the oldest groups (Avalanche's group lengths).
+    ``proportional``: ``total * size / sum(sizes)`` rounded by largest remainder (ties to the older group).
+    """
+    if policy == "equal":
+        share, extra = divmod(total, len(sizes))
+        return [share + (i < extra) for i in range(len(sizes))]
+    exact = [total * size / sum(sizes) for size in sizes]
+    quotas = [math.floor(value) for value in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (quotas[i] - exact[i], i))
+    for i in by_remainder[: total - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def target_kind(target: Any) -> str:
+    """The task kind a target belongs to: a class id, a label map or a box dictionary."""
+    if isinstance(target, dict):
+        return DETECTION
+    if isinstance(target, int) or (isinstance(target, torch.Tensor) and target.ndim == 0):
+        return CLASSIFICATION
+    if isinstance(target, torch.Tensor) and target.ndim == 2:
+        return SEGMENTATION
+    raise ValueError(f"replay: cannot tell the task kind of a target of type {type(target).__name__}")
+
+
+def present_classes(target: Any, kind: str) -> set[int]:
+    """The classes a sample shows: its label; the foreground classes of its map; the labels of its boxes."""
+    if kind == CLASSIFICATION:
+        return {int(target)}
+    if kind == SEGMENTATION:
+        return set(target.unique().tolist()) - {0, IGNORE_INDEX}
+    return set(target["labels"].tolist())
+
+
+def class_balanced_order(targets: Sequence[Any], kind: str, generator: torch.Generator) -> list[int]:
+    """Sample indices, random within each group, groups interleaved round-robin (rarest first; see the module doc)."""
+    classes = [present_classes(target, kind) for target in targets]
+    images_with = Counter(c for present in classes for c in present)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in torch.randperm(len(targets), generator=generator).tolist():
+        rarest = min(classes[i], key=lambda c: (images_with[c], c), default=NO_CLASS)
+        groups[rarest].append(i)
+    queues = sorted(groups.values(), key=len)  # stable: equal sizes keep the first-drawn group first
+    return [queue[rank] for rank in range(len(queues[-1])) for queue in queues if rank < len(queue)]
+
+
+def _quantise(image: torch.Tensor) -> torch.Tensor:
+    return image.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _compact(target: Any, kind: str) -> Any:
+    """The target as stored: an int, a uint8 label map, or a copy of the box dictionary."""
+    if kind == CLASSIFICATION:
+        return int(target)
+    if kind == SEGMENTATION:
+        if target.min() < 0 or target.max() > 255:
+            raise ValueError(f"replay: a segmentation label map holds values outside 0-255 "
+                             f"({int(target.min())}..{int(target.max())}); it cannot be stored as uint8")
+        return target.to(torch.uint8)
+    return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in target.items()}
+
+
+def _target_bytes(target: Any, kind: str) -> int:
+    if kind == CLASSIFICATION:
+        return torch.empty((), dtype=torch.int64).element_size()
+    if kind == SEGMENTATION:
+        return target.nbytes
+    return sum(value.nbytes for value in target.values() if isinstance(value, torch.Tensor))
+
+
+@dataclass
+class TaskMemory:
+    """One task's stored samples, in priority order (a trim keeps the prefix)."""
+
+    kind: str
+    images: list[torch.Tensor] = field(default_factory=list)  # uint8 [3, S, S]
+    targets: list[Any] = field(default_factory=list)  # compact (see _compact)
+    indices: list[int] = field(default_factory=list)  # position of each sample in the task's training set
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        """Sample ``i`` as the dataset served it: float image in [0, 1] and the target in its own kind."""
+        target = self.targets[i]
+        return self.images[i].float().div_(255), target.long() if self.kind == SEGMENTATION else target
+
+    def trim(self, size: int) -> None:
+        del self.images[size:], self.targets[size:], self.indices[size:]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(image.nbytes for image in self.images) + sum(_target_bytes(t, self.kind) for t in self.targets)
+
+
+class TaskBuffer:
+    """Fixed memory of ``mem_size`` samples over the tasks seen, by task label (see the module doc)."""
+
+    def __init__(self, mem_size: int, split: str = "equal", selection: str = "reservoir", seed: int = 0) -> None:
+        self.mem_size = mem_size
+        self.split = split
+        self.selection = selection
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tasks: dict[int, TaskMemory] = {}
+        self.train_sizes: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return sum(len(memory) for memory in self.tasks.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored images and targets."""
+        return sum(memory.nbytes for memory in self.tasks.values())
+
+    def quotas(self) -> dict[int, int]:
+        """Each seen task's share of ``mem_size`` (it stores at most its training-set size)."""
+        labels = list(self.train_sizes)
+        return dict(zip(labels, split_quotas(self.mem_size, [self.train_sizes[t] for t in labels], self.split)))
+
+    def add(self, dataset: Dataset, task_label: int) -> None:
+        """Store samples of a new task from its ``[image, target, ...]`` dataset, then trim the older tasks."""
+        if task_label in self.train_sizes:
+            raise ValueError(f"replay: task label {task_label} is already in memory; each task may come once")
+        dataset = dataset.eval() if hasattr(dataset, "eval") else dataset
+        self.train_sizes[task_label] = len(dataset)
+        quota = self.quotas()[task_label]
+        read_seed = int(torch.randint(2**62, (), generator=self.generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(read_seed)
+            memory = TaskMemory(target_kind(dataset[0][1]))
+            if self.selection == "reservoir":
+                order = torch.randperm(len(dataset), generator=self.generator)[:quota].tolist()
+            else:  # targets only: holding every image of a large training set would not fit
+                targets = [dataset[i][1] for i in range(len(dataset))]
+                order = class_balanced_order(targets, memory.kind, self.generator)[:quota]
+            for i in order:
+                image, target = dataset[i][:2]
+                memory.images.append(_quantise(image))
+                memory.targets.append(_compact(target, memory.kind))
+                memory.indices.append(i)
+        self.tasks[task_label] = memory
+        for label, size in self.quotas().items():
+            self.tasks[label].trim(size)
+
+    def draw(self, task_label: int, count: int, generator: torch.Generator) -> list[Any]:
+        """A collated batch ``[images, targets, task_labels]`` of ``count`` distinct samples (fewer if fewer stored)."""
+        memory = self.tasks[task_label]
+        picks = torch.randperm(len(memory), generator=generator)[:count].tolist()
+        return collate_for(memory.kind)([[*memory[i], task_label] for i in picks])
+
+
+class MultiTaskReplayPlugin(SupervisedPlugin):
+    """Fills a ``TaskBuffer`` after each experience and adds each stored task's replay loss (see the module doc)."""
+
+    def __init__(self, mem_size: int = 200, ratio: float = 0.5, split: str = "equal", selection: str = "reservoir",
+                 weight: float = 1.0, per_task_cap: int | None = None, seed: int = 0) -> None:
+        super().__init__()
+        selection_seed, draw_seed = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(2))
+        self.buffer = TaskBuffer(mem_size, split, selection, selection_seed)
+        self.generator = torch.Generator().manual_seed(draw_seed)
+        self.ratio = ratio
+        self.weight = weight
+        self.per_task_cap = per_task_cap
+        self.replayed: Counter[int] = Counter()
+        """Samples replayed so far, by task label."""
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes the memory holds (uint8 images plus targets), for a run to report."""
+        return self.buffer.nbytes
+
+    def replay_sizes(self, batch_size: int, labels: Sequence[int]) -> list[int]:
+        """Replay batch size of each stored task for a current mini-batch of ``batch_size``."""
+        sizes = split_quotas(math.ceil(self.ratio * batch_size), [1] * len(labels))
+        return [size if self.per_task_cap is None else min(size, self.per_task_cap) for size in sizes]
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self.buffer.add(strategy.experience.dataset, strategy.experience.task_label)
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        current = int(strategy.mb_task_id[0])
+        labels = [label for label, memory in self.buffer.tasks.items() if label != current and len(memory)]
+        if not labels:
+            return
+        losses = []
+        for label, size in zip(labels, self.replay_sizes(len(strategy.mb_x), labels)):
+            if size == 0:
+                continue
+            batch = self.buffer.draw(label, size, self.generator)
+            losses.append(task_batch_loss(strategy, batch, label))
+            self.replayed[label] += len(batch[0])
+        if losses:
+            strategy.loss += self.weight * torch.stack(losses).mean()
+
+
+DEFAULTS = {"mem_size": 200, "ratio": 0.5, "split": "equal", "selection": "reservoir", "weight": 1.0,
+            "per_task_cap": None, "seed": 0}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@register("replay", defaults=DEFAULTS, acts_on=("data", "loss"))
+def replay(params: dict) -> MultiTaskReplayPlugin:
+    """Task-aware replay: a fixed memory split over tasks, replayed through each task's own head and loss."""
+    checks = {
+        "mem_size": (_is_int(params["mem_size"]) and params["mem_size"] >= 1, "a positive integer"),
+        "ratio": (_is_number(params["ratio"]) and params["ratio"] > 0, "a number > 0"),
+        "split": (params["split"] in SPLITS, f"one of {SPLITS}"),
+        "selection": (params["selection"] in SELECTIONS, f"one of {SELECTIONS}"),
+        "weight": (_is_number(params["weight"]) and params["weight"] >= 0, "a number >= 0"),
+        "per_task_cap": (params["per_task_cap"] is None or (_is_int(params["per_task_cap"])
+                                                             and params["per_task_cap"] >= 1),
+                         "null or a positive integer"),
+        "seed": (_is_int(params["seed"]) and params["seed"] >= 0, "a non-negative integer"),
+    }
+    for key, (ok, expected) in checks.items():
+        if not ok:
+            raise ValueError(f"strategy.replay.{key} must be {expected}, got {params[key]!r}")
+    return MultiTaskReplayPlugin(**params)

@@ -1,0 +1,72 @@
+"""examples/custom_strategy.py: a strategy in one short file, registered from a path and run by name."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "custom_strategy.py"
+
+
+def test_the_example_is_under_50_lines():
+    assert len(EXAMPLE.read_text().splitlines()) < 50
+
+
+class OneHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, x, task_label):
+        return self.linear(x)
+
+
+def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm(isolated_registry):
+    from avalanche.benchmarks.utils import AvalancheDataset
+    from avalanche.benchmarks.utils.data_attribute import TaskLabels
+    from avalanche.benchmarks.utils.flat_data import ConstantSequence
+    from torch.utils.data import TensorDataset
+
+    from clmtl.registry import build_plugins, load_strategy_file
+
+    load_strategy_file(EXAMPLE)
+    (plugin,) = build_plugins("mas", {"mas": {"batch_size": 4}})
+    torch.manual_seed(0)
+    model = OneHead()
+    linear = model.linear
+    x = torch.randn(8, 3)
+    data = AvalancheDataset([TensorDataset(x, torch.zeros(8, dtype=torch.long))],
+                            data_attributes=[TaskLabels(ConstantSequence(0, 8))])
+    plugin.after_training_exp(SimpleNamespace(model=model, experience=SimpleNamespace(dataset=data), device="cpu"))
+
+    expected = torch.zeros_like(linear.weight)
+    for batch in (x[:4], x[4:]):  # d/dW of sum ||W x + b||^2 / B is 2 (W x + b) x^T / B
+        expected += (2 * (batch @ linear.weight.T + linear.bias).T @ batch / 4).abs().detach() / 2
+    saved, importance = plugin.anchors[0]
+    torch.testing.assert_close(importance["linear.weight"], expected)
+    torch.testing.assert_close(saved["linear.weight"], linear.weight.detach())
+
+
+def clmtl(*args):
+    return subprocess.run([sys.executable, "-m", "clmtl", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_the_cli_lists_and_runs_a_strategy_from_a_file(tmp_path):
+    listed = clmtl("strategies", "--plugin-file", str(EXAMPLE))
+    assert listed.returncode == 0 and "strategy.mas: lambda=1.0, batch_size=16" in listed.stdout
+
+    result = clmtl("run", "--plugin-file", str(EXAMPLE), "--strategy", "mas+bnfreeze", "--no-baselines",
+                   "--out", str(tmp_path), "data.train_size=6", "data.val_size=3", "data.image_size=64",
+                   "train.epochs=1", "train.batch_size=3", "output.overlays=0", "train.threads=1",
+                   "strategy.mas.lambda=5.0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["strategy"] == "mas+bnfreeze" and written["config"]["strategy"]["mas"]["lambda"] == 5.0
+
+
+def test_a_missing_plugin_file_is_a_clear_error():
+    result = clmtl("strategies", "--plugin-file", "nowhere.py")
+    assert result.returncode == 2 and "nowhere.py" in result.stderr and "Traceback" not in result.stderr
