@@ -26,18 +26,23 @@ IGNORE_INDEX = 255
 class TaskSpec:
     """One task of the stream: its short name, kind and class names.
 
-    For segmentation ``classes[0]`` is the background class, as VOC counts it.
+    For segmentation ``classes[0]`` is the background class, as VOC counts it. ``category_ids[label]`` is the
+    annotation file's own id of a detection class (e.g. COCO's non-contiguous ids), so scores use the file's terms.
     """
 
     name: str
     kind: str
     classes: tuple[str, ...]
+    category_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"task {self.name!r}: unknown kind {self.kind!r}; expected one of {KINDS}")
         if len(self.classes) < 1:
             raise ValueError(f"task {self.name!r}: needs at least one class")
+        if self.category_ids is not None and len(self.category_ids) != len(self.classes):
+            raise ValueError(
+                f"task {self.name!r}: {len(self.category_ids)} category ids for {len(self.classes)} classes")
 
     @property
     def num_classes(self) -> int:

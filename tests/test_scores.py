@@ -191,3 +191,30 @@ def test_scorer_for_each_kind():
     assert isinstance(scorer_for(TaskSpec("d", "detection", ("a",))), CocoMAP)
     assert isinstance(scorer_for(TaskSpec("c", "classification", ("a", "b"))), Top1)
     assert scorer_for(TaskSpec("s", "segmentation", ("background", "a", "b"))).num_classes == 3
+
+
+def test_scorer_for_detection_reports_in_the_tasks_category_ids():
+    expected_50_95, expected_50 = _pycocotools_direct()
+    scorer = scorer_for(TaskSpec("d", "detection", ("a", "b"), category_ids=(1, 2)))
+    assert scorer.category_ids == [1, 2]
+    scorer.update(PREDICTIONS, TARGETS)
+    assert scorer.result() == {"mAP50_95": pytest.approx(expected_50_95), "mAP50": pytest.approx(expected_50)}
+    with pytest.raises(ValueError, match="2 category ids for 1 classes"):
+        TaskSpec("d", "detection", ("a",), category_ids=(1, 2))
+
+
+def test_coco_map_scores_letterboxed_detections_in_original_pixels():
+    # a 100 wide x 50 high image letterboxed to 64: scale 0.64, 16 rows of padding above
+    original = {"boxes": torch.tensor([[10.0, 20.0, 50.0, 40.0]], dtype=torch.float64), "labels": torch.tensor([0]),
+                "iscrowd": torch.tensor([False]), "size": (50, 100)}
+    target = {**_image([[6.4, 28.8, 32.0, 41.6]], [0]), "image_id": 5,
+              "letterbox": torch.tensor([0.64, 0.0, 16.0]), "original": original}
+    in_model_pixels = _image([[6.4, 28.8, 32.0, 41.6]], [0], [0.9])
+    scorer = CocoMAP()
+    scorer.update([in_model_pixels], [target])
+    assert scorer.result() == {"mAP50_95": pytest.approx(1.0), "mAP50": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="image id 5 was already scored"):  # the target's own id was used
+        scorer.update([in_model_pixels], [target])
+    scorer = CocoMAP()
+    scorer.update([_image([[10.0, 20.0, 50.0, 40.0]], [0], [0.9])], [target])  # already original: mapped again, off
+    assert scorer.result()["mAP50"] == 0.0

@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
+from clmtl.data.letterbox import Letterbox
 from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION, TaskSpec
 
 
@@ -84,11 +85,16 @@ class CocoMAP:
 
     Ground truth and detections are kept per image and turned into an in-memory COCO dataset at ``result()``:
     ``mAP50_95`` is ``COCOeval.stats[0]`` and ``mAP50`` is ``stats[1]``. Boxes come in xyxy pixels and are scored
-    in the coordinates given, so a loader that wants the official numbers passes original-image coordinates.
+    in the coordinates given, unless the target says how to map them back to the file's pixels (below).
 
-    Ids: images are numbered 1, 2, ... in update order unless ``update(..., image_ids=...)`` names them; labels are
-    the contiguous task labels unless ``category_ids[label]`` maps them to a file's own category ids. A target may
-    carry an optional ``"iscrowd"`` bool tensor ``[N]``: COCOeval then ignores detections matched to crowd boxes.
+    Ids: images are numbered 1, 2, ... in update order unless ``update(..., image_ids=...)`` or the target's
+    ``"image_id"`` names them; labels are the contiguous task labels unless ``category_ids[label]`` maps them to a
+    file's own category ids. A target may carry an optional ``"iscrowd"`` bool tensor ``[N]``: COCOeval then
+    ignores detections matched to crowd boxes.
+
+    A target from a real-format loader (``clmtl.data.coco``) also carries ``"letterbox"`` and ``"original"`` (the
+    file's own boxes, labels, crowd flags and image size): detections are then mapped back to original pixels and
+    scored against that ground truth, so the result is COCOeval's on the annotation file itself.
 
     Edge cases, defined here because COCOeval cannot score them: no detection at all gives 0.0 (pycocotools refuses
     an empty result list; AP with ground truth and no detection is 0); no ground-truth box at all gives 0.0
@@ -115,20 +121,24 @@ class CocoMAP:
         """Add a batch of decoded detections (boxes, scores, labels) and their targets (boxes, labels), per image."""
         if len(predictions) != len(targets):
             raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
-        if image_ids is None:
-            image_ids = range(self._next_image_id, self._next_image_id + len(targets))
-        for image_id, pred, target in zip(image_ids, predictions, targets):
-            image_id = int(image_id)
+        if image_ids is not None and len(image_ids) != len(targets):
+            raise ValueError(f"{len(image_ids)} image ids for {len(targets)} targets")
+        for index, (pred, target) in enumerate(zip(predictions, targets)):
+            image_id = int(image_ids[index] if image_ids is not None else target.get("image_id", self._next_image_id))
             if image_id in self._image_ids:
                 raise ValueError(f"image id {image_id} was already scored")
             self._image_ids.add(image_id)
             self._next_image_id = max(self._next_image_id, image_id + 1)
-            crowd = target.get("iscrowd")
-            crowd = [False] * len(target["labels"]) if crowd is None else crowd.tolist()
-            for box, label, is_crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), crowd):
+            pred_boxes, truth = pred["boxes"], target
+            if "original" in target:
+                truth = target["original"]
+                pred_boxes = Letterbox.from_tensor(target["letterbox"]).boxes_to_original(pred_boxes, truth["size"])
+            crowd = truth.get("iscrowd")
+            crowd = [False] * len(truth["labels"]) if crowd is None else crowd.tolist()
+            for box, label, is_crowd in zip(truth["boxes"].tolist(), truth["labels"].tolist(), crowd):
                 self._gt.append({"image_id": image_id, "category_id": self._category(label),
                                  "bbox": _xywh(box), "iscrowd": int(is_crowd)})
-            for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
+            for box, score, label in zip(pred_boxes.tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
                 self._dt.append({"image_id": image_id, "category_id": self._category(label),
                                  "bbox": _xywh(box), "score": float(score)})
         self._result = None
@@ -177,7 +187,7 @@ def scorer_for(task: TaskSpec) -> Scorer:
     if task.kind == SEGMENTATION:
         return MeanIoU(task.num_classes)
     if task.kind == DETECTION:
-        return CocoMAP()
+        return CocoMAP(task.category_ids)
     if task.kind == CLASSIFICATION:
         return Top1()
     raise ValueError(f"no scorer for task kind {task.kind!r}")

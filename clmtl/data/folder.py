@@ -1,0 +1,65 @@
+"""Class-folder classification (the Imagenette layout ``root/{train,val}/<class folder>/<image>``).
+
+Classes are the class folders sorted by name; Imagenette's WordNet ids get readable names. Files are images by
+extension (case-insensitive), anything else is ignored; hidden folders are not classes. Train and val must have
+the same class folders, or labels would mean different classes in the two splits.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clmtl.data.images import CachedImageDataset, DataError, Loaded, is_image_file, load_letterboxed
+from clmtl.tasks import CLASSIFICATION
+
+SPLITS = ("train", "val")
+IMAGENETTE_NAMES = {
+    "n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
+    "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn", "n03417042": "garbage truck",
+    "n03425413": "gas pump", "n03445777": "golf ball", "n03888605": "parachute",
+}
+
+
+class ImageFolderDataset(CachedImageDataset):
+    """Classification samples of one split; target the class index. ``folders[label]`` is the class's folder."""
+
+    kind = CLASSIFICATION
+
+    def __init__(self, root: str | Path, split: str, image_size: int, on_bad_sample: str = "error",
+                 subset: int | None = None, seed: int = 0) -> None:
+        self.root = Path(root)
+        self.image_size = image_size
+        self.folders = _class_folders(self.root, split)
+        self.classes = tuple(IMAGENETTE_NAMES.get(folder, folder) for folder in self.folders)
+        samples = [
+            (f"{split}/{folder}/{file.name}", label)
+            for label, folder in enumerate(self.folders)
+            for file in sorted((self.root / split / folder).iterdir())
+            if file.is_file() and is_image_file(file)
+        ]
+        super().__init__(f"{self.root / split}", samples, self._load, on_bad_sample, subset, seed)
+
+    def _load(self, sample: tuple[str, int]) -> Loaded:
+        path, label = sample
+        image, meta = load_letterboxed(path, self.root, self.image_size)
+        return image, label, meta
+
+
+def _class_folders(root: Path, split: str) -> tuple[str, ...]:
+    """The split's class folders, sorted; checked against the other splits present."""
+    def folders(name: str) -> tuple[str, ...]:
+        return tuple(sorted(d.name for d in (root / name).iterdir() if d.is_dir() and not d.name.startswith(".")))
+
+    if not (root / split).is_dir():
+        raise DataError(f"{root / split}: split folder not found")
+    mine = folders(split)
+    if not mine:
+        raise DataError(f"{root / split}: no class folder")
+    for other in SPLITS:
+        if other == split or not (root / other).is_dir():
+            continue
+        theirs = folders(other)
+        if theirs != mine:
+            only_here, only_there = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+            raise DataError(f"{root}: splits {split!r} and {other!r} have different class folders "
+                            f"(only in {split}: {only_here}; only in {other}: {only_there})")
+    return mine
