@@ -1,4 +1,4 @@
-"""The `clmtl` command: run, strategies. Heavy imports (torch, avalanche) happen only inside commands."""
+"""The `clmtl` command: run, eval, strategies. Heavy imports (torch, avalanche) happen only inside commands."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", default="ewc", help="registered strategy or a+b composition (default: ewc)")
     run.add_argument("--out", type=Path, help="output directory (default: runs/<benchmark>_<strategy>_seed<N>)")
     run.add_argument("--no-baselines", action="store_true", help="skip the single-task baselines")
+
+    evaluate = commands.add_parser("eval", help="score a saved model on every task's validation split")
+    _add_common(evaluate)
+    evaluate.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint, e.g. OUT/checkpoints/last.pt")
+    evaluate.add_argument("--predictions", type=Path, help="also write the predictions here (det.json, seg/, cls.csv)")
+    evaluate.add_argument("--out", type=Path, help="where metrics.json goes (default: the run's folder /eval)")
 
     strategies = commands.add_parser("strategies", help="list registered strategies and their hyperparameters")
     _add_plugin_files(strategies)
@@ -78,6 +84,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from clmtl.evaluate import evaluate_checkpoint
+    from clmtl.io import CheckpointError, atomic_write_json
+
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    try:
+        _use_plugin_files(args.plugin_file)
+        metrics = evaluate_checkpoint(args.checkpoint, args.predictions, args.config, overrides)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        return _fail(error)
+    run_dir = args.checkpoint.parent.parent if args.checkpoint.parent.name == "checkpoints" else args.checkpoint.parent
+    out = args.out or run_dir / "eval"
+    atomic_write_json(out / "metrics.json", metrics)
+    for task, values in metrics.items():
+        print(f"{task:6s} " + "  ".join(f"{name} {value:.4f}" for name, value in values.items()))
+    print(f"wrote {out / 'metrics.json'}" + (f" and predictions in {args.predictions}" if args.predictions else ""))
+    return 0
+
+
 def cmd_strategies(args: argparse.Namespace) -> int:
     from clmtl.registry import available
 
@@ -101,7 +126,7 @@ def _fail(error: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"run": cmd_run, "strategies": cmd_strategies}[args.command]
+    command = {"run": cmd_run, "eval": cmd_eval, "strategies": cmd_strategies}[args.command]
     return command(args)
 
 

@@ -49,12 +49,49 @@ _TASK_ORDER = _rule(lambda v: sorted(v) == sorted(TASK_NAMES),
 
 
 @dataclass
+class SegFilesConfig:
+    """Segmentation on disk: a VOC tree (ImageSets) or one folder per split (``train/``, ``val/``)."""
+
+    root: str | None = None
+    train_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+    val_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+
+
+@dataclass
+class DetFilesConfig:
+    """Detection on disk: COCO images folders and instances JSON files, optionally a class subset by name."""
+
+    train_images: str | None = None
+    train_ann: str | None = None
+    val_images: str | None = None
+    val_ann: str | None = None
+    classes: list[str] | None = None
+    keep_empty: bool = True
+    train_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+    val_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+
+
+@dataclass
+class ClsFilesConfig:
+    """Classification on disk: ``root/{train,val}/<class folder>/<image>``."""
+
+    root: str | None = None
+    train_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+    val_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+
+
+@dataclass
 class DataConfig:
     image_size: int = field(default=128, metadata=_IMAGE_SIZE)
     train_size: int = field(default=240, metadata=_AT_LEAST_ONE)
     val_size: int = field(default=60, metadata=_AT_LEAST_ONE)
     num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
     hflip: float = field(default=0.5, metadata=_FRACTION)
+    root: str | None = None
+    on_bad_sample: str = field(default="error", metadata=_one_of("error", "skip"))
+    seg: SegFilesConfig = field(default_factory=SegFilesConfig)
+    det: DetFilesConfig = field(default_factory=DetFilesConfig)
+    cls: ClsFilesConfig = field(default_factory=ClsFilesConfig)
 
 
 @dataclass
@@ -125,13 +162,17 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (),
-                strategy_params: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({})) -> Config:
-    """Defaults, then the file at ``path`` (if any), then each ``key=value`` override, all validated.
+                strategy_params: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({}),
+                base: Mapping[str, Any] | None = None, base_source: str = "saved config") -> Config:
+    """Defaults, then ``base`` (a saved ``Config.to_dict()``, if any), then the file at ``path`` (if any), then each
+    ``key=value`` override, all validated.
 
     ``strategy_params`` maps each registered strategy name to its parameter defaults; ``strategy.<name>.<param>``
     values are checked against them (name and parameter must exist, value of the default's type).
     """
     layers = [(_read_defaults(), DEFAULTS_SOURCE)]
+    if base is not None:
+        layers.append((base, base_source))
     if path is not None:
         layers.append((_read_file(Path(path)), str(path)))
     layers.extend(_parse_override(text) for text in overrides)
@@ -140,7 +181,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (),
         _deep_merge(merged, _check_section(data, Config, "", source, strategy_params))
     chosen = merged.get("strategy", {})
     merged["strategy"] = {name: {**_copy(strategy_params[name]), **params} for name, params in chosen.items()}
-    return _build(Config, merged)
+    config = _build(Config, merged)
+    if config.data.root is not None:
+        config.benchmark = "files"  # the challenge bundle is on disk: data.root alone is enough
+    return config
 
 
 # ----------------------------------------------------------------------------------------------- reading YAML
@@ -223,7 +267,7 @@ def _check_section(data: Any, cls: type, path: str, source: str,
         else:
             checked[key] = _check_value(value, hint, key_path, source)
             rule = fields[key].metadata.get("rule")
-            if rule is not None and not rule[0](checked[key]):
+            if rule is not None and checked[key] is not None and not rule[0](checked[key]):
                 raise ConfigError(f"{source}: {key_path}: {rule[1]}, got {_describe(checked[key], kind=False)}")
     return checked
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from clmtl.config import Config
+from clmtl.data.files import files_benchmark
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
 from clmtl.data.transforms import train_augmentation
 from clmtl.decode import decode_detections
@@ -56,25 +58,27 @@ def package_versions() -> dict[str, str]:
 
 @dataclass
 class Benchmark:
-    """The stream plus the task descriptions its task labels index."""
+    """The stream plus the task descriptions its task labels index, and the raw validation datasets."""
 
     tasks: list[TaskSpec]
     stream: Any  # avalanche CLScenario with train_stream / test_stream
+    val_sets: list[Dataset]
+    """Validation datasets in task order, unwrapped (real-format ones know each sample's file: ``meta(i)``)."""
 
 
 def build_benchmark(config: Config) -> Benchmark:
-    """The configured benchmark as one Avalanche stream (shapes: generated from the seed, nothing downloaded)."""
-    if config.benchmark != "shapes":
-        raise NotImplementedError(f"benchmark {config.benchmark!r} is not available yet; use benchmark=shapes")
-    tasks = [shapes_task(TASK_KINDS[name], name) for name in config.tasks]
+    """The configured benchmark as one Avalanche stream: ``shapes`` (generated from the seed, nothing downloaded)
+    or ``files`` (the three datasets on disk; ``data.root`` alone selects it)."""
     data = config.data
-    train = [
-        train_augmentation(make_shapes_dataset(t.kind, "train", data.train_size, data.image_size, config.seed),
-                           t.kind, data.hflip)
-        for t in tasks
-    ]
-    test = [make_shapes_dataset(t.kind, "val", data.val_size, data.image_size, config.seed) for t in tasks]
-    return Benchmark(tasks, build_stream(tasks, train, test))
+    if config.benchmark == "files":
+        loaded = files_benchmark(config)
+        tasks, train, val = [d.task for d in loaded], [d.train for d in loaded], [d.val for d in loaded]
+    else:
+        tasks = [shapes_task(TASK_KINDS[name], name) for name in config.tasks]
+        train = [make_shapes_dataset(t.kind, "train", data.train_size, data.image_size, config.seed) for t in tasks]
+        val = [make_shapes_dataset(t.kind, "val", data.val_size, data.image_size, config.seed) for t in tasks]
+    augmented = [train_augmentation(ds, t.kind, data.hflip) for ds, t in zip(train, tasks)]
+    return Benchmark(tasks, build_stream(tasks, augmented, val), val)
 
 
 def build_model(config: Config, tasks: Sequence[TaskSpec]) -> UnifiedModel:
@@ -262,7 +266,7 @@ def draw_overlays(model: UnifiedModel, benchmark: Benchmark, config: Config, plo
     model.eval()
     count = config.output.overlays
     for label, task in enumerate(benchmark.tasks):
-        dataset = benchmark.stream.test_stream[label].dataset
+        dataset = benchmark.val_sets[label]
         samples = [dataset[i] for i in range(min(count, len(dataset)))]
         images = torch.stack([s[0] for s in samples])
         output = model(images, label)

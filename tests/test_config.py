@@ -136,7 +136,11 @@ def test_strategy_errors(override, message):
     ("train.epochs.seeg=1", "override 'train.epochs.seeg=1': train.epochs.seeg: unknown key; "
                             "did you mean 'train.epochs.seg'?"),
     ("data.zzz=1", "override 'data.zzz=1': data.zzz: unknown key; "
-                   "known keys: image_size, train_size, val_size, num_workers, hflip"),
+                   "known keys: image_size, train_size, val_size, num_workers, hflip, root, on_bad_sample, seg, det, "
+                   "cls"),
+    ("data.det.val_anns=x", "override 'data.det.val_anns=x': data.det.val_anns: unknown key; "
+                            "did you mean 'data.det.val_ann'?"),
+    ("data.cls.train_size=0", "override 'data.cls.train_size=0': data.cls.train_size: must be >= 1, got 0"),
     ("train.lr=true", "override 'train.lr=true': train.lr: expected a number, got boolean true"),
     ("train.batch_size=true", "override 'train.batch_size=true': train.batch_size: expected an integer, "
                               "got boolean true"),

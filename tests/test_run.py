@@ -144,3 +144,25 @@ def test_strategies_lists_hyperparameters():
     assert result.returncode == 0
     assert "strategy.ewc: lambda=1000.0, mode='separate', decay=0.9, fisher='empirical'" in result.stdout
     assert "acts on: data, loss" in result.stdout  # joint
+
+
+@pytest.mark.slow
+def test_clmtl_eval_reproduces_the_final_scores_and_writes_predictions(tiny_run, tmp_path):
+    out, results = tiny_run
+    result = clmtl("eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--predictions", str(tmp_path),
+                   "--out", str(tmp_path / "metrics"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    for task in results["tasks"]:
+        assert metrics[task["name"]][task["metric"]] == pytest.approx(results["final"][task["name"]], abs=1e-9)
+    assert len(list((tmp_path / "seg").glob("*.png"))) == 4  # data.val_size
+    with open(tmp_path / "cls.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    assert {d["image_id"] for d in json.loads((tmp_path / "det.json").read_text())} <= {1, 2, 3, 4}
+
+
+def test_clmtl_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    result = clmtl("eval", "--checkpoint", str(tmp_path / "last.pt"))
+    assert result.returncode == 2 and "last.pt" in result.stderr and "Traceback" not in result.stderr

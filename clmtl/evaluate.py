@@ -1,0 +1,146 @@
+"""`clmtl eval`: score a saved model on every task's validation split, and export what it predicted.
+
+The scores come from the same scorers as training-time evaluation (``clmtl.metrics.scores``), so they equal the
+run's final numbers. With a predictions folder, every prediction is also written in the format external
+evaluators read (DESIGN.md, "Contracts"), so anyone can recompute the numbers with their own tools:
+
+- ``det.json``: a COCO results list — the annotation file's own image and category ids, ``bbox`` xywh in
+  original-image pixels (for the shapes benchmark: image ids 1, 2, ... in validation order, model pixels);
+- ``seg/<image stem>.png``: class indices as an 8-bit PNG at the image's original size (shapes: ``<index>.png``);
+- ``cls.csv``: file, true label, predicted label;
+- ``metrics.json``: ``{task name: {metric: value}}``.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from clmtl.config import Config, load_config
+from clmtl.decode import decode_detections
+from clmtl.io import atomic_write_json, atomic_write_text, load_checkpoint
+from clmtl.metrics.scores import scorer_for
+from clmtl.models import UnifiedModel
+from clmtl.stream import collate_for
+from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
+
+
+class PredictionWriter:
+    """Collects one task's predictions in external formats while the evaluation runs."""
+
+    def __init__(self, task: TaskSpec, dataset: Any, out_dir: Path) -> None:
+        self.task, self.dataset, self.out_dir = task, dataset, out_dir
+        self.detections: list[dict] = []
+        self.rows: list[tuple[str, str, str]] = []
+        if task.kind == SEGMENTATION:
+            (out_dir / "seg").mkdir(parents=True, exist_ok=True)
+
+    def _meta(self, index: int):
+        return self.dataset.meta(index) if hasattr(self.dataset, "meta") else None
+
+    def add(self, index: int, prediction: Any, target: Any) -> None:
+        """Record the prediction for validation sample ``index`` (raw logits for seg, decoded dict for det)."""
+        meta = self._meta(index)
+        if self.task.kind == SEGMENTATION:
+            if meta is None:
+                labels, name = prediction.argmax(0), f"{index:05d}"
+            else:
+                labels = meta.letterbox.logits_to_original(prediction, meta.original_size).argmax(0)
+                name = meta.file.stem
+            Image.fromarray(labels.to(torch.uint8).numpy()).save(self.out_dir / "seg" / f"{name}.png")
+        elif self.task.kind == CLASSIFICATION:
+            file = str(meta.file) if meta is not None else f"{index:05d}"
+            true, predicted = int(target), int(prediction.argmax())
+            self.rows.append((file, self.task.classes[true], self.task.classes[predicted]))
+        else:
+            boxes = prediction["boxes"]
+            if meta is not None:
+                boxes = meta.letterbox.boxes_to_original(boxes, meta.original_size)
+            image_id = meta.image_id if meta is not None and meta.image_id is not None else index + 1
+            ids = self.task.category_ids
+            for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), prediction["scores"].tolist(),
+                                                      prediction["labels"].tolist()):
+                self.detections.append({"image_id": image_id, "category_id": ids[label] if ids else label,
+                                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+
+    def close(self) -> None:
+        if self.task.kind == DETECTION:
+            atomic_write_json(self.out_dir / "det.json", self.detections)
+        elif self.task.kind == CLASSIFICATION:
+            text = io.StringIO()
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(["file", "true_label", "predicted_label"])
+            writer.writerows(self.rows)
+            atomic_write_text(self.out_dir / "cls.csv", text.getvalue())
+
+
+@torch.inference_mode()
+def evaluate_task(model: UnifiedModel, label: int, task: TaskSpec, dataset: Any, config: Config,
+                  writer: PredictionWriter | None = None) -> dict[str, float]:
+    """Every metric of task ``label`` on ``dataset`` (its validation split), in dataset order."""
+    model.eval()
+    scorer = scorer_for(task)
+    decode = functools.partial(decode_detections, layout=model.anchor_layout,
+                               score_threshold=config.eval.score_threshold,
+                               iou_threshold=config.eval.iou_threshold, max_detections=config.eval.max_detections)
+    loader = DataLoader(dataset, batch_size=config.train.eval_batch_size, collate_fn=_pairs_collate(task.kind))
+    index = 0
+    for images, targets in loader:
+        output = model(images, label)
+        predictions = decode(output) if task.kind == DETECTION else output
+        scorer.update(predictions, targets)
+        if writer is not None:
+            for offset in range(len(images)):
+                writer.add(index + offset, predictions[offset], targets[offset])
+        index += len(images)
+    if writer is not None:
+        writer.close()
+    return scorer.result()
+
+
+def _pairs_collate(kind: str):
+    """The task's own collate for ``(image, target)`` pairs (the stream's adds a task label we do not need)."""
+    collate = collate_for(kind)
+
+    def pairs(batch: Sequence[tuple[torch.Tensor, Any]]) -> tuple[Any, Any]:
+        images, targets, _ = collate([(image, target, 0) for image, target in batch])
+        return images, targets
+
+    return pairs
+
+
+def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None = None,
+                        config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, dict]:
+    """Rebuild the checkpoint's benchmark and model, score every task, optionally export the predictions.
+
+    The checkpoint's own config is used; ``config_file`` / ``overrides`` change it (data moved elsewhere, other
+    eval thresholds). Returns ``{task name: {metric: value}}``.
+    """
+    from clmtl.registry import strategy_defaults
+    from clmtl.run import build_benchmark, build_model
+
+    saved = load_checkpoint(checkpoint)
+    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
+        raise ValueError(f"{checkpoint}: not a clmtl run checkpoint (expected 'model' and 'config' entries)")
+    config = load_config(config_file, overrides, strategy_params=strategy_defaults(), base=saved["config"],
+                         base_source=f"{checkpoint} (saved config)")
+    torch.set_num_threads(config.train.threads)
+    benchmark = build_benchmark(config)
+    model = build_model(config, benchmark.tasks)
+    model.load_state_dict(saved["model"])
+    out_dir = Path(predictions) if predictions is not None else None
+    metrics = {}
+    for label, (task, dataset) in enumerate(zip(benchmark.tasks, benchmark.val_sets)):
+        writer = PredictionWriter(task, dataset, out_dir) if out_dir is not None else None
+        metrics[task.name] = evaluate_task(model, label, task, dataset, config, writer)
+    if out_dir is not None:
+        atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
