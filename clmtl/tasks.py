@@ -58,8 +58,17 @@ class TaskSpec:
         return EXTRA_METRICS[self.kind]
 
     def as_dict(self) -> dict:
-        """The task as results.json describes it."""
+        """The task as results.json describes it (``from_dict`` reads it back)."""
         entry = {"name": self.name, "kind": self.kind, "metric": self.metric}
         if self.extra_metrics:
             entry["extra"] = list(self.extra_metrics)
+        entry["classes"] = list(self.classes)
+        if self.category_ids is not None:
+            entry["category_ids"] = list(self.category_ids)
         return entry
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> TaskSpec:
+        """The task an ``as_dict`` entry describes."""
+        ids = entry.get("category_ids")
+        return cls(entry["name"], entry["kind"], tuple(entry["classes"]), None if ids is None else tuple(ids))

@@ -1,0 +1,52 @@
+"""benchmarks/seed_protocol.py: the seed's Table 1 and efficiency section from one protocol run."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from clmtl.config import load_config
+from clmtl.registry import strategy_defaults
+from clmtl.tasks import DETECTION, TaskSpec
+
+ROOT = Path(__file__).parents[1]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_task_descriptions_round_trip_through_results_json():
+    task = TaskSpec("det", DETECTION, ("cat", "dog"), (3, 17))
+    assert TaskSpec.from_dict(json.loads(json.dumps(task.as_dict()))) == task
+
+
+def test_the_real_data_example_config_is_valid():
+    config = load_config(ROOT / "examples" / "real_data.yaml", strategy_params=strategy_defaults())
+    assert config.benchmark == "files" and config.data.image_size == 512
+    assert config.strategy["ewc"]["lambda"] == 1000.0 and config.train.optimizer == "adam"
+    assert (config.data.det.train_size, config.data.det.val_size) == (240, 60)
+
+
+@pytest.mark.slow
+def test_protocol_writes_table_one_and_efficiency_from_its_run(tmp_path):
+    script = load_script("seed_protocol")
+    tiny = ["data.train_size=6", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=3",
+            "output.overlays=0", "output.checkpoints=false", "train.threads=1", "train.optimizer=sgd"]
+    assert script.main(["--out", str(tmp_path), "--repeats", "2", *tiny]) == 0
+
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    summary = json.loads((tmp_path / "seed_protocol.json").read_text())
+    assert results["strategy"] == "ewc" and results["config"]["strategy"]["ewc"]["lambda"] == 1000.0
+    assert results["config"]["train"]["optimizer"] == "sgd"  # an explicit override wins over the protocol
+    for name, row in summary["table1"].items():
+        assert row["baseline"] == results["baseline"][name] and row["ewc_final"] == results["final"][name]
+    assert summary["params"]["total"] == results["params"]
+    assert summary["params"]["total"] == sum(v for k, v in summary["params"].items() if k != "total")
+    assert set(summary["inference_ms"]) == {"seg", "det", "cls", "all three (forward_all)"}
+    assert all(t["median_ms"] > 0 for t in summary["inference_ms"].values())
+    text = (tmp_path / "seed_protocol.md").read_text()
+    assert "| seg | mIoU |" in text and "## Efficiency" in text and "| sequential cls |" in text
