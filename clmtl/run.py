@@ -219,6 +219,7 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
     measured = {"train_seconds": train_seconds, "baseline_train_seconds": baselines.seconds,
                 "memory_bytes": sum(getattr(plugin, "memory_bytes", 0) for plugin in plugins),
+                "strategy_stats": {type(p).__name__: p.stats() for p in plugins if hasattr(p, "stats")},
                 "total_seconds": time.perf_counter() - start}
     results = assemble_results(config, strategy, tasks, matrix, final_scores, baselines.scores, model, measured)
     write_report(results, out_dir)

@@ -87,6 +87,10 @@ class MultiTaskEWCPlugin(EWCPlugin):
         self.fisher_seconds: list[float] = []
         """Wall-clock seconds of each experience's Fisher pass, so its cost can be reported."""
 
+    def stats(self) -> dict[str, list[float]]:
+        """What results.json records of this plugin: the seconds of each experience's Fisher pass."""
+        return {"fisher_seconds": list(self.fisher_seconds)}
+
     @property
     def memory_bytes(self) -> int:
         """Bytes of the stored anchors θ* and Fisher diagonals (one pair per experience in separate mode)."""

@@ -254,6 +254,11 @@ class MultiTaskReplayPlugin(SupervisedPlugin):
         sizes = split_quotas(math.ceil(self.ratio * batch_size), [1] * len(labels))
         return [size if self.per_task_cap is None else min(size, self.per_task_cap) for size in sizes]
 
+    def stats(self) -> dict[str, dict[int, int]]:
+        """What results.json records of this plugin: samples stored and replayed per task label."""
+        return {"stored": {label: len(memory) for label, memory in self.buffer.tasks.items()},
+                "replayed": dict(self.replayed)}
+
     def after_training_exp(self, strategy, **kwargs) -> None:
         self.buffer.add(strategy.experience.dataset, strategy.experience.task_label)
 

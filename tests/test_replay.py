@@ -294,7 +294,10 @@ def test_a_tiny_run_replays_the_old_tasks(tmp_path, monkeypatch):
     assert stored_sizes(plugin.buffer) == {0: 4, 1: 4, 2: 4}
     # seg replayed while learning det (2 steps x 2) and cls (2 steps x 1); det while learning cls
     assert plugin.replayed == {0: 6, 1: 2}
-    assert json.loads((tmp_path / "results.json").read_text())["strategy"] == "replay"
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["strategy"] == "replay" and written["memory_bytes"] == plugin.memory_bytes
+    assert written["strategy_stats"]["MultiTaskReplayPlugin"] == {"stored": {"0": 4, "1": 4, "2": 4},
+                                                                  "replayed": {"0": 6, "1": 2}}
 
 
 # --- against Avalanche, on a plain two-experience classification stream -------------------------------------
