@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -27,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="single-task baselines, then sequential training on the stream")
     _add_common(run)
-    run.add_argument("--strategy", default="ewc", help="registered strategy or a+b composition (default: ewc)")
+    run.add_argument("--strategy", help="registered strategy or a+b composition (default: ewc)")
     run.add_argument("--out", type=Path, help="output directory (default: runs/<benchmark>_<strategy>_seed<N>)")
     run.add_argument("--no-baselines", action="store_true", help="skip the single-task baselines")
+    run.add_argument("--resume", type=Path, metavar="OUT",
+                     help="continue the interrupted run in OUT after its last finished experience")
 
     evaluate = commands.add_parser("eval", help="score a saved model on every task's validation split")
     _add_common(evaluate)
@@ -71,17 +74,48 @@ def _load(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        config = _load(args)
-    except (ValueError, FileNotFoundError) as error:  # a bad config or strategy is one clear line
+        if args.resume:
+            config, strategy, out = _resumed(args)
+        else:
+            strategy = args.strategy or "ewc"
+            args.strategy = strategy
+            config = _load(args)
+            out = args.out or Path("runs") / f"{config.benchmark}_{strategy.replace('+', '-')}_seed{config.seed}"
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad config, strategy or checkpoint: one line
         return _fail(error)
     from clmtl.report import summary_markdown
     from clmtl.run import run
 
-    out = args.out or Path("runs") / f"{config.benchmark}_{args.strategy.replace('+', '-')}_seed{config.seed}"
-    results = run(config, args.strategy, out, baselines=not args.no_baselines)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM ends the run like Ctrl-C
+    try:
+        results = run(config, strategy, out, baselines=not args.no_baselines, resume=bool(args.resume))
+    except KeyboardInterrupt:
+        print(f"\nclmtl: interrupted. Every finished experience is checkpointed in {out}/checkpoints/; "
+              f"continue with: clmtl run --resume {out}", file=sys.stderr)
+        return 130
     print(summary_markdown(results))
     print(f"\nwrote {out}/results.json, summary.md, plots/, checkpoints/")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _resumed(args: argparse.Namespace):
+    """The interrupted run's own config and strategy, read from its last checkpoint."""
+    if args.config or args.overrides or args.strategy or args.seed is not None or args.out:
+        raise ValueError("--resume continues a run with its own config, strategy and folder: "
+                         "give no --config, --strategy, --seed, --out or overrides")
+    from clmtl.checkpoint import load_run_checkpoint
+    from clmtl.config import load_config
+    from clmtl.registry import strategy_defaults
+
+    _use_plugin_files(args.plugin_file)
+    saved = load_run_checkpoint(args.resume)
+    config = load_config(None, (), strategy_params=strategy_defaults(), base=saved["config"],
+                         base_source=f"{args.resume} (saved config)")
+    return config, saved["strategy"], args.resume
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from clmtl.checkpoint import (ResumeError, clock_state, load_run_checkpoint, plugin_states,
+                              restore_plugins, rng_state, save_run_checkpoint, set_rng_state)
 from clmtl.config import Config
 from clmtl.data.files import files_benchmark
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
 from clmtl.data.transforms import train_augmentation
 from clmtl.decode import decode_detections
-from clmtl.io import atomic_torch_save
 from clmtl.losses import MultiTaskLoss
 from clmtl.metrics.forgetting import bwt, drop_vs_baseline, forgetting, forgetting_max
 from clmtl.metrics.plugin import task_metrics, task_scores
@@ -172,24 +173,30 @@ def make_loggers(config: Config, out_dir: Path, log_file) -> list:
     return loggers
 
 
-def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Baselines = True) -> dict:
+def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Baselines = True,
+        resume: bool = False) -> dict:
     """Baselines, then the stream with ``strategy``; writes the report into ``out_dir`` and returns results.
 
     ``baselines``: True trains them, False skips them, a ``Baselines`` reuses ones trained before with the same
-    config and seed (benchmark scripts share them between strategies).
+    config and seed (benchmark scripts share them between strategies). ``resume`` continues the interrupted run in
+    ``out_dir`` after its last finished experience (``clmtl.checkpoint``); config and strategy must be the run's.
     """
     from avalanche.logging import TextLogger
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    saved = _resumable_checkpoint(out_dir, config, strategy) if resume else None
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
     benchmark = build_benchmark(config)
     tasks = benchmark.tasks
-    (out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
-    with open(out_dir / "log.txt", "w") as log_file:
-        if baselines is True:
+    if saved is None:
+        (out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
+    with open(out_dir / "log.txt", "a" if saved else "w") as log_file:
+        if saved is not None:
+            baselines = Baselines(**saved["baselines"])
+        elif baselines is True:
             log_file.write("== single-task baselines ==\n")
             baselines = single_task_baselines(config, benchmark, [TextLogger(log_file)])
         baselines = baselines or Baselines({}, {})
@@ -203,7 +210,19 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
         template = make_template(config, model, tasks, plugins, make_loggers(config, out_dir, log_file))
         matrix: list[list[float | None]] = []
         train_seconds: dict[str, float] = {}
+        done = -1
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            restore_plugins(plugins, saved["plugins"], model)
+            for name, value in saved["clock"].items():
+                setattr(template.clock, name, value)
+            matrix, train_seconds, per_task, done = (saved["matrix"], saved["train_seconds"], saved["scores"],
+                                                     saved["experience"])
+            set_rng_state(saved["rng"])
+            log_file.write(f"== resumed after experience {done} ==\n")
         for label, experience in enumerate(benchmark.stream.train_stream):
+            if label <= done:
+                continue
             task = tasks[label]
             train_seconds[task.name] = train_experience(
                 template, experience, config.train.epochs[task.name], config.data.num_workers
@@ -211,10 +230,12 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
             per_task = task_scores(template.eval(benchmark.stream.test_stream), tasks)
             matrix.append([per_task[j][t.metric] for j, t in enumerate(tasks)])
             if config.output.checkpoints:
-                checkpoint = {"model": model.state_dict(), "experience": label, "matrix": matrix,
-                              "config": config.to_dict(), "strategy": strategy}
-                atomic_torch_save(checkpoint, out_dir / "checkpoints" / f"exp{label}.pt")
-                atomic_torch_save(checkpoint, out_dir / "checkpoints" / "last.pt")
+                checkpoint = {"model": model.state_dict(), "experience": label, "matrix": matrix, "scores": per_task,
+                              "train_seconds": train_seconds,
+                              "baselines": {"scores": baselines.scores, "seconds": baselines.seconds},
+                              "plugins": plugin_states(plugins), "clock": clock_state(template.clock),
+                              "rng": rng_state(), "config": config.to_dict(), "strategy": strategy}
+                save_run_checkpoint(checkpoint, out_dir / "checkpoints", label)
 
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
     measured = {"train_seconds": train_seconds, "baseline_train_seconds": baselines.seconds,
@@ -226,6 +247,16 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
     if config.output.overlays:
         draw_overlays(model, benchmark, config, out_dir / "plots")
     return results
+
+
+def _resumable_checkpoint(out_dir: Path, config: Config, strategy: str) -> dict:
+    """The run's last checkpoint, if it belongs to this config and strategy."""
+    saved = load_run_checkpoint(out_dir)
+    if saved["strategy"] != strategy:
+        raise ResumeError(f"{out_dir} holds a run of strategy {saved['strategy']!r}, not {strategy!r}")
+    if saved["config"] != config.to_dict():
+        raise ResumeError(f"{out_dir} holds a run with another config; resume with the run's own config")
+    return saved
 
 
 def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], matrix: list[list[float | None]],

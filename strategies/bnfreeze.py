@@ -46,10 +46,20 @@ class BatchNormFreeze(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         if not self.frozen:
-            for layer in batch_norms(strategy.model):
-                for param in layer.parameters():
-                    param.requires_grad_(False)
-            self.frozen = True
+            self._freeze(strategy.model)
+
+    def _freeze(self, model: nn.Module) -> None:
+        for layer in batch_norms(model):
+            for param in layer.parameters():
+                param.requires_grad_(False)
+        self.frozen = True
+
+    def state_dict(self) -> dict:
+        return {"frozen": self.frozen}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        if state["frozen"]:
+            self._freeze(model)
 
     def before_training_iteration(self, strategy, **kwargs) -> None:
         # The template (and EWC's Fisher pass) put the model back in train mode; undo it for BN alone.
@@ -66,6 +76,13 @@ class PerTaskBatchNorm(SupervisedPlugin):
         self.bn_states: dict[int, dict[str, torch.Tensor]] = {}
         self._training_task: int | None = None
         self._last_trained: int | None = None
+
+    def state_dict(self) -> dict:
+        return {"bn_states": self.bn_states, "last_trained": self._last_trained}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        self.bn_states = {task: dict(values) for task, values in state["bn_states"].items()}
+        self._last_trained = state["last_trained"]
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         task = strategy.experience.task_label

@@ -87,6 +87,23 @@ class MultiTaskEWCPlugin(EWCPlugin):
         self.fisher_seconds: list[float] = []
         """Wall-clock seconds of each experience's Fisher pass, so its cost can be reported."""
 
+    def state_dict(self) -> dict:
+        """θ* and Fisher diagonals of every finished experience, as tensors (for run checkpoints)."""
+        def tensors(store: dict) -> dict:
+            return {exp: {name: p.data.clone() for name, p in params.items()} for exp, params in store.items()}
+
+        return {"saved_params": tensors(self.saved_params), "importances": tensors(self.importances),
+                "fisher_seconds": list(self.fisher_seconds)}
+
+    def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
+        def params(store: dict) -> dict:
+            return {exp: {name: ParamData(name, init_tensor=t.clone()) for name, t in values.items()}
+                    for exp, values in store.items()}
+
+        self.saved_params = params(state["saved_params"])
+        self.importances = params(state["importances"])
+        self.fisher_seconds = list(state["fisher_seconds"])
+
     def stats(self) -> dict[str, list[float]]:
         """What results.json records of this plugin: the seconds of each experience's Fisher pass."""
         return {"fisher_seconds": list(self.fisher_seconds)}

@@ -34,6 +34,13 @@ class JointTraining(SupervisedPlugin):
         """Take every task's training data (called by ``clmtl run`` before training)."""
         self.datasets = {exp.task_label: exp.dataset for exp in benchmark.stream.train_stream}
 
+    def state_dict(self) -> dict:
+        """Nothing carries over from one experience to the next (see clmtl.checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict, model) -> None:
+        pass
+
     def before_training_exp(self, strategy, **kwargs) -> None:
         if not self.datasets:
             raise RuntimeError("joint needs the stream: call bind_benchmark(benchmark) before training")

@@ -25,6 +25,13 @@ class LayerLearningRates(SupervisedPlugin):
         self.multipliers = dict(multipliers)
         self.from_experience = from_experience
 
+    def state_dict(self) -> dict:
+        """Nothing carries over from one experience to the next (see clmtl.checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict, model) -> None:
+        pass
+
     def before_training_exp(self, strategy, **kwargs) -> None:
         active = strategy.clock.train_exp_counter >= self.from_experience
         for group in strategy.optimizer.param_groups:

@@ -141,6 +141,17 @@ class LwFPlugin(SupervisedPlugin):
         tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def state_dict(self) -> dict:
+        return {"teacher": None if self.teacher is None else self.teacher.state_dict(),
+                "old_labels": list(self.old_labels)}
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        self.old_labels = list(state["old_labels"])
+        self.teacher = None
+        if state["teacher"] is not None:
+            self.teacher = frozen_copy(model)
+            self.teacher.load_state_dict(state["teacher"])
+
     def after_training_exp(self, strategy, **kwargs) -> None:
         label = strategy.experience.task_label
         if label not in self.old_labels:

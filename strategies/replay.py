@@ -254,6 +254,22 @@ class MultiTaskReplayPlugin(SupervisedPlugin):
         sizes = split_quotas(math.ceil(self.ratio * batch_size), [1] * len(labels))
         return [size if self.per_task_cap is None else min(size, self.per_task_cap) for size in sizes]
 
+    def state_dict(self) -> dict:
+        """The stored samples and both generators' states (for run checkpoints)."""
+        buffer = self.buffer
+        return {"tasks": {label: {"kind": m.kind, "images": list(m.images), "targets": list(m.targets),
+                                  "indices": list(m.indices)} for label, m in buffer.tasks.items()},
+                "train_sizes": dict(buffer.train_sizes), "selection_rng": buffer.generator.get_state(),
+                "draw_rng": self.generator.get_state(), "replayed": dict(self.replayed)}
+
+    def load_state_dict(self, state: dict, model) -> None:
+        self.buffer.tasks = {label: TaskMemory(m["kind"], list(m["images"]), list(m["targets"]), list(m["indices"]))
+                             for label, m in state["tasks"].items()}
+        self.buffer.train_sizes = dict(state["train_sizes"])
+        self.buffer.generator.set_state(state["selection_rng"])
+        self.generator.set_state(state["draw_rng"])
+        self.replayed = Counter(state["replayed"])
+
     def stats(self) -> dict[str, dict[int, int]]:
         """What results.json records of this plugin: samples stored and replayed per task label."""
         return {"stored": {label: len(memory) for label, memory in self.buffer.tasks.items()},

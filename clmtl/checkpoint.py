@@ -1,0 +1,91 @@
+"""Run checkpoints: everything an interrupted run needs to continue as if it had never stopped.
+
+A run checkpoint is written after every experience (``OUT/checkpoints/exp{k}.pt``, with ``last.pt`` a hard link to
+the newest, each written atomically). It holds only tensors and plain containers, so it loads with
+``weights_only=True`` (Avalanche's own ``save_checkpoint`` pickles the whole strategy with dill): the model's
+state dict, every plugin's ``state_dict()`` (EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task
+BatchNorm...), the template's clock (EWC and layerlr read the experience counter from it), the random-number
+generators' states, the accuracy matrix and scores so far, the baselines, the config and the strategy.
+
+Resuming rebuilds the benchmark, model, plugins and template from the saved config, loads all of that, and goes on
+with the next experience. The optimizer is rebuilt fresh at every experience anyway (``reset_optimizer_state``), and
+the data order comes from the restored generators, so a resumed run reproduces the uninterrupted one exactly on
+CPU. Work inside an unfinished experience is redone from its start.
+"""
+from __future__ import annotations
+
+import os
+import random
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clmtl.io import atomic_torch_save, load_checkpoint
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed from what its folder holds; the message says why."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch generator states as tensors and plain values."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    return {"python": [version, list(python_state), python_gauss],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, python_state, python_gauss = state["python"]
+    random.setstate((version, tuple(python_state), python_gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+
+
+def clock_state(clock: Any) -> dict[str, int]:
+    """The integer counters of Avalanche's training clock."""
+    return {name: value for name, value in vars(clock).items() if isinstance(value, int)}
+
+
+def plugin_states(plugins: list) -> list[dict | None]:
+    """Each plugin's ``state_dict()``; None for a plugin that keeps none (it cannot be resumed)."""
+    return [plugin.state_dict() if hasattr(plugin, "state_dict") else None for plugin in plugins]
+
+
+def restore_plugins(plugins: list, states: list[dict | None], model: torch.nn.Module) -> None:
+    if len(states) != len(plugins):
+        raise ResumeError(f"the checkpoint holds {len(states)} plugin states for {len(plugins)} plugins")
+    for plugin, state in zip(plugins, states):
+        if state is None or not hasattr(plugin, "load_state_dict"):
+            raise ResumeError(f"plugin {type(plugin).__name__} keeps no state_dict(), so its state cannot be "
+                              "restored; define state_dict() / load_state_dict(state, model) to make it resumable")
+        plugin.load_state_dict(state, model)
+
+
+def save_run_checkpoint(checkpoint: dict[str, Any], checkpoint_dir: Path, experience: int) -> Path:
+    """Write ``exp{experience}.pt`` atomically, then point ``last.pt`` at it (one serialisation, atomic link)."""
+    path = checkpoint_dir / f"exp{experience}.pt"
+    atomic_torch_save(checkpoint, path)
+    link = checkpoint_dir / f".last.pt.{secrets.token_hex(4)}.tmp"
+    os.link(path, link)
+    os.replace(link, checkpoint_dir / "last.pt")
+    return path
+
+
+def load_run_checkpoint(out_dir: str | Path) -> dict[str, Any]:
+    """The newest checkpoint of the run in ``out_dir``, checked to be one clmtl wrote."""
+    path = Path(out_dir) / "checkpoints" / "last.pt"
+    if not path.exists():
+        raise ResumeError(f"{out_dir}: no checkpoints/last.pt to resume from")
+    checkpoint = load_checkpoint(path)
+    expected = {"model", "config", "strategy", "experience", "matrix", "scores", "plugins", "clock", "rng"}
+    if not isinstance(checkpoint, dict) or not expected <= set(checkpoint):
+        missing = sorted(expected - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(expected)
+        raise ResumeError(f"{path}: not a resumable clmtl run checkpoint (missing {', '.join(missing)})")
+    return checkpoint

@@ -1,0 +1,116 @@
+"""Resumable runs: a run killed during the second experience and resumed ends exactly like an uninterrupted one."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from clmtl.checkpoint import ResumeError, load_run_checkpoint, restore_plugins, rng_state, save_run_checkpoint, set_rng_state
+from clmtl.io import load_checkpoint
+
+KILLER = textwrap.dedent('''
+    """Kills its own process (SIGKILL, no clean-up) at the second iteration of the second experience."""
+    import os
+    import signal
+
+    from avalanche.training.plugins import SupervisedPlugin
+
+    from clmtl.registry import register
+
+
+    class KillDuringSecondExperience(SupervisedPlugin):
+        def before_training_iteration(self, strategy, **kwargs):
+            clock = strategy.clock
+            if os.environ.get("KILL_FOR_TEST") and clock.train_exp_counter == 1 and clock.train_exp_iterations == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state, model):
+            pass
+
+
+    @register("killer")
+    def killer(params):
+        """Test helper."""
+        return KillDuringSecondExperience()
+''')
+STRATEGY = "ewc+replay+lwf+bnfreeze+layerlr+killer"
+TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
+        "output.overlays=0", "train.threads=1", "strategy.bnfreeze.mode=per_task", "strategy.replay.mem_size=6"]
+
+
+def clmtl(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "clmtl", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_path):
+    plugin_file = tmp_path / "killer.py"
+    plugin_file.write_text(KILLER)
+    common = ["--plugin-file", str(plugin_file)]
+    reference = clmtl("run", *common, "--strategy", STRATEGY, "--out", str(tmp_path / "ref"), *TINY)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    killed = clmtl("run", *common, "--strategy", STRATEGY, "--out", str(tmp_path / "run"), *TINY,
+                   env={"KILL_FOR_TEST": "1"})
+    assert killed.returncode == -9  # SIGKILL: no handler ran, nothing was flushed
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["exp0.pt", "last.pt"] and not (tmp_path / "run" / "results.json").exists()
+
+    resumed = clmtl("run", *common, "--resume", str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((tmp_path / "ref" / "results.json").read_text())
+    got = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert got["matrix"] == expected["matrix"]  # bit for bit, not approximately
+    replay = "MultiTaskReplayPlugin"  # what it stored and replayed (the EWC stats are timings, which vary)
+    assert got["baseline"] == expected["baseline"]
+    assert got["strategy_stats"][replay] == expected["strategy_stats"][replay]
+    assert "resumed after experience 0" in (tmp_path / "run" / "log.txt").read_text()
+    for key in expected["extra"]["final"]:
+        assert got["extra"]["final"][key] == expected["extra"]["final"][key]
+
+
+def test_resume_needs_the_runs_own_config(tmp_path):
+    result = clmtl("run", "--resume", str(tmp_path), "train.lr=0.1")
+    assert result.returncode == 2 and "--resume continues a run with its own config" in result.stderr
+    result = clmtl("run", "--resume", str(tmp_path))
+    assert result.returncode == 2 and "no checkpoints/last.pt to resume from" in result.stderr
+
+
+def test_random_generators_come_back_exactly():
+    import random
+
+    state = rng_state()
+    drawn = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == drawn
+
+
+def test_last_points_at_the_newest_checkpoint_and_survives_a_failed_write(tmp_path):
+    save_run_checkpoint({"experience": 0, "w": torch.ones(2)}, tmp_path, 0)
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "exp0.pt")
+
+    class Exploding:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_run_checkpoint({"experience": 1, "bad": Exploding()}, tmp_path, 1)
+    assert load_checkpoint(tmp_path / "last.pt")["experience"] == 0
+    assert sorted(os.listdir(tmp_path)) == ["exp0.pt", "last.pt"]
+
+
+def test_a_foreign_checkpoint_or_a_stateless_plugin_cannot_be_resumed(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"model": {}}, tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(ResumeError, match="not a resumable clmtl run checkpoint"):
+        load_run_checkpoint(tmp_path)
+    with pytest.raises(ResumeError, match="plugin object keeps no state_dict"):
+        restore_plugins([object()], [None], torch.nn.Linear(1, 1))
