@@ -22,6 +22,10 @@ import yaml
 TASK_NAMES = ("seg", "det", "cls")
 """The task names of the stream, also the keys of ``train.epochs``."""
 
+BACKBONE_NAMES = ("yolov8n", "mobilenet_v3_small", "efficientnet_b0")
+"""The keys of ``clmtl.models.backbone.BACKBONES`` (a test keeps them equal): listed here so that checking a config
+does not import torchvision and ultralytics (5 s) before the first error can be shown."""
+
 DEFAULTS_SOURCE = "clmtl/default.yaml"
 
 
@@ -42,7 +46,6 @@ _POSITIVE = _rule(lambda v: v > 0, "must be > 0")
 _AT_LEAST_ONE = _rule(lambda v: v >= 1, "must be >= 1")
 _NON_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
 _FRACTION = _rule(lambda v: 0 <= v <= 1, "must be between 0 and 1")
-_NOT_EMPTY = _rule(lambda v: v != "", "must not be empty")
 _IMAGE_SIZE = _rule(lambda v: v >= 64 and v % 32 == 0, "must be a multiple of 32 and >= 64")
 _TASK_ORDER = _rule(lambda v: sorted(v) == sorted(TASK_NAMES),
                     "must list each of " + ", ".join(TASK_NAMES) + " exactly once")
@@ -96,7 +99,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = field(default="yolov8n", metadata=_NOT_EMPTY)
+    backbone: str = field(default="yolov8n", metadata=_one_of(*BACKBONE_NAMES))
     fpn_channels: int = field(default=64, metadata=_AT_LEAST_ONE)
     weights: str | None = None
 

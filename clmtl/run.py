@@ -90,6 +90,7 @@ def build_model(config: Config, tasks: Sequence[TaskSpec]) -> UnifiedModel:
         fpn_channels=config.model.fpn_channels,
         image_size=config.data.image_size,
         weights=config.model.weights,
+        backbone=config.model.backbone,
     )
 
 

@@ -140,6 +140,8 @@ def test_strategy_errors(override, message):
                    "cls"),
     ("data.det.val_anns=x", "override 'data.det.val_anns=x': data.det.val_anns: unknown key; "
                             "did you mean 'data.det.val_ann'?"),
+    ("model.backbone=resnet50", "override 'model.backbone=resnet50': model.backbone: must be one of yolov8n, "
+                                "mobilenet_v3_small, efficientnet_b0, got \"resnet50\""),
     ("data.cls.train_size=0", "override 'data.cls.train_size=0': data.cls.train_size: must be >= 1, got 0"),
     ("train.lr=true", "override 'train.lr=true': train.lr: expected a number, got boolean true"),
     ("train.batch_size=true", "override 'train.batch_size=true': train.batch_size: expected an integer, "
@@ -198,3 +200,10 @@ def test_missing_file(tmp_path):
 def test_file_error_reported_before_overrides_apply(tmp_path):
     path = write(tmp_path, "train:\n  lr: -1\n")
     assert error_of(path, ["train.lr=0.1"]) == f"{path}: train.lr: must be > 0, got -1.0"
+
+
+def test_backbone_choices_are_the_registry():
+    from clmtl.config import BACKBONE_NAMES
+    from clmtl.models.backbone import BACKBONES
+
+    assert BACKBONE_NAMES == tuple(BACKBONES)

@@ -1,4 +1,5 @@
-"""The one model every task shares: YOLOv8n backbone -> FPN -> unified head, as an Avalanche multi-task module.
+"""The one model every task shares: backbone (YOLOv8n by default) -> FPN -> unified head, as an Avalanche multi-task
+module.
 
 A task's label is its index in ``tasks``; the label picks which part of the head runs.
 """
@@ -13,7 +14,7 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 
 from clmtl.models.anchors import AnchorLayout
-from clmtl.models.backbone import YoloBackbone
+from clmtl.models.backbone import TappedBackbone, build_backbone
 from clmtl.models.fpn import FPN
 from clmtl.models.unified_head import UnifiedHead
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
@@ -23,6 +24,8 @@ Output = torch.Tensor | list[torch.Tensor]
 
 class UnifiedModel(MultiTaskModule):
     """Backbone + FPN + one shared head; ``forward(x, task_label)`` returns that task's output.
+
+    ``backbone`` names an entry of ``clmtl.models.backbone.BACKBONES``.
 
     Outputs: segmentation ``[B, C, S, S]`` logits; classification ``[B, C]`` logits; detection a list
     (strides 8/16/32) of raw ``[B, A, H, W, 5 + C]`` tensors (see ``clmtl.decode``).
@@ -35,6 +38,7 @@ class UnifiedModel(MultiTaskModule):
         anchor_layout: AnchorLayout | None = None,
         image_size: int = 128,
         weights: str | Path | None = None,
+        backbone: str = "yolov8n",
     ) -> None:
         super().__init__()
         self.tasks = tuple(tasks)
@@ -46,7 +50,8 @@ class UnifiedModel(MultiTaskModule):
         classes = {task.kind: task.num_classes for task in self.tasks}
 
         self.anchor_layout = anchor_layout or AnchorLayout.for_image_size(image_size)
-        self.backbone = YoloBackbone()
+        self.backbone_name = backbone
+        self.backbone = build_backbone(backbone)
         if self.backbone.strides != self.anchor_layout.strides:
             raise ValueError(
                 f"anchor layout strides {self.anchor_layout.strides} differ from the backbone's {self.backbone.strides}"
@@ -145,7 +150,9 @@ class UnifiedModel(MultiTaskModule):
         }
 
     def load_weights(self, path: str | Path) -> None:
-        """Load a local state dict of this model, or of an ultralytics DetectionModel/backbone (layers 0-9 used).
+        """Load a local state dict: of this model, or of the backbone's source library (an ultralytics
+        ``DetectionModel`` for yolov8n, a torchvision classifier for the others), of which only the layers the
+        backbone has are used.
 
         Never downloads. A file that does not fit raises ``ValueError`` naming it and the mismatched keys.
         """
@@ -156,37 +163,42 @@ class UnifiedModel(MultiTaskModule):
             raise ValueError(
                 f"cannot read weights file {path} as a state dict ({type(err).__name__}: {err}). "
                 "Save one with torch.save(model.state_dict(), path); for an ultralytics checkpoint use "
-                "torch.save(YOLO('yolov8n.pt').model.float().state_dict(), path)."
+                "torch.save(YOLO('yolov8n.pt').model.float().state_dict(), path), for torchvision "
+                "torch.save(torchvision.models.mobilenet_v3_small(weights=...).state_dict(), path)."
             ) from err
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"weights file {path} does not hold a state dict (name -> tensor)")
 
         target: nn.Module = self
-        if any(k.startswith("model.") for k in state):  # an ultralytics DetectionModel or its backbone
+        if any(k.startswith(self.backbone.checkpoint_prefix) for k in state):  # the source library's own model
             target = self.backbone
-            state = _from_ultralytics(state, len(self.backbone.layers))
-        expected = set(target.state_dict())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            state = _backbone_state(state, self.backbone)
+        own = target.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        mismatch = f"weights file {path} does not match the model (backbone '{self.backbone_name}')"
         if missing or unexpected:
-            raise ValueError(
-                f"weights file {path} does not match the model: {len(missing)} missing keys {missing[:5]}, "
-                f"{len(unexpected)} unexpected keys {unexpected[:5]}"
-            )
-        try:
-            target.load_state_dict(state)
-        except RuntimeError as err:  # shape mismatches, e.g. a different number of classes
-            raise ValueError(f"weights file {path} does not match the model: {err}") from err
+            raise ValueError(f"{mismatch}: {len(missing)} missing keys {missing[:5]}, "
+                             f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+        reshaped = [f"{k} {list(state[k].shape)} (model {list(v.shape)})" for k, v in own.items()
+                    if state[k].shape != v.shape]  # e.g. another number of classes, another width
+        if reshaped:
+            raise ValueError(f"{mismatch}: {len(reshaped)} tensors of another shape: {', '.join(reshaped[:3])}")
+        target.load_state_dict(state)
 
 
-def _from_ultralytics(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Rename ``model.<n>.<rest>`` to the backbone's ``layers.<n>.<rest>``, dropping layers ``n >= num_layers``
-    (the ultralytics neck and Detect head); other keys stay as they are, to be reported as unexpected."""
+def _backbone_state(state: Mapping[str, torch.Tensor], backbone: TappedBackbone) -> dict[str, torch.Tensor]:
+    """Rename ``<prefix><n>.<rest>`` to the backbone's ``layers.<n>.<rest>``, dropping layers the backbone cut off
+    (the ultralytics neck and Detect head, torchvision's last 1x1 conv) and the keys it declares unused (torchvision's
+    classifier); other keys stay as they are, to be reported as unexpected."""
+    prefix, num_layers = backbone.checkpoint_prefix, len(backbone.layers)
     renamed = {}
     for key, value in state.items():
-        parts = key.split(".", 2)
-        if len(parts) == 3 and parts[0] == "model" and parts[1].isdigit():
-            if int(parts[1]) < num_layers:
-                renamed[f"layers.{parts[1]}.{parts[2]}"] = value
+        if key.startswith(backbone.checkpoint_ignored):
+            continue
+        index, _, rest = key.removeprefix(prefix).partition(".")
+        if key.startswith(prefix) and index.isdigit() and rest:
+            if int(index) < num_layers:
+                renamed[f"layers.{index}.{rest}"] = value
         else:
             renamed[key] = value
     return renamed
