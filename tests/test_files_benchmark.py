@@ -111,3 +111,23 @@ def test_eval_reproduces_the_run_and_exports_predictions_external_tools_score_th
     assert sorted(row["file"] for row in rows) == sorted(str(path.resolve()) for path, _ in folder.files["val"])
     accuracy = np.mean([row["true_label"] == row["predicted_label"] for row in rows])
     assert metrics["cls"]["top1"] == pytest.approx(accuracy)
+
+
+def test_bad_data_stops_the_run_before_it_touches_earlier_outputs(bundle, tmp_path):
+    import shutil
+
+    from clmtl.data.images import DataError
+
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle[0], root)
+    broken = next((root / "imagenette_160" / "val").rglob("*.png"))
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": "run"}')
+    (out / "metrics.csv").write_text("metric,x,value\n")
+    config = load_config(None, [f"data.root={root}", *TINY], strategy_params=strategy_defaults())
+    with pytest.raises(DataError, match=broken.name):
+        run(config, "naive", out, baselines=False)
+    assert (out / "results.json").read_text() == '{"earlier": "run"}'
+    assert (out / "metrics.csv").read_text() == "metric,x,value\n"

@@ -68,10 +68,20 @@ def open_image(path: str | Path, root: str | Path, max_pixels: int = MAX_PIXELS)
         raise DataError(f"{file}: cannot decode image (corrupt or truncated?): {error}") from error
 
 
+def _pil_open():
+    """PIL's own ``Image.open``. Importing ultralytics replaces it with a wrapper that, on a file PIL cannot
+    identify, tries to install and import ``pi-heif`` (network) instead of raising PIL's error."""
+    if getattr(Image.open, "__module__", "").startswith("ultralytics"):
+        from ultralytics.utils import patches
+
+        return patches._image_open
+    return Image.open
+
+
 def _decode(file: Path, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns below 2x its own limit
-        with Image.open(file) as image:  # reads the header only
+        with _pil_open()(file) as image:  # reads the header only
             width, height = image.size
             if width * height > max_pixels:
                 raise DataError(f"{file}: {width}x{height} pixels exceeds the limit of {max_pixels} "
