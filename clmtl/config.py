@@ -52,8 +52,9 @@ _TASK_ORDER = _rule(lambda v: sorted(v) == sorted(TASK_NAMES),
 
 
 @dataclass
-class SegFilesConfig:
-    """Segmentation on disk: a VOC tree (ImageSets) or one folder per split (``train/``, ``val/``)."""
+class RootFilesConfig:
+    """A dataset under one folder: segmentation in the VOC layout (ImageSets) or one folder per split (``train/``,
+    ``val/``); classification as ``root/{train,val}/<class folder>/<image>``."""
 
     root: str | None = None
     train_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
@@ -75,15 +76,6 @@ class DetFilesConfig:
 
 
 @dataclass
-class ClsFilesConfig:
-    """Classification on disk: ``root/{train,val}/<class folder>/<image>``."""
-
-    root: str | None = None
-    train_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
-    val_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
-
-
-@dataclass
 class DataConfig:
     image_size: int = field(default=128, metadata=_IMAGE_SIZE)
     train_size: int = field(default=240, metadata=_AT_LEAST_ONE)
@@ -92,9 +84,9 @@ class DataConfig:
     hflip: float = field(default=0.5, metadata=_FRACTION)
     root: str | None = None
     on_bad_sample: str = field(default="error", metadata=_one_of("error", "skip"))
-    seg: SegFilesConfig = field(default_factory=SegFilesConfig)
+    seg: RootFilesConfig = field(default_factory=RootFilesConfig)
     det: DetFilesConfig = field(default_factory=DetFilesConfig)
-    cls: ClsFilesConfig = field(default_factory=ClsFilesConfig)
+    cls: RootFilesConfig = field(default_factory=RootFilesConfig)
 
 
 @dataclass
