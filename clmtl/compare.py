@@ -175,7 +175,8 @@ class Comparison:
             if baseline is not None and baseline.mean is not None:
                 ax.axhline(baseline.mean, color=ax.patches[-1].get_facecolor(), linestyle="--", linewidth=0.8)
         ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
-        ax.set_ylabel("final score (dashed: single-task baseline)")
+        ax.set_ylabel("final score")
+        ax.set_title("final score per task, mean ± std over seeds (dashed: single-task baselines)", fontsize=10)
         ax.legend(fontsize="small", ncols=len(finals))
         _save(figure, path)
 
