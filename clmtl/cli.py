@@ -1,4 +1,4 @@
-"""The `clmtl` command: run, eval, strategies. Heavy imports (torch, avalanche) happen only inside commands."""
+"""The `clmtl` command: run, eval, export, strategies. Heavy imports (torch, avalanche) happen only inside commands."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint, e.g. OUT/checkpoints/last.pt")
     evaluate.add_argument("--predictions", type=Path, help="also write the predictions here (det.json, seg/, cls.csv)")
     evaluate.add_argument("--out", type=Path, help="where metrics.json goes (default: the run's folder /eval)")
+
+    export = commands.add_parser("export", help="write a checkpoint's model (every task from one pass) for deployment")
+    _add_plugin_files(export)
+    export.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint, e.g. OUT/checkpoints/last.pt")
+    export.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
+                        help="torchscript (default) or onnx (needs the onnx and onnxscript packages)")
+    export.add_argument("--out", type=Path, required=True, help="file to write, e.g. model.pt or model.onnx")
+    export.add_argument("--image-size", type=int, help="input side the graph is traced at (default: the run's)")
 
     strategies = commands.add_parser("strategies", help="list registered strategies and their hyperparameters")
     _add_plugin_files(strategies)
@@ -137,6 +145,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from clmtl.export import export_checkpoint
+    from clmtl.io import CheckpointError
+
+    try:
+        _use_plugin_files(args.plugin_file)
+        path = export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size)
+    except (ValueError, FileNotFoundError, CheckpointError, ModuleNotFoundError) as error:
+        return _fail(error)
+    print(f"wrote {path} (outputs and how to decode them: its clmtl.json, see clmtl/export.py)")
+    return 0
+
+
 def cmd_strategies(args: argparse.Namespace) -> int:
     from clmtl.registry import available
 
@@ -160,7 +181,7 @@ def _fail(error: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"run": cmd_run, "eval": cmd_eval, "strategies": cmd_strategies}[args.command]
+    command = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "strategies": cmd_strategies}[args.command]
     return command(args)
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clmtl.config import Config, load_config
-from clmtl.decode import decode_detections
+from clmtl.decode import class_indices, decode_detections
 from clmtl.io import atomic_write_json, atomic_write_text, load_checkpoint
 from clmtl.metrics.scores import scorer_for
 from clmtl.models import UnifiedModel
@@ -51,9 +51,9 @@ class PredictionWriter:
         meta = self._meta(index)
         if self.task.kind == SEGMENTATION:
             if meta is None:
-                labels, name = prediction.argmax(0), f"{index:05d}"
+                labels, name = class_indices(prediction, 0), f"{index:05d}"
             else:
-                labels = meta.letterbox.logits_to_original(prediction, meta.original_size).argmax(0)
+                labels = class_indices(meta.letterbox.logits_to_original(prediction, meta.original_size), 0)
                 name = meta.file.stem
             Image.fromarray(labels.to(torch.uint8).numpy()).save(self.out_dir / "seg" / f"{name}.png")
         elif self.task.kind == CLASSIFICATION:

@@ -235,7 +235,8 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
                               "train_seconds": train_seconds,
                               "baselines": {"scores": baselines.scores, "seconds": baselines.seconds},
                               "plugins": plugin_states(plugins), "clock": clock_state(template.clock),
-                              "rng": rng_state(), "config": config.to_dict(), "strategy": strategy}
+                              "rng": rng_state(), "config": config.to_dict(), "strategy": strategy,
+                              "tasks": [t.as_dict() for t in tasks]}  # `clmtl export` rebuilds the model without data
                 save_run_checkpoint(checkpoint, out_dir / "checkpoints", label)
 
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}

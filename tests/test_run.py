@@ -167,3 +167,14 @@ def test_clmtl_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     result = clmtl("eval", "--checkpoint", str(tmp_path / "last.pt"))
     assert result.returncode == 2 and "last.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_clmtl_export_writes_a_torchscript_model_of_the_checkpoint(tiny_run, tmp_path):
+    out, _ = tiny_run
+    result = clmtl("export", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--out", str(tmp_path / "m.pt"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = torch.jit.load(str(tmp_path / "m.pt"))
+    outputs = exported(torch.rand(1, 3, 64, 64))
+    assert [tuple(t.shape[:2]) for t in outputs[:2]] == [(1, 5), (1, 5)]  # seg logits, cls logits
+    assert len(outputs) == 5  # + three detection levels

@@ -16,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from clmtl.data.letterbox import Letterbox
+from clmtl.decode import class_indices
 from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION, TaskSpec
 
 
@@ -39,7 +40,7 @@ class MeanIoU:
 
     def update(self, output: Tensor, target: Tensor) -> None:
         """Add a batch: ``output`` is logits ``[B, C, H, W]`` or a label map ``[B, H, W]``; ``target`` is ``[B, H, W]``."""
-        pred = output.argmax(dim=1) if output.dim() == 4 else output
+        pred = class_indices(output) if output.dim() == 4 else output
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
         pred = pred.detach().cpu().flatten().long()

@@ -133,7 +133,9 @@ class UnifiedModel(MultiTaskModule):
 
     @staticmethod
     def _upsample(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # NCHW first: a channels_last model's convs return NHWC maps, and bilinear upsampling of a few-channel NHWC map
+        # is ~3x slower on CPU (6.2 vs 2.1 ms for [1, 5, 64, 64] -> 512 px); the low-resolution copy is tiny
+        return F.interpolate(logits.contiguous(), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def _kind(self, task_label: int) -> str:
         if task_label not in self.task_kinds:

@@ -1,0 +1,142 @@
+"""Export the unified model for deployment: every task's output from one pass, as TorchScript or ONNX.
+
+What is exported is ``forward_all`` of the BatchNorm-folded model (``clmtl.fuse``) behind a wrapper that returns a
+flat tuple, because tracers and ONNX take tensors and tuples, not dicts keyed by task label. The tuple holds, for
+the model's tasks in ``OUTPUT_ORDER``: segmentation logits ``[B, C, S, S]``, classification logits ``[B, C]``, then
+detection's raw levels ``[B, A, H, W, 5 + C]`` (strides 8/16/32, decoded by ``clmtl.decode``). Post-processing
+(NMS, argmax) stays outside the graph: NMS is data-dependent control flow that neither format keeps portable.
+
+A TorchScript file also carries ``clmtl.json`` (``torch.jit.load(path, _extra_files={"clmtl.json": ""})``): the
+output names, tasks, image size and anchor layout a consumer needs to decode the outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clmtl.fuse import fuse_batchnorm
+from clmtl.models.unified import UnifiedModel
+from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
+
+FORMATS = ("torchscript", "onnx")
+OUTPUT_ORDER = (SEGMENTATION, CLASSIFICATION, DETECTION)
+METADATA_FILE = "clmtl.json"
+ONNX_PACKAGES = ("onnx", "onnxscript")
+"""What ``torch.onnx.export`` (its default, torch.export-based exporter) imports."""
+
+
+class AllTasks(nn.Module):
+    """``forward_all`` as a flat tuple of tensors: the tasks in ``OUTPUT_ORDER``, detection levels last."""
+
+    def __init__(self, model: UnifiedModel) -> None:
+        super().__init__()
+        self.model = model
+        label_of = {task.kind: label for label, task in enumerate(model.tasks)}
+        self.labels = [label_of[kind] for kind in OUTPUT_ORDER if kind in label_of]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model.forward_all(x)
+        flat: list[torch.Tensor] = []
+        for label in self.labels:
+            output = outputs[label]
+            flat.extend(output if isinstance(output, list) else [output])
+        return tuple(flat)
+
+    def output_names(self) -> list[str]:
+        """One name per tensor of ``forward``: the task's name, with ``_stride<s>`` for each detection level."""
+        names = []
+        for label in self.labels:
+            task = self.model.tasks[label]
+            if task.kind == DETECTION:
+                names.extend(f"{task.name}_stride{stride}" for stride in self.model.anchor_layout.strides)
+            else:
+                names.append(task.name)
+        return names
+
+
+def export_metadata(wrapper: AllTasks, image_size: int) -> dict:
+    """What a consumer of the exported file needs to read its outputs."""
+    model = wrapper.model
+    return {
+        "input": {"name": "images", "shape": [1, 3, image_size, image_size], "range": [0.0, 1.0]},
+        "outputs": wrapper.output_names(),
+        "tasks": [task.as_dict() for task in model.tasks],
+        "anchor_layout": dataclasses.asdict(model.anchor_layout),
+    }
+
+
+def export_model(model: UnifiedModel, path: str | Path, format: str = "torchscript", *, image_size: int) -> Path:
+    """Write ``model``'s BatchNorm-folded ``forward_all`` to ``path`` for ``image_size``-pixel square inputs.
+
+    ``format`` is ``torchscript`` (``torch.jit.trace``; load with ``torch.jit.load``) or ``onnx`` (needs the
+    ``onnx`` and ``onnxscript`` packages; a clear ``ModuleNotFoundError`` names the missing ones). The graph is
+    traced on one ``image_size`` image; TorchScript records shapes symbolically, so other batch sizes and sides
+    (multiples of 32) run too. ``model`` itself is not modified. Returns ``path``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"export format must be one of {FORMATS}, got {format!r}")
+    if image_size < 64 or image_size % 32:
+        raise ValueError(f"image_size must be a multiple of 32 (the coarsest stride) and at least 64, got {image_size}")
+    if format == "onnx":
+        missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ModuleNotFoundError(
+                f"ONNX export needs the Python package(s) {', '.join(missing)}, which are not installed "
+                f"(pip install {' '.join(missing)}); --format torchscript needs nothing extra"
+            )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = AllTasks(fuse_batchnorm(model)).eval()
+    example = torch.rand(1, 3, image_size, image_size)
+    metadata = export_metadata(wrapper, image_size)
+    if format == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.trace(wrapper, example)
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    else:
+        torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
+                          output_names=metadata["outputs"])
+    return path
+
+
+def export_checkpoint(checkpoint: str | Path, path: str | Path, format: str = "torchscript",
+                      image_size: int | None = None) -> Path:
+    """Export the model of a ``clmtl run`` checkpoint (``clmtl export``), rebuilt from the checkpoint's own config.
+
+    The tasks come from the checkpoint's ``tasks`` entry when it has one, else from rebuilding its benchmark (as
+    ``clmtl eval`` does; for ``files`` that reads the datasets' class lists). ``image_size`` defaults to the
+    run's ``data.image_size``; the anchors stay those the model was trained with.
+    """
+    from clmtl.config import load_config
+    from clmtl.io import load_checkpoint
+    from clmtl.registry import strategy_defaults
+    from clmtl.run import build_benchmark
+
+    saved = load_checkpoint(checkpoint)
+    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
+        raise ValueError(f"{checkpoint}: not a clmtl run checkpoint (expected 'model' and 'config' entries)")
+    config = load_config(None, (), strategy_params=strategy_defaults(), base=saved["config"],
+                         base_source=f"{checkpoint} (saved config)")
+    if "tasks" in saved:
+        tasks = [TaskSpec.from_dict(entry) for entry in saved["tasks"]]
+    else:
+        tasks = build_benchmark(config).tasks
+    # not run.build_model: its config.model.weights (initial weights) would be loaded, then overwritten
+    model = UnifiedModel(tasks, fpn_channels=config.model.fpn_channels, image_size=config.data.image_size)
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{checkpoint}: its weights do not fit the model its config describes: {error}") from None
+    return export_model(model.eval(), path, format, image_size=image_size or config.data.image_size)
+
+
+def load_metadata(path: str | Path) -> dict:
+    """The ``clmtl.json`` metadata of an exported TorchScript file."""
+    files = {METADATA_FILE: ""}
+    torch.jit.load(str(path), _extra_files=files)
+    return json.loads(files[METADATA_FILE])

@@ -1,0 +1,106 @@
+"""Export: the TorchScript file reproduces the eager forward_all; ONNX without its packages fails clearly."""
+import importlib.util
+
+import pytest
+import torch
+
+from clmtl.data.shapes import shapes_task
+from clmtl.export import export_model, load_metadata
+from clmtl.models import UnifiedModel
+from clmtl.tasks import TASK_KINDS
+from test_fuse import randomise_batchnorm
+
+SIZE = 64
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated in torch 2.14
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # stream order det, cls, seg: the export's order (seg, cls, det levels) must not depend on it
+    tasks = [shapes_task(TASK_KINDS[name], name) for name in ("det", "cls", "seg")]
+    model = UnifiedModel(tasks, image_size=SIZE)
+    randomise_batchnorm(model)
+    return model.eval()
+
+
+def test_torchscript_round_trip_gives_the_eager_outputs(model, tmp_path):
+    path = export_model(model, tmp_path / "model.pt", "torchscript", image_size=SIZE)
+    loaded = torch.jit.load(str(path))
+    generator = torch.Generator().manual_seed(3)
+    # the traced size, then another batch size and side: shapes are traced symbolically
+    for batch, side in ((1, SIZE), (2, 2 * SIZE)):
+        x = torch.rand(batch, 3, side, side, generator=generator)
+        with torch.no_grad():
+            got = loaded(x)
+            eager = model.forward_all(x)  # labels: 0 det, 1 cls, 2 seg
+        expected = [eager[2], eager[1], *eager[0]]
+        assert len(got) == len(expected) == 5
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+    metadata = load_metadata(path)
+    assert metadata["outputs"] == ["seg", "cls", "det_stride8", "det_stride16", "det_stride32"]
+    assert [t["name"] for t in metadata["tasks"]] == ["det", "cls", "seg"]
+    assert metadata["anchor_layout"]["strides"] == [8, 16, 32]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself stays unfolded
+
+
+def test_onnx_without_its_packages_names_them(model, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"needs the Python package\(s\) onnx\b.*pip install onnx"):
+        export_model(model, tmp_path / "model.onnx", "onnx", image_size=SIZE)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("format, size, message", [("tflite", 64, "format must be one of"),
+                                                   ("torchscript", 80, "multiple of 32"),
+                                                   ("torchscript", 32, "at least 64")])
+def test_bad_format_or_size_is_refused(model, tmp_path, format, size, message):
+    with pytest.raises(ValueError, match=message):
+        export_model(model, tmp_path / "model", format, image_size=size)
+
+
+def run_checkpoint(path, tasks=None):
+    """A checkpoint as ``clmtl run`` writes it (plus ``tasks`` when given); returns the eval-mode model saved."""
+    from clmtl.config import load_config
+    from clmtl.io import atomic_torch_save
+    from clmtl.run import build_benchmark, build_model
+
+    config = load_config(None, [f"data.image_size={SIZE}", "data.train_size=2", "data.val_size=2"])
+    model = build_model(config, tasks or build_benchmark(config).tasks)
+    randomise_batchnorm(model, seed=5)
+    checkpoint = {"model": model.state_dict(), "experience": 2, "matrix": [], "config": config.to_dict(),
+                  "strategy": "naive"}
+    if tasks is not None:
+        checkpoint["tasks"] = [task.as_dict() for task in tasks]
+    atomic_torch_save(checkpoint, path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("with_tasks", [False, True])
+def test_checkpoint_export_rebuilds_the_run_model(tmp_path, with_tasks):
+    from clmtl.export import export_checkpoint
+    from clmtl.tasks import TaskSpec
+
+    # tasks the shapes benchmark does not have: only a checkpoint's own task list can rebuild this model
+    tasks = [TaskSpec("seg", "segmentation", ("bg", "a")), TaskSpec("det", "detection", ("x", "y", "z", "w")),
+             TaskSpec("cls", "classification", ("p", "q"))] if with_tasks else None
+    model = run_checkpoint(tmp_path / "last.pt", tasks)
+    path = export_checkpoint(tmp_path / "last.pt", tmp_path / "model.pt")
+    loaded = torch.jit.load(str(path))
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        got, eager = loaded(x), model.forward_all(x)
+    for g, e in zip(got, [eager[0], eager[2], *eager[1]]):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+    assert load_metadata(path)["input"]["shape"] == [1, 3, SIZE, SIZE]
+
+
+def test_a_file_that_is_not_a_run_checkpoint_is_named(tmp_path):
+    from clmtl.export import export_checkpoint
+
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt: not a clmtl run checkpoint"):
+        export_checkpoint(tmp_path / "other.pt", tmp_path / "model.pt")
