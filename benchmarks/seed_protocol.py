@@ -30,7 +30,7 @@ def inference_latency(model, tasks, config, repeats: int) -> dict[str, dict[str,
     """Median latency per image of each task's forward and of all three tasks from one pass."""
     import torch
 
-    from clmtl.decode import decode_detections
+    from clmtl.decode import class_indices, decode_detections
     from clmtl.tasks import DETECTION, SEGMENTATION
     from clmtl.timing import measure_latency
 
@@ -43,7 +43,7 @@ def inference_latency(model, tasks, config, repeats: int) -> dict[str, dict[str,
     def finish(label: int, output: Any) -> Any:
         """What a user gets: boxes after NMS, a label map, class logits."""
         kind = tasks[label].kind
-        return decode(output) if kind == DETECTION else output.argmax(1) if kind == SEGMENTATION else output
+        return decode(output) if kind == DETECTION else class_indices(output) if kind == SEGMENTATION else output
 
     def one_task(label: int) -> None:
         finish(label, model(image, label))

@@ -178,3 +178,33 @@ def test_clmtl_export_writes_a_torchscript_model_of_the_checkpoint(tiny_run, tmp
     outputs = exported(torch.rand(1, 3, 64, 64))
     assert [tuple(t.shape[:2]) for t in outputs[:2]] == [(1, 5), (1, 5)]  # seg logits, cls logits
     assert len(outputs) == 5  # + three detection levels
+
+
+@pytest.mark.slow
+def test_a_hybrid_calls_every_components_callbacks_in_the_composers_order(tmp_path, monkeypatch):
+    import clmtl.run
+    from clmtl.registry import build_plugins
+
+    calls = []
+
+    def recording(spec, params):
+        plugins = build_plugins(spec, params)
+        for plugin in plugins:
+            for name in ("before_training_exp", "before_backward", "after_training_exp"):
+                def wrapper(strategy, _original=getattr(plugin, name), _name=name, _plugin=plugin, **kwargs):
+                    calls.append((type(_plugin).__name__, _name))
+                    return _original(strategy, **kwargs)
+
+                setattr(plugin, name, wrapper)
+        return plugins
+
+    monkeypatch.setattr(clmtl.run, "build_plugins", recording)
+    config = load_config(None, TINY + ["output.overlays=0", "output.checkpoints=false"],
+                         strategy_params=strategy_defaults())
+    results = run(config, "lwf+replay+ewc+layerlr+bnfreeze", tmp_path, baselines=False)
+    order = ["BatchNormFreeze", "LayerLearningRates", "MultiTaskReplayPlugin", "LwFPlugin", "MultiTaskEWCPlugin"]
+    for callback in ("before_training_exp", "before_backward", "after_training_exp"):
+        seen = [plugin for plugin, name in calls if name == callback]
+        assert seen[:5] == order, callback  # model -> optimizer -> data -> loss, ties in the user's order
+    assert results["strategy_stats"]["MultiTaskReplayPlugin"]["replayed"]  # the components did their work
+    assert results["memory_bytes"] > 0
