@@ -4,11 +4,8 @@ import importlib.util
 import pytest
 import torch
 
-from clmtl.data.shapes import shapes_task
 from clmtl.export import export_model, load_metadata
-from clmtl.models import UnifiedModel
-from clmtl.tasks import TASK_KINDS
-from test_fuse import randomise_batchnorm
+from test_fuse import randomise_batchnorm, randomised_model
 
 SIZE = 64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated in torch 2.14
@@ -16,12 +13,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # To
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
     # stream order det, cls, seg: the export's order (seg, cls, det levels) must not depend on it
-    tasks = [shapes_task(TASK_KINDS[name], name) for name in ("det", "cls", "seg")]
-    model = UnifiedModel(tasks, image_size=SIZE)
-    randomise_batchnorm(model)
-    return model.eval()
+    return randomised_model(("det", "cls", "seg"), SIZE)
 
 
 def test_torchscript_round_trip_gives_the_eager_outputs(model, tmp_path):

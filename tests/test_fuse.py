@@ -25,13 +25,17 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.2)
 
 
-@pytest.fixture(scope="module")
-def model():
+def randomised_model(task_names, size=SIZE):
+    """A model with the shapes tasks in this stream order and non-trivial BatchNorm statistics, in eval mode."""
     torch.manual_seed(0)
-    tasks = [shapes_task(TASK_KINDS[name], name) for name in ("seg", "det", "cls")]
-    model = UnifiedModel(tasks, image_size=SIZE)
+    model = UnifiedModel([shapes_task(TASK_KINDS[name], name) for name in task_names], image_size=size)
     randomise_batchnorm(model)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomised_model(("seg", "det", "cls"))
 
 
 def flat(output):
