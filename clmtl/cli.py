@@ -91,12 +91,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             out = args.out or Path("runs") / f"{config.benchmark}_{strategy.replace('+', '-')}_seed{config.seed}"
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad config, strategy or checkpoint: one line
         return _fail(error)
+    from clmtl.checkpoint import ResumeError
+    from clmtl.config import ConfigError
+    from clmtl.data.images import DataError
     from clmtl.report import summary_markdown
     from clmtl.run import run
 
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM ends the run like Ctrl-C
     try:
         results = run(config, strategy, out, baselines=not args.no_baselines, resume=bool(args.resume))
+    except (ConfigError, DataError, ResumeError) as error:  # data paths, bad files: one line naming the file
+        return _fail(error)
     except KeyboardInterrupt:
         print(f"\nclmtl: interrupted. Every finished experience is checkpointed in {out}/checkpoints/; "
               f"continue with: clmtl run --resume {out}", file=sys.stderr)
