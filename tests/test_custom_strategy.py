@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "custom_strategy.py"
