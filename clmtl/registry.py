@@ -113,7 +113,11 @@ def load_strategy_file(path: str | Path) -> None:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]  # a file that failed to import is not taken as loaded
+        raise
 
 
 def available() -> dict[str, StrategyEntry]:
