@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,24 @@ def save_run_checkpoint(checkpoint: dict[str, Any], checkpoint_dir: Path, experi
     os.link(path, link)
     os.replace(link, checkpoint_dir / "last.pt")
     return path
+
+
+def load_model_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint ``clmtl run`` wrote (``exp{k}.pt`` or ``last.pt``): at least the model's state and its config."""
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
+        raise ValueError(f"{path}: not a clmtl run checkpoint (expected 'model' and 'config' entries)")
+    return saved
+
+
+def checkpoint_config(saved: dict[str, Any], source: str | Path, config_file: str | Path | None = None,
+                      overrides: Sequence[str] = ()):
+    """The config a checkpoint was trained with, validated, with an optional file and overrides on top."""
+    from clmtl.config import load_config
+    from clmtl.registry import strategy_defaults
+
+    return load_config(config_file, overrides, strategy_params=strategy_defaults(), base=saved["config"],
+                       base_source=f"{source} (saved config)")
 
 
 def load_run_checkpoint(out_dir: str | Path) -> dict[str, Any]:

@@ -120,15 +120,11 @@ def _resumed(args: argparse.Namespace):
     if args.config or args.overrides or args.strategy or args.seed is not None or args.out:
         raise ValueError("--resume continues a run with its own config, strategy and folder: "
                          "give no --config, --strategy, --seed, --out or overrides")
-    from clmtl.checkpoint import load_run_checkpoint
-    from clmtl.config import load_config
-    from clmtl.registry import strategy_defaults
+    from clmtl.checkpoint import checkpoint_config, load_run_checkpoint
 
     _use_plugin_files(args.plugin_file)
     saved = load_run_checkpoint(args.resume)
-    config = load_config(None, (), strategy_params=strategy_defaults(), base=saved["config"],
-                         base_source=f"{args.resume} (saved config)")
-    return config, saved["strategy"], args.resume
+    return checkpoint_config(saved, args.resume), saved["strategy"], args.resume
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

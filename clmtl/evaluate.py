@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clmtl.config import Config, load_config
+from clmtl.config import Config
 from clmtl.decode import class_indices, decode_detections
-from clmtl.io import atomic_write_json, atomic_write_text, load_checkpoint
+from clmtl.io import atomic_write_json, atomic_write_text
 from clmtl.metrics.scores import scorer_for
 from clmtl.models import UnifiedModel
 from clmtl.stream import collate_for
@@ -123,17 +123,14 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     The checkpoint's own config is used; ``config_file`` / ``overrides`` change it (data moved elsewhere, other
     eval thresholds). Returns ``{task name: {metric: value}}``.
     """
-    from clmtl.registry import strategy_defaults
+    from clmtl.checkpoint import checkpoint_config, load_model_checkpoint
     from clmtl.run import build_benchmark, build_model
 
-    saved = load_checkpoint(checkpoint)
-    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
-        raise ValueError(f"{checkpoint}: not a clmtl run checkpoint (expected 'model' and 'config' entries)")
-    config = load_config(config_file, overrides, strategy_params=strategy_defaults(), base=saved["config"],
-                         base_source=f"{checkpoint} (saved config)")
+    saved = load_model_checkpoint(checkpoint)
+    config = checkpoint_config(saved, checkpoint, config_file, overrides)
     torch.set_num_threads(config.train.threads)
     benchmark = build_benchmark(config)
-    model = build_model(config, benchmark.tasks)
+    model = build_model(config, benchmark.tasks, initial_weights=False)
     model.load_state_dict(saved["model"])
     out_dir = Path(predictions) if predictions is not None else None
     metrics = {}

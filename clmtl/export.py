@@ -112,22 +112,16 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, format: str = "t
     ``clmtl eval`` does; for ``files`` that reads the datasets' class lists). ``image_size`` defaults to the
     run's ``data.image_size``; the anchors stay those the model was trained with.
     """
-    from clmtl.config import load_config
-    from clmtl.io import load_checkpoint
-    from clmtl.registry import strategy_defaults
-    from clmtl.run import build_benchmark
+    from clmtl.checkpoint import checkpoint_config, load_model_checkpoint
+    from clmtl.run import build_benchmark, build_model
 
-    saved = load_checkpoint(checkpoint)
-    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
-        raise ValueError(f"{checkpoint}: not a clmtl run checkpoint (expected 'model' and 'config' entries)")
-    config = load_config(None, (), strategy_params=strategy_defaults(), base=saved["config"],
-                         base_source=f"{checkpoint} (saved config)")
+    saved = load_model_checkpoint(checkpoint)
+    config = checkpoint_config(saved, checkpoint)
     if "tasks" in saved:
         tasks = [TaskSpec.from_dict(entry) for entry in saved["tasks"]]
     else:
         tasks = build_benchmark(config).tasks
-    # not run.build_model: its config.model.weights (initial weights) would be loaded, then overwritten
-    model = UnifiedModel(tasks, fpn_channels=config.model.fpn_channels, image_size=config.data.image_size)
+    model = build_model(config, tasks, initial_weights=False)  # its backbone, fpn width and anchors
     try:
         model.load_state_dict(saved["model"])
     except RuntimeError as error:

@@ -82,14 +82,18 @@ def build_benchmark(config: Config) -> Benchmark:
     return Benchmark(tasks, build_stream(tasks, augmented, val), val)
 
 
-def build_model(config: Config, tasks: Sequence[TaskSpec]) -> UnifiedModel:
-    """A freshly initialised model; the same seed gives the same initial weights for baselines and the stream."""
+def build_model(config: Config, tasks: Sequence[TaskSpec], initial_weights: bool = True) -> UnifiedModel:
+    """A freshly initialised model; the same seed gives the same initial weights for baselines and the stream.
+
+    ``initial_weights=False`` skips ``model.weights`` (a model about to receive a checkpoint's state: the file may
+    have moved since training, and reading it would be wasted).
+    """
     torch.manual_seed(config.seed)
     return UnifiedModel(
         tasks,
         fpn_channels=config.model.fpn_channels,
         image_size=config.data.image_size,
-        weights=config.model.weights,
+        weights=config.model.weights if initial_weights else None,
         backbone=config.model.backbone,
     )
 

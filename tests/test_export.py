@@ -55,13 +55,14 @@ def test_bad_format_or_size_is_refused(model, tmp_path, format, size, message):
         export_model(model, tmp_path / "model", format, image_size=size)
 
 
-def run_checkpoint(path, tasks=None):
+def run_checkpoint(path, tasks=None, backbone="yolov8n"):
     """A checkpoint as ``clmtl run`` writes it (plus ``tasks`` when given); returns the eval-mode model saved."""
     from clmtl.config import load_config
     from clmtl.io import atomic_torch_save
     from clmtl.run import build_benchmark, build_model
 
-    config = load_config(None, [f"data.image_size={SIZE}", "data.train_size=2", "data.val_size=2"])
+    config = load_config(None, [f"data.image_size={SIZE}", "data.train_size=2", "data.val_size=2",
+                                f"model.backbone={backbone}"])
     model = build_model(config, tasks or build_benchmark(config).tasks)
     randomise_batchnorm(model, seed=5)
     checkpoint = {"model": model.state_dict(), "experience": 2, "matrix": [], "config": config.to_dict(),
@@ -97,3 +98,14 @@ def test_a_file_that_is_not_a_run_checkpoint_is_named(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt: not a clmtl run checkpoint"):
         export_checkpoint(tmp_path / "other.pt", tmp_path / "model.pt")
+
+
+def test_checkpoint_export_keeps_the_runs_backbone(tmp_path):
+    from clmtl.export import export_checkpoint
+
+    model = run_checkpoint(tmp_path / "last.pt", backbone="mobilenet_v3_small")
+    path = export_checkpoint(tmp_path / "last.pt", tmp_path / "model.pt")
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        got, eager = torch.jit.load(str(path))(x), model.forward_all(x)
+    torch.testing.assert_close(got[0], eager[0], atol=1e-4, rtol=0)
