@@ -30,15 +30,14 @@ def inference_latency(model, tasks, config, repeats: int) -> dict[str, dict[str,
     """Median latency per image of each task's forward and of all three tasks from one pass."""
     import torch
 
-    from clmtl.decode import class_indices, decode_detections
+    from clmtl.decode import class_indices
+    from clmtl.run import make_decoder
     from clmtl.tasks import DETECTION, SEGMENTATION
     from clmtl.timing import measure_latency
 
     model.eval()
     image = torch.rand(1, 3, config.data.image_size, config.data.image_size)
-    decode = functools.partial(decode_detections, layout=model.anchor_layout,
-                               score_threshold=config.eval.score_threshold,
-                               iou_threshold=config.eval.iou_threshold, max_detections=config.eval.max_detections)
+    decode = make_decoder(config, model)
 
     def finish(label: int, output: Any) -> Any:
         """What a user gets: boxes after NMS, a label map, class logits."""

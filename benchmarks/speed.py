@@ -46,8 +46,8 @@ from clmtl.data.shapes import shapes_task  # noqa: E402
 from clmtl.decode import PRE_NMS_TOP_K, class_indices, decode_detections  # noqa: E402
 from clmtl.fuse import fuse_batchnorm  # noqa: E402
 from clmtl.io import atomic_write_json, atomic_write_text  # noqa: E402
-from clmtl.registry import build_plugins, strategy_defaults  # noqa: E402
-from clmtl.run import build_benchmark, build_model, make_template, seed_everything  # noqa: E402
+from clmtl.registry import strategy_defaults  # noqa: E402
+from clmtl.run import build_benchmark, build_model, build_strategy, make_template, seed_everything  # noqa: E402
 from clmtl.tasks import DETECTION, TASK_KINDS  # noqa: E402
 
 VARIANTS = {"eager": "eager", "fused": "BN folded", "fused_cl": "BN folded + channels_last"}
@@ -213,10 +213,7 @@ def trained_template(strategy: str, config, benchmark):
     """``clmtl run``'s template for ``strategy`` after training the first experience, set up on the second."""
     seed_everything(config.seed)
     model = build_model(config, benchmark.tasks)
-    plugins = build_plugins(strategy, config.strategy)
-    for plugin in plugins:
-        if hasattr(plugin, "bind_benchmark"):
-            plugin.bind_benchmark(benchmark)
+    plugins = build_strategy(strategy, config, benchmark)
     with warnings.catch_warnings():  # "no loggers specified": none are wanted here
         warnings.simplefilter("ignore", UserWarning)
         template = make_template(config, model, benchmark.tasks, plugins, loggers=[])

@@ -13,7 +13,6 @@ evaluators read (DESIGN.md, "Contracts"), so anyone can recompute the numbers wi
 from __future__ import annotations
 
 import csv
-import functools
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clmtl.config import Config
-from clmtl.decode import class_indices, decode_detections
+from clmtl.decode import class_indices
 from clmtl.io import atomic_write_json, atomic_write_text
 from clmtl.metrics.scores import scorer_for
 from clmtl.models import UnifiedModel
@@ -87,9 +86,9 @@ def evaluate_task(model: UnifiedModel, label: int, task: TaskSpec, dataset: Any,
     """Every metric of task ``label`` on ``dataset`` (its validation split), in dataset order."""
     model.eval()
     scorer = scorer_for(task)
-    decode = functools.partial(decode_detections, layout=model.anchor_layout,
-                               score_threshold=config.eval.score_threshold,
-                               iou_threshold=config.eval.iou_threshold, max_detections=config.eval.max_detections)
+    from clmtl.run import make_decoder
+
+    decode = make_decoder(config, model)
     loader = DataLoader(dataset, batch_size=config.train.eval_batch_size, collate_fn=_pairs_collate(task.kind))
     index = 0
     for images, targets in loader:

@@ -111,19 +111,32 @@ def make_optimizer(config: Config, model: UnifiedModel) -> torch.optim.Optimizer
     return optimizer_class(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
-def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: list, loggers: list,
-                  label: str = "") -> MultiTaskTemplate:
-    """The Avalanche template with our criterion, metrics and progress bar."""
-    from avalanche.training.plugins import EvaluationPlugin
-
-    decode = functools.partial(
+def make_decoder(config: Config, model: UnifiedModel):
+    """Raw detection output -> per-image boxes, with the config's ``eval`` thresholds and the model's anchors."""
+    return functools.partial(
         decode_detections,
         layout=model.anchor_layout,
         score_threshold=config.eval.score_threshold,
         iou_threshold=config.eval.iou_threshold,
         max_detections=config.eval.max_detections,
     )
-    evaluator = EvaluationPlugin(*task_metrics(tasks, decode), loggers=loggers)
+
+
+def build_strategy(strategy: str, config: Config, benchmark: Benchmark) -> list:
+    """The plugins of ``strategy`` with the config's parameters; those that need the stream (joint) get it."""
+    plugins = build_plugins(strategy, config.strategy)
+    for plugin in plugins:
+        if hasattr(plugin, "bind_benchmark"):
+            plugin.bind_benchmark(benchmark)
+    return plugins
+
+
+def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: list, loggers: list,
+                  label: str = "") -> MultiTaskTemplate:
+    """The Avalanche template with our criterion, metrics and progress bar."""
+    from avalanche.training.plugins import EvaluationPlugin
+
+    evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model)), loggers=loggers)
     return MultiTaskTemplate(
         model=model,
         optimizer=make_optimizer(config, model),
@@ -208,10 +221,7 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
         log_file.write(f"== sequential training, strategy {strategy} ==\n")
         seed_everything(config.seed)
         model = build_model(config, tasks)
-        plugins = build_plugins(strategy, config.strategy)
-        for plugin in plugins:  # plugins that need the whole stream (joint) declare bind_benchmark
-            if hasattr(plugin, "bind_benchmark"):
-                plugin.bind_benchmark(benchmark)
+        plugins = build_strategy(strategy, config, benchmark)
         template = make_template(config, model, tasks, plugins, make_loggers(config, out_dir, log_file))
         matrix: list[list[float | None]] = []
         train_seconds: dict[str, float] = {}
