@@ -1,7 +1,8 @@
 """Run checkpoints: everything an interrupted run needs to continue as if it had never stopped.
 
 A run checkpoint is written after every experience (``OUT/checkpoints/exp{k}.pt``, with ``last.pt`` a hard link to
-the newest, each written atomically). It holds only tensors and plain containers, so it loads with
+the newest, each written atomically), and with ``output.checkpoint_every=N`` also every N training iterations and
+when a stop is requested (SIGTERM, Ctrl-C: ``request_stop``), as ``partial.pt`` with ``last.pt`` pointing at it. It holds only tensors and plain containers, so it loads with
 ``weights_only=True`` (Avalanche's own ``save_checkpoint`` pickles the whole strategy with dill): the model's
 state dict, every plugin's ``state_dict()`` (EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task
 BatchNorm...), the template's clock (EWC and layerlr read the experience counter from it), the random-number
@@ -10,7 +11,9 @@ generators' states, the accuracy matrix and scores so far, the baselines, the co
 Resuming rebuilds the benchmark, model, plugins and template from the saved config, loads all of that, and goes on
 with the next experience. The optimizer is rebuilt fresh at every experience anyway (``reset_optimizer_state``), and
 the data order comes from the restored generators, so a resumed run reproduces the uninterrupted one exactly on
-CPU. Work inside an unfinished experience is redone from its start.
+CPU. A partial checkpoint also holds the position inside the experience (``MultiTaskTemplate.position``: epoch,
+iteration, optimizer state, the generators at the start of the epoch and now); resuming finishes that experience
+from there, the same way. Without one, work inside an unfinished experience is redone from its start.
 """
 from __future__ import annotations
 
@@ -29,6 +32,23 @@ from clmtl.io import atomic_torch_save, load_checkpoint
 
 class ResumeError(ValueError):
     """A run cannot be resumed from what its folder holds; the message says why."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """Training stopped at the end of an iteration because ``request_stop`` was called (by a signal handler)."""
+
+
+_stop = False
+
+
+def request_stop() -> None:
+    """Ask training to checkpoint and stop after the current iteration (safe to call from a signal handler)."""
+    global _stop
+    _stop = True
+
+
+def stop_requested() -> bool:
+    return _stop
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,13 +89,19 @@ def restore_plugins(plugins: list, states: list[dict | None], model: torch.nn.Mo
         plugin.load_state_dict(state, model)
 
 
-def save_run_checkpoint(checkpoint: dict[str, Any], checkpoint_dir: Path, experience: int) -> Path:
-    """Write ``exp{experience}.pt`` atomically, then point ``last.pt`` at it (one serialisation, atomic link)."""
-    path = checkpoint_dir / f"exp{experience}.pt"
+PARTIAL = "partial.pt"
+
+
+def save_run_checkpoint(checkpoint: dict[str, Any], checkpoint_dir: Path, experience: int | None) -> Path:
+    """Write ``exp{experience}.pt`` (``partial.pt`` for None: inside an experience) atomically, then point
+    ``last.pt`` at it (one serialisation, atomic link). A finished experience's checkpoint replaces the partial one."""
+    path = checkpoint_dir / (PARTIAL if experience is None else f"exp{experience}.pt")
     atomic_torch_save(checkpoint, path)
     link = checkpoint_dir / f".last.pt.{secrets.token_hex(4)}.tmp"
     os.link(path, link)
     os.replace(link, checkpoint_dir / "last.pt")
+    if experience is not None:
+        (checkpoint_dir / PARTIAL).unlink(missing_ok=True)
     return path
 
 

@@ -91,28 +91,43 @@ def cmd_run(args: argparse.Namespace) -> int:
             out = args.out or Path("runs") / f"{config.benchmark}_{strategy.replace('+', '-')}_seed{config.seed}"
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad config, strategy or checkpoint: one line
         return _fail(error)
+    from clmtl import distributed
     from clmtl.checkpoint import ResumeError
     from clmtl.config import ConfigError
     from clmtl.data.images import DataError
     from clmtl.report import summary_markdown
     from clmtl.run import run
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM ends the run like Ctrl-C
+    for stop in (signal.SIGTERM, signal.SIGINT):  # a scheduler's SIGTERM, Ctrl-C: checkpoint, then stop
+        signal.signal(stop, _interrupt)
+    if distributed.launched_by_torchrun():
+        distributed.init_from_environment(config.seed)
     try:
         results = run(config, strategy, out, baselines=not args.no_baselines, resume=bool(args.resume))
     except (ConfigError, DataError, ResumeError) as error:  # data paths, bad files: one line naming the file
         return _fail(error)
     except KeyboardInterrupt:
-        print(f"\nclmtl: interrupted. Every finished experience is checkpointed in {out}/checkpoints/; "
-              f"continue with: clmtl run --resume {out}", file=sys.stderr)
+        print(f"\nclmtl: stopped. {out}/checkpoints/ holds every finished experience and, when training was "
+              f"stopped by a signal, the iteration it stopped at; continue with: clmtl run --resume {out}",
+              file=sys.stderr)
         return 130
+    finally:
+        main_process = distributed.is_main_process()
+        distributed.shutdown()
+    if not main_process:
+        return 0
     print(summary_markdown(results))
     print(f"\nwrote {out}/results.json, summary.md, plots/, checkpoints/")
     return 0
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    """First signal: checkpoint and stop after the current training iteration. Second: stop now."""
+    from clmtl.checkpoint import request_stop, stop_requested
+
+    if stop_requested():
+        raise KeyboardInterrupt
+    request_stop()
 
 
 def _resumed(args: argparse.Namespace):

@@ -133,6 +133,7 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     checkpoints: bool = True
+    checkpoint_every: int = field(default=0, metadata=_NON_NEGATIVE)
     overlays: int = field(default=4, metadata=_NON_NEGATIVE)
     tensorboard: bool = False
 

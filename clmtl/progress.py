@@ -5,7 +5,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from tqdm.auto import tqdm
 
 
-class ProgressBar(SupervisedPlugin):
+class ProgressBar(SupervisedPlugin, supports_distributed=True):
     """Shows iterations of the whole experience and a running loss."""
 
     def __init__(self, label: str = "", disable: bool | None = None) -> None:

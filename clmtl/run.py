@@ -5,6 +5,7 @@ Data flows one way: config -> datasets -> stream -> template (+ strategy plugins
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import random
 import time
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from clmtl import distributed
 from clmtl.checkpoint import (ResumeError, clock_state, load_run_checkpoint, plugin_states,
                               restore_plugins, rng_state, save_run_checkpoint, set_rng_state)
-from clmtl.config import Config
+from clmtl.config import Config, ConfigError
 from clmtl.data.files import files_benchmark
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
 from clmtl.data.transforms import train_augmentation
@@ -145,7 +147,8 @@ def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec]
         eval_mb_size=config.train.eval_batch_size,
         train_epochs=1,
         device="cpu",
-        plugins=[*plugins, *([CosineDecay()] if config.train.schedule == "cosine" else []), ProgressBar(label)],
+        plugins=[*plugins, *([CosineDecay()] if config.train.schedule == "cosine" else []),
+                 ProgressBar(label, disable=None if distributed.is_main_process() else True)],
         evaluator=evaluator,
     )
 
@@ -198,20 +201,30 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
     ``baselines``: True trains them, False skips them, a ``Baselines`` reuses ones trained before with the same
     config and seed (benchmark scripts share them between strategies). ``resume`` continues the interrupted run in
     ``out_dir`` after its last finished experience (``clmtl.checkpoint``); config and strategy must be the run's.
+
+    In a process group (``torchrun``, see ``clmtl.distributed``) every process trains its share and gets the same
+    results; only rank 0 writes to ``out_dir``.
     """
     from avalanche.logging import TextLogger
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    writes = distributed.is_main_process()
+    processes = distributed.world_size()
+    if config.train.batch_size % processes:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of the {processes} "
+                          "processes: each process takes an equal share of every batch")
     saved = _resumable_checkpoint(out_dir, config, strategy) if resume else None
-    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if writes:
+        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
     benchmark = build_benchmark(config)
     tasks = benchmark.tasks
-    if saved is None:
+    if saved is None and writes:
         (out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
-    with open(out_dir / "log.txt", "a" if saved else "w") as log_file:
+    log_path = out_dir / "log.txt" if writes else Path(os.devnull)
+    with open(log_path, "a" if saved else "w") as log_file:
         if saved is not None:
             baselines = Baselines(**saved["baselines"])
         elif baselines is True:
@@ -222,43 +235,64 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
         seed_everything(config.seed)
         model = build_model(config, tasks)
         plugins = build_strategy(strategy, config, benchmark)
-        template = make_template(config, model, tasks, plugins, make_loggers(config, out_dir, log_file))
+        loggers = make_loggers(config, out_dir, log_file) if writes else []
+        template = make_template(config, model, tasks, plugins, loggers)
         matrix: list[list[float | None]] = []
         train_seconds: dict[str, float] = {}
-        done = -1
+        per_task: list[dict[str, float]] = []
+        finished = -1  # the last experience trained and evaluated
         if saved is not None:
             model.load_state_dict(saved["model"])
-            restore_plugins(plugins, saved["plugins"], model)
-            for name, value in saved["clock"].items():
-                setattr(template.clock, name, value)
-            matrix, train_seconds, per_task, done = (saved["matrix"], saved["train_seconds"], saved["scores"],
-                                                     saved["experience"])
-            set_rng_state(saved["rng"])
-            log_file.write(f"== resumed after experience {done} ==\n")
+            matrix, train_seconds, per_task, finished = (saved["matrix"], saved["train_seconds"], saved["scores"],
+                                                         saved["experience"])
+            if "partial" in saved:  # stopped inside experience finished + 1: the template continues it
+                template.resume_point = {**saved["partial"],
+                                         "restore": lambda: restore_plugins(plugins, saved["plugins"], model)}
+                log_file.write(f"== resumed inside experience {finished + 1} (epoch {saved['partial']['epoch']}, "
+                               f"iteration {saved['partial']['iteration']}) ==\n")
+            else:
+                restore_plugins(plugins, saved["plugins"], model)
+                for name, value in saved["clock"].items():
+                    setattr(template.clock, name, value)
+                set_rng_state(saved["rng"])
+                log_file.write(f"== resumed after experience {finished} ==\n")
+
+        def snapshot() -> dict:
+            """Everything resuming needs, as of now; `clmtl export` also rebuilds the model from it without data."""
+            return {"model": model.state_dict(), "experience": finished, "matrix": matrix, "scores": per_task,
+                    "train_seconds": train_seconds,
+                    "baselines": {"scores": baselines.scores, "seconds": baselines.seconds},
+                    "plugins": plugin_states(plugins), "clock": clock_state(template.clock), "rng": rng_state(),
+                    "config": config.to_dict(), "strategy": strategy, "tasks": [t.as_dict() for t in tasks]}
+
+        checkpoints = config.output.checkpoints and writes
+        if checkpoints:
+            template.checkpoint_every = config.output.checkpoint_every
+            template.on_checkpoint = lambda position: save_run_checkpoint(
+                {**snapshot(), "partial": position}, out_dir / "checkpoints", None)
         for label, experience in enumerate(benchmark.stream.train_stream):
-            if label <= done:
+            if label <= finished:
                 continue
             task = tasks[label]
             train_seconds[task.name] = train_experience(
                 template, experience, config.train.epochs[task.name], config.data.num_workers
             )
+            if distributed.is_distributed():
+                distributed.broadcast_plugin_states(plugins, model)
             per_task = task_scores(template.eval(benchmark.stream.test_stream), tasks)
             matrix.append([per_task[j][t.metric] for j, t in enumerate(tasks)])
-            if config.output.checkpoints:
-                checkpoint = {"model": model.state_dict(), "experience": label, "matrix": matrix, "scores": per_task,
-                              "train_seconds": train_seconds,
-                              "baselines": {"scores": baselines.scores, "seconds": baselines.seconds},
-                              "plugins": plugin_states(plugins), "clock": clock_state(template.clock),
-                              "rng": rng_state(), "config": config.to_dict(), "strategy": strategy,
-                              "tasks": [t.as_dict() for t in tasks]}  # `clmtl export` rebuilds the model without data
-                save_run_checkpoint(checkpoint, out_dir / "checkpoints", label)
+            finished = label
+            if checkpoints:
+                save_run_checkpoint(snapshot(), out_dir / "checkpoints", label)
 
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
     measured = {"train_seconds": train_seconds, "baseline_train_seconds": baselines.seconds,
                 "memory_bytes": sum(getattr(plugin, "memory_bytes", 0) for plugin in plugins),
                 "strategy_stats": {type(p).__name__: p.stats() for p in plugins if hasattr(p, "stats")},
-                "total_seconds": time.perf_counter() - start}
+                "total_seconds": time.perf_counter() - start, "processes": processes}
     results = assemble_results(config, strategy, tasks, matrix, final_scores, baselines.scores, model, measured)
+    if not writes:
+        return results
     write_report(results, out_dir)
     if config.output.overlays:
         draw_overlays(model, benchmark, config, out_dir / "plots")

@@ -11,7 +11,7 @@ import math
 from avalanche.training.plugins import SupervisedPlugin
 
 
-class CosineDecay(SupervisedPlugin):
+class CosineDecay(SupervisedPlugin, supports_distributed=True):
     """Sets every parameter group's lr to ``base * (1 + cos(pi * t / T)) / 2`` at iteration t of T."""
 
     def __init__(self) -> None:

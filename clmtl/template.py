@@ -5,13 +5,26 @@ with ``.to`` on every element (a detection batch holds a list of dicts), and the
 ``CrossEntropyLoss``. The loss routing lives in the criterion (``clmtl.losses.MultiTaskLoss``), so
 plugins that call ``strategy._criterion`` directly (EWC's Fisher) route the same way; this class only
 moves nested batches. Everything else — callbacks, plugins, evaluator, loggers — is Avalanche's.
+
+It can also stop and continue inside an experience: ``checkpoint_every`` / ``on_checkpoint`` hand the caller the
+training position every N iterations (and when a stop was requested, see ``clmtl.checkpoint.request_stop``), and
+``resume_point`` continues from such a position (``clmtl.checkpoint``).
+
+Under ``torchrun`` (``clmtl.distributed``) it also shards each global training batch and the evaluation sets
+between the processes, averages gradients after every backward pass and BatchNorm statistics after every
+experience.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, TaskBalancedDataLoader
 from avalanche.training.templates import SupervisedTemplate
+
+from clmtl import distributed
+from clmtl.checkpoint import StopRequested, clock_state, rng_state, set_rng_state, stop_requested
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
@@ -38,5 +51,117 @@ def task_batch_loss(strategy, batch: list, task_label: int) -> torch.Tensor:
 class MultiTaskTemplate(SupervisedTemplate):
     """SupervisedTemplate whose minibatches may hold targets of any kind (label maps, box lists, class ids)."""
 
+    checkpoint_every: int = 0
+    """Call ``on_checkpoint`` every this many training iterations of an experience (0: never)."""
+    on_checkpoint: Callable[[dict], None] | None = None
+    """Receives the training position (``position()``) to checkpoint."""
+    resume_point: dict | None = None
+    """A ``position()`` saved earlier plus ``"restore"``, a callable that puts the plugins' states back: the next
+    ``train`` call continues that experience from there instead of starting it."""
+
+    def _before_training_epoch(self, **kwargs) -> None:
+        self._epoch_rng = rng_state()  # before the loader draws the epoch's order: resuming redraws the same
+        super()._before_training_epoch(**kwargs)
+
+    def _after_training_iteration(self, **kwargs) -> None:
+        super()._after_training_iteration(**kwargs)  # every plugin, the clock last, has finished the iteration
+        due = self.checkpoint_every and self.clock.train_exp_iterations % self.checkpoint_every == 0
+        if self.on_checkpoint is not None and (due or stop_requested()):
+            self.on_checkpoint(self.position())
+        if stop_requested():
+            raise StopRequested("stopped by a signal after a training iteration")
+
+    def position(self) -> dict[str, Any]:
+        """Where training is inside the experience, with what continuing from here needs."""
+        return {"epoch": self.clock.train_exp_epochs, "iteration": self.clock.train_epoch_iterations,
+                "epoch_rng": self._epoch_rng, "rng": rng_state(), "clock": clock_state(self.clock),
+                "optimizer": self.optimizer.state_dict()}
+
     def _unpack_minibatch(self) -> None:
         self.mbatch = [to_device(item, self.device) for item in self.mbatch]
+
+    def backward(self) -> None:
+        super().backward()
+        if distributed.is_distributed():
+            distributed.average_gradients(self.model)
+
+    def _train_exp(self, experience, eval_streams=None, **kwargs) -> None:
+        if self.resume_point is None:
+            super()._train_exp(experience, eval_streams, **kwargs)
+        else:
+            self._resume_train_exp(**kwargs)
+        if distributed.is_distributed():
+            distributed.average_buffers(self.model)
+
+    def _resume_train_exp(self, **kwargs) -> None:
+        """Avalanche's epoch loop from a saved position: the optimizer, clock and plugins as they were, and the
+        interrupted epoch's order redrawn from its starting random state, its finished batches loaded and skipped
+        (so augmentation draws the same numbers), then the generators set to where the run stopped."""
+        point, self.resume_point = self.resume_point, None
+        self.optimizer.load_state_dict(point["optimizer"])  # moments and the learning rates the schedule had set
+        point["restore"]()
+        for epoch in range(point["epoch"], self.train_epochs):
+            resumed = epoch == point["epoch"]
+            if resumed:
+                set_rng_state(point["epoch_rng"])
+            self._before_training_epoch(**kwargs)
+            loader = self.dataloader
+            if resumed:
+                for name, value in point["clock"].items():
+                    setattr(self.clock, name, value)
+                self.dataloader = _SkipBatches(loader, point["iteration"], lambda: set_rng_state(point["rng"]))
+            try:
+                self.training_epoch(**kwargs)
+            finally:
+                self.dataloader = loader
+            self._after_training_epoch(**kwargs)
+
+    def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None, persistent_workers=False,
+                              drop_last=False, **kwargs) -> None:
+        """Avalanche's loader; under torchrun each process loads its share of every global batch."""
+        if not distributed.is_distributed():
+            return super().make_train_dataloader(num_workers, shuffle, pin_memory, persistent_workers, drop_last,
+                                                 **kwargs)
+        args = self._obtain_common_dataloader_parameters(
+            batch_size=self.train_mb_size, num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
+            persistent_workers=persistent_workers, drop_last=drop_last)
+        self.dataloader = _ShardedLoader(self.adapted_dataset, oversample_small_groups=True,
+                                         distributed_sampling=False, **args)
+
+    def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None, persistent_workers=False,
+                             **kwargs) -> None:
+        """Avalanche's loader; under torchrun each process evaluates a contiguous slice, with no padding."""
+        if not distributed.is_distributed():
+            return super().make_eval_dataloader(num_workers, shuffle, pin_memory, persistent_workers, **kwargs)
+        start, stop = distributed.shard_bounds(len(self.adapted_dataset), distributed.rank(), distributed.world_size())
+        args = self._obtain_common_dataloader_parameters(
+            batch_size=self.eval_mb_size, num_workers=num_workers, shuffle=False, pin_memory=pin_memory,
+            persistent_workers=persistent_workers)
+        args.setdefault("collate_fn", self.adapted_dataset.collate_fn)
+        self.dataloader = SingleDatasetDataLoader(self.adapted_dataset.subset(range(start, stop)),
+                                                  distributed_sampling=False, **args)
+
+
+class _SkipBatches:
+    """Iterates ``loader`` from batch ``skip`` on (loading the skipped ones), calling ``then`` after skipping."""
+
+    def __init__(self, loader, skip: int, then: Callable[[], None]) -> None:
+        self.loader, self.skip, self.then = loader, skip, then
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+        for _ in range(self.skip):
+            next(batches)
+        self.then()
+        yield from batches
+
+
+class _ShardedLoader(TaskBalancedDataLoader):
+    """Avalanche's task-balanced loader whose batches are split between the processes."""
+
+    def _make_pytorch_loader(self, datasets, batch_sampler):
+        shard = distributed.ShardedBatchSampler(batch_sampler, distributed.rank(), distributed.world_size())
+        return super()._make_pytorch_loader(datasets, shard)

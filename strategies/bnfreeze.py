@@ -37,7 +37,7 @@ def batch_norm_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-class BatchNormFreeze(SupervisedPlugin):
+class BatchNormFreeze(SupervisedPlugin, supports_distributed=True):
     """Freezes BatchNorm statistics and affine parameters from the second experience on."""
 
     def __init__(self) -> None:
@@ -68,7 +68,7 @@ class BatchNormFreeze(SupervisedPlugin):
                 layer.eval()
 
 
-class PerTaskBatchNorm(SupervisedPlugin):
+class PerTaskBatchNorm(SupervisedPlugin, supports_distributed=True):
     """One set of BatchNorm statistics and affine parameters per task label, loaded before the task runs."""
 
     def __init__(self) -> None:

@@ -72,7 +72,7 @@ def sampled_nll(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, drawn)
 
 
-class MultiTaskEWCPlugin(EWCPlugin):
+class MultiTaskEWCPlugin(EWCPlugin, supports_distributed=True):
     """EWC whose Fisher pass and penalty work with any target kind."""
 
     def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None,

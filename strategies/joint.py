@@ -22,7 +22,7 @@ def endless_batches(dataset, batch_size: int) -> Iterator[list]:
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=dataset.collate_fn)
 
 
-class JointTraining(SupervisedPlugin):
+class JointTraining(SupervisedPlugin, supports_distributed=True):
     """Adds a mini-batch loss of every other task of the stream to each training step."""
 
     def __init__(self) -> None:

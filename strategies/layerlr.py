@@ -17,7 +17,7 @@ from clmtl.registry import register
 PARTS = ("backbone", "neck", "head")
 
 
-class LayerLearningRates(SupervisedPlugin):
+class LayerLearningRates(SupervisedPlugin, supports_distributed=True):
     """Multiplies each named parameter group's base learning rate by its part's multiplier."""
 
     def __init__(self, multipliers: Mapping[str, float], from_experience: int = 1) -> None:

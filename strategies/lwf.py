@@ -123,7 +123,7 @@ def outputs_and_features(model: nn.Module, x: torch.Tensor, labels: Sequence[int
     return {label: outputs[label] for label in labels}, (features if with_features else None)
 
 
-class LwFPlugin(SupervisedPlugin):
+class LwFPlugin(SupervisedPlugin, supports_distributed=True):
     """Distils every old task's head, from the model as it was after the previous experience, on current inputs."""
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0, det_conf: float = 0.5,

@@ -229,7 +229,7 @@ class TaskBuffer:
         return collate_for(memory.kind)([[*memory[i], task_label] for i in picks])
 
 
-class MultiTaskReplayPlugin(SupervisedPlugin):
+class MultiTaskReplayPlugin(SupervisedPlugin, supports_distributed=True):
     """Fills a ``TaskBuffer`` after each experience and adds each stored task's replay loss (see the module doc)."""
 
     def __init__(self, mem_size: int = 200, ratio: float = 0.5, split: str = "equal", selection: str = "reservoir",

@@ -13,7 +13,8 @@ from clmtl.checkpoint import ResumeError, load_run_checkpoint, restore_plugins, 
 from clmtl.io import load_checkpoint
 
 KILLER = textwrap.dedent('''
-    """Kills its own process (SIGKILL, no clean-up) at the second iteration of the second experience."""
+    """Sends its own process KILL_SIGNAL (default SIGKILL: no clean-up) before iteration KILL_AT (default 1) of the
+    second experience."""
     import os
     import signal
 
@@ -25,8 +26,9 @@ KILLER = textwrap.dedent('''
     class KillDuringSecondExperience(SupervisedPlugin):
         def before_training_iteration(self, strategy, **kwargs):
             clock = strategy.clock
-            if os.environ.get("KILL_FOR_TEST") and clock.train_exp_counter == 1 and clock.train_exp_iterations == 1:
-                os.kill(os.getpid(), signal.SIGKILL)
+            at = int(os.environ.get("KILL_AT", "1"))
+            if os.environ.get("KILL_FOR_TEST") and clock.train_exp_counter == 1 and clock.train_exp_iterations == at:
+                os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
 
         def state_dict(self):
             return {}
@@ -75,6 +77,38 @@ def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_p
     assert "resumed after experience 0" in (tmp_path / "run" / "log.txt").read_text()
     for key in expected["extra"]["final"]:
         assert got["extra"]["final"][key] == expected["extra"]["final"][key]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name,expected_returncode", [("SIGKILL", -9), ("SIGTERM", 130)])
+def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path, signal_name, expected_returncode):
+    """Periodic checkpoints every 3 iterations of 4-batch epochs: SIGKILL before iteration 5 of the second experience
+    leaves the one after iteration 3 (inside the first epoch); SIGTERM checkpoints the iteration it interrupts
+    (the 5th, inside the second epoch). Either way the resumed run ends bit for bit like an uninterrupted one."""
+    plugin_file = tmp_path / "killer.py"
+    plugin_file.write_text(KILLER)
+    config = [*TINY, "data.train_size=16", "train.epochs=2", "output.checkpoint_every=3"]
+    common = ["--plugin-file", str(plugin_file), "--strategy", STRATEGY, "--no-baselines", *config]
+    reference = clmtl("run", *common, "--out", str(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    stopped = clmtl("run", *common, "--out", str(tmp_path / "run"),
+                    env={"KILL_FOR_TEST": "1", "KILL_AT": "4", "KILL_SIGNAL": signal_name})
+    assert stopped.returncode == expected_returncode, stopped.stderr[-3000:]
+    saved = load_run_checkpoint(tmp_path / "run")
+    assert saved["experience"] == 0
+    assert (saved["partial"]["epoch"], saved["partial"]["iteration"]) == ((0, 3) if signal_name == "SIGKILL" else (1, 1))
+
+    resumed = clmtl("run", "--plugin-file", str(plugin_file), "--resume", str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((tmp_path / "ref" / "results.json").read_text())
+    got = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert got["matrix"] == expected["matrix"]
+    assert "resumed inside experience 1" in (tmp_path / "run" / "log.txt").read_text()
+    assert not (tmp_path / "run" / "checkpoints" / "partial.pt").exists()  # replaced by the finished experience's
+    reference_model = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
+    for name, tensor in load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"].items():
+        assert torch.equal(tensor, reference_model[name]), name
 
 
 def test_resume_needs_the_runs_own_config(tmp_path):

@@ -18,7 +18,8 @@ from avalanche.evaluation.metric_utils import get_metric_name
 from avalanche.evaluation.metrics.forgetting_bwt import GenericExperienceForgetting, GenericStreamForgetting
 from torch import Tensor
 
-from clmtl.metrics.scores import Scorer, scorer_for
+from clmtl import distributed
+from clmtl.metrics.scores import CocoMAP, Scorer, scorer_for
 from clmtl.tasks import DETECTION, TaskSpec
 
 Decode = Callable[[list[Tensor]], list[dict]]
@@ -54,7 +55,12 @@ class TaskMetrics(PluginMetric[dict[str, float]]):
         if not 0 <= task_label < len(self.tasks):
             raise ValueError(f"eval experience has task label {task_label}, but only {len(self.tasks)} tasks are known")
         self.task_label = task_label
-        self.scorers[task_label].reset()
+        scorer = self.scorers[task_label]
+        if isinstance(scorer, CocoMAP) and distributed.is_distributed():  # this process scores a slice of the set
+            start, _ = distributed.shard_bounds(len(strategy.experience.dataset), distributed.rank(),
+                                                distributed.world_size())
+            scorer.first_image_id = start + 1
+        scorer.reset()
 
     def after_eval_iteration(self, strategy) -> None:
         super().after_eval_iteration(strategy)
@@ -64,6 +70,11 @@ class TaskMetrics(PluginMetric[dict[str, float]]):
         self.scorers[self.task_label].update(output, strategy.mb_y)
 
     def after_eval_exp(self, strategy) -> list[MetricValue]:
+        if distributed.is_distributed():  # every process scored its slice: score the whole set, on every process
+            shards = distributed.gather(self.scorers[self.task_label])
+            for shard in shards[1:]:
+                shards[0].merge(shard)
+            self.scorers[self.task_label] = shards[0]
         x_position = strategy.clock.train_iterations
         return [
             MetricValue(self, get_metric_name(name, strategy, add_experience=True), value, x_position)

@@ -3,6 +3,8 @@
 Plain objects with ``reset()``, ``update(...)`` and ``result() -> dict[str, float]``, so they work inside the
 Avalanche plugin (``clmtl.metrics.plugin``), in ``clmtl eval`` and in tests alike. Each accumulates over a whole
 validation set and scores it once, as the pinned definitions in DESIGN.md ("Metric definitions") require.
+``merge(other)`` adds what another accumulator of the same kind saw (another process's shard of the set), so the
+merged result is the one-process result over the whole set.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ class MeanIoU:
         cells = torch.bincount(target * self.num_classes + pred, minlength=self.num_classes**2)
         self.confusion += cells.reshape(self.num_classes, self.num_classes)
 
+    def merge(self, other: MeanIoU) -> None:
+        self.confusion += other.confusion
+
     def result(self) -> dict[str, float]:
         intersection = self.confusion.diag().double()
         union = self.confusion.sum(0).double() + self.confusion.sum(1).double() - intersection
@@ -76,6 +81,10 @@ class Top1:
         """Add a batch: ``logits`` ``[B, C]``, ``target`` ``[B]`` class indices."""
         self.correct += int((logits.detach().argmax(dim=1).cpu() == target.detach().cpu()).sum())
         self.total += int(target.numel())
+
+    def merge(self, other: Top1) -> None:
+        self.correct += other.correct
+        self.total += other.total
 
     def result(self) -> dict[str, float]:
         return {"top1": self.correct / self.total if self.total else 0.0}
@@ -104,14 +113,27 @@ class CocoMAP:
 
     def __init__(self, category_ids: Sequence[int] | None = None) -> None:
         self.category_ids = list(category_ids) if category_ids is not None else None
+        self.first_image_id = 1
+        """Id of the first image without an id of its own, after a reset. A process scoring a shard of the set that
+        starts at sample ``k`` starts at ``k + 1``, so merged shards carry the ids one process would give them."""
         self.reset()
 
     def reset(self) -> None:
         self._gt: list[dict] = []
         self._dt: list[dict] = []
         self._image_ids: set[int] = set()
-        self._next_image_id = 1
+        self._next_image_id = self.first_image_id
         self._result: dict[str, float] | None = None
+
+    def merge(self, other: CocoMAP) -> None:
+        shared = self._image_ids & other._image_ids
+        if shared:
+            raise ValueError(f"cannot merge detection scores that both hold images {sorted(shared)[:5]}")
+        self._gt += other._gt
+        self._dt += other._dt
+        self._image_ids |= other._image_ids
+        self._next_image_id = max(self._next_image_id, other._next_image_id)
+        self._result = None
 
     def _category(self, label: int) -> int:
         return self.category_ids[label] if self.category_ids is not None else label
