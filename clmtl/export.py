@@ -99,9 +99,20 @@ def export_model(model: UnifiedModel, path: str | Path, format: str = "torchscri
             traced = torch.jit.trace(wrapper, example)
         torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
     else:
-        torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
-                          output_names=metadata["outputs"])
+        _export_onnx(wrapper, example, path, metadata)
     return path
+
+
+def _export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
+    """ONNX with a dynamic batch dimension and the metadata as the model's ``clmtl.json`` metadata property."""
+    import onnx
+
+    # batch 2, not 1: torch.export specialises dimensions of size 1 to constants
+    torch.onnx.export(wrapper, (example.expand(2, -1, -1, -1),), str(path), input_names=["images"],
+                      output_names=metadata["outputs"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {METADATA_FILE: json.dumps(metadata)})
+    onnx.save(graph, str(path))
 
 
 def export_checkpoint(checkpoint: str | Path, path: str | Path, format: str = "torchscript",

@@ -1,4 +1,5 @@
-"""Export: the TorchScript file reproduces the eager forward_all; ONNX without its packages fails clearly."""
+"""Export: the TorchScript and ONNX files reproduce the eager forward_all; ONNX without its packages fails clearly."""
+import json
 import importlib.util
 
 import pytest
@@ -37,6 +38,26 @@ def test_torchscript_round_trip_gives_the_eager_outputs(model, tmp_path):
     assert [t["name"] for t in metadata["tasks"]] == ["det", "cls", "seg"]
     assert metadata["anchor_layout"]["strides"] == [8, 16, 32]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself stays unfolded
+
+
+def test_onnx_round_trip_in_onnxruntime_gives_the_eager_outputs(model, tmp_path):
+    import onnxruntime
+
+    path = export_model(model, tmp_path / "model.onnx", "onnx", image_size=SIZE)
+    session = onnxruntime.InferenceSession(str(path))
+    metadata = json.loads(session.get_modelmeta().custom_metadata_map["clmtl.json"])
+    assert [o.name for o in session.get_outputs()] == metadata["outputs"]
+    assert [t["name"] for t in metadata["tasks"]] == ["det", "cls", "seg"]
+    generator = torch.Generator().manual_seed(4)
+    for batch in (1, 3):  # the batch dimension is dynamic
+        x = torch.rand(batch, 3, SIZE, SIZE, generator=generator)
+        got = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            eager = model.forward_all(x)
+        expected = [eager[2], eager[1], *eager[0]]
+        assert len(got) == len(expected) == 5
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(torch.from_numpy(g), e, atol=1e-4, rtol=0)
 
 
 def test_onnx_without_its_packages_names_them(model, tmp_path, monkeypatch):
