@@ -36,6 +36,8 @@ class LayerLearningRates(SupervisedPlugin, supports_distributed=True):
         active = strategy.clock.train_exp_counter >= self.from_experience
         for group in strategy.optimizer.param_groups:
             name = group.get("name")
+            if name == "routes":  # the routing strategy's gate embeddings keep the rate it gave them
+                continue
             if name not in self.multipliers:
                 raise ValueError(
                     f"layerlr needs parameter groups named {PARTS}; found a group named {name!r} "

@@ -80,15 +80,17 @@ def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name,expected_returncode", [("SIGKILL", -9), ("SIGTERM", 130)])
-def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path, signal_name, expected_returncode):
+@pytest.mark.parametrize("signal_name,expected_returncode,strategy", [
+    ("SIGKILL", -9, STRATEGY), ("SIGTERM", 130, STRATEGY), ("SIGTERM", 130, "routing+killer")])
+def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path, signal_name, expected_returncode,
+                                                                      strategy):
     """Periodic checkpoints every 3 iterations of 4-batch epochs: SIGKILL before iteration 5 of the second experience
     leaves the one after iteration 3 (inside the first epoch); SIGTERM checkpoints the iteration it interrupts
     (the 5th, inside the second epoch). Either way the resumed run ends bit for bit like an uninterrupted one."""
     plugin_file = tmp_path / "killer.py"
     plugin_file.write_text(KILLER)
     config = [*TINY, "data.train_size=16", "train.epochs=2", "output.checkpoint_every=3"]
-    common = ["--plugin-file", str(plugin_file), "--strategy", STRATEGY, "--no-baselines", *config]
+    common = ["--plugin-file", str(plugin_file), "--strategy", strategy, "--no-baselines", *config]
     reference = clmtl("run", *common, "--out", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr[-3000:]
 

@@ -16,6 +16,7 @@ from torch import nn
 from clmtl.models.anchors import AnchorLayout
 from clmtl.models.backbone import TappedBackbone, build_backbone
 from clmtl.models.fpn import FPN
+from clmtl.models.routing import TaskRoutes, gate_points
 from clmtl.models.unified_head import UnifiedHead
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
 
@@ -39,6 +40,7 @@ class UnifiedModel(MultiTaskModule):
         image_size: int = 128,
         weights: str | Path | None = None,
         backbone: str = "yolov8n",
+        fpn_smooth: bool = True,
     ) -> None:
         super().__init__()
         self.tasks = tuple(tasks)
@@ -56,7 +58,7 @@ class UnifiedModel(MultiTaskModule):
             raise ValueError(
                 f"anchor layout strides {self.anchor_layout.strides} differ from the backbone's {self.backbone.strides}"
             )
-        self.neck = FPN(self.backbone.out_channels, fpn_channels)
+        self.neck = FPN(self.backbone.out_channels, fpn_channels, smooth=fpn_smooth)
         self.head = UnifiedHead(
             fpn_channels,
             self.anchor_layout.num_anchors,
@@ -64,6 +66,8 @@ class UnifiedModel(MultiTaskModule):
             seg_classes=classes.get(SEGMENTATION, 0),
             cls_classes=classes.get(CLASSIFICATION, 0),
         )
+        self.routes: TaskRoutes | None = None
+        """Per-task channel gates on the shared layers, once ``enable_routing`` added them (``routing`` strategy)."""
         if weights is not None:
             self.load_weights(weights)
 
@@ -102,6 +106,8 @@ class UnifiedModel(MultiTaskModule):
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> Output:
         """The task's output, computing only the pyramid levels and head channels it needs."""
         kind = self._kind(task_label)
+        if self.routes is not None:
+            self.routes.active = task_label
         feats = self.backbone(x)
         finest, coarsest = 0, len(feats) - 1
         if kind == SEGMENTATION:
@@ -114,7 +120,10 @@ class UnifiedModel(MultiTaskModule):
         return [self.head.detection(self.head.features(pyramid[i])) for i in sorted(pyramid)]
 
     def forward_all(self, x: torch.Tensor) -> dict[int, Output]:
-        """Every task's output from one backbone + FPN pass, keyed by task label."""
+        """Every task's output, keyed by task label: from one backbone + FPN pass, or with task routes one pass per
+        task (each route gates the features from the first layer on, so the tasks share no computation)."""
+        if self.routes is not None:
+            return {label: self.forward_single_task(x, label) for label in self.task_kinds}
         pyramid = self.neck(self.backbone(x))
         shared = {i: self.head.features(p) for i, p in pyramid.items()}
         finest, coarsest = min(shared), max(shared)
@@ -142,9 +151,29 @@ class UnifiedModel(MultiTaskModule):
             raise ValueError(f"unknown task label {task_label}; the model's tasks are {self.task_kinds}")
         return self.task_kinds[task_label]
 
+    # -- task routes --------------------------------------------------------------------------------
+    def enable_routing(self) -> TaskRoutes:
+        """Gate the channels of the shared layers per task (``clmtl.models.routing``); does nothing the second time.
+
+        The routes are part of the model: ``routes.*`` in its state dict, counted in its parameters.
+        """
+        if self.routes is None:
+            parts = {"backbone": self.backbone, "neck": self.neck, "head.shared": self.head.shared}
+            self.routes = TaskRoutes(len(self.tasks), gate_points(parts))
+        return self.routes
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a state dict with task routes first adds routes to a model without them, so
+        a ``routing`` run's checkpoint loads into the model ``clmtl eval`` and ``clmtl export`` rebuild from its config.
+        """
+        if self.routes is None and any(key.startswith("routes.") for key in state_dict):
+            self.enable_routing()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # -- parameters and weights -------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by part, so each part can get its own learning rate."""
+        """Parameters by part, so each part can get its own learning rate (task routes are in no part: the ``routing``
+        strategy gives them a group of their own)."""
         return {
             "backbone": list(self.backbone.parameters()),
             "neck": list(self.neck.parameters()),
