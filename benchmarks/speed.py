@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                                  # 512 px inference, 128 px training, OUT=runs/speed
     python benchmarks/speed.py --repeats 50 --threads 1 --profile --compile
+    python benchmarks/speed.py model.fpn_smooth=false          # config overrides apply to every model timed
 
 Inference (batch 1, eval mode, ``torch.inference_mode``): the bare backbone (YOLOv8n layers 0-9), each single-task
 forward ``model(x, label)``, ``forward_all`` alone and as the deployed pipeline (``forward_all`` + detection decode
@@ -31,7 +32,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="print (and write OUT/profile.txt) the top ops of the eager and deployed pipelines")
     parser.add_argument("--out", type=Path, default=Path("runs/speed"), help="output folder (default runs/speed)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.fpn_smooth=false")
     args = parser.parse_args(argv)
     for size in (args.image_size, args.train_image_size):
         if size < 64 or size % 32:
@@ -234,16 +236,16 @@ def train_step(template, batch) -> None:
     template.training_epoch()
 
 
-def training_config(image_size: int, batch_size: int):
-    """The default run's config with two mini-batches of data per task."""
-    overrides = [f"data.image_size={image_size}", f"train.batch_size={batch_size}",
-                 f"data.train_size={2 * batch_size}", "data.val_size=2"]
-    return load_config(None, overrides, strategy_params=strategy_defaults())
+def training_config(image_size: int, batch_size: int, overrides: Sequence[str] = ()):
+    """The default run's config (with ``overrides``) with two mini-batches of data per task."""
+    sizes = [f"data.image_size={image_size}", f"train.batch_size={batch_size}",
+             f"data.train_size={2 * batch_size}", "data.val_size=2"]
+    return load_config(None, [*overrides, *sizes], strategy_params=strategy_defaults())
 
 
 def training_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
     """One training step of each strategy, and what was timed."""
-    config = training_config(args.train_image_size, args.train_batch_size)
+    config = training_config(args.train_image_size, args.train_batch_size, args.overrides)
     benchmark = build_benchmark(config)
     cases = {}
     for strategy in STRATEGIES:
@@ -343,14 +345,15 @@ def markdown(result: dict[str, Any]) -> str:
 
 def measure_inference(args: argparse.Namespace) -> dict[str, Any]:
     """Parameters, FLOPs, latencies (and the profile) of the default model at ``args.image_size``."""
-    config = load_config(None, [f"data.image_size={args.image_size}"], strategy_params=strategy_defaults())
+    config = load_config(None, [*args.overrides, f"data.image_size={args.image_size}"],
+                         strategy_params=strategy_defaults())
     model = build_model(config, [shapes_task(TASK_KINDS[name], name) for name in config.tasks]).eval()
     decode = {"score_threshold": config.eval.score_threshold, "iou_threshold": config.eval.iou_threshold,
               "max_detections": config.eval.max_detections}
     worst = {**decode, "score_threshold": 0.0}
     result: dict[str, Any] = {
-        "settings": {"image_size": args.image_size, "repeats": args.repeats, "warmup": args.warmup,
-                     "tasks": [t.name for t in model.tasks], **decode},
+        "settings": {"image_size": args.image_size, "overrides": list(args.overrides), "repeats": args.repeats,
+                     "warmup": args.warmup, "tasks": [t.name for t in model.tasks], **decode},
         "params": {"total": sum(p.numel() for p in model.parameters()),
                    **{part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}},
     }

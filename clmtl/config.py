@@ -93,6 +93,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = field(default="yolov8n", metadata=_one_of(*BACKBONE_NAMES))
     fpn_channels: int = field(default=64, metadata=_AT_LEAST_ONE)
+    fpn_smooth: bool = True
     weights: str | None = None
 
 

@@ -94,6 +94,7 @@ def build_model(config: Config, tasks: Sequence[TaskSpec], initial_weights: bool
     return UnifiedModel(
         tasks,
         fpn_channels=config.model.fpn_channels,
+        fpn_smooth=config.model.fpn_smooth,
         image_size=config.data.image_size,
         weights=config.model.weights if initial_weights else None,
         backbone=config.model.backbone,

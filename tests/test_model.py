@@ -153,3 +153,18 @@ def test_a_wrong_weights_file_is_a_clear_error(tmp_path):
     torch.save(torch.nn.Linear(2, 2), pickled)  # a whole module, not a state dict: refused by weights_only
     with pytest.raises(ValueError, match=r"pickled\.pt"):
         UnifiedModel(TASKS, image_size=SIZE, weights=pickled)
+
+
+def test_without_fpn_smoothing_the_neck_loses_exactly_its_3x3_convs(model, x):
+    torch.manual_seed(0)
+    lean = UnifiedModel(TASKS, image_size=SIZE, fpn_smooth=False).eval()
+    channels = model.neck.channels
+    removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lean.parameters())
+    assert removed == 3 * (channels * channels * 9 + channels)  # one 3x3 conv with bias per level
+    with torch.no_grad():  # the pyramid is the top-down sum itself, and forward_all still equals the single forwards
+        feats = lean.backbone(x)
+        top = lean.neck.lateral[2](feats[2])
+        torch.testing.assert_close(lean.neck(feats, levels=(2,))[2], top)
+        together = lean.forward_all(x)
+        torch.testing.assert_close(together[0], lean.forward_single_task(x, 0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(together[2], lean.forward_single_task(x, 2), atol=1e-5, rtol=1e-4)

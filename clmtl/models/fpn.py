@@ -7,12 +7,18 @@ from torch import nn
 
 
 class FPN(nn.Module):
-    """Lateral 1x1 convs, top-down nearest upsample + add, and a 3x3 smoothing conv per level."""
+    """Lateral 1x1 convs, top-down nearest upsample + add, and a 3x3 smoothing conv per level.
 
-    def __init__(self, in_channels: tuple[int, ...], channels: int = 64) -> None:
+    ``smooth=False`` drops the smoothing convs (the head's shared 3x3 conv follows anyway): about a third of the
+    neck and head's cost, for the deployments that need ``forward_all`` closer to the backbone's latency.
+    """
+
+    def __init__(self, in_channels: tuple[int, ...], channels: int = 64, smooth: bool = True) -> None:
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
-        self.smooth = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
+        self.smooth = nn.ModuleList(
+            nn.Conv2d(channels, channels, 3, padding=1) if smooth else nn.Identity() for _ in in_channels
+        )
         self.channels = channels
 
     def forward(self, feats: list[torch.Tensor], levels: tuple[int, ...] | None = None) -> dict[int, torch.Tensor]:
