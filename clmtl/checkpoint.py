@@ -79,6 +79,28 @@ def plugin_states(plugins: list) -> list[dict | None]:
     return [plugin.state_dict() if hasattr(plugin, "state_dict") else None for plugin in plugins]
 
 
+def task_model_states(plugins: list) -> dict[int, dict[str, torch.Tensor]]:
+    """Model tensors that differ per task (``bnfreeze per_task``'s BatchNorm), by task label, from every plugin that
+    defines ``task_model_states()``. Checkpoints keep them beside the model, so ``clmtl eval`` can run each task with
+    its own (``load_task_state``)."""
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for plugin in plugins:
+        for task, tensors in (plugin.task_model_states() if hasattr(plugin, "task_model_states") else {}).items():
+            merged.setdefault(task, {}).update(tensors)
+    return merged
+
+
+@torch.no_grad()
+def load_task_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy one task's entry of ``task_model_states`` into ``model``."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise ValueError(f"task state names tensors the model does not have: {unknown[:5]}")
+    for name, value in tensors.items():
+        own[name].copy_(value)
+
+
 def restore_plugins(plugins: list, states: list[dict | None], model: torch.nn.Module) -> None:
     if len(states) != len(plugins):
         raise ResumeError(f"the checkpoint holds {len(states)} plugin states for {len(plugins)} plugins")

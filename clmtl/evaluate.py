@@ -122,7 +122,7 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     The checkpoint's own config is used; ``config_file`` / ``overrides`` change it (data moved elsewhere, other
     eval thresholds). Returns ``{task name: {metric: value}}``.
     """
-    from clmtl.checkpoint import checkpoint_config, load_model_checkpoint
+    from clmtl.checkpoint import checkpoint_config, load_model_checkpoint, load_task_state
     from clmtl.run import build_benchmark, build_model
 
     saved = load_model_checkpoint(checkpoint)
@@ -133,7 +133,10 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     model.load_state_dict(saved["model"])
     out_dir = Path(predictions) if predictions is not None else None
     metrics = {}
+    task_states = saved.get("task_states", {})  # per-task BatchNorm (bnfreeze per_task): each task runs with its own
     for label, (task, dataset) in enumerate(zip(benchmark.tasks, benchmark.val_sets)):
+        if label in task_states:
+            load_task_state(model, task_states[label])
         writer = PredictionWriter(task, dataset, out_dir) if out_dir is not None else None
         metrics[task.name] = evaluate_task(model, label, task, dataset, config, writer)
     if out_dir is not None:

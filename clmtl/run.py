@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from clmtl import distributed
-from clmtl.checkpoint import (ResumeError, clock_state, load_run_checkpoint, plugin_states,
-                              restore_plugins, rng_state, save_run_checkpoint, set_rng_state)
+from clmtl.checkpoint import (ResumeError, clock_state, load_run_checkpoint, plugin_states, restore_plugins,
+                              rng_state, save_run_checkpoint, set_rng_state, task_model_states)
 from clmtl.config import Config, ConfigError
 from clmtl.data.files import files_benchmark
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
@@ -263,7 +263,8 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
             return {"model": model.state_dict(), "experience": finished, "matrix": matrix, "scores": per_task,
                     "train_seconds": train_seconds,
                     "baselines": {"scores": baselines.scores, "seconds": baselines.seconds},
-                    "plugins": plugin_states(plugins), "clock": clock_state(template.clock), "rng": rng_state(),
+                    "plugins": plugin_states(plugins), "task_states": task_model_states(plugins),
+                    "clock": clock_state(template.clock), "rng": rng_state(),
                     "config": config.to_dict(), "strategy": strategy, "tasks": [t.as_dict() for t in tasks]}
 
         checkpoints = config.output.checkpoints and writes

@@ -84,6 +84,10 @@ class PerTaskBatchNorm(SupervisedPlugin, supports_distributed=True):
         self.bn_states = {task: dict(values) for task, values in state["bn_states"].items()}
         self._last_trained = state["last_trained"]
 
+    def task_model_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The model tensors each task runs with (see ``clmtl.checkpoint.task_model_states``)."""
+        return self.bn_states
+
     def before_training_exp(self, strategy, **kwargs) -> None:
         task = strategy.experience.task_label
         if task not in self.bn_states and self._last_trained is not None:

@@ -1,6 +1,7 @@
 """bnfreeze: BatchNorm statistics and affine parameters stop changing after the first experience."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from strategies.bnfreeze import BatchNormFreeze, PerTaskBatchNorm, batch_norms
@@ -87,3 +88,31 @@ def test_a_new_task_starts_from_the_last_trained_task():
     strategy.experience.task_label = 1
     plugin.before_training_exp(strategy)
     torch.testing.assert_close(batch_norms(model)[0].running_mean, trained)
+
+
+@pytest.mark.slow
+def test_clmtl_eval_runs_each_task_with_its_own_batchnorm(tmp_path):
+    """A per_task run's checkpoint carries every task's BatchNorm: evaluating it reproduces the run's final scores,
+    which the model's own (last task's) BatchNorm does not."""
+    from clmtl.checkpoint import load_model_checkpoint
+    from clmtl.config import load_config
+    from clmtl.evaluate import evaluate_checkpoint
+    from clmtl.registry import strategy_defaults
+    from clmtl.run import run
+
+    config = load_config(None, ["data.train_size=32", "data.val_size=16", "data.image_size=64", "train.epochs=4",
+                                "train.batch_size=4", "output.overlays=0", "train.threads=1",
+                                "strategy.bnfreeze.mode=per_task"], strategy_params=strategy_defaults())
+    results = run(config, "bnfreeze", tmp_path, baselines=False)
+    checkpoint = tmp_path / "checkpoints" / "last.pt"
+    assert sorted(load_model_checkpoint(checkpoint)["task_states"]) == [0, 1, 2]
+    scores = evaluate_checkpoint(checkpoint)
+    for task in results["tasks"]:
+        assert scores[task["name"]][task["metric"]] == pytest.approx(results["final"][task["name"]], abs=1e-9)
+
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["task_states"]  # the negative control: every task with the last task's BatchNorm
+    torch.save(saved, tmp_path / "without.pt")
+    plain = evaluate_checkpoint(tmp_path / "without.pt")
+    assert any(plain[t["name"]][t["metric"]] != pytest.approx(results["final"][t["name"]], abs=1e-9)
+               for t in results["tasks"][:2])
