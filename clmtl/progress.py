@@ -20,7 +20,7 @@ class ProgressBar(SupervisedPlugin, supports_distributed=True):
         self._bar = tqdm(total=total, desc=f"{self.label}task {task}", unit="it", leave=False, disable=self.disable)
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
-        self._bar.update(1)
+        self._bar.update(strategy.clock.train_exp_iterations - self._bar.n)  # a resumed experience jumps ahead
         if strategy.clock.train_exp_iterations % 10 == 0:
             self._bar.set_postfix(loss=f"{strategy.loss.item():.3f}", epoch=strategy.clock.train_exp_epochs)
 

@@ -157,9 +157,8 @@ def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec]
 def train_experience(template: MultiTaskTemplate, experience, epochs: int, num_workers: int) -> float:
     """Train on one experience for ``epochs`` epochs with a fresh optimizer state; returns wall-clock seconds."""
     template.train_epochs = epochs
-    start = time.perf_counter()
     template.train(experience, num_workers=num_workers, reset_optimizer_state=True)
-    return time.perf_counter() - start
+    return template.experience_seconds
 
 
 @dataclass

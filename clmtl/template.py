@@ -16,6 +16,7 @@ experience.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,6 +60,16 @@ class MultiTaskTemplate(SupervisedTemplate):
     """A ``position()`` saved earlier plus ``"restore"``, a callable that puts the plugins' states back: the next
     ``train`` call continues that experience from there instead of starting it."""
 
+    def _before_training_exp(self, **kwargs) -> None:
+        resumed = self.resume_point["seconds"] if self.resume_point is not None else 0.0
+        self._experience_start = time.perf_counter() - resumed  # a resumed experience counts its time before the stop
+        super()._before_training_exp(**kwargs)
+
+    @property
+    def experience_seconds(self) -> float:
+        """Wall-clock seconds of the experience being (or last) trained, including any time before a resume."""
+        return time.perf_counter() - self._experience_start
+
     def _before_training_epoch(self, **kwargs) -> None:
         self._epoch_rng = rng_state()  # before the loader draws the epoch's order: resuming redraws the same
         super()._before_training_epoch(**kwargs)
@@ -75,7 +86,7 @@ class MultiTaskTemplate(SupervisedTemplate):
         """Where training is inside the experience, with what continuing from here needs."""
         return {"epoch": self.clock.train_exp_epochs, "iteration": self.clock.train_epoch_iterations,
                 "epoch_rng": self._epoch_rng, "rng": rng_state(), "clock": clock_state(self.clock),
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "seconds": self.experience_seconds}
 
     def _unpack_minibatch(self) -> None:
         self.mbatch = [to_device(item, self.device) for item in self.mbatch]

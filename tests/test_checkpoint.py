@@ -106,6 +106,7 @@ def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path
     expected = json.loads((tmp_path / "ref" / "results.json").read_text())
     got = json.loads((tmp_path / "run" / "results.json").read_text())
     assert got["matrix"] == expected["matrix"]
+    assert got["train_seconds"]["det"] > saved["partial"]["seconds"] > 0  # the time before the stop still counts
     assert "resumed inside experience 1" in (tmp_path / "run" / "log.txt").read_text()
     assert not (tmp_path / "run" / "checkpoints" / "partial.pt").exists()  # replaced by the finished experience's
     reference_model = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
