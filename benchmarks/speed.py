@@ -52,7 +52,7 @@ from clmtl.run import build_benchmark, build_model, build_strategy, make_templat
 from clmtl.tasks import DETECTION, TASK_KINDS  # noqa: E402
 
 VARIANTS = {"eager": "eager", "fused": "BN folded", "fused_cl": "BN folded + channels_last"}
-STRATEGIES = ("naive", "ewc", "replay", "lwf", "joint")
+STRATEGIES = ("naive", "ewc", "replay", "lwf", "joint", "routing")
 RATIOS = {
     # name: (numerator, denominator, target or None); keys of "latency" (inference) or "train" (training steps)
     "pipeline_over_backbone": ("eager/pipeline", "eager/backbone", 1.35),
@@ -71,6 +71,7 @@ RATIOS = {
     "replay_over_naive": ("replay", "naive", None),
     "lwf_over_naive": ("lwf", "naive", None),
     "joint_over_naive": ("joint", "naive", None),
+    "routing_over_naive": ("routing", "naive", None),
 }
 
 
@@ -87,7 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="print (and write OUT/profile.txt) the top ops of the eager and deployed pipelines")
     parser.add_argument("--out", type=Path, default=Path("runs/speed"), help="output folder (default runs/speed)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.fpn_smooth=false")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. model.fpn_smooth=false")
     args = parser.parse_args(argv)
     for size in (args.image_size, args.train_image_size):
         if size < 64 or size % 32:

@@ -2,10 +2,10 @@
 
 A run checkpoint is written after every experience (``OUT/checkpoints/exp{k}.pt``, with ``last.pt`` a hard link to
 the newest, each written atomically), and with ``output.checkpoint_every=N`` also every N training iterations and
-when a stop is requested (SIGTERM, Ctrl-C: ``request_stop``), as ``partial.pt`` with ``last.pt`` pointing at it. It holds only tensors and plain containers, so it loads with
-``weights_only=True`` (Avalanche's own ``save_checkpoint`` pickles the whole strategy with dill): the model's
-state dict, every plugin's ``state_dict()`` (EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task
-BatchNorm...), the template's clock (EWC and layerlr read the experience counter from it), the random-number
+when a stop is requested (SIGTERM, Ctrl-C: ``request_stop``), as ``partial.pt`` with ``last.pt`` pointing at it.
+It holds only tensors and plain containers, so it loads with ``weights_only=True`` (Avalanche's own
+``save_checkpoint`` pickles the whole strategy with dill): the model's state dict, every plugin's ``state_dict()``
+(EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task BatchNorm...), the template's clock (EWC and layerlr read the experience counter from it), the random-number
 generators' states, the accuracy matrix and scores so far, the baselines, the config and the strategy.
 
 Resuming rebuilds the benchmark, model, plugins and template from the saved config, loads all of that, and goes on

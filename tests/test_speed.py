@@ -57,7 +57,7 @@ def test_tiny_run_writes_every_measurement_and_ratios_of_its_medians(speed, tmp_
         assert entry["median_ms"] > 0 and entry["iqr_ms"] >= 0 and len(entry["runs_ms"]) == 2
         assert entry["median_ms"] == pytest.approx(statistics.median(entry["runs_ms"]))
 
-    assert set(result["train"]) == {"naive", "ewc", "replay", "lwf", "joint"}
+    assert set(result["train"]) == {"naive", "ewc", "replay", "lwf", "joint", "routing"}
     for entry in result["train"].values():
         assert entry["images_per_s"] == pytest.approx(2 / (entry["median_ms"] / 1000))
 
@@ -74,12 +74,13 @@ def test_timed_steps_run_each_strategy_with_its_state_from_the_first_experience(
 
     config = speed.training_config(64, 2)
     benchmark = build_benchmark(config)
-    for strategy in ("ewc", "replay", "lwf", "joint"):
+    for strategy in ("ewc", "replay", "lwf", "joint", "routing"):
         template = speed.trained_template(strategy, config, benchmark)
         assert template.clock.train_exp_counter == 1 and template.experience.task_label == 1
         plugin = template.plugins[0]
         state = {"ewc": lambda p: 0 in p.importances, "replay": lambda p: len(p.buffer) > 0,
-                 "lwf": lambda p: p.teacher is not None, "joint": lambda p: set(p._batches) == {0, 2}}[strategy]
+                 "lwf": lambda p: p.teacher is not None, "joint": lambda p: set(p._batches) == {0, 2},
+                 "routing": lambda p: 0 in p.usage}[strategy]
         assert state(plugin), strategy
         calls = []
         original = plugin.before_backward
