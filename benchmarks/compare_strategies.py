@@ -95,11 +95,11 @@ def run_all(args: argparse.Namespace, strategies: Sequence[str], seeds: Sequence
     for jobs in phases:
         for path in baselines.values():
             path.parent.mkdir(parents=True, exist_ok=True)
-        _execute(jobs, args.jobs)
+        execute(jobs, args.jobs)
     return [json.loads((run_dir(out, seed, s) / "results.json").read_text()) for seed in seeds for s in strategies]
 
 
-def _execute(jobs: list, workers: int) -> None:
+def execute(jobs: list, workers: int) -> None:
     start = time.perf_counter()
     if workers == 1:
         for done, (function, arguments) in enumerate(jobs, start=1):

@@ -116,6 +116,7 @@ class EpochsConfig:
 class TrainConfig:
     optimizer: str = field(default="adam", metadata=_one_of("adam", "adamw", "sgd"))
     schedule: str = field(default="constant", metadata=_one_of("constant", "cosine"))
+    warmup: float = field(default=0.0, metadata=_NON_NEGATIVE)
     lr: float = field(default=0.002, metadata=_POSITIVE)
     weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
     batch_size: int = field(default=16, metadata=_AT_LEAST_ONE)

@@ -34,7 +34,7 @@ from clmtl.models import UnifiedModel
 from clmtl.progress import ProgressBar
 from clmtl.registry import build_plugins
 from clmtl.report import prediction_overlays, write_report
-from clmtl.schedule import CosineDecay
+from clmtl.schedule import LRSchedule
 from clmtl.stream import build_stream
 from clmtl.tasks import CLASSIFICATION, SEGMENTATION, TASK_KINDS, TaskSpec
 from clmtl.template import MultiTaskTemplate
@@ -134,12 +134,21 @@ def build_strategy(strategy: str, config: Config, benchmark: Benchmark) -> list:
     return plugins
 
 
+def make_schedule(config: Config) -> LRSchedule | None:
+    """The learning-rate schedule plugin, or None for a constant rate without warmup."""
+    train = config.train
+    if train.schedule == "constant" and train.warmup == 0:
+        return None
+    return LRSchedule(cosine=train.schedule == "cosine", warmup_epochs=train.warmup)
+
+
 def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: list, loggers: list,
                   label: str = "") -> MultiTaskTemplate:
     """The Avalanche template with our criterion, metrics and progress bar."""
     from avalanche.training.plugins import EvaluationPlugin
 
     evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model)), loggers=loggers)
+    schedule = make_schedule(config)
     return MultiTaskTemplate(
         model=model,
         optimizer=make_optimizer(config, model),
@@ -148,7 +157,7 @@ def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec]
         eval_mb_size=config.train.eval_batch_size,
         train_epochs=1,
         device="cpu",
-        plugins=[*plugins, *([CosineDecay()] if config.train.schedule == "cosine" else []),
+        plugins=[*plugins, *([schedule] if schedule else []),
                  ProgressBar(label, disable=None if distributed.is_main_process() else True)],
         evaluator=evaluator,
     )
@@ -169,10 +178,14 @@ class Baselines:
     seconds: dict[str, float]
 
 
-def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list) -> Baselines:
-    """Each task trained alone from the same initial weights with the same budget: the reference for drops."""
+def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list,
+                          only: Sequence[str] | None = None) -> Baselines:
+    """Each task (or those named in ``only``) trained alone from the same initial weights with the same budget: the
+    reference for drops."""
     scores, seconds = {}, {}
     for label, task in enumerate(benchmark.tasks):
+        if only is not None and task.name not in only:
+            continue
         model = build_model(config, benchmark.tasks)
         template = make_template(config, model, benchmark.tasks, plugins=[], loggers=loggers, label="baseline ")
         seconds[task.name] = train_experience(template, benchmark.stream.train_stream[label],

@@ -7,7 +7,7 @@ import torch
 from clmtl.config import load_config
 from clmtl.registry import build_plugins
 from clmtl.run import make_optimizer
-from clmtl.schedule import CosineDecay
+from clmtl.schedule import LRSchedule
 
 
 class Parts(torch.nn.Module):
@@ -32,7 +32,7 @@ def test_multipliers_apply_from_the_chosen_experience_and_compose_with_cosine():
     config = load_config(None, ["train.lr=0.01"])
     optimizer = make_optimizer(config, Parts())
     (plugin,) = build_plugins("layerlr", {"layerlr": {"backbone": 0.1, "neck": 0.5}})
-    cosine = CosineDecay()
+    cosine = LRSchedule(cosine=True)
 
     for experience, expected in [(0, {"backbone": 0.01, "neck": 0.01, "head": 0.01}),
                                  (1, {"backbone": 0.001, "neck": 0.005, "head": 0.01}),

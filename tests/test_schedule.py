@@ -1,27 +1,53 @@
-"""Cosine decay: the lr follows the cosine over the experience's iterations and is restored afterwards."""
+"""Learning-rate schedule: warmup and cosine follow their formulas over the experience and are restored after."""
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from clmtl.schedule import CosineDecay
+from clmtl.config import ConfigError, load_config
+from clmtl.run import make_schedule
+from clmtl.schedule import LRSchedule
 
 
-def test_lr_follows_the_cosine_and_is_restored():
-    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    strategy = SimpleNamespace(optimizer=optimizer, train_epochs=2, dataloader=[None] * 5,
+def run_experience(plugin: LRSchedule, epochs: int = 2, batches: int = 5, lr: float = 0.01) -> tuple[list, float]:
+    """The lr of every step of one experience as the template would see it, and the lr after the experience."""
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    strategy = SimpleNamespace(optimizer=optimizer, train_epochs=epochs, dataloader=[None] * batches,
                                clock=SimpleNamespace(train_exp_iterations=0))
-    plugin = CosineDecay()
     plugin.before_training_exp(strategy)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
-    seen = []
-    for iteration in range(1, 11):
+    seen = [optimizer.param_groups[0]["lr"]]  # the lr of step 0
+    for iteration in range(1, epochs * batches):
         strategy.clock.train_exp_iterations = iteration
         plugin.after_training_iteration(strategy)
         seen.append(optimizer.param_groups[0]["lr"])
-    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(1, 11)]
-    assert seen == pytest.approx(expected)
-    assert seen[-1] == pytest.approx(0.0, abs=1e-12)
     plugin.after_training_exp(strategy)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    return seen, optimizer.param_groups[0]["lr"]
+
+
+def test_cosine_decays_to_zero_and_is_restored():
+    seen, after = run_experience(LRSchedule(cosine=True))
+    assert seen == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(10)])
+    assert seen[-1] > 0 and after == pytest.approx(0.01)
+
+
+def test_warmup_rises_linearly_then_holds():
+    seen, after = run_experience(LRSchedule(warmup_epochs=0.8), epochs=2, batches=5)  # 4 warmup iterations
+    assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01])
+    assert after == pytest.approx(0.01)
+
+
+def test_warmup_and_cosine_multiply():
+    seen, _ = run_experience(LRSchedule(cosine=True, warmup_epochs=1), epochs=2, batches=5)
+    expected = [0.01 * min(1, (t + 1) / 5) * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
+    assert seen == pytest.approx(expected)
+
+
+def test_config_picks_the_schedule():
+    assert make_schedule(load_config(None, [])) is None  # constant, no warmup: no plugin at all
+    schedule = make_schedule(load_config(None, ["train.warmup=3"]))
+    assert (schedule.cosine, schedule.warmup_epochs) == (False, 3.0)
+    schedule = make_schedule(load_config(None, ["train.schedule=cosine", "train.warmup=0.5"]))
+    assert (schedule.cosine, schedule.warmup_epochs) == (True, 0.5)
+    with pytest.raises(ConfigError, match="train.warmup"):
+        load_config(None, ["train.warmup=-1"])
