@@ -103,7 +103,7 @@ class EpochsConfig:
 
     seg: int = field(default=10, metadata=_NON_NEGATIVE)
     det: int = field(default=25, metadata=_NON_NEGATIVE)
-    cls: int = field(default=30, metadata=_NON_NEGATIVE)
+    cls: int = field(default=50, metadata=_NON_NEGATIVE)
 
     def __getitem__(self, task: str) -> int:
         """``epochs["det"]``: look up by a task name held in a variable."""
@@ -116,7 +116,7 @@ class EpochsConfig:
 class TrainConfig:
     optimizer: str = field(default="adam", metadata=_one_of("adam", "adamw", "sgd"))
     schedule: str = field(default="constant", metadata=_one_of("constant", "cosine"))
-    warmup: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    warmup: float = field(default=3.0, metadata=_NON_NEGATIVE)
     lr: float = field(default=0.002, metadata=_POSITIVE)
     weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
     batch_size: int = field(default=16, metadata=_AT_LEAST_ONE)

@@ -39,7 +39,8 @@ class LRSchedule(SupervisedPlugin, supports_distributed=True):
         self._apply(strategy, 0)
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
-        self._apply(strategy, strategy.clock.train_exp_iterations)
+        # Avalanche's clock is the last plugin: here it still counts the iteration just finished, not the next one
+        self._apply(strategy, strategy.clock.train_exp_iterations + 1)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         for group, base in zip(strategy.optimizer.param_groups, self._base):

@@ -63,6 +63,9 @@ class MultiTaskTemplate(SupervisedTemplate):
     def _before_training_exp(self, **kwargs) -> None:
         resumed = self.resume_point["seconds"] if self.resume_point is not None else 0.0
         self._experience_start = time.perf_counter() - resumed  # a resumed experience counts its time before the stop
+        if self.resume_point is not None:  # plugins set up the experience by its index (layerlr's rates, schedules)
+            for name, value in self.resume_point["clock"].items():
+                setattr(self.clock, name, value)
         super()._before_training_exp(**kwargs)
 
     @property

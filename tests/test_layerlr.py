@@ -41,7 +41,8 @@ def test_multipliers_apply_from_the_chosen_experience_and_compose_with_cosine():
         plugin.before_training_exp(strategy)
         cosine.before_training_exp(strategy)  # runs after layerlr in a composed list
         assert lrs(optimizer) == pytest.approx(expected)
-        strategy.clock.train_exp_iterations = 2  # half-way through the experience: half the rate
+        strategy.clock.train_exp_iterations = 1  # iteration 1 done (Avalanche's clock counts it last): the next, 2 of
+        # the experience's 4, is half-way, at half the rate
         cosine.after_training_iteration(strategy)
         assert lrs(optimizer) == pytest.approx({k: v / 2 for k, v in expected.items()})
         cosine.after_training_exp(strategy)

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from avalanche.training.plugins.clock import Clock
 
 from clmtl.config import ConfigError, load_config
 from clmtl.run import make_schedule
@@ -11,16 +12,18 @@ from clmtl.schedule import LRSchedule
 
 
 def run_experience(plugin: LRSchedule, epochs: int = 2, batches: int = 5, lr: float = 0.01) -> tuple[list, float]:
-    """The lr of every step of one experience as the template would see it, and the lr after the experience."""
+    """The lr of every step of one experience, with the plugin called as Avalanche calls it: before Avalanche's own
+    ``Clock``, which the template keeps last; and the lr after the experience."""
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    strategy = SimpleNamespace(optimizer=optimizer, train_epochs=epochs, dataloader=[None] * batches,
-                               clock=SimpleNamespace(train_exp_iterations=0))
+    clock = Clock()
+    strategy = SimpleNamespace(optimizer=optimizer, train_epochs=epochs, dataloader=[None] * batches, clock=clock)
     plugin.before_training_exp(strategy)
-    seen = [optimizer.param_groups[0]["lr"]]  # the lr of step 0
-    for iteration in range(1, epochs * batches):
-        strategy.clock.train_exp_iterations = iteration
+    clock.before_training_exp(strategy)
+    seen = []
+    for _ in range(epochs * batches):
+        seen.append(optimizer.param_groups[0]["lr"])  # the step of this iteration uses it
         plugin.after_training_iteration(strategy)
-        seen.append(optimizer.param_groups[0]["lr"])
+        clock.after_training_iteration(strategy)
     plugin.after_training_exp(strategy)
     return seen, optimizer.param_groups[0]["lr"]
 
@@ -44,9 +47,9 @@ def test_warmup_and_cosine_multiply():
 
 
 def test_config_picks_the_schedule():
-    assert make_schedule(load_config(None, [])) is None  # constant, no warmup: no plugin at all
-    schedule = make_schedule(load_config(None, ["train.warmup=3"]))
-    assert (schedule.cosine, schedule.warmup_epochs) == (False, 3.0)
+    assert make_schedule(load_config(None, ["train.warmup=0"])) is None  # constant, no warmup: no plugin at all
+    schedule = make_schedule(load_config(None, []))
+    assert (schedule.cosine, schedule.warmup_epochs) == (False, 3.0)  # the default: 3 epochs of warmup
     schedule = make_schedule(load_config(None, ["train.schedule=cosine", "train.warmup=0.5"]))
     assert (schedule.cosine, schedule.warmup_epochs) == (True, 0.5)
     with pytest.raises(ConfigError, match="train.warmup"):
