@@ -103,7 +103,7 @@ class EpochsConfig:
 
     seg: int = field(default=10, metadata=_NON_NEGATIVE)
     det: int = field(default=25, metadata=_NON_NEGATIVE)
-    cls: int = field(default=50, metadata=_NON_NEGATIVE)
+    cls: int = field(default=60, metadata=_NON_NEGATIVE)
 
     def __getitem__(self, task: str) -> int:
         """``epochs["det"]``: look up by a task name held in a variable."""
