@@ -2,7 +2,7 @@
 
 Each experience resets the optimizer state, and Adam's first bias-corrected steps move every weight by about the
 full learning rate whatever its gradient's scale: a linear warmup over the first iterations tempers those steps
-(ultralytics warms up for the same reason). Short budgets end noisily at a constant rate; cosine decay to zero
+(ultralytics' trainer also warms up, for 3 epochs by default). Short budgets end noisily at a constant rate; cosine decay to zero
 lets the last weights settle. The schedule restarts at every experience, because each task gets its own budget,
 from each parameter group's rate at the start of the experience (so it composes with plugins that set per-group
 rates, such as ``layerlr``).
@@ -17,7 +17,7 @@ from avalanche.training.plugins import SupervisedPlugin
 class LRSchedule(SupervisedPlugin, supports_distributed=True):
     """Sets every parameter group's lr to ``base * warmup(t) * decay(t)`` for the step at iteration t of T.
 
-    ``warmup(t) = min(1, (t + 1) / W)`` with W = ``warmup_epochs`` epochs of iterations (1 when 0);
+    ``warmup(t) = min(1, (t + 1) / W)`` with W = ``warmup_epochs`` epochs of iterations, or 1 without warmup;
     ``decay(t) = (1 + cos(pi * t / T)) / 2`` when ``cosine``, else 1.
     """
 
