@@ -29,7 +29,7 @@ RECIPES = {
     "warmup 3 + cosine, 50 epochs": ("train.schedule=cosine", "train.epochs.cls=50"),
     "warmup 3, 60 epochs (default)": (),
 }
-"""What brought the classification baseline from scratch from ~0.6-0.7 to ~0.9 (README, Training recipe)."""
+"""The recipes of README's Training recipe table: classification from scratch 0.657 -> 0.880 over seeds 0-4."""
 
 
 def parse_recipe(text: str) -> tuple[str, tuple[str, ...]]:

@@ -28,7 +28,7 @@ def run_experience(plugin: LRSchedule, epochs: int = 2, batches: int = 5, lr: fl
     return seen, optimizer.param_groups[0]["lr"]
 
 
-def test_cosine_decays_to_zero_and_is_restored():
+def test_cosine_decays_towards_zero_and_is_restored():
     seen, after = run_experience(LRSchedule(cosine=True))
     assert seen == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(10)])
     assert seen[-1] > 0 and after == pytest.approx(0.01)
