@@ -80,7 +80,7 @@ def build_benchmark(config: Config) -> Benchmark:
         tasks = [shapes_task(TASK_KINDS[name], name) for name in config.tasks]
         train = [make_shapes_dataset(t.kind, "train", data.train_size, data.image_size, config.seed) for t in tasks]
         val = [make_shapes_dataset(t.kind, "val", data.val_size, data.image_size, config.seed) for t in tasks]
-    augmented = [train_augmentation(ds, t.kind, data.hflip) for ds, t in zip(train, tasks)]
+    augmented = [train_augmentation(ds, t.kind, data.hflip, data.hue[t.name]) for ds, t in zip(train, tasks)]
     return Benchmark(tasks, build_stream(tasks, augmented, val), val)
 
 

@@ -48,7 +48,7 @@ def test_defaults_have_the_brief_values():
 def test_overrides_apply_and_parse_yaml_values():
     cfg = load_config(None, ["train.epochs.det=30", "train.lr=1e-3", "output.tensorboard=true",
                              "tasks=[det, seg, cls]", "model.weights=/w/yolov8n.pt", "seed=7"])
-    assert cfg.train.epochs.det == 30 and cfg.train.epochs.seg == 10
+    assert cfg.train.epochs.det == 30 and cfg.train.epochs.seg == 15
     assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
     assert cfg.output.tensorboard is True
     assert cfg.tasks == ["det", "seg", "cls"]
@@ -68,6 +68,13 @@ def test_single_number_sets_epochs_of_every_task():
     assert [cfg.train.epochs[name] for name in ("seg", "det", "cls")] == [3, 3, 1]
     with pytest.raises(KeyError):
         cfg.train.epochs["depth"]
+
+
+def test_hue_is_per_task_like_epochs():
+    defaults = load_config(None, []).data.hue
+    assert [defaults[name] for name in ("seg", "det", "cls")] == [0.0, 0.0, 0.0]
+    cfg = load_config(None, ["data.hue=0.1", "data.hue.det=0"])
+    assert (cfg.data.hue.seg, cfg.data.hue.det, cfg.data.hue.cls) == (0.1, 0.0, 0.1)
 
 
 def test_precedence_defaults_file_overrides(tmp_path):
@@ -136,7 +143,7 @@ def test_strategy_errors(override, message):
     ("train.epochs.seeg=1", "override 'train.epochs.seeg=1': train.epochs.seeg: unknown key; "
                             "did you mean 'train.epochs.seg'?"),
     ("data.zzz=1", "override 'data.zzz=1': data.zzz: unknown key; "
-                   "known keys: image_size, train_size, val_size, num_workers, hflip, root, on_bad_sample, seg, det, "
+                   "known keys: image_size, train_size, val_size, num_workers, hflip, hue, root, on_bad_sample, seg, det, "
                    "cls"),
     ("data.det.val_anns=x", "override 'data.det.val_anns=x': data.det.val_anns: unknown key; "
                             "did you mean 'data.det.val_ann'?"),
@@ -164,6 +171,9 @@ def test_strategy_errors(override, message):
     ("data.train_size=0", "override 'data.train_size=0': data.train_size: must be >= 1, got 0"),
     ("train.epochs.det=-1", "override 'train.epochs.det=-1': train.epochs.det: must be >= 0, got -1"),
     ("train.epochs=-2", "override 'train.epochs=-2': train.epochs.seg: must be >= 0, got -2"),
+    ("train.epochs=2.5", "override 'train.epochs=2.5': train.epochs.seg: expected an integer, got number 2.5"),
+    ("data.hue.cls=0.7", "override 'data.hue.cls=0.7': data.hue.cls: must be between 0 and 0.5 (turns of the colour "
+                         "wheel), got 0.7"),
     ("eval.iou_threshold=1.5", "override 'eval.iou_threshold=1.5': eval.iou_threshold: must be between 0 and 1, "
                                "got 1.5"),
     ("train.optimizer=lion", "override 'train.optimizer=lion': train.optimizer: must be one of adam, adamw, sgd, "
