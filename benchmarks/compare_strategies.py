@@ -20,10 +20,10 @@ import argparse
 import csv
 import json
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -101,15 +101,29 @@ def run_all(args: argparse.Namespace, strategies: Sequence[str], seeds: Sequence
 
 
 def execute(jobs: list, workers: int) -> None:
+    """Run ``(function, arguments)`` jobs, ``workers`` at a time in spawned processes; stopping this process (Ctrl-C,
+    SIGTERM) terminates the running trainings too, instead of leaving them to finish as orphans."""
     start = time.perf_counter()
     if workers == 1:
         for done, (function, arguments) in enumerate(jobs, start=1):
             _report(function(*arguments), done, len(jobs), start)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(function, *arguments) for function, arguments in jobs]
-        for done, future in enumerate(as_completed(futures), start=1):
-            _report(future.result(), done, len(jobs), start)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with get_context("spawn").Pool(workers) as pool:  # leaving the block terminates the workers
+            for done, name in enumerate(pool.imap_unordered(_call, jobs), start=1):
+                _report(name, done, len(jobs), start)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _call(job: tuple) -> str:
+    function, arguments = job
+    return function(*arguments)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _report(name: str, done: int, total: int, start: float) -> None:
