@@ -74,6 +74,12 @@ def clock_state(clock: Any) -> dict[str, int]:
     return {name: value for name, value in vars(clock).items() if isinstance(value, int)}
 
 
+def set_clock_state(clock: Any, state: dict[str, int]) -> None:
+    """Put Avalanche's training clock back to the counters ``clock_state`` saved."""
+    for name, value in state.items():
+        setattr(clock, name, value)
+
+
 def plugin_states(plugins: list) -> list[dict | None]:
     """Each plugin's ``state_dict()``; None for a plugin that keeps none (it cannot be resumed)."""
     return [plugin.state_dict() if hasattr(plugin, "state_dict") else None for plugin in plugins]

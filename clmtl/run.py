@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from clmtl import distributed
 from clmtl.checkpoint import (ResumeError, clock_state, load_run_checkpoint, plugin_states, restore_plugins,
-                              rng_state, save_run_checkpoint, set_rng_state, task_model_states)
+                              rng_state, save_run_checkpoint, set_clock_state, set_rng_state, task_model_states)
 from clmtl.config import Config, ConfigError
 from clmtl.data.files import files_benchmark
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
@@ -265,8 +265,7 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
                                f"iteration {saved['partial']['iteration']}) ==\n")
             else:
                 restore_plugins(plugins, saved["plugins"], model)
-                for name, value in saved["clock"].items():
-                    setattr(template.clock, name, value)
+                set_clock_state(template.clock, saved["clock"])
                 set_rng_state(saved["rng"])
                 log_file.write(f"== resumed after experience {finished} ==\n")
 

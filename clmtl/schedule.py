@@ -2,10 +2,10 @@
 
 Each experience resets the optimizer state, and Adam's first bias-corrected steps move every weight by about the
 full learning rate whatever its gradient's scale: a linear warmup over the first iterations tempers those steps
-(ultralytics' trainer also warms up, for 3 epochs by default). Short budgets end noisily at a constant rate; cosine decay to zero
-lets the last weights settle. The schedule restarts at every experience, because each task gets its own budget,
-from each parameter group's rate at the start of the experience (so it composes with plugins that set per-group
-rates, such as ``layerlr``).
+(ultralytics' trainer also warms up, for 3 epochs by default). Short budgets end noisily at a constant rate; cosine
+decay to zero lets the last weights settle. The schedule restarts at every experience, because each task gets its
+own budget, from each parameter group's rate at the start of the experience (so it composes with plugins that set
+per-group rates, such as ``layerlr``).
 """
 from __future__ import annotations
 

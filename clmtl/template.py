@@ -25,7 +25,8 @@ from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, Task
 from avalanche.training.templates import SupervisedTemplate
 
 from clmtl import distributed
-from clmtl.checkpoint import StopRequested, clock_state, rng_state, set_rng_state, stop_requested
+from clmtl.checkpoint import (StopRequested, clock_state, rng_state, set_clock_state, set_rng_state,
+                              stop_requested)
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
@@ -64,8 +65,7 @@ class MultiTaskTemplate(SupervisedTemplate):
         resumed = self.resume_point["seconds"] if self.resume_point is not None else 0.0
         self._experience_start = time.perf_counter() - resumed  # a resumed experience counts its time before the stop
         if self.resume_point is not None:  # plugins set up the experience by its index (layerlr's rates, schedules)
-            for name, value in self.resume_point["clock"].items():
-                setattr(self.clock, name, value)
+            set_clock_state(self.clock, self.resume_point["clock"])
         super()._before_training_exp(**kwargs)
 
     @property
@@ -121,8 +121,7 @@ class MultiTaskTemplate(SupervisedTemplate):
             self._before_training_epoch(**kwargs)
             loader = self.dataloader
             if resumed:
-                for name, value in point["clock"].items():
-                    setattr(self.clock, name, value)
+                set_clock_state(self.clock, point["clock"])
                 self.dataloader = _SkipBatches(loader, point["iteration"], lambda: set_rng_state(point["rng"]))
             try:
                 self.training_epoch(**kwargs)
