@@ -136,6 +136,8 @@ class TrainConfig:
     optimizer: str = field(default="adam", metadata=_one_of("adam", "adamw", "sgd"))
     schedule: str = field(default="constant", metadata=_one_of("constant", "cosine"))
     warmup: float = field(default=3.0, metadata=_NON_NEGATIVE)
+    ema: float = field(default=0.999, metadata=_rule(lambda v: 0 <= v < 1, "must be >= 0 and < 1 (0 = off)"))
+    ema_tau: float = field(default=200.0, metadata=_POSITIVE)
     lr: float = field(default=0.002, metadata=_POSITIVE)
     weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
     batch_size: int = field(default=16, metadata=_AT_LEAST_ONE)

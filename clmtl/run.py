@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clmtl import distributed
+from clmtl.averaging import WeightAveraging
 from clmtl.checkpoint import (ResumeError, clock_state, load_run_checkpoint, plugin_states, restore_plugins,
                               rng_state, save_run_checkpoint, set_clock_state, set_rng_state, task_model_states)
 from clmtl.config import Config, ConfigError
@@ -134,6 +135,13 @@ def build_strategy(strategy: str, config: Config, benchmark: Benchmark) -> list:
     return plugins
 
 
+def recipe_plugins(config: Config) -> list:
+    """The stateful plugins of the training recipe (weight averaging), which go before a strategy's plugins: those
+    see the averaged weights at the end of an experience, and run checkpoints keep their state with the strategy's."""
+    ema = config.train.ema
+    return [WeightAveraging(ema, config.train.ema_tau)] if ema else []
+
+
 def make_schedule(config: Config) -> LRSchedule | None:
     """The learning-rate schedule plugin, or None for a constant rate without warmup."""
     train = config.train
@@ -187,7 +195,7 @@ def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list,
         if only is not None and task.name not in only:
             continue
         model = build_model(config, benchmark.tasks)
-        template = make_template(config, model, benchmark.tasks, plugins=[], loggers=loggers, label="baseline ")
+        template = make_template(config, model, benchmark.tasks, recipe_plugins(config), loggers, label="baseline ")
         seconds[task.name] = train_experience(template, benchmark.stream.train_stream[label],
                                               config.train.epochs[task.name], config.data.num_workers)
         metrics = template.eval([benchmark.stream.test_stream[label]])
@@ -247,7 +255,7 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
         log_file.write(f"== sequential training, strategy {strategy} ==\n")
         seed_everything(config.seed)
         model = build_model(config, tasks)
-        plugins = build_strategy(strategy, config, benchmark)
+        plugins = [*recipe_plugins(config), *build_strategy(strategy, config, benchmark)]
         loggers = make_loggers(config, out_dir, log_file) if writes else []
         template = make_template(config, model, tasks, plugins, loggers)
         matrix: list[list[float | None]] = []

@@ -1,14 +1,17 @@
-"""One evaluation and one training step, run by tests/test_distributed.py under torchrun and as a single process.
+"""One evaluation, one training step and one averaged experience, run by tests/test_distributed.py under torchrun
+and as a single process.
 
 It loads the model of a run checkpoint, then writes (rank 0 only) what the test compares: the metrics of every
-task's whole validation set, and the parameter gradients after one backward pass on a fixed global batch of
-classification samples. ``python tests/distributed_worker.py CHECKPOINT OUT``.
+task's whole validation set, the parameter gradients after one backward pass on a fixed global batch of
+classification samples, and every process's weights after an experience trained with weight averaging (which each
+process must end with alike). ``python tests/distributed_worker.py CHECKPOINT OUT``.
 """
 import sys
 
 import torch
 
 from clmtl import distributed
+from clmtl.averaging import WeightAveraging
 from clmtl.checkpoint import checkpoint_config, load_model_checkpoint
 from clmtl.metrics.plugin import task_scores
 from clmtl.run import build_benchmark, build_model, make_template
@@ -36,8 +39,14 @@ def main(checkpoint: str, out: str) -> None:
     if distributed.is_distributed():
         distributed.average_gradients(model)
     gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    template = make_template(config, model, benchmark.tasks, plugins=[WeightAveraging(0.9, 2.0)], loggers=[])
+    template.train_epochs = 1
+    template.train(benchmark.stream.train_stream[label])
+    averaged = distributed.gather(model.state_dict()) if distributed.is_distributed() else [model.state_dict()]
     if distributed.is_main_process():
-        torch.save({"scores": scores, "gradients": gradients, "processes": distributed.world_size()}, out)
+        torch.save({"scores": scores, "gradients": gradients, "averaged": averaged,
+                    "processes": distributed.world_size()}, out)
     distributed.shutdown()
 
 

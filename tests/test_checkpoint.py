@@ -44,7 +44,8 @@ KILLER = textwrap.dedent('''
 ''')
 STRATEGY = "ewc+replay+lwf+bnfreeze+layerlr+killer"
 TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
-        "output.overlays=0", "train.threads=1", "strategy.bnfreeze.mode=per_task", "strategy.replay.mem_size=6"]
+        "output.overlays=0", "train.threads=1", "strategy.bnfreeze.mode=per_task", "strategy.replay.mem_size=6",
+        "train.ema=0.9", "train.ema_tau=2"]  # the moving average, too, continues where it stopped
 
 
 def clmtl(*args, env=None):
