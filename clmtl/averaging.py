@@ -1,7 +1,7 @@
 """Weight averaging: an exponential moving average (EMA) of the weights over each experience, used in its place.
 
 Short trainings from scratch end wherever the last minibatches left the weights: on shapes, classification's
-validation top-1 swings by 0.1-0.3 between consecutive epochs. ultralytics trains every YOLO with an EMA of the
+validation top-1 swings widely from one epoch to the next. ultralytics trains every YOLO with an EMA of the
 weights for this reason, and this plugin reuses its ``ModelEMA`` (parameters and BatchNorm statistics, decay ramped
 up as ``decay * (1 - exp(-updates / tau))`` so the random start is soon forgotten). Each experience starts a fresh
 average from the weights it begins with, and its end loads the average into the model, so evaluation, checkpoints
@@ -28,9 +28,7 @@ class WeightAveraging(SupervisedPlugin, supports_distributed=True):
         self._average = None  # a ModelEMA while an experience trains
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        from ultralytics.utils.torch_utils import ModelEMA
-
-        self._average = ModelEMA(strategy.model, decay=self.decay, tau=self.tau)
+        self._start(strategy.model)
 
     def after_training_iteration(self, strategy, **kwargs) -> None:
         self._average.update(strategy.model)  # after every plugin's after_update (routing restores frozen entries)
@@ -52,7 +50,10 @@ class WeightAveraging(SupervisedPlugin, supports_distributed=True):
         if not state:
             self._average = None
             return
-        from ultralytics.utils.torch_utils import ModelEMA
-
-        self._average = ModelEMA(model, decay=self.decay, tau=self.tau, updates=state["updates"])
+        self._start(model, state["updates"])
         self._average.ema.load_state_dict(state["weights"])
+
+    def _start(self, model: torch.nn.Module, updates: int = 0) -> None:
+        from ultralytics.utils.torch_utils import ModelEMA  # on use: the model built first has set YOLO_OFFLINE
+
+        self._average = ModelEMA(model, decay=self.decay, tau=self.tau, updates=updates)
