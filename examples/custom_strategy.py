@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from clmtl.registry import register
 from clmtl.template import to_device
-from strategies.ewc import ewc_penalty  # sum of importance * (theta - theta*)^2
+from strategies.ewc import ewc_penalty, merge_anchors  # sum over anchors of importance * (theta - theta*)^2
 
 
 def squared_norm(output) -> torch.Tensor:
@@ -24,8 +24,8 @@ class MemoryAwareSynapses(SupervisedPlugin):
         self.anchors: list[tuple[dict, dict]] = []  # (theta*, importance) of every finished experience
 
     def before_backward(self, strategy, **kwargs) -> None:
-        for saved, importance in self.anchors:
-            strategy.loss += self.strength * ewc_penalty(strategy.model, saved, importance)
+        if self.anchors:  # merged: all of them as one quadratic, computed once per experience
+            strategy.loss += self.strength * ewc_penalty(strategy.model, self.merged)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         model, data = strategy.model, strategy.experience.dataset
@@ -39,6 +39,7 @@ class MemoryAwareSynapses(SupervisedPlugin):
                 if p.grad is not None:
                     importance[name] += p.grad.abs() / len(loader)
         self.anchors.append(({name: p.detach().clone() for name, p in model.named_parameters()}, importance))
+        self.merged = merge_anchors(self.anchors)
         model.train()
 
 

@@ -10,7 +10,7 @@ from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import copy_params_dict
 from torch.utils.data import TensorDataset
 
-from strategies.ewc import MultiTaskEWCPlugin, ewc_penalty
+from strategies.ewc import MultiTaskEWCPlugin, ewc_penalty, merge_anchors
 
 
 def classification_data(n=40, features=6, classes=3, seed=0):
@@ -122,7 +122,7 @@ def test_penalty_is_zero_at_the_anchor_and_quadratic_in_the_step():
     importances = {name: copy.deepcopy(p) for name, p in saved.items()}
     for imp in importances.values():
         imp.data = torch.rand_like(imp.data)
-    assert float(ewc_penalty(model, saved, importances).detach()) == 0.0
+    assert float(ewc_penalty(model, merge_anchors([(saved, importances)])).detach()) == 0.0
     direction = [torch.randn_like(p) for p in model.parameters()]
 
     def penalty_after(step):
@@ -130,11 +130,34 @@ def test_penalty_is_zero_at_the_anchor_and_quadratic_in_the_step():
         with torch.no_grad():
             for p, d in zip(moved.parameters(), direction):
                 p.add_(step * d)
-        return float(ewc_penalty(moved, saved, importances).detach())
+        return float(ewc_penalty(moved, merge_anchors([(saved, importances)])).detach())
 
     expected = sum(float((imp.data * d.pow(2)).sum()) for imp, d in zip(importances.values(), direction))
     assert penalty_after(0.1) == pytest.approx(0.01 * expected, rel=1e-4)
     assert penalty_after(0.2) / penalty_after(0.1) == pytest.approx(4.0, rel=1e-4)
+
+
+def test_penalty_of_several_anchors_equals_the_sum_of_their_penalties_in_value_and_gradient():
+    """The merged quadratic against the textbook sum Σ_e Σ F_e (θ − θ*_e)², differentiated by autograd."""
+    model = mlp()
+    anchors = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        saved = {n: copy.deepcopy(p) for n, p in copy_params_dict(mlp(seed)).items()}
+        importances = {n: copy.deepcopy(p) for n, p in saved.items()}
+        for name, imp in importances.items():
+            imp.data = torch.rand_like(imp.data) * (torch.rand_like(imp.data) > 0.3)  # some weights never matter
+        anchors.append((saved, importances))
+    del anchors[0][0]["2.bias"]  # a parameter the first experience did not have counts from the others only
+    params = dict(model.named_parameters())
+    textbook = sum((importances[n].data * (params[n] - saved[n].data).pow(2)).sum()
+                   for saved, importances in anchors for n in saved)
+    expected = torch.autograd.grad(textbook, list(params.values()))
+    merged = ewc_penalty(model, merge_anchors(anchors))
+    got = torch.autograd.grad(merged, list(params.values()))
+    assert float(merged) == pytest.approx(float(textbook), rel=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 def test_online_mode_accumulates_with_decay():
