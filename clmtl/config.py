@@ -26,6 +26,9 @@ BACKBONE_NAMES = ("yolov8n", "mobilenet_v3_small", "efficientnet_b0")
 """The keys of ``clmtl.models.backbone.BACKBONES`` (a test keeps them equal): listed here so that checking a config
 does not import torchvision and ultralytics (5 s) before the first error can be shown."""
 
+PRECISIONS = ("auto", "fp32", "bf16")
+"""``train.precision``: resolved by ``clmtl.precision`` (listed here so that a config is checked without torch)."""
+
 DEFAULTS_SOURCE = "clmtl/default.yaml"
 
 
@@ -144,6 +147,9 @@ class TrainConfig:
     eval_batch_size: int = field(default=32, metadata=_AT_LEAST_ONE)
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
     threads: int = field(default=2, metadata=_AT_LEAST_ONE)
+    precision: str = field(default="auto", metadata=_one_of(*PRECISIONS))
+    channels_last: bool = True
+    parallel_baselines: bool = True
 
 
 @dataclass

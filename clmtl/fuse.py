@@ -30,8 +30,8 @@ def fuse_batchnorm(model: nn.Module, channels_last: bool = True) -> nn.Module:
     followed by ``BatchNorm2d`` in an ``nn.Sequential``. A BatchNorm in any other place cannot be folded safely, so it
     raises ``ValueError`` naming it rather than returning a half-fused model.
 
-    ``channels_last`` stores the conv weights NHWC, so the convolutions run (and return) NHWC even for ordinary NCHW
-    inputs; on CPU that was 10-20 % faster than NCHW at 512 px (``benchmarks/speed.py``, ``channels_last_speedup``).
+    ``channels_last`` stores the conv weights NHWC (as ``UnifiedModel`` does), so the convolutions run (and return)
+    NHWC even for ordinary NCHW inputs; False stores them NCHW. On CPU NHWC was 10-20 % faster at 512 px (``benchmarks/speed.py``, ``channels_last_speedup``).
     """
     fused = copy.deepcopy(model).eval()
     for module in list(fused.modules()):  # a list: the loop replaces and deletes children
@@ -53,6 +53,4 @@ def fuse_batchnorm(model: nn.Module, channels_last: bool = True) -> nn.Module:
             "ultralytics Conv block or an nn.Sequential"
         )
     fused.requires_grad_(False)
-    if channels_last:
-        fused = fused.to(memory_format=torch.channels_last)
-    return fused
+    return fused.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, TaskBalancedDataLoader
+from avalanche.models.utils import avalanche_forward
 from avalanche.training.templates import SupervisedTemplate
 
 from clmtl import distributed
 from clmtl.checkpoint import (StopRequested, clock_state, rng_state, set_clock_state, set_rng_state,
                               stop_requested)
+from clmtl.precision import autocast, to_float
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
@@ -47,7 +49,8 @@ def task_batch_loss(strategy, batch: list, task_label: int) -> torch.Tensor:
     so its samples cannot join the current mini-batch and get their own forward pass instead.
     """
     images, targets = to_device(batch[0], strategy.device), to_device(batch[1], strategy.device)
-    return strategy._criterion(strategy.model(images, task_label), targets)
+    forward = getattr(strategy, "task_output", strategy.model)  # ours adds the training precision
+    return strategy._criterion(forward(images, task_label), targets)
 
 
 class MultiTaskTemplate(SupervisedTemplate):
@@ -60,6 +63,21 @@ class MultiTaskTemplate(SupervisedTemplate):
     resume_point: dict | None = None
     """A ``position()`` saved earlier plus ``"restore"``, a callable that puts the plugins' states back: the next
     ``train`` call continues that experience from there instead of starting it."""
+
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: training forwards run under bfloat16 autocast (``clmtl.precision``)."""
+
+    def forward(self):
+        return self.task_output(self.mb_x, self.mb_task_id)
+
+    def task_output(self, x: torch.Tensor, task_label: int):
+        """The model's output for a batch of one task: while training at ``bf16`` under autocast and returned in
+        float32, so losses and plugins never see bfloat16; evaluation always runs in float32."""
+        if not self.is_training:
+            return avalanche_forward(self.model, x, task_label)
+        with autocast(self.precision, self.device):
+            output = avalanche_forward(self.model, x, task_label)
+        return to_float(output)
 
     def _before_training_exp(self, **kwargs) -> None:
         resumed = self.resume_point["seconds"] if self.resume_point is not None else 0.0

@@ -104,6 +104,37 @@ def test_given_baselines_are_reused_instead_of_trained(tmp_path):
     assert "single-task baselines" not in (tmp_path / "log.txt").read_text()
 
 
+def test_baselines_beside_the_stream_equal_baselines_trained_before_it(tmp_path):
+    """2 threads: baselines in a second process, 1 thread each; the same run on 1 thread trains them first."""
+    results = {}
+    for threads in (2, 1):
+        config = load_config(None, TINY + ["output.overlays=0", f"train.threads={threads}"])
+        results[threads] = run(config, "naive", tmp_path / str(threads), baselines=True)
+    beside, before = results[2], results[1]
+    assert beside["threads"] == before["threads"] == {"stream": 1, "baselines": 1}
+    assert beside["baseline"] == before["baseline"] and beside["extra"] == before["extra"]
+    assert beside["matrix"] == before["matrix"]
+    assert set(beside["baseline_train_seconds"]) == {"seg", "det", "cls"}
+    assert "single-task baselines (trained beside the stream)" in (tmp_path / "2" / "log.txt").read_text()
+    last = load_checkpoint(tmp_path / "2" / "checkpoints" / "last.pt")  # rewritten once the baselines arrived
+    assert last["baselines"]["scores"] == load_checkpoint(tmp_path / "1" / "checkpoints" / "last.pt")["baselines"][
+        "scores"]
+
+
+def test_a_failing_stream_stops_the_baselines_process(tmp_path, isolated_registry):
+    import multiprocessing
+
+    class Failing(SupervisedPlugin):
+        def before_training_exp(self, strategy, **kwargs):
+            raise RuntimeError("plugin failed")
+
+    register("failing_for_run_test")(lambda params: Failing())
+    config = load_config(None, TINY + ["output.overlays=0", "train.threads=2"])
+    with pytest.raises(RuntimeError, match="plugin failed"):
+        run(config, "failing_for_run_test", tmp_path, baselines=True)
+    assert multiprocessing.active_children() == []
+
+
 @pytest.mark.slow
 def test_outputs_checkpoints_and_metric_log_are_written(tiny_run):
     out, results = tiny_run
