@@ -30,8 +30,9 @@ def fuse_batchnorm(model: nn.Module, channels_last: bool = True) -> nn.Module:
     followed by ``BatchNorm2d`` in an ``nn.Sequential``. A BatchNorm in any other place cannot be folded safely, so it
     raises ``ValueError`` naming it rather than returning a half-fused model.
 
-    ``channels_last`` stores the conv weights NHWC (as ``UnifiedModel`` does), so the convolutions run (and return)
-    NHWC even for ordinary NCHW inputs; False stores them NCHW. On CPU NHWC was 10-20 % faster at 512 px (``benchmarks/speed.py``, ``channels_last_speedup``).
+    ``channels_last`` stores the conv weights NHWC (as ``clmtl run`` trains them by default), so the convolutions
+    run (and return) NHWC even for ordinary NCHW inputs; False stores them NCHW, whatever the model's layout. On CPU
+    NHWC was 10-20 % faster at 512 px (``benchmarks/speed.py``, ``channels_last_speedup``).
     """
     fused = copy.deepcopy(model).eval()
     for module in list(fused.modules()):  # a list: the loop replaces and deletes children

@@ -228,10 +228,10 @@ def _baselines_alone(config: Config, threads: int) -> tuple[Baselines, str]:
 def baseline_threads(config: Config) -> int:
     """Threads of the single-task baselines when they train in a second process beside the stream, else 0.
 
-    On this machine a training step runs only 1.4x faster on 2 threads than on 1, so two 1-thread trainings side by
-    side (baselines and stream) finish ~1.4x sooner than one 2-thread training after the other. The stream keeps the
-    other threads whether or not the run trains baselines (``--no-baselines``, resumed runs): its numbers depend on
-    its thread count, and must not depend on the baselines.
+    On this machine a training step runs only 1.2-1.6x faster on 2 threads than on 1 (README, Training speed), so two
+    1-thread trainings side by side (baselines and stream) finish sooner than one 2-thread training after the other.
+    The stream keeps the other threads whether or not the run trains baselines (``--no-baselines``, resumed runs):
+    its numbers depend on its thread count, and must not depend on the baselines.
     """
     if not config.train.parallel_baselines or distributed.is_distributed():
         return 0
@@ -386,6 +386,7 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
             if checkpoints:  # the last checkpoint, now with them: resuming a finished run needs no retraining
                 save_run_checkpoint(snapshot(), out_dir / "checkpoints", finished)
 
+    torch.set_num_threads(config.train.threads)  # the run's threads again, for the caller (the stream had a share)
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
     measured = {"train_seconds": train_seconds, "baseline_train_seconds": baselines.seconds,
                 "memory_bytes": sum(getattr(plugin, "memory_bytes", 0) for plugin in plugins),

@@ -87,5 +87,5 @@ def test_channels_last_stores_conv_weights_nhwc_and_computes_the_same_outputs(se
     with torch.no_grad():
         for label in range(3):
             got, expected = nhwc(x, label), nchw(x, label)
-            for g, e in zip(got if isinstance(got, list) else [got], expected if isinstance(expected, list) else [expected]):
+            for g, e in zip(*(out if isinstance(out, list) else [out] for out in (got, expected))):
                 torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clmtl.config import load_config
-from clmtl.io import load_checkpoint
+from clmtl.io import atomic_torch_save, load_checkpoint
 from avalanche.training.plugins import SupervisedPlugin
 
 from clmtl.registry import register, strategy_defaults
@@ -110,6 +110,7 @@ def test_baselines_beside_the_stream_equal_baselines_trained_before_it(tmp_path)
     for threads in (2, 1):
         config = load_config(None, TINY + ["output.overlays=0", f"train.threads={threads}"])
         results[threads] = run(config, "naive", tmp_path / str(threads), baselines=True)
+        assert torch.get_num_threads() == threads  # the run's threads again once its stream is done
     beside, before = results[2], results[1]
     assert beside["threads"] == before["threads"] == {"stream": 1, "baselines": 1}
     assert beside["baseline"] == before["baseline"] and beside["extra"] == before["extra"]
@@ -119,6 +120,12 @@ def test_baselines_beside_the_stream_equal_baselines_trained_before_it(tmp_path)
     last = load_checkpoint(tmp_path / "2" / "checkpoints" / "last.pt")  # rewritten once the baselines arrived
     assert last["baselines"]["scores"] == load_checkpoint(tmp_path / "1" / "checkpoints" / "last.pt")["baselines"][
         "scores"]
+
+    # a checkpoint written while the baselines were still training holds none: resuming trains them again
+    atomic_torch_save({**last, "baselines": None}, tmp_path / "2" / "checkpoints" / "last.pt")
+    config = load_config(None, TINY + ["output.overlays=0", "train.threads=2"])
+    resumed = run(config, "naive", tmp_path / "2", baselines=True, resume=True)
+    assert resumed["baseline"] == before["baseline"] and resumed["matrix"] == before["matrix"]
 
 
 def test_a_failing_stream_stops_the_baselines_process(tmp_path, isolated_registry):
