@@ -10,6 +10,7 @@ import io
 import os
 import platform
 import random
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -217,12 +218,21 @@ def _baselines_alone(config: Config, threads: int) -> tuple[Baselines, str]:
     as ``run`` builds them, so the scores equal a sequential run's with the same threads; returns them and the log."""
     from avalanche.logging import TextLogger
 
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(threads)
     seed_everything(config.seed)
     benchmark = build_benchmark(config)
     log = io.StringIO()
     baselines = single_task_baselines(config, benchmark, [TextLogger(log)], progress=False)
     return baselines, log.getvalue()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once ``parent`` is gone: a run killed outright (SIGKILL) runs no cleanup that would stop it,
+    and orphaned baselines would only waste the cores."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def baseline_threads(config: Config) -> int:
