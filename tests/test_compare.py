@@ -103,11 +103,9 @@ def test_script_runs_resumes_and_writes_the_table(tmp_path, monkeypatch):
     assert script.main(argv) == 0  # everything is reused
 
 
-def test_stopping_a_parallel_run_terminates_its_workers():
+def test_stopping_a_parallel_run_terminates_its_workers(process_tree):
     # Before, SIGTERM killed only the parent: the spawned trainings ran on as orphans, finishing and writing results.
-    import contextlib
     import signal
-    import subprocess
     import sys
     import time
 
@@ -115,23 +113,14 @@ def test_stopping_a_parallel_run_terminates_its_workers():
 
     code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import compare_strategies; "
             "compare_strategies.execute([(time.sleep, (120,)), (time.sleep, (120,))], 2)")
-    parent = subprocess.Popen([sys.executable, "-c", code, str(SCRIPT.parent)])
-    workers = []
-    try:
-        deadline = time.monotonic() + 60
-        while len(workers) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            workers = [p for p in psutil.Process(parent.pid).children(recursive=True)
-                       if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == 2, "the pool's two workers did not start"
-        parent.send_signal(signal.SIGTERM)
-        parent.wait(timeout=30)
-        _, alive = psutil.wait_procs(workers, timeout=15)
-        assert not alive, f"workers left running: {[p.pid for p in alive]}"
-        assert parent.returncode == 128 + signal.SIGTERM  # exits like a SIGTERM'd process, through `finally` blocks
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-        for worker in workers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.kill()
+    parent = process_tree.start([sys.executable, "-c", code, str(SCRIPT.parent)])
+    deadline, workers = time.monotonic() + 60, []
+    while len(workers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        workers = process_tree.workers()
+    assert len(workers) == 2, "the pool's two workers did not start"
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers left running: {[p.pid for p in alive]}"
+    assert parent.returncode == 128 + signal.SIGTERM  # exits like a SIGTERM'd process, through `finally` blocks

@@ -1,5 +1,4 @@
 """End to end: a tiny run through stream, template, plugins, metrics and report, checked against the contract."""
-import contextlib
 import csv
 import json
 import subprocess
@@ -144,34 +143,25 @@ def test_a_failing_stream_stops_the_baselines_process(tmp_path, isolated_registr
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
-def test_a_stopped_or_killed_run_leaves_no_baselines_process_behind(tmp_path, stop):
+def test_a_stopped_or_killed_run_leaves_no_baselines_process_behind(tmp_path, stop, process_tree):
     import signal
     import time
 
     import psutil
 
-    run_process = subprocess.Popen([sys.executable, "-m", "clmtl", "run", "--out", str(tmp_path), *TINY,
-                                    "train.threads=2", "train.epochs=500"], stdout=subprocess.DEVNULL)
-    workers = []
-    try:
-        deadline = time.monotonic() + 120
-        while not workers and time.monotonic() < deadline:
-            time.sleep(0.2)
-            workers = [p for p in psutil.Process(run_process.pid).children(recursive=True)
-                       if "spawn_main" in " ".join(p.cmdline())]
-        assert workers, "the baselines' process did not start"
-        while sum(workers[0].cpu_times()[:2]) < 15 and time.monotonic() < deadline:  # past start-up, training
-            time.sleep(0.5)
-        run_process.send_signal(getattr(signal, stop))
-        run_process.wait(timeout=60)
-        _, alive = psutil.wait_procs(workers, timeout=20)
-        assert not alive, f"{stop}: baselines' process left running"
-    finally:
-        if run_process.poll() is None:
-            run_process.kill()
-        for worker in workers:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                worker.kill()
+    run_process = process_tree.start([sys.executable, "-m", "clmtl", "run", "--out", str(tmp_path), *TINY,
+                                      "train.threads=2", "train.epochs=500"])
+    deadline, workers = time.monotonic() + 120, []
+    while not workers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        workers = process_tree.workers()
+    assert workers, "the baselines' process did not start"
+    while sum(workers[0].cpu_times()[:2]) < 15 and time.monotonic() < deadline:  # past start-up, training
+        time.sleep(0.5)
+    run_process.send_signal(getattr(signal, stop))
+    run_process.wait(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"{stop}: baselines' process left running"
 
 
 @pytest.mark.slow
