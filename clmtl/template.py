@@ -6,6 +6,9 @@ with ``.to`` on every element (a detection batch holds a list of dicts), and the
 plugins that call ``strategy._criterion`` directly (EWC's Fisher) route the same way; this class only
 moves nested batches. Everything else — callbacks, plugins, evaluator, loggers — is Avalanche's.
 
+Training forwards (the mini-batch's and ``task_batch_loss``'s) run in the configured precision: under bfloat16
+autocast for ``bf16``, their outputs cast back to float32 (``clmtl.precision``).
+
 It can also stop and continue inside an experience: ``checkpoint_every`` / ``on_checkpoint`` hand the caller the
 training position every N iterations (and when a stop was requested, see ``clmtl.checkpoint.request_stop``), and
 ``resume_point`` continues from such a position (``clmtl.checkpoint``).
