@@ -55,21 +55,15 @@ def recipe_dir(out: Path, name: str) -> Path:
 
 def train_recipe(overrides: Sequence[str], seed: int, threads: int | None, tasks: Sequence[str], path: Path) -> str:
     """The baselines of ``tasks`` for one recipe and seed, stored as JSON."""
-    import torch
-    from avalanche.logging import TextLogger
-
     from clmtl.config import load_config
     from clmtl.io import atomic_write_json
-    from clmtl.run import build_benchmark, seed_everything, single_task_baselines
+    from clmtl.run import baselines_alone
 
     config = load_config(None, [*overrides, f"seed={seed}", *([f"train.threads={threads}"] if threads else [])])
-    torch.set_num_threads(config.train.threads)
-    seed_everything(config.seed)
-    benchmark = build_benchmark(config)
     with open(path.with_suffix(".log"), "w") as log:
-        baselines = single_task_baselines(config, benchmark, [TextLogger(log)], only=tasks)
+        baselines, task_specs = baselines_alone(config, log, only=tasks)
     atomic_write_json(path, {"scores": baselines.scores, "seconds": baselines.seconds, "config": config.to_dict(),
-                             "metrics": {t.name: t.metric for t in benchmark.tasks}})
+                             "metrics": {t.name: t.metric for t in task_specs}})
     return f"{path.parent.name} seed {seed}"
 
 

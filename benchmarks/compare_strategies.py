@@ -58,17 +58,12 @@ def load_seed_config(config_file: Path | None, overrides: Sequence[str], seed: i
 def train_baselines(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None,
                     path: Path) -> str:
     """Train the seed's single-task baselines and store them as JSON."""
-    import torch
-    from avalanche.logging import TextLogger
-
     from clmtl.io import atomic_write_json
-    from clmtl.run import build_benchmark, seed_everything, single_task_baselines
+    from clmtl.run import baselines_alone
 
     config = load_seed_config(config_file, overrides, seed, threads)
-    torch.set_num_threads(config.train.threads)
-    seed_everything(config.seed)
     with open(path.with_suffix(".log"), "w") as log:
-        baselines = single_task_baselines(config, build_benchmark(config), loggers=[TextLogger(log)])
+        baselines, _ = baselines_alone(config, log)
     atomic_write_json(path, {"scores": baselines.scores, "seconds": baselines.seconds})
     return f"baselines seed {seed}"
 

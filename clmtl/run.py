@@ -5,6 +5,7 @@ Data flows one way: config -> datasets -> stream -> template (+ strategy plugins
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -213,17 +214,24 @@ def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list,
     return Baselines(scores, seconds)
 
 
-def _baselines_alone(config: Config, threads: int) -> tuple[Baselines, str]:
-    """``single_task_baselines`` in a process of its own (``BackgroundBaselines``): the run's data and seeds rebuilt
-    as ``run`` builds them, so the scores equal a sequential run's with the same threads; returns them and the log."""
+def baselines_alone(config: Config, log: TextIO, only: Sequence[str] | None = None,
+                    progress: bool = True) -> tuple[Baselines, list[TaskSpec]]:
+    """``single_task_baselines`` in a process of their own (the run's second process, benchmark workers), with the
+    config's threads and the data and seeds rebuilt as ``run`` builds them, so the scores equal ``clmtl run``'s with
+    the same threads; returns them and the tasks, the text log going to ``log``."""
     from avalanche.logging import TextLogger
 
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
     benchmark = build_benchmark(config)
+    return single_task_baselines(config, benchmark, [TextLogger(log)], only, progress), benchmark.tasks
+
+
+def _baselines_beside(config: Config) -> tuple[Baselines, str]:
+    """``baselines_alone`` in ``BackgroundBaselines``'s process, ended with its parent; returns them and their log."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     log = io.StringIO()
-    baselines = single_task_baselines(config, benchmark, [TextLogger(log)], progress=False)
+    baselines, _ = baselines_alone(config, log, progress=False)
     return baselines, log.getvalue()
 
 
@@ -256,7 +264,8 @@ class BackgroundBaselines:
 
     def __init__(self, config: Config, threads: int) -> None:
         self._pool = get_context("spawn").Pool(1)
-        self._job = self._pool.apply_async(_baselines_alone, (config, threads))
+        own_threads = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=threads))
+        self._job = self._pool.apply_async(_baselines_beside, (own_threads,))
 
     def ready(self) -> bool:
         return self._job.ready()
