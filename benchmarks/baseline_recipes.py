@@ -57,7 +57,7 @@ def train_recipe(overrides: Sequence[str], seed: int, threads: int | None, tasks
     """The baselines of ``tasks`` for one recipe and seed, stored as JSON."""
     from clmtl.config import load_config
     from clmtl.io import atomic_write_json
-    from clmtl.run import baselines_alone
+    from clmtl.baselines import baselines_alone
 
     config = load_config(None, [*overrides, f"seed={seed}", *([f"train.threads={threads}"] if threads else [])])
     with open(path.with_suffix(".log"), "w") as log:
@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every recipe, before it")
     args = parser.parse_args(argv)
 
-    from clmtl.config import TASK_NAMES, load_config
+    from clmtl.config import load_config
+    from clmtl.tasks import TASK_KINDS as TASK_NAMES
     from clmtl.io import atomic_write_json, atomic_write_text
 
     tasks = [t.strip() for t in args.tasks.split(",")]

@@ -59,7 +59,7 @@ def train_baselines(config_file: Path | None, overrides: Sequence[str], seed: in
                     path: Path) -> str:
     """Train the seed's single-task baselines and store them as JSON."""
     from clmtl.io import atomic_write_json
-    from clmtl.run import baselines_alone
+    from clmtl.baselines import baselines_alone
 
     config = load_seed_config(config_file, overrides, seed, threads)
     with open(path.with_suffix(".log"), "w") as log:
@@ -71,7 +71,8 @@ def train_baselines(config_file: Path | None, overrides: Sequence[str], seed: in
 def train_strategy(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None,
                    strategy: str, out: Path, baselines_path: Path) -> str:
     """One sequential run with the seed's stored baselines."""
-    from clmtl.run import Baselines, run
+    from clmtl.baselines import Baselines
+    from clmtl.run import run
 
     config = load_seed_config(config_file, overrides, seed, threads)
     stored = json.loads(baselines_path.read_text())

@@ -31,7 +31,7 @@ def inference_latency(model, tasks, config, repeats: int) -> dict[str, dict[str,
     import torch
 
     from clmtl.decode import class_indices
-    from clmtl.run import make_decoder
+    from clmtl.builders import make_decoder
     from clmtl.tasks import DETECTION, SEGMENTATION
     from clmtl.timing import measure_latency
 
@@ -101,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clmtl.config import load_config
     from clmtl.io import atomic_write_json, atomic_write_text
     from clmtl.registry import strategy_defaults
-    from clmtl.run import build_model, run
+    from clmtl.builders import build_model
+    from clmtl.run import run
     from clmtl.tasks import TaskSpec
 
     config = load_config(args.config, [*PROTOCOL, *args.overrides, f"seed={args.seed}"],

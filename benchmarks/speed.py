@@ -14,7 +14,7 @@ below the configured threshold, so the first is a lower bound and the second an 
 
 Training: one step (forward, loss, the strategy's ``before_backward`` terms, backward, update) of each strategy
 on the detection task after one real experience of segmentation (so EWC has its Fisher, replay its memory, LwF
-its teacher), with ``clmtl run``'s own template (``clmtl.run.make_template``) driven by Avalanche's own
+its teacher), with ``clmtl run``'s own template (``clmtl.builders.make_template``) driven by Avalanche's own
 ``training_epoch`` one pre-loaded mini-batch at a time, so data loading of the current batch is not timed
 (joint's and replay's extra batches, drawn inside the step, are).
 
@@ -48,7 +48,8 @@ from clmtl.decode import PRE_NMS_TOP_K, class_indices, decode_detections  # noqa
 from clmtl.fuse import fuse_batchnorm  # noqa: E402
 from clmtl.io import atomic_write_json, atomic_write_text  # noqa: E402
 from clmtl.registry import strategy_defaults  # noqa: E402
-from clmtl.run import build_benchmark, build_model, build_strategy, make_template, seed_everything  # noqa: E402
+from clmtl.benchmark import build_benchmark  # noqa: E402
+from clmtl.builders import build_model, build_strategy, make_template, seed_everything  # noqa: E402
 from clmtl.tasks import DETECTION, TASK_KINDS  # noqa: E402
 
 VARIANTS = {"eager": "eager", "fused": "BN folded", "fused_cl": "BN folded + channels_last"}

@@ -88,7 +88,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             strategy = args.strategy or "ewc"
             args.strategy = strategy
             config = _load(args)
-            out = args.out or Path("runs") / f"{config.benchmark}_{strategy.replace('+', '-')}_seed{config.seed}"
+            from clmtl.benchmark import benchmark_name
+
+            out = args.out or Path("runs") / (f"{benchmark_name(config)}_{config.scenario}_"
+                                               f"{strategy.replace('+', '-')}_seed{config.seed}")
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad config, strategy or checkpoint: one line
         return _fail(error)
     from clmtl import distributed

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import operator
 import re
 import types
 import typing
@@ -19,8 +21,27 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-TASK_NAMES = ("seg", "det", "cls")
-"""The task names of the stream, also the keys of ``train.epochs``."""
+from clmtl.tasks import TASK_KINDS
+
+
+SCENARIOS = ("task", "class", "domain")
+"""van de Ven & Tolias (2019): task labels at test time (task), none and one growing output space per kind
+(class), none and the same classes in every task (domain)."""
+
+DATA_FORMATS = ("shapes", "coco", "voc", "folder", "torchvision")
+FORMAT_KINDS = {"coco": ("detection",), "voc": ("segmentation",), "folder": ("classification",),
+                "torchvision": ("classification",), "shapes": tuple(TASK_KINDS.values())}
+"""The task kinds each data format can describe."""
+FORMAT_KEYS = {
+    "shapes": ("classes", "keep_empty", "train_size", "val_size", "seed"),
+    "coco": ("train_images", "train_ann", "val_images", "val_ann", "classes", "keep_empty", "train_size", "val_size"),
+    "voc": ("root", "classes", "keep_empty", "train_size", "val_size"),
+    "folder": ("root", "classes", "train_size", "val_size"),
+    "torchvision": ("dataset", "root", "download", "classes", "train_size", "val_size"),
+}
+"""The keys each data format reads besides ``format``; a key of another format is a mistake worth reporting."""
+FORMAT_REQUIRED = {"shapes": (), "coco": ("train_images", "train_ann", "val_images", "val_ann"), "voc": ("root",),
+                   "folder": ("root",), "torchvision": ("dataset", "root")}
 
 BACKBONE_NAMES = ("yolov8n", "mobilenet_v3_small", "efficientnet_b0")
 """The keys of ``clmtl.models.backbone.BACKBONES`` (a test keeps them equal): listed here so that checking a config
@@ -50,8 +71,8 @@ _AT_LEAST_ONE = _rule(lambda v: v >= 1, "must be >= 1")
 _NON_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
 _FRACTION = _rule(lambda v: 0 <= v <= 1, "must be between 0 and 1")
 _IMAGE_SIZE = _rule(lambda v: v >= 64 and v % 32 == 0, "must be a multiple of 32 and >= 64")
-_TASK_ORDER = _rule(lambda v: sorted(v) == sorted(TASK_NAMES),
-                    "must list each of " + ", ".join(TASK_NAMES) + " exactly once")
+_KIND = _rule(lambda v: v in TASK_KINDS.values() or v in TASK_KINDS,
+              "must be one of " + ", ".join(TASK_KINDS.values()) + " (or " + ", ".join(TASK_KINDS) + ")")
 
 
 @dataclass
@@ -78,19 +99,29 @@ class DetFilesConfig:
     val_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
 
 
-class PerTask:
-    """A setting per task name (the dataclass fields seg, det, cls); a single number in a file or override sets all."""
+def kind_name(kind: str) -> str:
+    """The full kind name of ``kind`` given as a full or short name (``cls`` -> ``classification``)."""
+    return TASK_KINDS.get(kind, kind)
 
-    def __getitem__(self, task: str) -> Any:
-        """``epochs["det"]``: look up by a task name held in a variable."""
-        if task not in TASK_NAMES:
-            raise KeyError(task)
-        return getattr(self, task)
+
+def short_kind(kind: str) -> str:
+    """The short name of a full kind name (``classification`` -> ``cls``)."""
+    return {full: short for short, full in TASK_KINDS.items()}[kind_name(kind)]
+
+
+class PerKind:
+    """A setting per task kind (the dataclass fields seg, det, cls); a single number in a file or override sets all."""
+
+    def __getitem__(self, kind: str) -> Any:
+        """``epochs["detection"]`` or ``epochs["det"]``: look up by a kind held in a variable."""
+        if kind_name(kind) not in TASK_KINDS.values():
+            raise KeyError(kind)
+        return getattr(self, short_kind(kind))
 
 
 @dataclass
-class EpochsConfig(PerTask):
-    """Training epochs per task."""
+class EpochsConfig(PerKind):
+    """Training epochs per task kind (a task entry's own ``epochs`` overrides it)."""
 
     seg: int = field(default=15, metadata=_NON_NEGATIVE)
     det: int = field(default=25, metadata=_NON_NEGATIVE)
@@ -101,14 +132,96 @@ _HUE_TURNS = _rule(lambda v: 0 <= v <= 0.5, "must be between 0 and 0.5 (turns of
 
 
 @dataclass
-class HueConfig(PerTask):
-    """Largest random hue rotation of training images per task, in turns (0.5: any hue); none by default. On shapes
+class HueConfig(PerKind):
+    """Largest random hue rotation of training images per task kind, in turns (0.5: any hue); none by default. On shapes
     any hue for classification looked better on seeds 0-4 and was not on seeds 5-9; segmentation and detection
     learned much less with it (README, Training recipe)."""
 
     seg: float = field(default=0.0, metadata=_HUE_TURNS)
     det: float = field(default=0.0, metadata=_HUE_TURNS)
     cls: float = field(default=0.0, metadata=_HUE_TURNS)
+
+
+@dataclass
+class DataSourceConfig:
+    """Where one task's images come from: a ``format`` and that format's keys (``FORMAT_KEYS``).
+
+    ``classes`` picks a subset by name, in label order (segmentation: the foreground classes; background is always
+    label 0). ``keep_empty`` keeps images that show none of the picked classes (segmentation, detection).
+    """
+
+    format: str = field(default="shapes", metadata=_one_of(*DATA_FORMATS))
+    root: str | None = None
+    dataset: str | None = None
+    download: bool = False
+    train_images: str | None = None
+    train_ann: str | None = None
+    val_images: str | None = None
+    val_ann: str | None = None
+    classes: list[str] | None = None
+    keep_empty: bool = True
+    train_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+    val_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+    seed: int | None = field(default=None, metadata=_NON_NEGATIVE)
+
+    @staticmethod
+    def check_keys(data: Mapping[str, Any]) -> str | None:
+        """The keys another format reads, or a required key left out, as a problem (None if fine)."""
+        fmt = data.get("format", "shapes")
+        if fmt not in FORMAT_KEYS:
+            return None  # the format's own check names it
+        defaults = DataSourceConfig()
+        foreign = [key for key in data if key != "format" and key not in FORMAT_KEYS[fmt]
+                   and data[key] != getattr(defaults, key, None)]  # a saved config lists every key at its default
+        if foreign:
+            return f"{foreign[0]!r} is not a key of format {fmt} (its keys: {', '.join(FORMAT_KEYS[fmt])})"
+        missing = [key for key in FORMAT_REQUIRED[fmt] if data.get(key) is None]
+        if missing:
+            return f"format {fmt} needs {', '.join(missing)}"
+        return None
+
+
+@dataclass
+class TaskConfig:
+    """One task of the stream: a unique name, its kind and its data (embedded shapes unless ``data`` says)."""
+
+    name: str = ""
+    kind: str = field(default="", metadata=_KIND)
+    data: DataSourceConfig = field(default_factory=DataSourceConfig)
+    epochs: int | None = field(default=None, metadata=_NON_NEGATIVE)
+
+    @staticmethod
+    def check_keys(data: Mapping[str, Any]) -> str | None:
+        missing = [key for key in ("name", "kind") if not data.get(key)]
+        if missing:
+            return f"a task needs {' and '.join(missing)}"
+        fmt = (data.get("data") or {}).get("format", "shapes") if isinstance(data.get("data"), Mapping) else None
+        if fmt in FORMAT_KINDS and kind_name(str(data["kind"])) not in FORMAT_KINDS[fmt]:
+            return f"format {fmt} holds {' or '.join(FORMAT_KINDS[fmt])} data, not {data['kind']}"
+        return None
+
+
+_CLASS_ORDERS = ("sorted", "seed")
+
+
+@dataclass
+class SplitConfig:
+    """A stream generated from one dataset: its classes dealt into ``experiences`` tasks with disjoint class sets.
+
+    ``experiences`` is a number of equal tasks (the remainder to the first ones) or a list of task sizes in classes
+    (``[15, 5]``: VOC 15-5). ``class_order`` deals the classes in their label order or shuffled by the run's seed.
+    """
+
+    kind: str = field(default="", metadata=_KIND)
+    data: DataSourceConfig = field(default_factory=DataSourceConfig)
+    experiences: int | list[int] = field(default=2, metadata=_rule(
+        lambda v: (v >= 1) if isinstance(v, int) else (len(v) >= 1 and min(v) >= 1),
+        "must be a number of tasks >= 1 or a list of class counts >= 1"))
+    class_order: str = field(default="sorted", metadata=_one_of(*_CLASS_ORDERS))
+
+    @staticmethod
+    def check_keys(data: Mapping[str, Any]) -> str | None:
+        return TaskConfig.check_keys({"name": "split", **data})
 
 
 @dataclass
@@ -173,13 +286,33 @@ class Config:
 
     benchmark: str = field(default="shapes", metadata=_one_of("shapes", "files"))
     seed: int = field(default=0, metadata=_NON_NEGATIVE)
-    tasks: list[str] = field(default_factory=lambda: list(TASK_NAMES), metadata=_TASK_ORDER)
+    scenario: str = field(default="task", metadata=_one_of(*SCENARIOS))
+    tasks: list[str | TaskConfig] = field(default_factory=lambda: list(TASK_KINDS), metadata=_rule(
+        lambda v: len(v) >= 1, "must list at least one task"))
+    split: SplitConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    @staticmethod
+    def check_keys(data: Mapping[str, Any]) -> str | None:
+        """Task names: a string must name a built-in task, and no name may come twice."""
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list):
+            return None
+        names = []
+        for index, entry in enumerate(tasks):
+            if isinstance(entry, str) and entry not in TASK_KINDS:
+                return (f"tasks[{index}]: {entry!r} is not a built-in task ({', '.join(TASK_KINDS)}); "
+                        "describe other tasks as {name, kind, data}")
+            names.append(entry if isinstance(entry, str) else entry.get("name"))
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            return f"tasks: duplicate task name(s) {', '.join(map(str, repeated))}; every task needs its own name"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON- and YAML-safe) that load_config accepts back as a file."""
@@ -202,8 +335,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (),
         layers.append((_read_file(Path(path)), str(path)))
     layers.extend(_parse_override(text) for text in overrides)
     merged: dict[str, Any] = {}
+    stream_source: dict[str, str] = {}
     for data, source in layers:
-        _deep_merge(merged, _check_section(data, Config, "", source, strategy_params))
+        checked = _check_section(data, Config, "", source, strategy_params)
+        _deep_merge(merged, checked)
+        if source != DEFAULTS_SOURCE:
+            stream_source.update({key: source for key in ("tasks", "split") if checked.get(key) is not None})
+    if len(stream_source) == 2 and merged.get("split") is not None:
+        raise ConfigError(f"{stream_source['split']}: split: a stream comes from tasks or from split, not both "
+                          f"(tasks set in {stream_source['tasks']})")
     chosen = merged.get("strategy", {})
     merged["strategy"] = {name: {**_copy(strategy_params[name]), **params} for name, params in chosen.items()}
     config = _build(Config, merged)
@@ -283,18 +423,37 @@ def _check_section(data: Any, cls: type, path: str, source: str,
         if key not in fields:
             raise _unknown_key(source, key_path, list(fields), _leaf_paths(Config))
         hint = hints[key]
-        if isinstance(hint, type) and issubclass(hint, PerTask) and _is_number(value):
-            value = dict.fromkeys(TASK_NAMES, value)
-        if dataclasses.is_dataclass(hint):
-            checked[key] = _check_section(value, hint, key_path, source, strategy_params)
-        elif typing.get_origin(hint) is dict:
+        if isinstance(hint, type) and issubclass(hint, PerKind) and _is_number(value):
+            value = dict.fromkeys(TASK_KINDS, value)
+        if typing.get_origin(hint) is dict:
             checked[key] = _check_strategies(value, key_path, source, strategy_params)
         else:
-            checked[key] = _check_value(value, hint, key_path, source)
+            checked[key] = _check_any(value, hint, key_path, source, strategy_params)
             rule = fields[key].metadata.get("rule")
             if rule is not None and checked[key] is not None and not rule[0](checked[key]):
                 raise ConfigError(f"{source}: {key_path}: {rule[1]}, got {_describe(checked[key], kind=False)}")
+    problem = cls.check_keys(data) if hasattr(cls, "check_keys") else None
+    if problem:
+        raise ConfigError(f"{source}: {path + ': ' if path else ''}{problem}")
     return checked
+
+
+def _check_any(value: Any, hint: Any, path: str, source: str,
+               strategy_params: Mapping[str, Mapping[str, Any]]) -> Any:
+    """Check ``value`` against a dataclass, a union with one (``str | TaskConfig``, ``X | None``) or a plain type."""
+    if dataclasses.is_dataclass(hint):
+        return _check_section(value, hint, path, source, strategy_params)
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
+    sections = [option for option in options if dataclasses.is_dataclass(option)]
+    if sections and isinstance(value, Mapping):
+        return _check_section(value, sections[0], path, source, strategy_params)
+    if typing.get_origin(hint) is list and isinstance(value, (list, tuple)):
+        (item,) = typing.get_args(hint)
+        return [_check_any(v, item, f"{path}[{i}]", source, strategy_params) for i, v in enumerate(value)]
+    plain = [option for option in options if not dataclasses.is_dataclass(option)]
+    if sections and not plain:
+        raise ConfigError(f"{source}: {path}: expected a mapping of keys, got {_describe(value)}")
+    return _check_value(value, functools.reduce(operator.or_, plain) if sections else hint, path, source)
 
 
 def _check_strategies(data: Any, path: str, source: str,
@@ -340,13 +499,19 @@ _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "
 
 
 def _check_value(value: Any, hint: Any, path: str, source: str) -> Any:
-    """Type check one value against ``hint`` (int, float, bool, str, X | None, list, list[X], dict)."""
-    args = typing.get_args(hint)
+    """Type check one value against ``hint`` (int, float, bool, str, list, list[X], dict, or a union of them)."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None and type(None) in args:
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
-        args = typing.get_args(hint)
+        options = [option for option in options if option is not type(None)]
+        for option in options[:-1]:
+            try:
+                return _check_value(value, option, path, source)
+            except ConfigError:
+                continue
+        hint = options[-1]
+    args = typing.get_args(hint)
     base = typing.get_origin(hint) or hint
     if base is float and _is_int(value):
         return float(value)
@@ -434,7 +599,17 @@ def _copy(value: Any) -> Any:
 
 def _build(cls: type, data: Mapping[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _build(hints[key], value) if dataclasses.is_dataclass(hints[key]) else value
-    return cls(**kwargs)
+    return cls(**{key: _build_value(hints[key], value) for key, value in data.items()})
+
+
+def _build_value(hint: Any, value: Any) -> Any:
+    """``value`` (checked) as ``hint`` describes it: mappings become the dataclass the hint names, also in lists."""
+    if isinstance(value, Mapping) and typing.get_origin(hint) is not dict:
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        sections = [option for option in options if dataclasses.is_dataclass(option)]
+        if sections:
+            return _build(sections[0], value)
+    if isinstance(value, list) and typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return [_build_value(item, v) for v in value]
+    return value

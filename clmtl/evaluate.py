@@ -2,12 +2,15 @@
 
 The scores come from the same scorers as training-time evaluation (``clmtl.metrics.scores``), so they equal the
 run's final numbers. With a predictions folder, every prediction is also written in the format external
-evaluators read (DESIGN.md, "Contracts"), so anyone can recompute the numbers with their own tools:
+evaluators read, one file (or folder) per task, named after it, so anyone can recompute the numbers with their own
+tools (for the default stream, whose tasks are named seg, det and cls: ``det.json``, ``seg/``, ``cls.csv``):
 
-- ``det.json``: a COCO results list — the annotation file's own image and category ids, ``bbox`` xywh in
-  original-image pixels (for the shapes benchmark: image ids 1, 2, ... in validation order, model pixels);
-- ``seg/<image stem>.png``: class indices as an 8-bit PNG at the image's original size (shapes: ``<index>.png``);
-- ``cls.csv``: file, true label, predicted label;
+- ``<task>.json`` for a detection task: a COCO results list — the annotation file's own image and category ids,
+  ``bbox`` xywh in original-image pixels (for the shapes benchmark: image ids 1, 2, ... in validation order, model
+  pixels);
+- ``<task>/<image stem>.png`` for a segmentation task: class indices as an 8-bit PNG at the image's original size
+  (shapes: ``<index>.png``);
+- ``<task>.csv`` for a classification task: file, true label, predicted label;
 - ``metrics.json``: ``{task name: {metric: value}}``.
 """
 from __future__ import annotations
@@ -27,19 +30,21 @@ from clmtl.decode import class_indices
 from clmtl.io import atomic_write_json, atomic_write_text
 from clmtl.metrics.scores import scorer_for
 from clmtl.models import UnifiedModel
+from clmtl.scenario import OutputSpace
 from clmtl.stream import collate_for
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
 
 
 class PredictionWriter:
-    """Collects one task's predictions in external formats while the evaluation runs."""
+    """Collects one task's predictions in external formats while the evaluation runs; labels are those of the task's
+    head ``space`` (in the class scenario a head predicts the classes of every task of its kind seen so far)."""
 
-    def __init__(self, task: TaskSpec, dataset: Any, out_dir: Path) -> None:
-        self.task, self.dataset, self.out_dir = task, dataset, out_dir
+    def __init__(self, task: TaskSpec, space: OutputSpace, dataset: Any, out_dir: Path) -> None:
+        self.task, self.space, self.dataset, self.out_dir = task, space, dataset, out_dir
         self.detections: list[dict] = []
         self.rows: list[tuple[str, str, str]] = []
         if task.kind == SEGMENTATION:
-            (out_dir / "seg").mkdir(parents=True, exist_ok=True)
+            (out_dir / task.name).mkdir(parents=True, exist_ok=True)
 
     def _meta(self, index: int):
         return self.dataset.meta(index) if hasattr(self.dataset, "meta") else None
@@ -53,17 +58,17 @@ class PredictionWriter:
             else:
                 labels = class_indices(meta.letterbox.logits_to_original(prediction, meta.original_size), 0)
                 name = meta.file.stem
-            Image.fromarray(labels.to(torch.uint8).numpy()).save(self.out_dir / "seg" / f"{name}.png")
+            Image.fromarray(labels.to(torch.uint8).numpy()).save(self.out_dir / self.task.name / f"{name}.png")
         elif self.task.kind == CLASSIFICATION:
             file = str(meta.file) if meta is not None else f"{index:05d}"
             true, predicted = int(target), int(prediction.argmax())
-            self.rows.append((file, self.task.classes[true], self.task.classes[predicted]))
+            self.rows.append((file, self.space.classes[true], self.space.classes[predicted]))
         else:
             boxes = prediction["boxes"]
             if meta is not None:
                 boxes = meta.letterbox.boxes_to_original(boxes, meta.original_size)
             image_id = meta.image_id if meta is not None and meta.image_id is not None else index + 1
-            ids = self.task.category_ids
+            ids = self.space.category_ids
             for (x1, y1, x2, y2), score, label in zip(boxes.tolist(), prediction["scores"].tolist(),
                                                       prediction["labels"].tolist()):
                 self.detections.append({"image_id": image_id, "category_id": ids[label] if ids else label,
@@ -71,28 +76,28 @@ class PredictionWriter:
 
     def close(self) -> None:
         if self.task.kind == DETECTION:
-            atomic_write_json(self.out_dir / "det.json", self.detections)
+            atomic_write_json(self.out_dir / f"{self.task.name}.json", self.detections)
         elif self.task.kind == CLASSIFICATION:
             text = io.StringIO()
             writer = csv.writer(text, lineterminator="\n")
             writer.writerow(["file", "true_label", "predicted_label"])
             writer.writerows(self.rows)
-            atomic_write_text(self.out_dir / "cls.csv", text.getvalue())
+            atomic_write_text(self.out_dir / f"{self.task.name}.csv", text.getvalue())
 
 
 @torch.inference_mode()
-def evaluate_task(model: UnifiedModel, label: int, task: TaskSpec, dataset: Any, config: Config,
+def evaluate_task(model: UnifiedModel, task: TaskSpec, dataset: Any, config: Config,
                   writer: PredictionWriter | None = None) -> dict[str, float]:
-    """Every metric of task ``label`` on ``dataset`` (its validation split), in dataset order."""
+    """Every metric of ``task`` on ``dataset`` (its validation split, in head labels), in dataset order."""
     model.eval()
-    scorer = scorer_for(task)
-    from clmtl.run import make_decoder
+    scorer = scorer_for(task, model.spaces[task.head])
+    from clmtl.builders import make_decoder
 
     decode = make_decoder(config, model)
     loader = DataLoader(dataset, batch_size=config.train.eval_batch_size, collate_fn=_pairs_collate(task.kind))
     index = 0
     for images, targets in loader:
-        output = model(images, label)
+        output = model(images, task.head)
         predictions = decode(output) if task.kind == DETECTION else output
         scorer.update(predictions, targets)
         if writer is not None:
@@ -123,7 +128,8 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     eval thresholds). Returns ``{task name: {metric: value}}``.
     """
     from clmtl.checkpoint import checkpoint_config, load_model_checkpoint, load_task_state
-    from clmtl.run import build_benchmark, build_model
+    from clmtl.benchmark import build_benchmark
+    from clmtl.builders import build_model
 
     saved = load_model_checkpoint(checkpoint)
     config = checkpoint_config(saved, checkpoint, config_file, overrides)
@@ -134,11 +140,11 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     out_dir = Path(predictions) if predictions is not None else None
     metrics = {}
     task_states = saved.get("task_states", {})  # per-task BatchNorm (bnfreeze per_task): each task runs with its own
-    for label, (task, dataset) in enumerate(zip(benchmark.tasks, benchmark.val_sets)):
-        if label in task_states:
-            load_task_state(model, task_states[label])
-        writer = PredictionWriter(task, dataset, out_dir) if out_dir is not None else None
-        metrics[task.name] = evaluate_task(model, label, task, dataset, config, writer)
+    for task, dataset in zip(benchmark.tasks, benchmark.val_sets):
+        if task.head in task_states:
+            load_task_state(model, task_states[task.head])
+        writer = None if out_dir is None else PredictionWriter(task, model.spaces[task.head], dataset, out_dir)
+        metrics[task.name] = evaluate_task(model, task, dataset, config, writer)
     if out_dir is not None:
         atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -2,8 +2,10 @@
 
 What is exported is ``forward_all`` of the BatchNorm-folded model (``clmtl.fuse``) behind a wrapper that returns a
 flat tuple, because tracers and ONNX take tensors and tuples, not dicts keyed by task label. The tuple holds, for
-the model's tasks in ``OUTPUT_ORDER``: segmentation logits ``[B, C, S, S]``, classification logits ``[B, C]``, then
-detection's raw levels ``[B, A, H, W, 5 + C]`` (strides 8/16/32, decoded by ``clmtl.decode``). Post-processing
+the model's heads by kind in ``OUTPUT_ORDER`` (then by head index): segmentation logits ``[B, C, S, S]``,
+classification logits ``[B, C]``, then detection's raw levels ``[B, A, H, W, 5 + C]`` (strides 8/16/32, decoded by
+``clmtl.decode``). A head is named after its task, or after its kind when several tasks share it (the class and
+domain scenarios). Post-processing
 (NMS, argmax) stays outside the graph: NMS is data-dependent control flow that neither format keeps portable.
 
 A TorchScript file also carries ``clmtl.json`` (``torch.jit.load(path, _extra_files={"clmtl.json": ""})``): the
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clmtl.config import short_kind
 from clmtl.fuse import fuse_batchnorm
 from clmtl.models.unified import UnifiedModel
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
@@ -30,14 +33,23 @@ ONNX_PACKAGES = ("onnx", "onnxscript")
 """What ``torch.onnx.export`` (its default, torch.export-based exporter) imports."""
 
 
+def head_names(tasks) -> dict[int, str]:
+    """Each head's name: its task's, or its kind's short name when several tasks share it."""
+    names = {}
+    for task in tasks:
+        names[task.head] = short_kind(task.kind) if task.head in names else task.name
+    return names
+
+
 class AllTasks(nn.Module):
-    """``forward_all`` as a flat tuple of tensors: the tasks in ``OUTPUT_ORDER``, detection levels last."""
+    """``forward_all`` as a flat tuple of tensors: the heads by kind in ``OUTPUT_ORDER``, detection levels last."""
 
     def __init__(self, model: UnifiedModel) -> None:
         super().__init__()
         self.model = model
-        label_of = {task.kind: label for label, task in enumerate(model.tasks)}
-        self.labels = [label_of[kind] for kind in OUTPUT_ORDER if kind in label_of]
+        kinds = model.head_kinds
+        self.labels = [head for kind in OUTPUT_ORDER for head in sorted(kinds) if kinds[head] == kind]
+        self.names = head_names(model.tasks)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.model.forward_all(x)
@@ -51,11 +63,10 @@ class AllTasks(nn.Module):
         """One name per tensor of ``forward``: the task's name, with ``_stride<s>`` for each detection level."""
         names = []
         for label in self.labels:
-            task = self.model.tasks[label]
-            if task.kind == DETECTION:
-                names.extend(f"{task.name}_stride{stride}" for stride in self.model.anchor_layout.strides)
+            if self.model.head_kinds[label] == DETECTION:
+                names.extend(f"{self.names[label]}_stride{stride}" for stride in self.model.anchor_layout.strides)
             else:
-                names.append(task.name)
+                names.append(self.names[label])
         return names
 
 
@@ -66,6 +77,8 @@ def export_metadata(wrapper: AllTasks, image_size: int) -> dict:
         "input": {"name": "images", "shape": [1, 3, image_size, image_size], "range": [0.0, 1.0]},
         "outputs": wrapper.output_names(),
         "tasks": [task.as_dict() for task in model.tasks],
+        "heads": [{"name": wrapper.names[head], "kind": space.kind, "classes": list(space.classes)}
+                  for head, space in enumerate(model.spaces)],
         "anchor_layout": dataclasses.asdict(model.anchor_layout),
     }
 
@@ -124,12 +137,13 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, format: str = "t
     run's ``data.image_size``; the anchors stay those the model was trained with.
     """
     from clmtl.checkpoint import checkpoint_config, load_model_checkpoint
-    from clmtl.run import build_benchmark, build_model
+    from clmtl.benchmark import build_benchmark
+    from clmtl.builders import build_model
 
     saved = load_model_checkpoint(checkpoint)
     config = checkpoint_config(saved, checkpoint)
     if "tasks" in saved:
-        tasks = [TaskSpec.from_dict(entry) for entry in saved["tasks"]]
+        tasks = [TaskSpec.from_dict(entry, position) for position, entry in enumerate(saved["tasks"])]
     else:
         tasks = build_benchmark(config).tasks
     model = build_model(config, tasks, initial_weights=False)  # its backbone, fpn width and anchors

@@ -14,6 +14,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 
 from clmtl.io import atomic_write_json, atomic_write_text
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
@@ -24,16 +25,61 @@ NONE_MARK = "–"
 FORGETTING_TITLE = "forgetting (Avalanche: R[j][j] − R[T−1][j])"
 FORGETTING_MAX_TITLE = "forgetting_max (Mammoth: max_i R[i][j] − R[T−1][j])"
 
+AVERAGE_ACCURACY_DEFINITION = "mean over all tasks j of R[T−1][j]: each task's primary metric after the last experience"
+BWT_DEFINITION = "mean over j < T−1 of R[T−1][j] − R[j][j]; negative = earlier tasks got worse"
+FWT_DEFINITION = ("mean over j ≥ 1 of R[j−1][j] − b[j] (GEM, Lopez-Paz & Ranzato 2017), b[j] = task j's score at "
+                  "random initialisation; positive = earlier experiences help task j before it is trained")
+
+SCENARIOS = {"task": "task-incremental", "class": "class-incremental", "domain": "domain-incremental"}
+
+SMALL_STREAM = 6
+"""Up to this many tasks the matrix plot writes values in its cells and the Markdown matrix names metrics in headers."""
+
+MAX_PLOT_WIDTH = 12.0
+"""Inches: the accuracy-matrix plot and the task-curve grid grow with the stream up to this width."""
+
+CURVE_COLUMNS = 5
+"""The task-curve grid has at most this many panels per row."""
+
 
 def summary_markdown(results: Mapping[str, Any]) -> str:
-    """The run's tables as Markdown: final vs baseline, accuracy matrix, forgetting, cost."""
-    names = " → ".join(t["name"] for t in results["tasks"])
+    """The run's tables as Markdown: stream summary, final vs baseline, accuracy matrix, forgetting, cost.
+
+    Works for any number of tasks (rows and columns named by task) and for results.json files written before
+    ``scenario``, ``average_accuracy``, ``fwt`` and ``random_init`` existed (shown as not recorded / –).
+    """
+    tasks = results["tasks"]
+    names = " → ".join(t["name"] for t in tasks)
+    scenario = results.get("scenario")
+    scenario_text = "not recorded" if scenario is None else f"{SCENARIOS.get(scenario, scenario)} (`{scenario}`)"
     lines = [f"# clmtl results: strategy `{results.get('strategy', '?')}`, "
              f"benchmark `{results.get('benchmark', '?')}`, seed {results.get('seed', '?')}", "",
-             f"clmtl {results.get('clmtl_version', '?')}. Stream order: {names}."]
-    for section in (_final_section, _matrix_section, _forgetting_section, _cost_section):
+             f"clmtl {results.get('clmtl_version', '?')}. Scenario: {scenario_text}. "
+             f"Stream order ({len(tasks)} task{'' if len(tasks) == 1 else 's'}): {names}."]
+    for section in (_stream_section, _final_section, _matrix_section, _forgetting_section, _cost_section):
         lines += [""] + section(results)
     return "\n".join(lines) + "\n"
+
+
+def _stream_section(results: Mapping[str, Any]) -> list[str]:
+    """Average accuracy, BWT and FWT with their definitions; each task's forward-transfer term if b[j] is known."""
+    lines = ["## Stream summary", "", "| Measure | Value | Definition |", "|---|---|---|",
+             f"| Average accuracy | {_fmt(results.get('average_accuracy'), 3)} | {AVERAGE_ACCURACY_DEFINITION} |",
+             f"| BWT | {_fmt(results.get('bwt'), 3)} | {BWT_DEFINITION} |",
+             f"| FWT | {_fmt(results.get('fwt'), 3)} | {FWT_DEFINITION} |"]
+    random_init = results.get("random_init") or {}
+    if random_init:
+        matrix = results["matrix"]
+        lines += ["", "Forward transfer per task: score at random initialisation b[j], score just before task j is "
+                  "trained R[j−1][j], and their difference (the terms FWT averages).", "",
+                  "| Task | Metric | b[j] (random init) | R[j−1][j] | R[j−1][j] − b[j] |", "|---|---|---|---|---|"]
+        for j, task in enumerate(results["tasks"]):
+            before = _cell(matrix, j - 1, j) if j >= 1 else None
+            b = random_init.get(task["name"])
+            transfer = None if before is None or b is None else before - b
+            lines.append(f"| {task['name']} | {task['metric']} | {_fmt(b, 3)} | {_fmt(before, 3)} "
+                         f"| {_fmt(transfer, 3)} |")
+    return lines
 
 
 def _final_section(results: Mapping[str, Any]) -> list[str]:
@@ -62,13 +108,20 @@ def _final_section(results: Mapping[str, Any]) -> list[str]:
 
 
 def _matrix_section(results: Mapping[str, Any]) -> list[str]:
+    """R as a table: a row per experience ("after <task>"), a column per task; metric names under the table if T > 6."""
     tasks = results["tasks"]
+    many = len(tasks) > SMALL_STREAM
+    headers = [t["name"] if many else f"{t['name']} ({t['metric']})" for t in tasks]
     lines = ["## Accuracy matrix R[i][j]", "",
              "Primary metric of task j (column) after training experience i (row).", "",
-             "| | " + " | ".join(f"{t['name']} ({t['metric']})" for t in tasks) + " |",
+             "| | " + " | ".join(headers) + " |",
              "|---" * (len(tasks) + 1) + "|"]
     for task, row in zip(tasks, results["matrix"]):
-        lines.append(f"| after training {task['name']} | " + " | ".join(_fmt(v, 3) for v in row) + " |")
+        lines.append(f"| after {task['name']} | " + " | ".join(_fmt(v, 3) for v in row) + " |")
+    if many:
+        metrics = {t["metric"] for t in tasks}
+        lines += ["", f"Metric of every task: {tasks[0]['metric']}." if len(metrics) == 1 else
+                  "Metrics: " + ", ".join(f"{t['name']} {t['metric']}" for t in tasks) + "."]
     return lines
 
 
@@ -77,13 +130,13 @@ def _forgetting_section(results: Mapping[str, Any]) -> list[str]:
     lines = ["## Forgetting", "",
              "The headline forgetting is the Avalanche definition (`forgetting`); the Mammoth definition "
              "(`forgetting_max`) starts from the task's best score since its own experience instead of its score "
-             "right after it.", "",
+             "right after it. The last task cannot be forgotten yet (–); BWT (stream summary) is minus the mean "
+             "`forgetting`.", "",
              f"| Task | {FORGETTING_TITLE} | {FORGETTING_MAX_TITLE} |", "|---|---|---|"]
     for task in results["tasks"]:
         name = task["name"]
         lines.append(f"| {name} | {_fmt(forgetting.get(name), 3)} | {_fmt(forgetting_max.get(name), 3)} |")
     lines.append(f"| mean | {_fmt(_mean(forgetting.values()), 3)} | {_fmt(_mean(forgetting_max.values()), 3)} |")
-    lines += ["", f"BWT (mean over j < T−1 of R[T−1][j] − R[j][j]): {_fmt(results.get('bwt'), 3)}"]
     return lines
 
 
@@ -114,55 +167,132 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> None:
 
 
 def plot_accuracy_matrix(results: Mapping[str, Any], path: str | Path) -> None:
-    """Heatmap of R[i][j] with the values written in; colours scaled per column since metrics differ in range."""
+    """Save :func:`accuracy_matrix_figure` as a PNG."""
+    accuracy_matrix_figure(results).savefig(path, dpi=110)
+
+
+def accuracy_matrix_figure(results: Mapping[str, Any]) -> Figure:
+    """Heat map of R[i][j]; null cells light grey.
+
+    Up to ``SMALL_STREAM`` tasks: values written in the cells, colours scaled per column (metrics differ in range).
+    Longer streams: cell texts would be unreadable, so no numbers (summary.md has them) but a colour bar; colours
+    are the raw scores when every task has the same metric, else each column is scaled by its maximum. The figure
+    grows with T up to ``MAX_PLOT_WIDTH`` inches wide.
+    """
     tasks = results["tasks"]
-    matrix = results["matrix"]
-    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float).reshape(
-        len(matrix), len(tasks))
+    values = _matrix_array(results)
+    rows, columns = values.shape
     column_max = np.max(np.where(np.isnan(values), -np.inf, values), axis=0)
     scaled = values / np.where(column_max > 0, column_max, 1.0)
-
-    fig = Figure(figsize=(1.6 * len(tasks) + 2.2, 1.1 * len(matrix) + 1.5), layout="constrained")
-    ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
-    ax.imshow(np.ma.masked_invalid(scaled), cmap=cmap, vmin=0.0, vmax=1.0)
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            if np.isnan(values[i, j]):
-                ax.text(j, i, NONE_MARK, ha="center", va="center", color="black")
-            else:
-                ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center",
-                        color="white" if scaled[i, j] < 0.6 else "black")
-    ax.set_xticks(range(len(tasks)), [f"{t['name']}\n({t['metric']})" for t in tasks])
-    ax.set_yticks(range(len(matrix)), [f"after {tasks[i]['name']}" for i in range(len(matrix))])
+    row_labels = [f"after {tasks[i]['name']}" for i in range(rows)]
+
+    if columns <= SMALL_STREAM:
+        fig = Figure(figsize=(1.6 * columns + 2.2, 1.1 * rows + 1.5), layout="constrained")
+        ax = fig.add_subplot()
+        ax.imshow(np.ma.masked_invalid(scaled), cmap=cmap, vmin=0.0, vmax=1.0)
+        for i in range(rows):
+            for j in range(columns):
+                if np.isnan(values[i, j]):
+                    ax.text(j, i, NONE_MARK, ha="center", va="center", color="black")
+                else:
+                    ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center",
+                            color="white" if scaled[i, j] < 0.6 else "black")
+        ax.set_xticks(range(columns), [f"{t['name']}\n({t['metric']})" for t in tasks])
+        ax.set_yticks(range(rows), row_labels)
+        ax.set_title("Accuracy matrix R[i][j]" + ("\n" if columns <= 2 else " ") + "(colour scaled per column)",
+                     fontsize=10)
+    else:
+        metrics = {t["metric"] for t in tasks}
+        if len(metrics) == 1:
+            shown, label = values, next(iter(metrics))
+            low = min(0.0, float(np.nanmin(values))) if not np.all(np.isnan(values)) else 0.0
+            high = float(np.nanmax(values)) if not np.all(np.isnan(values)) else 1.0
+            vmin, vmax, scale_text = low, high if high > low else low + 1.0, ""
+        else:
+            shown, label, vmin, vmax = scaled, "score / column max", 0.0, 1.0
+            scale_text = ", colour scaled per column"
+        longest = max(len(name) for name in [t["name"] for t in tasks] + row_labels)
+        margin = 1.0 + 0.07 * longest  # room for the tick labels, which grow with the task names
+        cell = max(0.3, min(0.55, (MAX_PLOT_WIDTH - margin - 1.3) / columns))
+        fig = Figure(figsize=(min(MAX_PLOT_WIDTH, cell * columns + margin + 1.3),
+                              min(0.85 * MAX_PLOT_WIDTH, cell * rows + margin + 0.6)), layout="constrained")
+        ax = fig.add_subplot()
+        image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=vmin, vmax=vmax)
+        colour_bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
+        colour_bar.set_label(label)
+        ticks = 8 if columns <= 12 else 7
+        ax.set_xticks(range(columns), [t["name"] for t in tasks], rotation=45, ha="right",
+                      rotation_mode="anchor", fontsize=ticks)
+        ax.set_yticks(range(rows), row_labels, fontsize=ticks)
+        missing = "; grey = not evaluated" if np.isnan(values).any() else ""
+        ax.set_title(f"Accuracy matrix R[i][j], {columns} tasks{scale_text}{missing}", fontsize=10)
     ax.set_xlabel("evaluated task j")
     ax.set_ylabel("trained up to experience i")
-    ax.set_title("Accuracy matrix R[i][j] (colour scaled per column)", fontsize=10)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def plot_task_curves(results: Mapping[str, Any], path: str | Path) -> None:
-    """Each task's metric after each experience, with its single-task baseline dashed."""
+    """Save :func:`task_curves_figure` as a PNG."""
+    task_curves_figure(results).savefig(path, dpi=110)
+
+
+def task_curves_figure(results: Mapping[str, Any]) -> Figure:
+    """Each task's metric after each experience, in a panel of its own, with its single-task baseline dashed.
+
+    Small multiples rather than one axes with a line per task, for any T: each task keeps its own metric and y
+    range (mIoU, mAP and top-1 live on different scales) and its own baseline, whereas 10-20 overlapping lines,
+    plus as many baselines, in a shared axes cannot be told apart by colour; the accuracy-matrix heat map already
+    gives the one-glance overview. Up to four tasks sit in one row (x ticks named "after <task>"); longer streams
+    use a grid of at most ``CURVE_COLUMNS`` columns with panels titled "#j name (metric)" and x = experience
+    index, one legend for the figure, and a size bounded by ``MAX_PLOT_WIDTH``.
+    """
     tasks = results["tasks"]
     matrix = results["matrix"]
     baseline = results.get("baseline") or {}
-    fig = Figure(figsize=(3.6 * len(tasks), 3.2), layout="constrained")
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
-    steps = list(range(len(matrix)))
+    strategy = results.get("strategy", "sequential")
+    count, steps = len(tasks), list(range(len(matrix)))
+    grid_rows = max(1, math.ceil(count / CURVE_COLUMNS))
+    grid_columns = max(1, math.ceil(count / grid_rows))
+    named_ticks = count <= 4
+    if named_ticks:
+        size = (3.6 * grid_columns, 3.2)
+    else:
+        size = (min(MAX_PLOT_WIDTH, 2.9 * grid_columns), min(14.0, 2.5 * grid_rows + 0.8))
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(grid_rows, grid_columns, squeeze=False).flat
     for j, (task, ax) in enumerate(zip(tasks, axes)):
-        points = [(i, row[j]) for i, row in enumerate(matrix) if row[j] is not None]
+        points = [(i, row[j]) for i, row in enumerate(matrix) if j < len(row) and row[j] is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", label=results.get("strategy", "sequential"))
+            ax.plot(*zip(*points), marker="o", markersize=4 if not named_ticks else 6, label=strategy)
         if baseline.get(task["name"]) is not None:
-            ax.axhline(baseline[task["name"]], linestyle="--", color="grey", label="baseline")
-        if j < len(matrix):
-            ax.axvline(j, linestyle=":", color="lightgrey")  # where the task itself is learned
-        ax.set_xticks(steps, [f"after {tasks[i]['name']}" for i in steps])
-        ax.set_xlim(-0.3, len(tasks) - 0.7)
-        ax.set_title(f"{task['name']} ({task['metric']})", fontsize=10)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+            ax.axhline(baseline[task["name"]], linestyle="--", color="grey",
+                       label="baseline" if named_ticks else "single-task baseline")
+        if j < len(matrix):  # where the task itself is learned
+            ax.axvline(j, linestyle=":", color="lightgrey" if named_ticks else "darkgrey",
+                       label="_" if named_ticks else "the task's own experience")
+        ax.set_xlim(-0.3, count - 0.7)
+        if named_ticks:
+            ax.set_xticks(steps, [f"after {tasks[i]['name']}" for i in steps])
+            ax.set_title(f"{task['name']} ({task['metric']})", fontsize=10)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+            ax.tick_params(labelsize=7)
+            ax.set_title(f"#{j} {task['name']} ({task['metric']})", fontsize=9)
+    for ax in list(axes):  # the grid's unused panels
+        ax.set_visible(False)
+    if not named_ticks:
+        fig.supxlabel("after training experience # (panel titles give each task's #)", fontsize=9)
+        handles: dict[str, Any] = {}
+        for ax in fig.axes:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        if handles:
+            fig.legend(list(handles.values()), list(handles), loc="outside upper center", ncols=len(handles),
+                       fontsize=8, frameon=False)
+    return fig
 
 
 def prediction_overlays(images: Any, predictions: Sequence[Any], kind: str, classes: Sequence[str],
@@ -267,6 +397,18 @@ def _relative_drop(baseline: float | None, final: float | None) -> float | None:
     if baseline is None or final is None or baseline == 0:
         return None
     return (baseline - final) / baseline
+
+
+def _matrix_array(results: Mapping[str, Any]) -> np.ndarray:
+    """R as floats, null as NaN, shape (experiences, tasks); short rows (a task not evaluated) padded with NaN."""
+    columns = len(results["tasks"])
+    rows = [[np.nan if v is None else v for v in row][:columns] for row in results["matrix"]]
+    return np.array([row + [np.nan] * (columns - len(row)) for row in rows], dtype=float).reshape(len(rows), columns)
+
+
+def _cell(matrix: Sequence[Sequence[Any]], i: int, j: int) -> float | None:
+    """R[i][j], or None where that row or entry does not exist."""
+    return matrix[i][j] if 0 <= i < len(matrix) and 0 <= j < len(matrix[i]) else None
 
 
 def _mean(values: Any) -> float | None:

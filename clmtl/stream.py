@@ -1,12 +1,16 @@
 """One Avalanche benchmark from heterogeneous task datasets.
 
-Each task becomes one experience of the train and test streams, labelled with its position in the
-stream (the task label) and carrying its own collate function, so a segmentation batch stacks label
-maps while a detection batch keeps a list of box dictionaries. Avalanche keeps a dataset's own
-collate only for task-aware experiences (see AVALANCHE_NOTES.md §1), hence ``with_task_labels``.
+Each task becomes one experience of the train and test streams. Its task label is the model head it uses
+(``TaskSpec.head``: the task's own in the task scenario, its kind's shared one in the class and domain scenarios),
+and it carries its own collate function, so a segmentation batch stacks label maps while a detection batch keeps a
+list of box dictionaries. Avalanche keeps a dataset's own collate only for experiences with task labels (its
+``SupervisedTemplate`` builds a plain loader otherwise), hence ``with_task_labels``. Every experience also carries
+Avalanche's class timeline (``classes_in_this_experience``, ``classes_seen_so_far``...), in the labels of its head,
+which heads read to grow (``UnifiedModel.adaptation``) as Avalanche's ``IncrementalClassifier`` does.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from clmtl.scenario import placed
 from clmtl.tasks import DETECTION, TaskSpec
 
 
@@ -46,11 +51,38 @@ def task_dataset(dataset: Dataset, task: TaskSpec, task_label: int):
 
 
 def build_stream(tasks: Sequence[TaskSpec], train_sets: Sequence[Dataset], test_sets: Sequence[Dataset]):
-    """The benchmark: experience ``i`` of both streams is task ``tasks[i]`` with task label ``i``."""
+    """The benchmark: experience ``i`` of both streams is task ``tasks[i]``, with task label ``tasks[i].head``."""
     from avalanche.benchmarks.scenarios import benchmark_from_datasets, with_task_labels
 
     if not len(tasks) == len(train_sets) == len(test_sets):
         raise ValueError("build_stream needs one train and one test dataset per task")
-    train = [task_dataset(ds, task, label) for label, (task, ds) in enumerate(zip(tasks, train_sets))]
-    test = [task_dataset(ds, task, label) for label, (task, ds) in enumerate(zip(tasks, test_sets))]
-    return with_task_labels(benchmark_from_datasets(train=train, test=test))
+    tasks = placed(tasks)
+    train = [task_dataset(ds, task, task.head) for task, ds in zip(tasks, train_sets)]
+    test = [task_dataset(ds, task, task.head) for task, ds in zip(tasks, test_sets)]
+    return with_class_timeline(with_task_labels(benchmark_from_datasets(train=train, test=test)), tasks)
+
+
+def with_class_timeline(benchmark, tasks: Sequence[TaskSpec]):
+    """``benchmark`` with Avalanche's class-timeline attributes on every experience, in head labels.
+
+    Avalanche's ``with_classes_timeline`` reads each dataset's ``targets``, which segmentation and detection samples
+    do not have as single ints; the tasks already know their classes. Classes of other heads (other kinds, or other
+    tasks in the task scenario) are other label spaces, so the timeline of an experience counts its head's only.
+    """
+    from avalanche.benchmarks.scenarios import CLScenario
+    from avalanche.benchmarks.scenarios.generic_scenario import EagerCLStream
+
+    streams = []
+    for stream in benchmark.streams.values():
+        experiences = []
+        for index, experience in enumerate(stream):
+            same_head = [set(t.labels) for t in tasks if t.head == tasks[index].head]
+            before = [set(t.labels) for t in tasks[:index] if t.head == tasks[index].head]
+            experience = copy.copy(experience)
+            experience.classes_in_this_experience = sorted(set(tasks[index].labels))
+            experience.previous_classes = sorted(set().union(*before))
+            experience.classes_seen_so_far = sorted(set().union(*before, tasks[index].labels))
+            experience.future_classes = sorted(set().union(*same_head) - set(experience.classes_seen_so_far))
+            experiences.append(experience)
+        streams.append(EagerCLStream(stream.name, experiences))
+    return CLScenario(streams)

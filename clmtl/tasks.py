@@ -16,7 +16,8 @@ PRIMARY_METRIC = {SEGMENTATION: "mIoU", DETECTION: "mAP50_95", CLASSIFICATION: "
 EXTRA_METRICS = {SEGMENTATION: (), DETECTION: ("mAP50",), CLASSIFICATION: ()}
 
 TASK_KINDS = {"seg": SEGMENTATION, "det": DETECTION, "cls": CLASSIFICATION}
-"""The task names a config uses, and the kind each one is."""
+"""Short name of each kind: the built-in shapes tasks a config names, and the keys of per-kind settings
+(``train.epochs``, ``data.hue``, ``data.seg`` ...)."""
 
 IGNORE_INDEX = 255
 """Label-map value that no loss or metric counts (VOC's void border)."""
@@ -24,16 +25,23 @@ IGNORE_INDEX = 255
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task of the stream: its short name, kind and class names.
+    """One task of the stream: its short name, kind and class names, and where its outputs live.
 
     For segmentation ``classes[0]`` is the background class, as VOC counts it. ``category_ids[label]`` is the
     annotation file's own id of a detection class (e.g. COCO's non-contiguous ids), so scores use the file's terms.
+
+    ``head`` is the model's output space the task uses, which is also its Avalanche task label, and ``labels[i]`` the
+    index of the task's class ``i`` in that space (``clmtl.scenario``): in the task scenario every task has a head of
+    its own and ``labels`` is ``0, 1, ...``; in the class scenario tasks of one kind share a head whose classes grow.
+    A task not placed yet (``head`` None) takes the head of its position in the stream (the task scenario).
     """
 
     name: str
     kind: str
     classes: tuple[str, ...]
     category_ids: tuple[int, ...] | None = None
+    head: int | None = None
+    labels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -43,6 +51,10 @@ class TaskSpec:
         if self.category_ids is not None and len(self.category_ids) != len(self.classes):
             raise ValueError(
                 f"task {self.name!r}: {len(self.category_ids)} category ids for {len(self.classes)} classes")
+        if self.labels is None:
+            object.__setattr__(self, "labels", tuple(range(len(self.classes))))
+        if len(self.labels) != len(self.classes):
+            raise ValueError(f"task {self.name!r}: {len(self.labels)} head labels for {len(self.classes)} classes")
 
     @property
     def num_classes(self) -> int:
@@ -65,10 +77,13 @@ class TaskSpec:
         entry["classes"] = list(self.classes)
         if self.category_ids is not None:
             entry["category_ids"] = list(self.category_ids)
+        entry["head"] = self.head
+        entry["labels"] = list(self.labels)
         return entry
 
     @classmethod
-    def from_dict(cls, entry: dict) -> TaskSpec:
-        """The task an ``as_dict`` entry describes."""
-        ids = entry.get("category_ids")
-        return cls(entry["name"], entry["kind"], tuple(entry["classes"]), None if ids is None else tuple(ids))
+    def from_dict(cls, entry: dict, position: int = 0) -> TaskSpec:
+        """The task an ``as_dict`` entry describes; an entry of clmtl 0.1 (no ``head``) gets the head ``position``."""
+        ids, labels = entry.get("category_ids"), entry.get("labels")
+        return cls(entry["name"], entry["kind"], tuple(entry["classes"]), None if ids is None else tuple(ids),
+                   entry.get("head", position), None if labels is None else tuple(labels))

@@ -73,6 +73,19 @@ class MultiTaskTemplate(SupervisedTemplate):
     def forward(self):
         return self.task_output(self.mb_x, self.mb_task_id)
 
+    def criterion(self) -> torch.Tensor:
+        """The training loss; evaluation computes none: its scores come from the metrics, and a task not trained yet
+        may hold classes its head cannot predict (class scenario), which no loss accepts."""
+        if not self.is_training:
+            return torch.zeros((), device=self.device)
+        return super().criterion()
+
+    def train_for(self, experience, epochs: int, num_workers: int = 0) -> float:
+        """Train on one experience for ``epochs`` epochs with a fresh optimizer state; returns wall-clock seconds."""
+        self.train_epochs = epochs
+        self.train(experience, num_workers=num_workers, reset_optimizer_state=True)
+        return self.experience_seconds
+
     def task_output(self, x: torch.Tensor, task_label: int):
         """The model's output for a batch of one task: while training at ``bf16`` under autocast and returned in
         float32, so losses and plugins never see bfloat16; evaluation always runs in float32."""

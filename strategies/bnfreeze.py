@@ -19,6 +19,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
 from clmtl.registry import register
+from clmtl.scenario import require_own_heads
 
 MODES = ("freeze", "per_task")
 
@@ -83,6 +84,9 @@ class PerTaskBatchNorm(SupervisedPlugin, supports_distributed=True):
     def load_state_dict(self, state: dict, model: nn.Module) -> None:
         self.bn_states = {task: dict(values) for task, values in state["bn_states"].items()}
         self._last_trained = state["last_trained"]
+
+    def bind_benchmark(self, benchmark) -> None:
+        require_own_heads("bnfreeze (mode per_task)", benchmark.tasks)
 
     def task_model_states(self) -> dict[int, dict[str, torch.Tensor]]:
         """The model tensors each task runs with (see ``clmtl.checkpoint.task_model_states``)."""

@@ -49,14 +49,28 @@ class Anchor(NamedTuple):
     """c = Σ_e F_e (θ*_e − μ)², the part that does not move with θ: kept so the penalty's value reads the same."""
 
 
-def merge_anchors(anchors: Sequence[tuple[Mapping[str, ParamData], Mapping[str, ParamData]]]) -> Anchor:
+def grown(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``tensor`` zero-padded at the end of each dimension to ``shape``: a parameter that grew (a head given new
+    classes) keeps its old part where it was, and its new entries have no anchor (Avalanche's ``ParamData.expand``)."""
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    padded = tensor.new_zeros(shape)
+    padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
+    return padded
+
+
+def merge_anchors(anchors: Sequence[tuple[Mapping[str, ParamData], Mapping[str, ParamData]]],
+                  shapes: Mapping[str, Sequence[int]] | None = None) -> Anchor:
     """The ``Anchor`` of several (θ*, F) pairs of name -> tensor (or Avalanche ``ParamData``) maps; a parameter counts
-    in the pairs that saved it."""
+    in the pairs that saved it. ``shapes`` gives each parameter's shape now, for parameters that grew since a pair
+    was saved (default: as saved)."""
     names = list(dict.fromkeys(name for saved, _ in anchors for name in saved))
     sqrt_weight, center, constant = [], [], 0.0
     for name in names:
-        weights = [importances[name].data for saved, importances in anchors if name in saved]
-        values = [saved[name].data for saved, importances in anchors if name in saved]
+        pairs = [(saved[name].data, importances[name].data) for saved, importances in anchors if name in saved]
+        shape = shapes[name] if shapes is not None else pairs[-1][0].shape
+        values = [grown(value, shape) for value, _ in pairs]
+        weights = [grown(weight, shape) for _, weight in pairs]
         if len(weights) == 1:  # μ = θ* exactly (F θ* / F would round)
             total, mean = weights[0], values[0]
         else:
@@ -175,7 +189,8 @@ class MultiTaskEWCPlugin(EWCPlugin, supports_distributed=True):
         if self._anchor is None:
             # separate: every earlier experience's own anchor; online: one accumulated, saved after the last one
             experiences = range(exp_counter) if self.mode == "separate" else [exp_counter - 1]
-            self._anchor = merge_anchors([(self.saved_params[e], self.importances[e]) for e in experiences])
+            shapes = {name: param.shape for name, param in strategy.model.named_parameters()}
+            self._anchor = merge_anchors([(self.saved_params[e], self.importances[e]) for e in experiences], shapes)
         strategy.loss += self.ewc_lambda * ewc_penalty(strategy.model, self._anchor).to(strategy.device)
 
     def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0):

@@ -41,7 +41,7 @@ class LayerLearningRates(SupervisedPlugin, supports_distributed=True):
             if name not in self.multipliers:
                 raise ValueError(
                     f"layerlr needs parameter groups named {PARTS}; found a group named {name!r} "
-                    "(build the optimizer with clmtl.run.make_optimizer)"
+                    "(build the optimizer with clmtl.builders.make_optimizer)"
                 )
             base = group.setdefault("base_lr", group["lr"])
             group["lr"] = base * (self.multipliers[name] if active else 1.0)

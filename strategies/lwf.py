@@ -1,8 +1,10 @@
 """Learning without Forgetting (Li & Hoiem 2016) on a stream of heterogeneous tasks.
 
-After each experience a frozen copy of the model becomes the teacher. While a later task trains, every old
-task's head is run on the *current* inputs by teacher and student, and the student is pulled toward the
-teacher's outputs — no old data is stored. The distillation depends on the output kind:
+After each experience a frozen copy of the model becomes the teacher. While a later task trains, every head trained
+before is run on the *current* inputs by teacher and student, and the student is pulled toward the teacher's outputs
+— no old data is stored. In the task scenario those are the old tasks' heads; in the class and domain scenarios the
+current task's head is among them (its kind's shared head), distilled on the classes the teacher knew (the old
+classes' logits, as LwF is run class-incrementally). The distillation depends on the output kind:
 
 - segmentation ``[B, C, H, W]`` and classification ``[B, C]`` logits: KL(teacher ‖ student) of the softmaxes
   at temperature T over classes, averaged over pixels / images, times T² (Hinton et al.: keeps the gradient
@@ -82,6 +84,14 @@ def distillation_loss(student_out: Output, teacher_out: Output, kind: str, tempe
     raise ValueError(f"lwf: unknown task kind {kind!r}")
 
 
+def old_classes(student: Output, teacher: Output) -> Output:
+    """The student's output on the classes the teacher knew: a head that grew since (class scenario) has new
+    classes last, which distillation leaves out (the teacher has no opinion on them)."""
+    if isinstance(student, (list, tuple)):
+        return [s[..., : t.shape[-1]] for s, t in zip(student, teacher)]
+    return student[:, : teacher.shape[1]]
+
+
 def feature_distillation(student: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor]) -> torch.Tensor:
     """MSE between student and teacher features, averaged over pyramid levels."""
     return torch.stack([F.mse_loss(student[level], teacher[level]) for level in teacher]).mean()
@@ -124,7 +134,7 @@ def outputs_and_features(model: nn.Module, x: torch.Tensor, labels: Sequence[int
 
 
 class LwFPlugin(SupervisedPlugin, supports_distributed=True):
-    """Distils every old task's head, from the model as it was after the previous experience, on current inputs."""
+    """Distils every head trained before, from the model as it was after the previous experience, on current inputs."""
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0, det_conf: float = 0.5,
                  feature_weight: float = 0.0) -> None:
@@ -159,11 +169,9 @@ class LwFPlugin(SupervisedPlugin, supports_distributed=True):
         self.teacher = frozen_copy(strategy.model)
 
     def before_backward(self, strategy, **kwargs) -> None:
-        current = strategy.experience.task_label
-        labels = [label for label in self.old_labels if label != current]
-        if self.teacher is None or not labels:
+        if self.teacher is None or not self.old_labels:
             return
-        strategy.loss = strategy.loss + self.penalty(strategy.model, strategy.mb_x, labels)
+        strategy.loss = strategy.loss + self.penalty(strategy.model, strategy.mb_x, self.old_labels)
 
     def penalty(self, model: nn.Module, x: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
         """alpha × mean over ``labels`` of the distillation loss (+ feature_weight × feature MSE)."""
@@ -173,8 +181,8 @@ class LwFPlugin(SupervisedPlugin, supports_distributed=True):
         with evaluating(model):
             student_out, student_features = outputs_and_features(model, x, labels, with_features)
         per_task = [
-            distillation_loss(student_out[label], teacher_out[label], output_kind(teacher_out[label]),
-                              self.temperature, self.det_conf)
+            distillation_loss(old_classes(student_out[label], teacher_out[label]), teacher_out[label],
+                              output_kind(teacher_out[label]), self.temperature, self.det_conf)
             for label in labels
         ]
         loss = self.alpha * torch.stack(per_task).mean()

@@ -25,16 +25,19 @@ a forked global RNG seeded from ``seed``, so what is stored is reproducible and 
 **Replay.** A mini-batch may hold one task only (each task has its own output format and loss), so replay cannot
 concatenate memory samples into the training batch as Avalanche's ``ReplayPlugin`` does (its ``ReplayDataLoader``
 mixes current and memory samples of every task in one batch: one collate function and one head cannot take label
-maps, box lists and class ids at once). Instead, in ``before_backward`` while training task k, each stored task
-t != k gets its own replay batch — ``ceil(ratio * B)`` samples for a current mini-batch of B, split equally over the
-stored tasks (remainder to the oldest), at most ``per_task_cap`` each, drawn without replacement — forwarded as
-``model(x, t)`` and scored by ``strategy._criterion`` (which dispatches on the output's structure):
+maps, box lists and class ids at once). Instead, in ``before_backward`` while training task k, the stored
+tasks t != k are replayed — ``ceil(ratio * B)`` samples for a current mini-batch of B, split equally over the stored
+tasks (remainder to the oldest), at most ``per_task_cap`` each, drawn without replacement — in one batch per head
+h they use (in the task scenario every task has its own head; in the class and domain scenarios the tasks of one kind
+share one), forwarded as ``model(x, h)`` and scored by ``strategy._criterion`` (which dispatches on the output's
+structure):
 
-    loss = L_k + weight * mean_t L_t
+    loss = L_k + weight * mean_h L_h
 
-The mean over tasks keeps the replay term's scale independent of how many tasks are stored: at ``weight`` 1 the old
-tasks together count as much as the current one, and each task's term is its own loss's batch mean, at its natural
-scale (as the current task's is).
+The mean over heads keeps the replay term's scale independent of how many tasks are stored: at ``weight`` 1 the old
+tasks together count as much as the current one, and each head's term is its own loss's batch mean, at its natural
+scale (as the current task's is). The memory is kept by experience, so a task of the class scenario keeps its quota
+although it shares its task label (its head) with every other task of its kind.
 
 **Against Avalanche.** For one old task with a model without BatchNorm, Avalanche's concatenated batch of b current
 and m memory samples has loss (b L_k + m L_t) / (b + m); ours with ``weight = m / b`` is (b + m) / b times it — the
@@ -150,9 +153,10 @@ def _target_bytes(target: Any, kind: str) -> int:
 
 @dataclass
 class TaskMemory:
-    """One task's stored samples, in priority order (a trim keeps the prefix)."""
+    """One task's stored samples, in priority order (a trim keeps the prefix), and the head they are replayed in."""
 
     kind: str
+    head: int = 0
     images: list[torch.Tensor] = field(default_factory=list)  # uint8 [3, S, S]
     targets: list[Any] = field(default_factory=list)  # compact (see _compact)
     indices: list[int] = field(default_factory=list)  # position of each sample in the task's training set
@@ -197,17 +201,17 @@ class TaskBuffer:
         labels = list(self.train_sizes)
         return dict(zip(labels, split_quotas(self.mem_size, [self.train_sizes[t] for t in labels], self.split)))
 
-    def add(self, dataset: Dataset, task_label: int) -> None:
+    def add(self, dataset: Dataset, experience: int, head: int) -> None:
         """Store samples of a new task from its ``[image, target, ...]`` dataset, then trim the older tasks."""
-        if task_label in self.train_sizes:
-            raise ValueError(f"replay: task label {task_label} is already in memory; each task may come once")
+        if experience in self.train_sizes:
+            raise ValueError(f"replay: experience {experience} is already in memory; each experience may come once")
         dataset = dataset.eval() if hasattr(dataset, "eval") else dataset
-        self.train_sizes[task_label] = len(dataset)
-        quota = self.quotas()[task_label]
+        self.train_sizes[experience] = len(dataset)
+        quota = self.quotas()[experience]
         read_seed = int(torch.randint(2**62, (), generator=self.generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(read_seed)
-            memory = TaskMemory(target_kind(dataset[0][1]))
+            memory = TaskMemory(target_kind(dataset[0][1]), head)
             if self.selection == "reservoir":
                 order = torch.randperm(len(dataset), generator=self.generator)[:quota].tolist()
             else:  # targets only: holding every image of a large training set would not fit
@@ -218,15 +222,15 @@ class TaskBuffer:
                 memory.images.append(_quantise(image))
                 memory.targets.append(_compact(target, memory.kind))
                 memory.indices.append(i)
-        self.tasks[task_label] = memory
-        for label, size in self.quotas().items():
-            self.tasks[label].trim(size)
+        self.tasks[experience] = memory
+        for stored, size in self.quotas().items():
+            self.tasks[stored].trim(size)
 
-    def draw(self, task_label: int, count: int, generator: torch.Generator) -> list[Any]:
-        """A collated batch ``[images, targets, task_labels]`` of ``count`` distinct samples (fewer if fewer stored)."""
-        memory = self.tasks[task_label]
+    def draw(self, experience: int, count: int, generator: torch.Generator) -> list[list[Any]]:
+        """``count`` distinct samples ``[image, target, head]`` of an experience (fewer if fewer stored)."""
+        memory = self.tasks[experience]
         picks = torch.randperm(len(memory), generator=generator)[:count].tolist()
-        return collate_for(memory.kind)([[*memory[i], task_label] for i in picks])
+        return [[*memory[i], memory.head] for i in picks]
 
 
 class MultiTaskReplayPlugin(SupervisedPlugin, supports_distributed=True):
@@ -242,54 +246,59 @@ class MultiTaskReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.weight = weight
         self.per_task_cap = per_task_cap
         self.replayed: Counter[int] = Counter()
-        """Samples replayed so far, by task label."""
+        """Samples replayed so far, by experience."""
 
     @property
     def memory_bytes(self) -> int:
         """Bytes the memory holds (uint8 images plus targets), for a run to report."""
         return self.buffer.nbytes
 
-    def replay_sizes(self, batch_size: int, labels: Sequence[int]) -> list[int]:
-        """Replay batch size of each stored task for a current mini-batch of ``batch_size``."""
-        sizes = split_quotas(math.ceil(self.ratio * batch_size), [1] * len(labels))
+    def replay_sizes(self, batch_size: int, experiences: Sequence[int]) -> list[int]:
+        """Replay batch size of each stored experience for a current mini-batch of ``batch_size``."""
+        sizes = split_quotas(math.ceil(self.ratio * batch_size), [1] * len(experiences))
         return [size if self.per_task_cap is None else min(size, self.per_task_cap) for size in sizes]
 
     def state_dict(self) -> dict:
         """The stored samples and both generators' states (for run checkpoints)."""
         buffer = self.buffer
-        return {"tasks": {label: {"kind": m.kind, "images": list(m.images), "targets": list(m.targets),
-                                  "indices": list(m.indices)} for label, m in buffer.tasks.items()},
+        return {"tasks": {experience: {"kind": m.kind, "head": m.head, "images": list(m.images),
+                                       "targets": list(m.targets), "indices": list(m.indices)}
+                          for experience, m in buffer.tasks.items()},
                 "train_sizes": dict(buffer.train_sizes), "selection_rng": buffer.generator.get_state(),
                 "draw_rng": self.generator.get_state(), "replayed": dict(self.replayed)}
 
     def load_state_dict(self, state: dict, model) -> None:
-        self.buffer.tasks = {label: TaskMemory(m["kind"], list(m["images"]), list(m["targets"]), list(m["indices"]))
-                             for label, m in state["tasks"].items()}
+        self.buffer.tasks = {experience: TaskMemory(m["kind"], m.get("head", experience), list(m["images"]),
+                                                    list(m["targets"]), list(m["indices"]))
+                             for experience, m in state["tasks"].items()}
         self.buffer.train_sizes = dict(state["train_sizes"])
         self.buffer.generator.set_state(state["selection_rng"])
         self.generator.set_state(state["draw_rng"])
         self.replayed = Counter(state["replayed"])
 
     def stats(self) -> dict[str, dict[int, int]]:
-        """What results.json records of this plugin: samples stored and replayed per task label."""
-        return {"stored": {label: len(memory) for label, memory in self.buffer.tasks.items()},
+        """What results.json records of this plugin: samples stored and replayed per experience."""
+        return {"stored": {experience: len(memory) for experience, memory in self.buffer.tasks.items()},
                 "replayed": dict(self.replayed)}
 
     def after_training_exp(self, strategy, **kwargs) -> None:
-        self.buffer.add(strategy.experience.dataset, strategy.experience.task_label)
+        experience = strategy.experience
+        self.buffer.add(experience.dataset, experience.current_experience, experience.task_label)
 
     def before_backward(self, strategy, **kwargs) -> None:
-        current = int(strategy.mb_task_id[0])
-        labels = [label for label, memory in self.buffer.tasks.items() if label != current and len(memory)]
-        if not labels:
+        current = strategy.experience.current_experience
+        stored = [e for e, memory in self.buffer.tasks.items() if e != current and len(memory)]
+        if not stored:
             return
-        losses = []
-        for label, size in zip(labels, self.replay_sizes(len(strategy.mb_x), labels)):
-            if size == 0:
-                continue
-            batch = self.buffer.draw(label, size, self.generator)
-            losses.append(task_batch_loss(strategy, batch, label))
-            self.replayed[label] += len(batch[0])
+        batches: dict[int, list] = {}  # by head: experiences that share a head are replayed in one batch
+        for experience, size in zip(stored, self.replay_sizes(len(strategy.mb_x), stored)):
+            if size:
+                memory = self.buffer.tasks[experience]
+                drawn = self.buffer.draw(experience, size, self.generator)
+                batches.setdefault(memory.head, [memory.kind, []])[1].extend(drawn)
+                self.replayed[experience] += len(drawn)
+        losses = [task_batch_loss(strategy, collate_for(kind)(samples), head)
+                  for head, (kind, samples) in batches.items()]
         if losses:
             strategy.loss += self.weight * torch.stack(losses).mean()
 

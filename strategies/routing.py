@@ -11,8 +11,8 @@ the point's output channels. While task t trains:
 - the embeddings are clamped to ``±bound`` after each step (HAT's ``thres_emb``, so the gates stay trainable);
 - after every optimizer step, everything an earlier task's output depends on is copied back from a snapshot taken
   at the start of the experience: for each protected channel (used by a finished task) its conv filter (output row
-  and bias) and its BatchNorm weight, bias and running statistics; each finished task's rows of the head's 1x1
-  prediction conv (or the classifier); the finished tasks' embeddings. Restoring after the step, rather than
+  and bias) and its BatchNorm weight, bias and running statistics; each finished task's head (its rows of the 1x1
+  prediction conv, or its classifier); the finished tasks' embeddings. Restoring after the step, rather than
   masking gradients, is exact whatever the optimizer's momentum or weight decay, and it also undoes BatchNorm
   statistics the forward pass moved. A finished task's outputs therefore never change (tested to 1e-5);
 - a protected BatchNorm channel normalises with its frozen statistics in training too, as it will at inference,
@@ -34,7 +34,7 @@ from torch import nn
 
 from clmtl.models.routing import TaskRoutes
 from clmtl.registry import register
-from clmtl.tasks import CLASSIFICATION, DETECTION
+from clmtl.scenario import require_own_heads
 
 
 @dataclass
@@ -69,17 +69,9 @@ def protected_entries(model: nn.Module, task: int) -> list[_Frozen]:
     finished = [t for t in range(routes.num_tasks) if bool(routes.finished[t]) and t != task]
     for embedding in routes.embeddings:
         freeze(embedding, torch.tensor(finished, dtype=torch.long))
-    head = model.head
-    for t in finished:
-        kind = model.task_kinds[t]
-        if kind == CLASSIFICATION:
-            for tensor in head.classifier.parameters():
-                freeze(tensor, torch.arange(tensor.shape[0]))
-        else:
-            rows = torch.arange(head.det_channels) if kind == DETECTION else \
-                torch.arange(head.det_channels, head.det_channels + head.seg_channels)
-            freeze(head.pred.weight, rows)
-            freeze(head.pred.bias, rows)
+    for t in finished:  # each finished task's own head
+        for tensor in model.head.rows(t).parameters():
+            freeze(tensor, torch.arange(tensor.shape[0]))
     return entries
 
 
@@ -137,6 +129,9 @@ class RoutingPlugin(SupervisedPlugin, supports_distributed=True):
     def stats(self) -> dict:
         return {"channels_used": {str(task): share for task, share in sorted(self.usage.items())},
                 "channels_free": self.free, "snapshot_bytes": self.snapshot_bytes}
+
+    def bind_benchmark(self, benchmark) -> None:
+        require_own_heads("routing", benchmark.tasks)
 
     # -- training --------------------------------------------------------------------------------------------------
     def before_training(self, strategy, **kwargs) -> None:

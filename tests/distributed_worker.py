@@ -14,7 +14,8 @@ from clmtl import distributed
 from clmtl.averaging import WeightAveraging
 from clmtl.checkpoint import checkpoint_config, load_model_checkpoint
 from clmtl.metrics.plugin import task_scores
-from clmtl.run import build_benchmark, build_model, make_template
+from clmtl.benchmark import build_benchmark
+from clmtl.builders import build_model, make_template
 from clmtl.template import to_device
 
 

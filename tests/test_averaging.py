@@ -10,7 +10,7 @@ from avalanche.training.plugins import EWCPlugin
 
 from clmtl.averaging import WeightAveraging
 from clmtl.config import ConfigError, load_config
-from clmtl.run import recipe_plugins
+from clmtl.builders import recipe_plugins
 from test_ewc import classification_data
 
 DECAY, TAU = 0.9, 3.0

@@ -159,8 +159,8 @@ def test_strategy_errors(override, message):
     ("output.checkpoints=yes please", "override 'output.checkpoints=yes please': output.checkpoints: "
                                       "expected true or false, got string \"yes please\""),
     ("train=5", "override 'train=5': train: expected a mapping of keys, got integer 5"),
-    ("tasks=[seg, seg, cls]", "override 'tasks=[seg, seg, cls]': tasks: must list each of seg, det, cls exactly "
-                              "once, got [\"seg\", \"seg\", \"cls\"]"),
+    ("tasks=[seg, seg, cls]", "override 'tasks=[seg, seg, cls]': tasks: duplicate task name(s) seg; every task "
+                              "needs its own name"),
     ("tasks=[seg, 1, cls]", "override 'tasks=[seg, 1, cls]': tasks[1]: expected a string, got integer 1"),
     ("train.lr=0", "override 'train.lr=0': train.lr: must be > 0, got 0.0"),
     ("train.weight_decay=-1e-4", "override 'train.weight_decay=-1e-4': train.weight_decay: must be >= 0, got -0.0001"),

@@ -80,7 +80,8 @@ def run_checkpoint(path, tasks=None, backbone="yolov8n"):
     """A checkpoint as ``clmtl run`` writes it (plus ``tasks`` when given); returns the eval-mode model saved."""
     from clmtl.config import load_config
     from clmtl.io import atomic_torch_save
-    from clmtl.run import build_benchmark, build_model
+    from clmtl.benchmark import build_benchmark
+    from clmtl.builders import build_model
 
     config = load_config(None, [f"data.image_size={SIZE}", "data.train_size=2", "data.val_size=2",
                                 f"model.backbone={backbone}"])

@@ -43,7 +43,7 @@ def test_data_root_alone_finds_the_challenge_layout_and_explicit_keys_win(bundle
 
 
 def test_missing_paths_are_clear_errors(bundle, tmp_path):
-    from clmtl.run import build_benchmark
+    from clmtl.benchmark import build_benchmark
 
     with pytest.raises(ConfigError, match="benchmark=files: data.seg.root is not set"):
         build_benchmark(load_config(None, ["benchmark=files", *TINY]))

@@ -30,7 +30,7 @@ def test_each_step_adds_the_full_loss_of_every_other_task():
     model = UnifiedModel(tasks, image_size=64).eval()  # eval: BN statistics do not move between forwards
     criterion = MultiTaskLoss(model.anchor_layout)
     (plugin,) = build_plugins("joint")
-    plugin.bind_benchmark(SimpleNamespace(stream=stream))
+    plugin.bind_benchmark(SimpleNamespace(stream=stream, tasks=tasks))
     recorder = LabelRecorder(model)
     strategy = SimpleNamespace(model=recorder, _criterion=criterion, device="cpu", train_mb_size=4,
                                experience=stream.train_stream[1], loss=torch.zeros(()))
@@ -51,7 +51,7 @@ def test_each_step_adds_the_full_loss_of_every_other_task():
 def test_joint_without_the_stream_is_a_clear_error():
     (plugin,) = build_plugins("joint")
     with pytest.raises(RuntimeError, match="bind_benchmark"):
-        plugin.before_training_exp(SimpleNamespace(experience=SimpleNamespace(task_label=0), train_mb_size=2))
+        plugin.before_training_exp(SimpleNamespace(experience=SimpleNamespace(current_experience=0), train_mb_size=2))
 
 
 def test_joint_does_not_compose_with_another_data_strategy(isolated_registry):

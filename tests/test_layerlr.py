@@ -6,7 +6,7 @@ import torch
 
 from clmtl.config import load_config
 from clmtl.registry import build_plugins
-from clmtl.run import make_optimizer
+from clmtl.builders import make_optimizer
 from clmtl.schedule import LRSchedule
 
 

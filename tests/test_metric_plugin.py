@@ -17,13 +17,17 @@ from clmtl.metrics.forgetting import forgetting
 from clmtl.metrics.plugin import (
     TaskForgetting,
     TaskMetrics,
-    accuracy_row,
     metric_key,
     task_metrics,
     task_scores,
 )
 from clmtl.metrics.scores import CocoMAP, MeanIoU
 from clmtl.tasks import TaskSpec
+
+
+def accuracy_row(metrics, tasks):
+    """Row R[i] of the accuracy matrix: the primary metric of every task (None if not evaluated)."""
+    return [None if scores is None else scores[task.metric] for scores, task in zip(task_scores(metrics, tasks), tasks)]
 
 N_TASKS = 3
 CLS_TASKS = [TaskSpec(f"cls{t}", "classification", ("a", "b", "c")) for t in range(N_TASKS)]

@@ -59,11 +59,26 @@ def test_forward_dispatches_task_label_tensors_like_avalanche_passes_them(model,
             model(x, 7)
 
 
-def test_the_head_is_shared_across_tasks_and_levels(model):
-    """One 3x3 conv and one 1x1 conv whose channels are [3 anchors x (5 + 4) | 3 seg classes]."""
+def test_the_head_is_shared_across_tasks_and_levels(model, x):
+    """One 3x3 conv for every task; the 1x1 prediction rows per head: 3 anchors x (5 + 4) for detection, 3 for
+    segmentation, run as one conv by forward_all; a linear layer for classification."""
     convs = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [tuple(c.weight.shape[:2]) + c.kernel_size for c in convs] == [(64, 64, 3, 3), (27 + 3, 64, 1, 1)]
-    assert model.head.classifier.in_features == 64
+    assert [tuple(c.weight.shape[:2]) + c.kernel_size for c in convs] == [(64, 64, 3, 3)]
+    shapes = {head: tuple(model.head.rows(head).weight.shape) for head in range(3)}
+    assert shapes == {0: (3, 64), 1: (3, 9, 64), 2: (5, 64)}
+    calls = []
+    original = torch.nn.functional.conv2d
+
+    def counting(input, weight, *args, **kwargs):
+        calls.append(tuple(weight.shape))
+        return original(input, weight, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "conv2d", counting)
+        model.eval()
+        with torch.no_grad():
+            model.forward_all(x)
+    assert (27 + 3, 64, 1, 1) in calls  # the finest level: detection and segmentation rows in one conv
 
 
 def test_each_task_computes_only_what_it_needs(x):
@@ -92,13 +107,14 @@ def test_parameter_count_and_groups(model):
     assert len(grouped) == len(set(grouped)) and set(grouped) == {id(p) for p in model.parameters()}
 
 
-def test_at_most_one_task_per_kind():
-    with pytest.raises(ValueError, match="detection"):
-        UnifiedModel([TASKS[1], TaskSpec("det2", "detection", ("x",))])
+def test_tasks_of_one_kind_get_a_head_each_in_the_task_scenario(x):
+    model = UnifiedModel([TASKS[1], TaskSpec("det2", "detection", ("x",))], image_size=SIZE)
+    assert model.head_kinds == {0: "detection", 1: "detection"}
+    assert [level.shape[-1] for level in model(x, 1)] == [5 + 1] * 3
 
 
 def test_task_kinds_and_default_anchors_scale_with_image_size(model):
-    assert model.task_kinds == {0: "segmentation", 1: "detection", 2: "classification"}
+    assert model.head_kinds == {0: "segmentation", 1: "detection", 2: "classification"}
     assert model.anchor_layout.anchors[0][0] == (6.0, 6.0)  # 12 px at 128 -> 6 px at 64
     assert AnchorLayout.for_image_size(256).anchors[2][1] == (120.0, 80.0)
 

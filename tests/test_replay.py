@@ -36,7 +36,7 @@ def shapes_stream(sizes=(12, 12, 12), hflip=0.0):
 
 def filled(buffer, stream, upto=3):
     for label in range(upto):
-        buffer.add(stream.train_stream[label].dataset, label)
+        buffer.add(stream.train_stream[label].dataset, label, label)
     return buffer
 
 
@@ -54,7 +54,7 @@ def test_quotas_and_deterministic_trim_over_three_tasks(split, expected):
     buffer = TaskBuffer(10, split=split)
     history = []
     for label, quotas in enumerate(expected):
-        buffer.add(stream.train_stream[label].dataset, label)
+        buffer.add(stream.train_stream[label].dataset, label, label)
         assert buffer.quotas() == quotas and stored_sizes(buffer) == quotas
         assert len(buffer) == sum(quotas.values()) <= 10
         history.append({t: list(m.indices) for t, m in buffer.tasks.items()})
@@ -95,7 +95,7 @@ def test_images_are_rounded_to_the_nearest_uint8_level():
     data = AvalancheDataset([TensorDataset(x, torch.zeros(6, dtype=torch.long))],
                             data_attributes=[TaskLabels(ConstantSequence(0, 6))])
     buffer = TaskBuffer(6)
-    buffer.add(data, 0)
+    buffer.add(data, 0, 0)
     memory = buffer.tasks[0]
     for i, index in enumerate(memory.indices):
         assert torch.equal(memory.images[i], (x[index] * 255).round().to(torch.uint8))
@@ -104,7 +104,8 @@ def test_images_are_rounded_to_the_nearest_uint8_level():
 
 def fake_strategy(model, images, label, criterion):
     return SimpleNamespace(model=model, _criterion=criterion, mb_x=images, device="cpu",
-                           mb_task_id=torch.full((len(images),), label), loss=torch.tensor(1.0))
+                           mb_task_id=torch.full((len(images),), label), loss=torch.tensor(1.0),
+                           experience=SimpleNamespace(current_experience=label, task_label=label))
 
 
 def test_the_replay_loss_is_each_old_task_through_its_own_head_and_loss():
@@ -114,7 +115,7 @@ def test_the_replay_loss_is_each_old_task_through_its_own_head_and_loss():
     criterion = MultiTaskLoss(model.anchor_layout)
     plugin = MultiTaskReplayPlugin(mem_size=6, ratio=2.0, weight=0.7)  # 2 x 4 = 8 -> 4 per task >= 3 stored
     for label in (0, 1):
-        plugin.buffer.add(stream.train_stream[label].dataset, label)
+        plugin.buffer.add(stream.train_stream[label].dataset, label, label)
     strategy = fake_strategy(model, torch.stack([sets[2][i][0] for i in range(4)]), 2, criterion)
     plugin.before_backward(strategy)
 
@@ -185,7 +186,7 @@ def test_class_balanced_keeps_classification_classes_balanced():
     dataset = stream.train_stream[2].dataset
     for quota in range(1, 21):
         buffer = TaskBuffer(quota, selection="class_balanced")
-        buffer.add(dataset, 2)
+        buffer.add(dataset, 2, 2)
         counts = Counter(sets[2][i][1] for i in buffer.tasks[2].indices)
         per_class = [counts[c] for c in range(5)]
         assert sum(per_class) == quota and max(per_class) - min(per_class) <= 1, (quota, per_class)
@@ -229,7 +230,7 @@ def test_replay_draws_are_seeded():
     for _ in range(2):
         plugin = MultiTaskReplayPlugin(mem_size=12, seed=3)
         filled(plugin.buffer, stream, upto=1)
-        batches.append(plugin.buffer.draw(0, 3, plugin.generator)[0])
+        batches.append(torch.stack([sample[0] for sample in plugin.buffer.draw(0, 3, plugin.generator)]))
     assert torch.equal(batches[0], batches[1])
 
 
@@ -274,6 +275,7 @@ def test_defaults_and_registration():
 
 
 def test_a_tiny_run_replays_the_old_tasks(tmp_path, monkeypatch):
+    import clmtl.builders
     import clmtl.run
     from clmtl.config import load_config
     from clmtl.registry import strategy_defaults
@@ -284,7 +286,7 @@ def test_a_tiny_run_replays_the_old_tasks(tmp_path, monkeypatch):
         built.extend(build_plugins(spec, params))
         return built
 
-    monkeypatch.setattr(clmtl.run, "build_plugins", capture)
+    monkeypatch.setattr(clmtl.builders, "build_plugins", capture)
     overrides = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1",
                  "train.batch_size=4", "output.overlays=0", "output.checkpoints=false", "train.threads=1",
                  "strategy.replay.mem_size=12"]
@@ -320,7 +322,7 @@ def test_equal_quotas_match_avalanche_experience_balanced_buffer(mem_size):
     ours = TaskBuffer(mem_size)
     for label, dataset in enumerate(data):
         theirs.post_adapt(None, SimpleNamespace(dataset=dataset))
-        ours.add(dataset, label)
+        ours.add(dataset, label, label)
         assert [len(g.buffer) for g in theirs.buffer_groups.values()] == list(stored_sizes(ours).values())
 
 

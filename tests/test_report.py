@@ -13,7 +13,9 @@ import torch
 from matplotlib.image import imread
 
 from clmtl.io import CheckpointError, atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
-from clmtl.report import prediction_overlays, summary_markdown, write_report
+from clmtl.metrics.forgetting import bwt, forgetting, forgetting_max
+from clmtl.report import (MAX_PLOT_WIDTH, accuracy_matrix_figure, prediction_overlays, summary_markdown,
+                          task_curves_figure, write_report)
 
 TASKS = [{"name": "seg", "kind": "segmentation", "metric": "mIoU"},
          {"name": "det", "kind": "detection", "metric": "mAP50_95", "extra": ["mAP50"]},
@@ -51,9 +53,10 @@ def test_summary_final_vs_baseline_rows():
 def test_summary_matrix_with_missing_entries():
     text = summary_markdown(make_results())
     assert "| | seg (mIoU) | det (mAP50_95) | cls (top1) |" in text
-    assert "| after training seg | 0.500 | – | – |" in text
-    assert "| after training det | 0.450 | 0.300 | – |" in text
-    assert "| after training cls | 0.400 | 0.240 | 0.800 |" in text
+    assert "| after seg | 0.500 | – | – |" in text
+    assert "| after det | 0.450 | 0.300 | – |" in text
+    assert "| after cls | 0.400 | 0.240 | 0.800 |" in text
+    assert "Metrics:" not in text  # three tasks: the metrics are in the column headers
 
 
 def test_summary_forgetting_both_definitions_bwt_and_cost():
@@ -64,7 +67,7 @@ def test_summary_forgetting_both_definitions_bwt_and_cost():
     assert "| seg | 0.100 | 0.120 |" in text
     assert "| cls | – | – |" in text  # the last task cannot be forgotten yet
     assert "| mean | 0.080 | 0.090 |" in text
-    assert "): -0.080" in text  # BWT
+    assert "| BWT | -0.080 | mean over j < T−1 of R[T−1][j] − R[j][j]" in text
     assert "Parameters: 1,012,345" in text
     assert "| det | 40.0 |" in text and "| total | 60.2 |" in text
 
@@ -115,6 +118,179 @@ def test_accuracy_matrix_marks_missing_cells_grey(tmp_path):
     write_report(results, tmp_path)
     pixels = imread(tmp_path / "plots" / "accuracy_matrix.png")[..., :3]
     assert np.all(np.abs(pixels - 211 / 255) < 0.01, axis=-1).sum() < 500  # anti-aliased text edges only
+
+
+# ------------------------------------------------------------------------------------------- streams of any length
+
+KIND_METRIC = {"segmentation": "mIoU", "detection": "mAP50_95", "classification": "top1"}
+
+
+def stream_results(tasks: list[tuple[str, str]], matrix: list, scenario: str = "task", **fields) -> dict:
+    """A results dict of the current format for the stream ``tasks`` = [(name, kind)], matrix ``R``."""
+    names = [name for name, _ in tasks]
+    return {
+        "clmtl_version": "0.0.test", "seed": 0, "benchmark": "toy", "strategy": "naive", "scenario": scenario,
+        "tasks": [{"name": name, "kind": kind, "metric": KIND_METRIC[kind]} for name, kind in tasks],
+        "matrix": matrix, "baseline": {}, "final": dict(zip(names, matrix[-1])), "drop_vs_baseline": {},
+        "forgetting": dict(zip(names, forgetting(matrix))), "forgetting_max": dict(zip(names, forgetting_max(matrix))),
+        "bwt": bwt(matrix), **fields,
+    }
+
+
+def class_stream(count: int) -> dict:
+    """``count`` classification tasks, class scenario: untrained tasks score 0, a task scores 0.9 when learned."""
+    matrix = [[0.9 - 0.02 * (i - j) if j <= i else 0.0 for j in range(count)] for i in range(count)]
+    return stream_results([(f"cls_{j}", "classification") for j in range(count)], matrix, scenario="class",
+                          random_init={f"cls_{j}": 0.1 for j in range(count)})
+
+
+MIXED_MATRIX = [[0.60, 0.10, 0.05, 0.20],
+                [0.50, 0.80, 0.06, 0.30],
+                [0.40, 0.70, 0.50, 0.25],
+                [0.30, 0.60, 0.45, 0.85]]
+MIXED_RANDOM_INIT = {"seg": 0.02, "cls_a": 0.10, "det": 0.00, "cls_b": 0.20}
+
+
+def mixed_results() -> dict:
+    """seg → cls_a → det → cls_b, with the stream measures worked out by hand:
+
+    average accuracy = (0.30 + 0.60 + 0.45 + 0.85) / 4 = 0.55
+    BWT = ((0.30 − 0.60) + (0.60 − 0.80) + (0.45 − 0.50)) / 3 = −0.55 / 3 = −0.18333
+    FWT = ((0.10 − 0.10) + (0.06 − 0.00) + (0.25 − 0.20)) / 3 = 0.11 / 3 = 0.03667
+    """
+    tasks = [("seg", "segmentation"), ("cls_a", "classification"), ("det", "detection"), ("cls_b", "classification")]
+    return stream_results(tasks, copy.deepcopy(MIXED_MATRIX), average_accuracy=0.55, fwt=0.11 / 3,
+                          random_init=dict(MIXED_RANDOM_INIT))
+
+
+def test_summary_of_a_mixed_stream_with_repeated_kinds():
+    results = mixed_results()
+    assert results["bwt"] == pytest.approx(-0.55 / 3)  # the hand value above is the metrics module's too
+    text = summary_markdown(results)
+    assert "Scenario: task-incremental (`task`). Stream order (4 tasks): seg → cls_a → det → cls_b." in text
+    assert "| Average accuracy | 0.550 | mean over all tasks j of R[T−1][j]" in text
+    assert "| BWT | -0.183 | mean over j < T−1 of R[T−1][j] − R[j][j]" in text
+    assert "| FWT | 0.037 | mean over j ≥ 1 of R[j−1][j] − b[j] (GEM" in text
+    # each FWT term, R[j−1][j] − b[j], computed by the report from the matrix and random_init
+    assert "| Task | Metric | b[j] (random init) | R[j−1][j] | R[j−1][j] − b[j] |" in text
+    assert "| seg | mIoU | 0.020 | – | – |" in text  # no experience before the first task
+    assert "| cls_a | top1 | 0.100 | 0.100 | 0.000 |" in text
+    assert "| det | mAP50_95 | 0.000 | 0.060 | 0.060 |" in text
+    assert "| cls_b | top1 | 0.200 | 0.250 | 0.050 |" in text
+    # the matrix: every task in a column, every experience in a row, in stream order
+    assert "| | seg (mIoU) | cls_a (top1) | det (mAP50_95) | cls_b (top1) |\n|---|---|---|---|---|" in text
+    rows = ["| after seg | 0.600 | 0.100 | 0.050 | 0.200 |", "| after cls_a | 0.500 | 0.800 | 0.060 | 0.300 |",
+            "| after det | 0.400 | 0.700 | 0.500 | 0.250 |", "| after cls_b | 0.300 | 0.600 | 0.450 | 0.850 |"]
+    assert "\n".join(rows) in text
+    assert "| cls_a | 0.200 | 0.200 |" in text and "| cls_b | – | – |" in text and "| mean | 0.183 | 0.183 |" in text
+    assert text.index("## Stream summary") < text.index("## Final vs single-task baseline")
+
+
+def test_single_task_stream(tmp_path):
+    results = stream_results([("seg", "segmentation")], [[0.5]], scenario="domain", average_accuracy=0.5,
+                             fwt=None, random_init={"seg": 0.01})
+    assert results["bwt"] is None and results["forgetting"] == {"seg": None}
+    text = summary_markdown(results)
+    assert "Scenario: domain-incremental (`domain`). Stream order (1 task): seg." in text
+    assert "| Average accuracy | 0.500 |" in text
+    assert "| BWT | – |" in text and "| FWT | – |" in text  # no earlier task to transfer to or from
+    assert "| seg | mIoU | 0.010 | – | – |" in text
+    assert "| | seg (mIoU) |\n|---|---|\n| after seg | 0.500 |" in text
+    assert "| seg | – | – |" in text and "| mean | – | – |" in text
+    write_report(results, tmp_path)
+    for name in ("accuracy_matrix.png", "task_curves.png"):
+        assert imread(tmp_path / "plots" / name)[..., :3].std() > 0.05
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_old_results_without_the_stream_fields_still_render(tmp_path):
+    """A results.json from before scenario / average_accuracy / fwt / random_init (make_results has none)."""
+    results = make_results()
+    assert not {"scenario", "average_accuracy", "fwt", "random_init"} & set(results)
+    text = summary_markdown(results)
+    assert "Scenario: not recorded. Stream order (3 tasks): seg → det → cls." in text
+    assert "| Average accuracy | – |" in text and "| FWT | – |" in text and "| BWT | -0.080 |" in text
+    assert "b[j] (random init)" not in text  # no random-init table without random_init
+    write_report(results, tmp_path)
+    assert (tmp_path / "summary.md").read_text() == text
+
+
+def test_ten_task_class_stream_summary_names_tasks_and_metrics_once():
+    text = summary_markdown(class_stream(10))
+    assert "Scenario: class-incremental (`class`)." in text
+    assert "| | " + " | ".join(f"cls_{j}" for j in range(10)) + " |" in text  # no metric in every header
+    assert "| after cls_9 | " + " | ".join(f"{0.9 - 0.02 * (9 - j):.3f}" for j in range(10)) + " |" in text
+    assert "| after cls_0 | 0.900 | " + " | ".join(["0.000"] * 9) + " |" in text
+    assert "Metric of every task: top1." in text
+    mixed = class_stream(7)
+    mixed["tasks"][3] = {"name": "cls_3", "kind": "detection", "metric": "mAP50_95"}
+    assert "Metrics: cls_0 top1, cls_1 top1, cls_2 top1, cls_3 mAP50_95, cls_4 top1" in summary_markdown(mixed)
+
+
+def test_accuracy_matrix_of_ten_tasks_is_a_bounded_heat_map_with_a_colour_bar(tmp_path):
+    results = class_stream(10)
+    results["matrix"][9][4] = None  # one task not evaluated after the last experience
+    write_report(results, tmp_path)
+    assert imread(tmp_path / "plots" / "accuracy_matrix.png").shape[1] <= MAX_PLOT_WIDTH * 110
+    fig = accuracy_matrix_figure(results)
+    width, height = fig.get_size_inches()
+    assert 6 < width <= MAX_PLOT_WIDTH and height <= MAX_PLOT_WIDTH
+    ax, bar = fig.axes  # the matrix and its colour bar
+    assert bar.get_ylabel() == "top1"  # one metric for every task: colours are the scores themselves
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"cls_{j}" for j in range(10)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"after cls_{i}" for i in range(10)]
+    assert len(ax.texts) == 0  # no numbers in 100 small cells
+    image = ax.images[0]
+    assert image.get_array().mask[9, 4] and not image.get_array().mask[9, 3]
+    assert np.allclose(image.cmap.get_bad(), (211 / 255, 211 / 255, 211 / 255, 1.0))  # null cells light grey
+    assert image.get_clim() == (0.0, pytest.approx(0.9))
+
+
+def test_accuracy_matrix_size_stays_bounded_and_mixed_metrics_are_scaled_per_column():
+    results = class_stream(40)  # beyond the 20 tasks planned for: cells shrink, the figure does not grow
+    results["tasks"][5] = {"name": "det_x", "kind": "detection", "metric": "mAP50_95"}
+    fig = accuracy_matrix_figure(results)
+    assert fig.get_size_inches()[0] <= MAX_PLOT_WIDTH and fig.get_size_inches()[1] <= MAX_PLOT_WIDTH
+    ax, bar = fig.axes
+    assert bar.get_ylabel() == "score / column max" and ax.images[0].get_clim() == (0.0, 1.0)
+    assert ax.get_xticklabels()[5].get_text() == "det_x" and ax.get_xticklabels()[0].get_rotation() == 45
+
+
+def test_accuracy_matrix_of_three_tasks_keeps_values_in_cells():
+    fig = accuracy_matrix_figure(make_results())
+    assert len(fig.axes) == 1  # no colour bar: the values are written in
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["0.500", "–", "–", "0.450", "0.300", "–", "0.400", "0.240", "0.800"]
+
+
+def test_task_curves_of_many_tasks_are_a_bounded_grid_with_baselines():
+    results = class_stream(12)
+    results["baseline"] = {f"cls_{j}": 0.95 for j in range(12)}
+    fig = task_curves_figure(results)
+    width, height = fig.get_size_inches()
+    assert width <= MAX_PLOT_WIDTH and height <= 14
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 12 and len(fig.axes) == 12  # 3 rows of 4
+    assert {ax.get_subplotspec().colspan.start for ax in panels} == {0, 1, 2, 3}
+    for j, ax in enumerate(panels):
+        assert ax.get_title() == f"#{j} cls_{j} (top1)"
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert len(dashed) == 1 and dashed[0].get_ydata()[0] == 0.95  # the task's own baseline
+        curve = ax.get_lines()[0]
+        assert list(curve.get_xdata()) == list(range(12))
+    assert len(fig.legends) == 1  # one legend for the figure, not one per panel
+    seven = task_curves_figure(class_stream(7))  # 2 rows of 4: the eighth slot stays empty
+    assert sum(ax.get_visible() for ax in seven.axes) == 7 and len(seven.axes) == 8
+    for count in (20, 40):  # 4 and 8 rows of 5
+        width, height = task_curves_figure(class_stream(count)).get_size_inches()
+        assert width <= MAX_PLOT_WIDTH and height <= 14
+
+
+def test_task_curves_of_three_tasks_stay_one_row_named_by_experience():
+    fig = task_curves_figure(make_results())
+    assert len(fig.axes) == 3 and fig.get_size_inches()[0] == pytest.approx(3 * 3.6)
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["after seg", "after det", "after cls"]
+    assert fig.axes[0].get_legend() is not None
 
 
 # ---------------------------------------------------------------------------------------------------- overlays

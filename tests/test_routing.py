@@ -11,7 +11,9 @@ from torchvision.ops import SqueezeExcitation
 from clmtl.config import load_config
 from clmtl.models import UnifiedModel
 from clmtl.registry import build_plugins, strategy_defaults
-from clmtl.run import build_benchmark, build_model, make_optimizer, run
+from clmtl.benchmark import build_benchmark
+from clmtl.builders import build_model, make_optimizer
+from clmtl.run import run
 from clmtl.tasks import TaskSpec
 
 SIZE = 64
@@ -126,7 +128,7 @@ def test_forward_all_runs_each_tasks_own_route():
             torch.testing.assert_close(a, b, atol=0, rtol=0)
         model.routes.active = 2  # segmentation's head on classification's route: other features, other output
         other = model._upsample(model.head.segmentation(model.head.features(model.neck(
-            model.backbone(x), levels=(0,))[0])), x)
+            model.backbone(x), levels=(0,))[0]), 0), x)
     assert (other - together[0]).abs().max() > 1e-3
 
 

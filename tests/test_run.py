@@ -12,7 +12,10 @@ from clmtl.io import atomic_torch_save, load_checkpoint
 from avalanche.training.plugins import SupervisedPlugin
 
 from clmtl.registry import register, strategy_defaults
-from clmtl.run import Baselines, build_benchmark, build_model, run
+from clmtl.baselines import Baselines
+from clmtl.benchmark import build_benchmark
+from clmtl.builders import build_model
+from clmtl.run import run
 
 TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
         "output.overlays=2", "train.threads=1"]
@@ -242,7 +245,7 @@ def test_clmtl_export_writes_a_torchscript_model_of_the_checkpoint(tiny_run, tmp
 
 @pytest.mark.slow
 def test_a_hybrid_calls_every_components_callbacks_in_the_composers_order(tmp_path, monkeypatch):
-    import clmtl.run
+    import clmtl.builders
     from clmtl.registry import build_plugins
 
     calls = []
@@ -258,7 +261,7 @@ def test_a_hybrid_calls_every_components_callbacks_in_the_composers_order(tmp_pa
                 setattr(plugin, name, wrapper)
         return plugins
 
-    monkeypatch.setattr(clmtl.run, "build_plugins", recording)
+    monkeypatch.setattr(clmtl.builders, "build_plugins", recording)
     config = load_config(None, TINY + ["output.overlays=0", "output.checkpoints=false"],
                          strategy_params=strategy_defaults())
     results = run(config, "lwf+replay+ewc+layerlr+bnfreeze", tmp_path, baselines=False)

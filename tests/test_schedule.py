@@ -7,7 +7,7 @@ import torch
 from avalanche.training.plugins.clock import Clock
 
 from clmtl.config import ConfigError, load_config
-from clmtl.run import make_schedule
+from clmtl.builders import make_schedule
 from clmtl.schedule import LRSchedule
 
 

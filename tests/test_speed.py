@@ -70,7 +70,7 @@ def test_tiny_run_writes_every_measurement_and_ratios_of_its_medians(speed, tmp_
 
 
 def test_timed_steps_run_each_strategy_with_its_state_from_the_first_experience(speed, monkeypatch):
-    from clmtl.run import build_benchmark
+    from clmtl.benchmark import build_benchmark
 
     config = speed.training_config(64, 2)
     benchmark = build_benchmark(config)

@@ -135,6 +135,11 @@ def _check_schema(data: object, file: Path) -> None:
             raise DataError(f"{where}: unknown category id {annotation['category_id']}")
 
 
+def category_names(annotation_file: Path) -> tuple[str, ...]:
+    """Every category name of an annotation file, in label order (sorted by id), as a split deals them."""
+    return _select_categories(load_coco(annotation_file), None, annotation_file)[1]
+
+
 def _select_categories(coco: COCO, classes: Sequence[str] | None,
                        file: Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(category ids, names) in label order: the named classes in the given order, else all sorted by id."""

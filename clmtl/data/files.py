@@ -1,38 +1,25 @@
-"""The ``files`` benchmark: the three tasks' datasets read from disk, as the config points to them.
+"""The ``files`` benchmark: the built-in tasks (seg, det, cls) read from disk, as the config points to them.
 
-``data.root=DIR`` alone reads the challenge bundle of the seed report::
+``data.root=DIR`` alone reads the data bundle of the Unified-OneHead Multi-Task Challenge, laid out as::
 
     DIR/mini_voc_seg/{train,val}/{JPEGImages,SegmentationClass}     segmentation, one folder per split
     DIR/mini_coco_det/{train,val}/ + annotations/instances_{train,val}*.json   detection (COCO)
     DIR/imagenette_160/{train,val}/<class folder>/                  classification
 
 and the explicit keys (``data.seg.root``, ``data.det.train_images``, ``data.det.train_ann``, ``data.det.val_images``,
-``data.det.val_ann``, ``data.cls.root``) point anywhere else, overriding what the root gives.
+``data.det.val_ann``, ``data.cls.root``) point anywhere else, overriding what the root gives. Each task becomes a
+data source of format voc, coco or folder (``clmtl.data.sources``), the same a ``tasks:`` entry can name.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
-from clmtl.config import Config, ConfigError, DataConfig
-from clmtl.data.coco import CocoDetection
-from clmtl.data.folder import ImageFolderDataset
-from clmtl.data.voc import VocSegmentation
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TASK_KINDS, TaskSpec
+from clmtl.config import ConfigError, DataConfig, DataSourceConfig
 
 BUNDLE = {"seg": "mini_voc_seg", "det": "mini_coco_det", "cls": "imagenette_160"}
 """Folder of each task in the challenge bundle."""
-
-
-@dataclass
-class TaskData:
-    """One task of the benchmark: its description and its train and validation datasets."""
-
-    task: TaskSpec
-    train: Dataset
-    val: Dataset
 
 
 @dataclass(frozen=True)
@@ -86,42 +73,28 @@ def resolve_paths(data: DataConfig) -> FilePaths:
     return FilePaths(**{key: explicit[key] or bundle.get(key) for key in explicit})
 
 
-def _required(value: Path | None, key: str) -> Path:
+def _required(value: Path | None, key: str) -> str:
     if value is None:
         raise ConfigError(f"benchmark=files: {key} is not set (set it, or data.root for the challenge layout)")
     if not value.exists():
         raise ConfigError(f"benchmark=files: {key}: {value} does not exist")
-    return value
+    return str(value)
 
 
-def load_task(name: str, config: Config, paths: FilePaths) -> TaskData:
-    """Task ``name`` (seg, det or cls) from disk, with the subsets the config asks for."""
-    data, kind = config.data, TASK_KINDS[name]
-    common = {"image_size": data.image_size, "on_bad_sample": data.on_bad_sample, "seed": config.seed}
-    if kind == SEGMENTATION:
-        root = _required(paths.seg_root, "data.seg.root")
-        train = VocSegmentation(root, "train", subset=data.seg.train_size, **common)
-        val = VocSegmentation(root, "val", subset=data.seg.val_size, **common)
-        return TaskData(TaskSpec(name, kind, train.classes), train, val)
-    if kind == DETECTION:
-        det = data.det
-        options = {"classes": det.classes, "keep_empty": det.keep_empty, **common}
-        train = CocoDetection(_required(paths.det_train_images, "data.det.train_images"),
-                              _required(paths.det_train_ann, "data.det.train_ann"), subset=det.train_size, **options)
-        val = CocoDetection(_required(paths.det_val_images, "data.det.val_images"),
-                            _required(paths.det_val_ann, "data.det.val_ann"), subset=det.val_size, **options)
-        if (train.classes, train.category_ids) != (val.classes, val.category_ids):
-            raise ConfigError(f"detection: {train.annotation_file} and {val.annotation_file} have different "
-                              f"categories ({train.classes} vs {val.classes}); set data.det.classes")
-        return TaskData(TaskSpec(name, kind, train.classes, tuple(train.category_ids)), train, val)
-    assert kind == CLASSIFICATION
-    root = _required(paths.cls_root, "data.cls.root")
-    train = ImageFolderDataset(root, "train", subset=data.cls.train_size, **common)
-    val = ImageFolderDataset(root, "val", subset=data.cls.val_size, **common)
-    return TaskData(TaskSpec(name, kind, train.classes), train, val)
-
-
-def files_benchmark(config: Config) -> list[TaskData]:
-    """Every task of ``config.tasks``, in stream order."""
-    paths = resolve_paths(config.data)
-    return [load_task(name, config, paths) for name in config.tasks]
+def files_sources(data: DataConfig) -> dict[str, Callable[[], DataSourceConfig]]:
+    """The data source of each built-in task name (seg, det, cls) under ``benchmark=files``, from ``data.root`` and
+    the explicit keys; each is resolved when asked for, so a stream reads only the paths of the tasks it has."""
+    paths = resolve_paths(data)
+    return {
+        "seg": lambda: DataSourceConfig(format="voc", root=_required(paths.seg_root, "data.seg.root"),
+                                        train_size=data.seg.train_size, val_size=data.seg.val_size),
+        "det": lambda: DataSourceConfig(
+            format="coco", classes=data.det.classes, keep_empty=data.det.keep_empty,
+            train_images=_required(paths.det_train_images, "data.det.train_images"),
+            train_ann=_required(paths.det_train_ann, "data.det.train_ann"),
+            val_images=_required(paths.det_val_images, "data.det.val_images"),
+            val_ann=_required(paths.det_val_ann, "data.det.val_ann"),
+            train_size=data.det.train_size, val_size=data.det.val_size),
+        "cls": lambda: DataSourceConfig(format="folder", root=_required(paths.cls_root, "data.cls.root"),
+                                        train_size=data.cls.train_size, val_size=data.cls.val_size),
+    }

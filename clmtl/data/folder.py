@@ -6,9 +6,11 @@ the same class folders, or labels would mean different classes in the two splits
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from clmtl.data.images import CachedImageDataset, DataError, Loaded, is_image_file, load_letterboxed
+from clmtl.data.images import (CachedImageDataset, DataError, Loaded, check_class_names, is_image_file,
+                               load_letterboxed)
 from clmtl.tasks import CLASSIFICATION
 
 SPLITS = ("train", "val")
@@ -20,15 +22,20 @@ IMAGENETTE_NAMES = {
 
 
 class ImageFolderDataset(CachedImageDataset):
-    """Classification samples of one split; target the class index. ``folders[label]`` is the class's folder."""
+    """Classification samples of one split; target the class index. ``folders[label]`` is the class's folder.
+
+    ``classes`` keeps only those classes, in that label order, each named by its folder or its readable name.
+    """
 
     kind = CLASSIFICATION
 
     def __init__(self, root: str | Path, split: str, image_size: int, on_bad_sample: str = "error",
-                 subset: int | None = None, seed: int = 0) -> None:
+                 subset: int | None = None, seed: int = 0, classes: Sequence[str] | None = None) -> None:
         self.root = Path(root)
         self.image_size = image_size
         self.folders = _class_folders(self.root, split)
+        if classes is not None:
+            self.folders = _pick(self.folders, classes, self.root / split)
         self.classes = tuple(IMAGENETTE_NAMES.get(folder, folder) for folder in self.folders)
         samples = [
             (f"{split}/{folder}/{file.name}", label)
@@ -42,6 +49,19 @@ class ImageFolderDataset(CachedImageDataset):
         path, label = sample
         image, meta = load_letterboxed(path, self.root, self.image_size)
         return image, label, meta
+
+
+def class_names(root: Path, split: str) -> tuple[str, ...]:
+    """Every class of a split, in label order, as readable names (what a split deals into tasks)."""
+    return tuple(IMAGENETTE_NAMES.get(folder, folder) for folder in _class_folders(root, split))
+
+
+def _pick(folders: Sequence[str], classes: Sequence[str], where: Path) -> tuple[str, ...]:
+    """The folders of the named classes, in the order named (a class is named by its folder or readable name)."""
+    by_name = {**{IMAGENETTE_NAMES.get(folder, folder): folder for folder in folders},
+               **{folder: folder for folder in folders}}
+    check_class_names(classes, list(by_name), str(where))
+    return tuple(by_name[name] for name in classes)
 
 
 def _class_folders(root: Path, split: str) -> tuple[str, ...]:

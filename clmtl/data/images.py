@@ -37,6 +37,19 @@ class DataError(ValueError):
     """A dataset file is missing, malformed, unsafe or inconsistent; the message names the file and the problem."""
 
 
+def check_class_names(wanted: Sequence[str], known: Sequence[str], source: str) -> None:
+    """Refuse a class subset that is empty, repeats a name or names a class ``source`` lacks (one-line DataError)."""
+    if not wanted:
+        raise DataError(f"{source}: the class list is empty; name at least one class")
+    repeated = sorted({name for name in wanted if list(wanted).count(name) > 1})
+    if repeated:
+        raise DataError(f"{source}: classes {repeated} are named twice")
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        shown = ", ".join(map(str, known[:30])) + (", ..." if len(known) > 30 else "")
+        raise DataError(f"{source}: no class named {unknown}; its classes are {shown}")
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -128,6 +141,15 @@ def load_letterboxed(path: str | Path, root: str | Path, image_size: int,
 Loaded = tuple[Tensor, Any, SampleMeta]  # letterboxed uint8 image, target, metadata
 
 
+def draw(available: int, wanted: int, seed: int, everything: bool = False) -> list[int]:
+    """``wanted`` sample indices out of ``available``, by a permutation drawn from ``seed`` alone (the whole
+    permutation with ``everything``, for callers that replace samples they cannot load by the next ones)."""
+    if not 1 <= wanted <= available:
+        raise DataError(f"subset of {wanted} requested, but the split has {available} samples")
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order if everything else order[:wanted]
+
+
 class CachedImageDataset(Dataset):
     """Samples decoded once at construction, letterboxed and cached as uint8 ``[N, 3, S, S]``; served as float.
 
@@ -148,9 +170,10 @@ class CachedImageDataset(Dataset):
             raise DataError(f"{source}: the split has no sample")
         order = list(range(len(samples)))
         if subset is not None:
-            if not 1 <= subset <= len(samples):
-                raise DataError(f"{source}: subset of {subset} requested, but the split has {len(samples)} samples")
-            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+            try:
+                order = draw(len(samples), subset, seed, everything=True)
+            except DataError as error:
+                raise DataError(f"{source}: {error}") from None
         wanted = len(samples) if subset is None else subset
         loaded: dict[int, Loaded] = {}
         problems: list[str] = []

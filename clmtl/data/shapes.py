@@ -118,12 +118,12 @@ class ShapesDataset(torch.utils.data.Dataset):
     ``{"boxes": FloatTensor[N, 4] xyxy pixels, "labels": LongTensor[N]}``.
     """
 
-    def __init__(self, kind: str, images: torch.Tensor, targets: list) -> None:
+    def __init__(self, kind: str, images: torch.Tensor, targets: list, classes: tuple[str, ...] | None = None) -> None:
         _check_kind(kind)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or len(images) != len(targets):
             raise ValueError("images must be uint8 [N, 3, S, S] with one target per image")
         self.kind = kind
-        self.classes = SHAPES_CLASSES[kind]
+        self.classes = classes or SHAPES_CLASSES[kind]
         self.image_size = images.shape[-1]
         self.images = images
         self.targets = targets
@@ -135,8 +135,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.images[i].float().div_(255), self.targets[i]
 
 
-def make_shapes_dataset(kind: str, split: str, size: int, image_size: int = 128, seed: int = 0) -> ShapesDataset:
-    """Render ``size`` samples of one task; the same arguments always give bit-identical data."""
+def make_shapes_dataset(kind: str, split: str, size: int, image_size: int = 128, seed: int = 0,
+                        classes: tuple[str, ...] | None = None) -> ShapesDataset:
+    """Render ``size`` samples of one task; the same arguments always give bit-identical data.
+
+    ``classes`` (classification only) draws images of those classes alone, labelled in that order. Segmentation and
+    detection images draw from all their kind's classes; ``clmtl.data.relabel`` picks a task's classes from them.
+    """
     _check_kind(kind)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -146,11 +151,16 @@ def make_shapes_dataset(kind: str, split: str, size: int, image_size: int = 128,
         raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {image_size}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
-    n_classes = len(SHAPES_CLASSES[kind])
-    labels = [i % n_classes if kind == CLASSIFICATION else None for i in range(size)]
+    if classes is not None and kind != CLASSIFICATION:
+        raise ValueError("classes picks the classes of classification images only")
+    drawn = [SHAPES_CLASSES[kind].index(name) for name in classes] if classes else range(len(SHAPES_CLASSES[kind]))
+    labels = [drawn[i % len(drawn)] if kind == CLASSIFICATION else None for i in range(size)]
     scenes = [render_scene(kind, sample_rng(kind, split, seed, i), image_size, labels[i]) for i in range(size)]
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).contiguous()
-    return ShapesDataset(kind, images, [s.target for s in scenes])
+    targets = [s.target for s in scenes]
+    if classes:
+        targets = [drawn.index(target) for target in targets]
+    return ShapesDataset(kind, images, targets, tuple(classes) if classes else None)
 
 
 def sample_rng(kind: str, split: str, seed: int, index: int) -> np.random.Generator:

@@ -1,4 +1,4 @@
-"""Forgetting, backward transfer and drop-vs-baseline from the accuracy matrix.
+"""Forgetting, backward and forward transfer, average accuracy and drop-vs-baseline from the accuracy matrix.
 
 ``R[i][j]`` is the metric of task ``j`` (higher is better) after training experience ``i``; one experience per task,
 so ``R`` is ``T x T`` and ``R[j][j]`` is the score right after learning task ``j``. Entries with ``j > i``
@@ -56,6 +56,24 @@ def bwt(R: Matrix) -> float | None:
     if T < 2:
         return None
     return sum(R[T - 1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
+
+
+def fwt(R: Matrix, random_init: Sequence[float | None]) -> float | None:
+    """Forward transfer as GEM defines it (Lopez-Paz & Ranzato 2017): mean over ``j >= 1`` of ``R[j-1][j] - b[j]``,
+    the score of task ``j`` just before training it minus the score the same randomly initialised model had on it
+    (``random_init[j]``). ``None`` with fewer than two tasks or where a needed score is missing."""
+    T = _square_size(R)
+    gains = [R[j - 1][j] - random_init[j] for j in range(1, T)
+             if _defined(R[j - 1][j]) and _defined(random_init[j])]
+    return sum(gains) / len(gains) if T >= 2 and len(gains) == T - 1 else None
+
+
+def average_accuracy(R: Matrix) -> float | None:
+    """Mean of the last row: every task's score after the whole stream (``None`` before any row)."""
+    if not R:
+        return None
+    last = [value for value in R[-1] if _defined(value)]
+    return sum(last) / len(last) if len(last) == len(R[-1]) else None
 
 
 def _defined(value: float | None) -> bool:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from clmtl import distributed
 from clmtl.metrics.scores import CocoMAP, Scorer, scorer_for
+from clmtl.scenario import output_spaces, placed
 from clmtl.tasks import DETECTION, TaskSpec
 
 Decode = Callable[[list[Tensor]], list[dict]]
@@ -28,19 +29,21 @@ Decode = Callable[[list[Tensor]], list[dict]]
 class TaskMetrics(PluginMetric[dict[str, float]]):
     """Scores of the task of each eval experience; silent during training.
 
-    ``tasks[t]`` describes task label ``t``. ``decode`` turns a raw detection output into per-image
-    ``{"boxes", "scores", "labels"}`` dicts and is required when a task is a detection task.
+    ``tasks[e]`` describes experience ``e`` of the stream (its task label is ``tasks[e].head``). ``decode`` turns a
+    raw detection output into per-image ``{"boxes", "scores", "labels"}`` dicts and is required when a task is a
+    detection task.
     """
 
     def __init__(self, tasks: Sequence[TaskSpec], decode: Decode | None = None) -> None:
         super().__init__()
-        self.tasks = tuple(tasks)
+        self.tasks = tuple(placed(tasks))
         if decode is None and any(task.kind == DETECTION for task in self.tasks):
             raise ValueError("a detection task needs `decode` to turn raw outputs into boxes")
         self.decode = decode
-        self.scorers: list[Scorer] = [scorer_for(task) for task in self.tasks]
-        self.task_label: int | None = None
-        """Task label of the experience being evaluated (or last evaluated)."""
+        spaces = output_spaces(self.tasks)
+        self.scorers: list[Scorer] = [scorer_for(task, spaces[task.head]) for task in self.tasks]
+        self.experience: int | None = None
+        """Index of the experience being evaluated (or last evaluated)."""
 
     def reset(self) -> None:
         for scorer in self.scorers:
@@ -48,14 +51,15 @@ class TaskMetrics(PluginMetric[dict[str, float]]):
 
     def result(self) -> dict[str, float]:
         """All metrics of the current eval experience's task, e.g. ``{"mAP50_95": ..., "mAP50": ...}``."""
-        return {} if self.task_label is None else self.scorers[self.task_label].result()
+        return {} if self.experience is None else self.scorers[self.experience].result()
 
     def before_eval_exp(self, strategy) -> None:
-        task_label = strategy.experience.task_label
-        if not 0 <= task_label < len(self.tasks):
-            raise ValueError(f"eval experience has task label {task_label}, but only {len(self.tasks)} tasks are known")
-        self.task_label = task_label
-        scorer = self.scorers[task_label]
+        index = strategy.experience.current_experience
+        if not 0 <= index < len(self.tasks) or strategy.experience.task_label != self.tasks[index].head:
+            raise ValueError(f"eval experience {index} (task label {strategy.experience.task_label}) is not one of "
+                             f"the {len(self.tasks)} tasks these metrics score")
+        self.experience = index
+        scorer = self.scorers[index]
         if isinstance(scorer, CocoMAP) and distributed.is_distributed():  # this process scores a slice of the set
             start, _ = distributed.shard_bounds(len(strategy.experience.dataset), distributed.rank(),
                                                 distributed.world_size())
@@ -65,16 +69,16 @@ class TaskMetrics(PluginMetric[dict[str, float]]):
     def after_eval_iteration(self, strategy) -> None:
         super().after_eval_iteration(strategy)
         output = strategy.mb_output
-        if self.tasks[self.task_label].kind == DETECTION:
+        if self.tasks[self.experience].kind == DETECTION:
             output = self.decode(output)
-        self.scorers[self.task_label].update(output, strategy.mb_y)
+        self.scorers[self.experience].update(output, strategy.mb_y)
 
     def after_eval_exp(self, strategy) -> list[MetricValue]:
         if distributed.is_distributed():  # every process scored its slice: score the whole set, on every process
-            shards = distributed.gather(self.scorers[self.task_label])
+            shards = distributed.gather(self.scorers[self.experience])
             for shard in shards[1:]:
                 shards[0].merge(shard)
-            self.scorers[self.task_label] = shards[0]
+            self.scorers[self.experience] = shards[0]
         x_position = strategy.clock.train_iterations
         return [
             MetricValue(self, get_metric_name(name, strategy, add_experience=True), value, x_position)
@@ -87,9 +91,9 @@ class TaskMetrics(PluginMetric[dict[str, float]]):
 
 def _primary_score(scores: TaskMetrics, strategy) -> float:
     """The primary metric of the experience being evaluated, as ``scores`` computed it."""
-    if scores.task_label is None or scores.task_label != strategy.experience.task_label:
+    if scores.experience is None or scores.experience != strategy.experience.current_experience:
         raise RuntimeError("task forgetting reads its TaskMetrics: add that TaskMetrics to the same EvaluationPlugin")
-    return scores.result()[scores.tasks[scores.task_label].metric]
+    return scores.result()[scores.tasks[scores.experience].metric]
 
 
 class TaskForgetting(GenericExperienceForgetting[TaskMetrics, dict[int, float], float | None]):
@@ -161,12 +165,12 @@ def task_scores(
     """Every metric (primary and extra) of every task from one ``strategy.eval()`` result.
 
     ``None`` for a task that was not evaluated (none of its metrics present); a task with only some of its metrics
-    present raises ``KeyError``. Assumes one experience per task, experience id = task label, as
+    present raises ``KeyError``. Task ``e`` is experience ``e``, with task label ``tasks[e].head``, as
     ``clmtl.stream`` builds the stream.
     """
     rows: list[dict[str, float] | None] = []
-    for label, task in enumerate(tasks):
-        keys = {name: metric_key(label, label, name, stream) for name in (task.metric, *task.extra_metrics)}
+    for index, task in enumerate(placed(tasks)):
+        keys = {name: metric_key(task.head, index, name, stream) for name in (task.metric, *task.extra_metrics)}
         missing = [key for key in keys.values() if key not in metrics]
         if len(missing) == len(keys):
             rows.append(None)
@@ -175,11 +179,3 @@ def task_scores(
             raise KeyError(f"metrics of task {task.name!r} missing from the eval results: {missing}")
         rows.append({name: float(metrics[key]) for name, key in keys.items()})
     return rows
-
-
-def accuracy_row(metrics: dict[str, float], tasks: Sequence[TaskSpec], stream: str = "test") -> list[float | None]:
-    """Row ``R[i]`` of the accuracy matrix: the primary metric of every task (``None`` if not evaluated)."""
-    return [
-        None if scores is None else scores[task.metric]
-        for scores, task in zip(task_scores(metrics, tasks, stream), tasks)
-    ]

@@ -2,9 +2,12 @@
 
 Plain objects with ``reset()``, ``update(...)`` and ``result() -> dict[str, float]``, so they work inside the
 Avalanche plugin (``clmtl.metrics.plugin``), in ``clmtl eval`` and in tests alike. Each accumulates over a whole
-validation set and scores it once, as the pinned definitions in DESIGN.md ("Metric definitions") require.
+validation set and scores it once (one confusion matrix, one COCOeval), the definitions docs/metrics.md pins.
 ``merge(other)`` adds what another accumulator of the same kind saw (another process's shard of the set), so the
 merged result is the one-process result over the whole set.
+
+A task scores its own classes: in the class scenario its head also predicts other tasks' classes, which count as
+errors on its images but are not averaged into its score (``scored`` / ``scored_categories``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import Tensor
 
 from clmtl.data.letterbox import Letterbox
 from clmtl.decode import class_indices
+from clmtl.scenario import OutputSpace
 from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION, TaskSpec
 
 
@@ -27,13 +31,15 @@ class MeanIoU:
 
     Pixels whose target is ``ignore_index`` are skipped; background is an ordinary class. The mean runs over the
     classes whose union (target or prediction) is non-empty, which is what torchmetrics'
-    ``MulticlassJaccardIndex(num_classes, average="macro", ignore_index=255)`` computes. With no scored pixel at all
-    the value is undefined; ``result()`` then reports 0.0 so that results stay valid JSON.
+    ``MulticlassJaccardIndex(num_classes, average="macro", ignore_index=255)`` computes; with ``scored`` only over
+    those of the listed classes. With no scored pixel at all the value is undefined; ``result()`` then reports 0.0 so
+    that results stay valid JSON.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, scored: Sequence[int] | None = None) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.scored = None if scored is None else torch.as_tensor(list(scored), dtype=torch.long)
         self.reset()
 
     def reset(self) -> None:
@@ -41,7 +47,8 @@ class MeanIoU:
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
 
     def update(self, output: Tensor, target: Tensor) -> None:
-        """Add a batch: ``output`` is logits ``[B, C, H, W]`` or a label map ``[B, H, W]``; ``target`` is ``[B, H, W]``."""
+        """Add a batch: ``output`` is logits ``[B, C', H, W]`` (``C' <= C``: a head that has not grown to every class
+        yet) or a label map ``[B, H, W]``; ``target`` is ``[B, H, W]``."""
         pred = class_indices(output) if output.dim() == 4 else output
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
@@ -61,6 +68,8 @@ class MeanIoU:
     def result(self) -> dict[str, float]:
         intersection = self.confusion.diag().double()
         union = self.confusion.sum(0).double() + self.confusion.sum(1).double() - intersection
+        if self.scored is not None:
+            intersection, union = intersection[self.scored], union[self.scored]
         present = union > 0
         if not present.any():
             return {"mIoU": 0.0}
@@ -111,8 +120,11 @@ class CocoMAP:
     (COCOeval reports -1, "undefined"; so does a set whose only ground truth is crowd).
     """
 
-    def __init__(self, category_ids: Sequence[int] | None = None) -> None:
+    def __init__(self, category_ids: Sequence[int] | None = None,
+                 scored_labels: Sequence[int] | None = None) -> None:
         self.category_ids = list(category_ids) if category_ids is not None else None
+        self.scored_labels = None if scored_labels is None else list(scored_labels)
+        """Labels whose categories COCOeval scores (``params.catIds``); None: every category."""
         self.first_image_id = 1
         """Id of the first image without an id of its own, after a reset. A process scoring a shard of the set that
         starts at sample ``k`` starts at ``k + 1``, so merged shards carry the ids one process would give them."""
@@ -190,6 +202,8 @@ class CocoMAP:
             coco_gt.createIndex()
             coco_dt = coco_gt.loadRes([dict(det) for det in self._dt])  # loadRes adds keys to what it gets
             evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+            if self.scored_labels is not None:
+                evaluator.params.catIds = [self._category(label) for label in self.scored_labels]
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
@@ -205,12 +219,15 @@ def _xywh(box: Sequence[float]) -> list[float]:
 Scorer = MeanIoU | CocoMAP | Top1
 
 
-def scorer_for(task: TaskSpec) -> Scorer:
-    """The accumulator that scores ``task`` with its primary and extra metrics."""
+def scorer_for(task: TaskSpec, space: OutputSpace | None = None) -> Scorer:
+    """The accumulator that scores ``task`` with its primary and extra metrics, on its own classes within its head
+    ``space`` (default: a head of the task's classes alone)."""
+    shared = space is not None and len(space.classes) != len(task.classes)
     if task.kind == SEGMENTATION:
-        return MeanIoU(task.num_classes)
+        return MeanIoU(len(space.classes) if space else task.num_classes, scored=task.labels if shared else None)
     if task.kind == DETECTION:
-        return CocoMAP(task.category_ids)
+        ids = space.category_ids if space else task.category_ids
+        return CocoMAP(ids, scored_labels=task.labels if shared else None)
     if task.kind == CLASSIFICATION:
         return Top1()
     raise ValueError(f"no scorer for task kind {task.kind!r}")

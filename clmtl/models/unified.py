@@ -1,7 +1,7 @@
 """The one model every task shares: backbone (YOLOv8n by default) -> FPN -> unified head, as an Avalanche multi-task
-module.
+module whose heads grow with the stream.
 
-A task's label is its index in ``tasks``; the label picks which part of the head runs.
+A task label is a head index (``TaskSpec.head``); the label picks which part of the head runs.
 """
 from __future__ import annotations
 
@@ -18,18 +18,22 @@ from clmtl.models.backbone import TappedBackbone, build_backbone
 from clmtl.models.fpn import FPN
 from clmtl.models.routing import TaskRoutes, gate_points
 from clmtl.models.unified_head import UnifiedHead
+from clmtl.scenario import output_spaces, placed
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
 
 Output = torch.Tensor | list[torch.Tensor]
 
 
 class UnifiedModel(MultiTaskModule):
-    """Backbone + FPN + one shared head; ``forward(x, task_label)`` returns that task's output.
+    """Backbone + FPN + one shared head; ``forward(x, task_label)`` returns the output of head ``task_label``.
 
+    ``tasks`` are the stream's tasks placed in heads (``clmtl.scenario.plan_stream``; tasks not placed get one head
+    each): the model has one head per output space they use, which is the Avalanche task label of their experiences.
     ``backbone`` names an entry of ``clmtl.models.backbone.BACKBONES``.
 
     Outputs: segmentation ``[B, C, S, S]`` logits; classification ``[B, C]`` logits; detection a list
-    (strides 8/16/32) of raw ``[B, A, H, W, 5 + C]`` tensors (see ``clmtl.decode``).
+    (strides 8/16/32) of raw ``[B, A, H, W, 5 + C]`` tensors (see ``clmtl.decode``). ``C`` is the head's classes so
+    far: a class-scenario head grows as experiences bring new classes (``adaptation``).
     """
 
     def __init__(
@@ -43,13 +47,11 @@ class UnifiedModel(MultiTaskModule):
         fpn_smooth: bool = True,
     ) -> None:
         super().__init__()
-        self.tasks = tuple(tasks)
-        kinds = [t.kind for t in self.tasks]
-        repeated = sorted({k for k in kinds if kinds.count(k) > 1})
-        if repeated:
-            raise ValueError(f"the model holds at most one task of each kind; repeated: {repeated}")
-        self.task_kinds = {label: task.kind for label, task in enumerate(self.tasks)}
-        classes = {task.kind: task.num_classes for task in self.tasks}
+        self.tasks = tuple(placed(tasks))
+        self.spaces = output_spaces(self.tasks)
+        self.growth_seed = torch.initial_seed()
+        """Seeds the rows heads grow (``grow``), so they do not depend on the global generator's state when growth
+        happens, nor on the process under torchrun."""
 
         self.anchor_layout = anchor_layout or AnchorLayout.for_image_size(image_size)
         self.backbone_name = backbone
@@ -59,21 +61,25 @@ class UnifiedModel(MultiTaskModule):
                 f"anchor layout strides {self.anchor_layout.strides} differ from the backbone's {self.backbone.strides}"
             )
         self.neck = FPN(self.backbone.out_channels, fpn_channels, smooth=fpn_smooth)
-        self.head = UnifiedHead(
-            fpn_channels,
-            self.anchor_layout.num_anchors,
-            det_classes=classes.get(DETECTION, 0),
-            seg_classes=classes.get(SEGMENTATION, 0),
-            cls_classes=classes.get(CLASSIFICATION, 0),
-        )
+        self.head = UnifiedHead(fpn_channels, self.anchor_layout.num_anchors, [s.kind for s in self.spaces],
+                                [s.initial for s in self.spaces])
         self.routes: TaskRoutes | None = None
         """Per-task channel gates on the shared layers, once ``enable_routing`` added them (``routing`` strategy)."""
         if weights is not None:
             self.load_weights(weights)
 
+    @property
+    def head_kinds(self) -> dict[int, str]:
+        """The kind of each head, by head index (task label)."""
+        return {head: space.kind for head, space in enumerate(self.spaces)}
+
+    def num_classes(self, head: int) -> int:
+        """Classes head ``head`` predicts now."""
+        return self.head.rows(head).num_classes
+
     # -- Avalanche multi-task API -------------------------------------------------------------
     def forward(self, x: torch.Tensor, task_labels: int | torch.Tensor | None) -> Output | dict[int, Output]:
-        """Dispatch on the task label: an int, a tensor of one repeated label, or None for all tasks."""
+        """Dispatch on the task label: an int, a tensor of one repeated label, or None for all heads."""
         if task_labels is None:
             return self.forward_all(x)
         if isinstance(task_labels, torch.Tensor):
@@ -91,20 +97,33 @@ class UnifiedModel(MultiTaskModule):
         return self.forward_all(x)
 
     def adaptation(self, experience) -> None:
-        """Record the experience's task labels; the architecture is fixed, so nothing else changes.
+        """Grow the experience's head to the classes it brings (training only), and record its task label.
 
-        Avalanche's default reads ``classes_in_this_experience``, which our experiences do not have.
+        Avalanche calls this before every training and evaluation experience; like its ``IncrementalClassifier``
+        the head grows to ``max(classes_in_this_experience) + 1`` classes. Evaluation never grows a head: a task
+        not trained yet is scored with the classes known so far (in the class scenario its own are not among them).
         """
         labels = set(getattr(experience, "task_labels", ()))
-        unknown = sorted(labels - set(self.task_kinds))
+        unknown = sorted(labels - set(self.head_kinds))
         if unknown:
-            raise ValueError(f"experience has task labels {unknown}; the model knows {sorted(self.task_kinds)}")
-        if self.training:
-            self.known_train_tasks_labels = self.known_train_tasks_labels | labels
+            raise ValueError(f"experience has task labels {unknown}; the model's heads are {sorted(self.head_kinds)}")
+        if not self.training:
+            return
+        self.known_train_tasks_labels = self.known_train_tasks_labels | labels
+        classes = getattr(experience, "classes_in_this_experience", None)
+        if classes and len(labels) == 1:
+            self.grow(labels.pop(), max(classes) + 1)
+
+    def grow(self, head: int, num_classes: int) -> None:
+        """Give ``head`` ``num_classes`` classes (no change if it has as many), trained rows kept bit for bit."""
+        rows = self.head.rows(head)
+        if num_classes > rows.num_classes:
+            seed = hash((self.growth_seed, head, rows.num_classes)) & (2**63 - 1)
+            rows.grow(num_classes, torch.Generator().manual_seed(seed))
 
     # -- forward passes ---------------------------------------------------------------------------
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> Output:
-        """The task's output, computing only the pyramid levels and head channels it needs."""
+        """The output of head ``task_label``, computing only the pyramid levels and head rows it needs."""
         kind = self._kind(task_label)
         if self.routes is not None:
             self.routes.active = task_label
@@ -112,44 +131,50 @@ class UnifiedModel(MultiTaskModule):
         finest, coarsest = 0, len(feats) - 1
         if kind == SEGMENTATION:
             h = self.head.features(self.neck(feats, levels=(finest,))[finest])
-            return self._upsample(self.head.segmentation(h), x)
+            return self._upsample(self.head.segmentation(h, task_label), x)
         if kind == CLASSIFICATION:
             h = self.head.features(self.neck(feats, levels=(coarsest,))[coarsest])
-            return self.head.classification(h)
+            return self.head.classification(h, [task_label])[task_label]
         pyramid = self.neck(feats)
-        return [self.head.detection(self.head.features(pyramid[i])) for i in sorted(pyramid)]
+        return [self.head.detection(self.head.features(pyramid[i]), task_label) for i in sorted(pyramid)]
 
     def forward_all(self, x: torch.Tensor) -> dict[int, Output]:
-        """Every task's output, keyed by task label: from one backbone + FPN pass, or with task routes one pass per
-        task (each route gates the features from the first layer on, so the tasks share no computation)."""
+        """Every head's output, keyed by head index: from one backbone + FPN pass over the levels the heads need
+        (all for detection, the finest for segmentation, the coarsest for classification), or with task routes one
+        pass per head (each route gates the features from the first layer on, so the heads share no computation)."""
         if self.routes is not None:
-            return {label: self.forward_single_task(x, label) for label in self.task_kinds}
-        pyramid = self.neck(self.backbone(x))
-        shared = {i: self.head.features(p) for i, p in pyramid.items()}
-        finest, coarsest = min(shared), max(shared)
-        outputs: dict[str, Output] = {}
-        if self.head.det_channels and self.head.seg_channels:
-            det_finest, seg = self.head.detection_and_segmentation(shared[finest])
-            outputs[SEGMENTATION] = self._upsample(seg, x)
-            outputs[DETECTION] = [det_finest] + [self.head.detection(shared[i]) for i in sorted(shared)[1:]]
-        elif self.head.det_channels:
-            outputs[DETECTION] = [self.head.detection(shared[i]) for i in sorted(shared)]
-        elif self.head.seg_channels:
-            outputs[SEGMENTATION] = self._upsample(self.head.segmentation(shared[finest]), x)
-        if self.head.classifier is not None:
-            outputs[CLASSIFICATION] = self.head.classification(shared[coarsest])
-        return {label: outputs[kind] for label, kind in self.task_kinds.items()}
+            return {head: self.forward_single_task(x, head) for head in self.head_kinds}
+        kinds = self.head_kinds
+        heads_of = {kind: [h for h, k in kinds.items() if k == kind] for kind in (SEGMENTATION, DETECTION,
+                                                                                   CLASSIFICATION)}
+        feats = self.backbone(x)
+        finest, coarsest = 0, len(feats) - 1
+        levels = set(range(len(feats))) if heads_of[DETECTION] else set()
+        levels |= {finest} if heads_of[SEGMENTATION] else set()
+        levels |= {coarsest} if heads_of[CLASSIFICATION] else set()
+        shared = {i: self.head.features(p) for i, p in self.neck(feats, levels=tuple(sorted(levels))).items()}
+        outputs: dict[int, Output] = {}
+        if heads_of[DETECTION] or heads_of[SEGMENTATION]:
+            finest_out = self.head.conv_outputs(shared[finest], heads_of[DETECTION] + heads_of[SEGMENTATION])
+            for head in heads_of[SEGMENTATION]:
+                outputs[head] = self._upsample(finest_out[head], x)
+            coarser = [self.head.conv_outputs(shared[i], heads_of[DETECTION]) for i in sorted(shared)[1:]]
+            for head in heads_of[DETECTION]:
+                outputs[head] = [finest_out[head]] + [level[head] for level in coarser]
+        if heads_of[CLASSIFICATION]:
+            outputs.update(self.head.classification(shared[coarsest], heads_of[CLASSIFICATION]))
+        return {head: outputs[head] for head in kinds}
 
     @staticmethod
     def _upsample(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # NCHW first: a channels_last model's convs return NHWC maps, and bilinear upsampling of a few-channel NHWC map
-        # is ~3x slower on CPU (6.2 vs 2.1 ms for [1, 5, 64, 64] -> 512 px); the low-resolution copy is tiny
+        # is ~3x slower on CPU; the low-resolution copy is tiny
         return F.interpolate(logits.contiguous(), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def _kind(self, task_label: int) -> str:
-        if task_label not in self.task_kinds:
-            raise ValueError(f"unknown task label {task_label}; the model's tasks are {self.task_kinds}")
-        return self.task_kinds[task_label]
+        if task_label not in self.head_kinds:
+            raise ValueError(f"unknown task label {task_label}; the model's heads are {self.head_kinds}")
+        return self.head_kinds[task_label]
 
     # -- task routes --------------------------------------------------------------------------------
     def enable_routing(self) -> TaskRoutes:
@@ -159,15 +184,18 @@ class UnifiedModel(MultiTaskModule):
         """
         if self.routes is None:
             parts = {"backbone": self.backbone, "neck": self.neck, "head.shared": self.head.shared}
-            self.routes = TaskRoutes(len(self.tasks), gate_points(parts))
+            self.routes = TaskRoutes(len(self.spaces), gate_points(parts))
         return self.routes
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; a state dict with task routes first adds routes to a model without them, so
-        a ``routing`` run's checkpoint loads into the model ``clmtl eval`` and ``clmtl export`` rebuild from its config.
-        """
+        """``nn.Module.load_state_dict``, after giving every head as many classes as the state dict has (a checkpoint
+        of a grown model loads into the model its config builds, an earlier state into a grown model) and adding task
+        routes if the state dict has them (a ``routing`` run's checkpoint)."""
         if self.routes is None and any(key.startswith("routes.") for key in state_dict):
             self.enable_routing()
+        for head in range(len(self.spaces)):
+            self.head.rows(head).resize_like(state_dict.get(f"head.outputs.{head}.weight"),
+                                             state_dict.get(f"head.outputs.{head}.bias"))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- parameters and weights -------------------------------------------------------------------

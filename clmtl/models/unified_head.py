@@ -1,70 +1,164 @@
-"""One head shared by every task and pyramid level: a 3x3 conv + BN + ReLU, then a single 1x1 conv.
+"""One head shared by every task and pyramid level: a 3x3 conv + BN + ReLU, then a single 1x1 prediction conv.
 
-The 1x1 conv's output channels are ``[A*(5+C_det) detection | C_seg segmentation]``; a task that
-needs only part of them convolves with that slice of the weights, so it computes only its own channels.
-Classification pools the shared 3x3 features of the coarsest level into a linear layer.
+The 1x1 conv's output rows are held per output space (a head of ``clmtl.scenario``): a detection head owns
+``A * (5 + C)`` rows (per anchor: box, objectness, classes), a segmentation head ``C`` rows; a task that needs one
+head convolves with that head's rows only, and ``conv_outputs`` runs several heads as one conv over their rows
+concatenated. A classification head is a linear layer on the globally pooled shared features of the coarsest level.
+
+Heads grow: ``grow`` appends classes to a head (the class scenario's shared heads), keeping every trained row as it
+is, bit for bit. Each head's weight has the class dimension where Avalanche's ``ParamData.expand`` pads (the last
+rows of a segmentation or classification head, the last entries of each anchor of a detection head), so plugins that
+keep per-parameter state (EWC's anchors, SI's importances) see the old part in place and zeros for the new rows.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+
 OBJECTNESS_PRIOR = 0.01
 """Initial objectness probability: most anchors are background, so start there (as RetinaNet/YOLOv5 do)."""
 
+BOX_OUTPUTS = 5
+"""Per anchor: 4 box values and objectness, before the class scores."""
+
+
+def class_prior_bias(num_classes: int) -> float:
+    """Initial class logit of a detection head: classes near uniform (YOLOv5's bias init)."""
+    return math.log(0.6 / (num_classes - 0.99))
+
+
+class ClassRows(nn.Module):
+    """One head's output rows: ``weight [A, 5 + C, in]`` (detection) or ``[C, in]``, ``bias`` without ``in``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias)
+
+    @property
+    def class_dim(self) -> int:
+        return 1 if self.kind == DETECTION else 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[self.class_dim] - (BOX_OUTPUTS if self.kind == DETECTION else 0)
+
+    @property
+    def num_rows(self) -> int:
+        """Output channels of the 1x1 conv (detection, segmentation) or of the linear layer (classification)."""
+        return self.weight[..., 0].numel()
+
+    @torch.no_grad()
+    def grow(self, num_classes: int, generator: torch.Generator) -> None:
+        """Append rows up to ``num_classes`` classes, old rows untouched; new rows drawn as a fresh layer's are
+        (uniform in ±1/sqrt(fan_in), detection class biases at their prior) from ``generator``."""
+        extra = num_classes - self.num_classes
+        if extra <= 0:
+            return
+        shape = list(self.weight.shape)
+        shape[self.class_dim] = extra
+        bound = 1 / math.sqrt(self.weight.shape[-1])
+        weight = torch.empty(shape).uniform_(-bound, bound, generator=generator)
+        bias = torch.empty(shape[:-1]).uniform_(-bound, bound, generator=generator)
+        if self.kind == DETECTION:
+            bias[:] = class_prior_bias(num_classes)
+        self.weight = nn.Parameter(torch.cat([self.weight, weight.to(self.weight)], self.class_dim))
+        self.bias = nn.Parameter(torch.cat([self.bias, bias.to(self.bias)], self.class_dim))
+
+    def resize_like(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        """Take the shapes of a state dict's ``weight`` and ``bias`` (values unset: loading fills them)."""
+        if weight is not None and weight.shape != self.weight.shape:
+            self.weight = nn.Parameter(self.weight.new_empty(weight.shape))
+        if bias is not None and bias.shape != self.bias.shape:
+            self.bias = nn.Parameter(self.bias.new_empty(bias.shape))
+
 
 class UnifiedHead(nn.Module):
-    """Shared conv stem + one 1x1 prediction conv (det | seg channels) + a classifier on pooled features."""
+    """Shared conv stem + one 1x1 prediction conv (rows per detection / segmentation head) + linear classifiers.
 
-    def __init__(
-        self, channels: int, num_anchors: int, det_classes: int = 0, seg_classes: int = 0, cls_classes: int = 0
-    ) -> None:
+    ``kinds[h]`` and ``classes[h]`` describe head ``h``. All prediction rows are drawn as ONE conv layer, detection
+    heads first, then segmentation heads, then one linear layer per classification head, so a stream of one head per
+    kind starts from the weights a model with a single ``[detection | segmentation]`` conv would have.
+    """
+
+    def __init__(self, channels: int, num_anchors: int, kinds: Sequence[str], classes: Sequence[int]) -> None:
         super().__init__()
         self.shared = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
         )
         self.num_anchors = num_anchors
-        self.det_outputs = 5 + det_classes if det_classes else 0
-        self.det_channels = num_anchors * self.det_outputs
-        self.seg_channels = seg_classes
-        total = self.det_channels + self.seg_channels
-        self.pred = nn.Conv2d(channels, total, 1) if total else None
-        self.classifier = nn.Linear(channels, cls_classes) if cls_classes else None
-        if det_classes:
-            self._init_detection_bias(det_classes)
+        self.kinds = tuple(kinds)
+        conv_heads = self.conv_order(range(len(kinds)))
+        rows = [num_anchors * (BOX_OUTPUTS + classes[h]) if kinds[h] == DETECTION else classes[h] for h in conv_heads]
+        block = nn.Conv2d(channels, sum(rows), 1) if rows else None  # one draw for every conv head's rows
+        made: dict[int, ClassRows] = {}
+        for head, start, count in zip(conv_heads, [sum(rows[:i]) for i in range(len(rows))], rows):
+            weight = block.weight.detach()[start:start + count, :, 0, 0].clone()
+            bias = block.bias.detach()[start:start + count].clone()
+            if kinds[head] == DETECTION:
+                weight, bias = weight.view(num_anchors, -1, channels), bias.view(num_anchors, -1)
+                bias[:, 4] = math.log(OBJECTNESS_PRIOR / (1 - OBJECTNESS_PRIOR))  # start near the prior
+                bias[:, BOX_OUTPUTS:] = class_prior_bias(classes[head])
+            made[head] = ClassRows(weight, bias, kinds[head])
+        for head, kind in enumerate(kinds):
+            if kind == CLASSIFICATION:
+                linear = nn.Linear(channels, classes[head])
+                made[head] = ClassRows(linear.weight.detach(), linear.bias.detach(), kind)
+        self.outputs = nn.ModuleDict({str(head): made[head] for head in range(len(kinds))})
 
-    @torch.no_grad()
-    def _init_detection_bias(self, det_classes: int) -> None:
-        """Start objectness near its prior and classes near uniform (YOLOv5's bias init): faster, calmer start."""
-        bias = self.pred.bias[: self.det_channels].view(self.num_anchors, self.det_outputs)
-        bias[:, 4] = math.log(OBJECTNESS_PRIOR / (1 - OBJECTNESS_PRIOR))
-        bias[:, 5:] = math.log(0.6 / (det_classes - 0.99))
+    def conv_order(self, heads) -> list[int]:
+        """The detection and segmentation heads among ``heads``, in the order their rows are concatenated."""
+        return [h for kind in (DETECTION, SEGMENTATION) for h in heads if self.kinds[h] == kind]
+
+    def rows(self, head: int) -> ClassRows:
+        return self.outputs[str(head)]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The shared 3x3 conv + BN + ReLU, applied to one pyramid level."""
         return self.shared(x)
 
-    def detection(self, h: torch.Tensor) -> torch.Tensor:
+    def detection(self, h: torch.Tensor, head: int) -> torch.Tensor:
         """Raw detection output ``[B, A, H, W, 5 + C]`` of one level from its shared features."""
-        out = F.conv2d(h, self.pred.weight[: self.det_channels], self.pred.bias[: self.det_channels])
-        return self._split_anchors(out)
+        return self.conv_outputs(h, [head])[head]
 
-    def segmentation(self, h: torch.Tensor) -> torch.Tensor:
-        """Segmentation logits ``[B, C_seg, H, W]`` at the level's resolution."""
-        return F.conv2d(h, self.pred.weight[self.det_channels :], self.pred.bias[self.det_channels :])
+    def segmentation(self, h: torch.Tensor, head: int) -> torch.Tensor:
+        """Segmentation logits ``[B, C, H, W]`` at the level's resolution."""
+        return self.conv_outputs(h, [head])[head]
 
-    def detection_and_segmentation(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both outputs from one pass of the full 1x1 conv (used when all tasks run together)."""
-        out = self.pred(h)
-        return self._split_anchors(out[:, : self.det_channels]), out[:, self.det_channels :]
+    def conv_outputs(self, h: torch.Tensor, heads: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The outputs of several detection / segmentation heads from ONE 1x1 conv over their rows."""
+        order = self.conv_order(heads)
+        weight = torch.cat([self._conv_weight(self.rows(head).weight) for head in order])
+        bias = torch.cat([self.rows(head).bias.reshape(-1) for head in order])
+        out = F.conv2d(h, weight, bias)
+        outputs, start = {}, 0
+        for head in order:
+            count = self.rows(head).num_rows
+            part = out[:, start:start + count]
+            outputs[head] = self._split_anchors(part) if self.kinds[head] == DETECTION else part
+            start += count
+        return outputs
 
-    def classification(self, h: torch.Tensor) -> torch.Tensor:
-        """Class logits from globally averaged shared features."""
-        return self.classifier(h.mean(dim=(2, 3)))
+    def classification(self, h: torch.Tensor, heads: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Class logits of each classification head from the globally averaged shared features."""
+        pooled = h.mean(dim=(2, 3))
+        return {head: F.linear(pooled, self.rows(head).weight, self.rows(head).bias) for head in heads}
+
+    def _conv_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[rows, in]`` as a 1x1 conv weight in the shared conv's memory format (NHWC strides for a channels-last
+        model, which makes the conv return NHWC maps as the model's other convs do)."""
+        flat = weight.reshape(-1, weight.shape[-1])
+        if self.shared[0].weight.is_contiguous(memory_format=torch.channels_last):
+            return flat[:, None, None, :].permute(0, 3, 1, 2)
+        return flat[:, :, None, None]
 
     def _split_anchors(self, out: torch.Tensor) -> torch.Tensor:
         b, _, hh, ww = out.shape
-        return out.view(b, self.num_anchors, self.det_outputs, hh, ww).permute(0, 1, 3, 4, 2).contiguous()
+        return out.view(b, self.num_anchors, -1, hh, ww).permute(0, 1, 3, 4, 2).contiguous()

@@ -1,0 +1,120 @@
+"""Single-task baselines: each task trained alone, from the same initial weights and with the same budget as in
+the stream, the reference that drops are measured against.
+
+They train in the run's process, or (``train.parallel_baselines``) in a second process beside the stream, which on
+a machine where one training barely uses two cores finishes sooner than training them one after the other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import TextIO
+
+import torch
+
+from clmtl import distributed
+from clmtl.benchmark import Benchmark, build_benchmark
+from clmtl.builders import build_model, make_template, recipe_plugins, seed_everything
+from clmtl.config import Config
+from clmtl.metrics.plugin import task_scores
+from clmtl.tasks import TaskSpec
+
+
+@dataclass
+class Baselines:
+    """Single-task results: every metric of each task, and the training seconds of each."""
+
+    scores: dict[str, dict[str, float]]
+    seconds: dict[str, float]
+
+
+def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list,
+                          only: Sequence[str] | None = None, progress: bool = True) -> Baselines:
+    """Each task (or those named in ``only``) trained alone from the same initial weights with the same budget: the
+    reference for drops."""
+    scores, seconds = {}, {}
+    for label, task in enumerate(benchmark.tasks):
+        if only is not None and task.name not in only:
+            continue
+        model = build_model(config, benchmark.tasks)
+        template = make_template(config, model, benchmark.tasks, recipe_plugins(config), loggers, label="baseline ",
+                                 progress=progress)
+        seconds[task.name] = template.train_for(benchmark.stream.train_stream[label], benchmark.epochs[label],
+                                                config.data.num_workers)
+        metrics = template.eval([benchmark.stream.test_stream[label]])
+        scores[task.name] = task_scores(metrics, benchmark.tasks)[label]
+    return Baselines(scores, seconds)
+
+
+def baselines_alone(config: Config, log: TextIO, only: Sequence[str] | None = None,
+                    progress: bool = True) -> tuple[Baselines, list[TaskSpec]]:
+    """``single_task_baselines`` in a process of their own (the run's second process, benchmark workers), with the
+    config's threads and the data and seeds rebuilt as ``run`` builds them, so the scores equal ``clmtl run``'s with
+    the same threads; returns them and the tasks, the text log going to ``log``."""
+    from avalanche.logging import TextLogger
+
+    torch.set_num_threads(config.train.threads)
+    seed_everything(config.seed)
+    benchmark = build_benchmark(config)
+    return single_task_baselines(config, benchmark, [TextLogger(log)], only, progress), benchmark.tasks
+
+
+def _baselines_beside(config: Config) -> tuple[Baselines, str]:
+    """``baselines_alone`` in ``BackgroundBaselines``'s process, ended with its parent; returns them and their log."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    log = io.StringIO()
+    baselines, _ = baselines_alone(config, log, progress=False)
+    return baselines, log.getvalue()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once ``parent`` is gone: a run killed outright (SIGKILL) runs no cleanup that would stop it,
+    and orphaned baselines would only waste the cores."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def baseline_threads(config: Config) -> int:
+    """Threads of the single-task baselines when they train in a second process beside the stream, else 0.
+
+    On this machine a training step runs only 1.2-1.6x faster on 2 threads than on 1 (README, Training speed), so two
+    1-thread trainings side by side (baselines and stream) finish sooner than one 2-thread training after the other.
+    The stream keeps the other threads whether or not the run trains baselines (``--no-baselines``, resumed runs):
+    its numbers depend on its thread count, and must not depend on the baselines.
+    """
+    if not config.train.parallel_baselines or distributed.is_distributed():
+        return 0
+    return config.train.threads // 2
+
+
+class BackgroundBaselines:
+    """The single-task baselines, trained in a spawned process while this one trains the stream.
+
+    ``close`` stops that process: an error or a stop in the stream must not leave it running.
+    """
+
+    def __init__(self, config: Config, threads: int) -> None:
+        self._pool = get_context("spawn").Pool(1)
+        own_threads = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=threads))
+        self._job = self._pool.apply_async(_baselines_beside, (own_threads,))
+
+    def ready(self) -> bool:
+        return self._job.ready()
+
+    def result(self) -> tuple[Baselines, str]:
+        """The baselines and their log, once trained (an error in their process is raised here)."""
+        result = self._job.get()
+        self._pool.close()  # the process then exits by itself, releasing what it holds (tqdm's lock)
+        self._pool.join()
+        return result
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()

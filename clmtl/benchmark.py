@@ -1,0 +1,107 @@
+"""The configured stream as one Avalanche benchmark: task entries -> task datasets -> scenario -> experiences.
+
+A stream is ``tasks:`` (built-in shapes tasks ``seg``, ``det``, ``cls`` and ``{name, kind, data}`` entries, any
+number, kinds may repeat) or ``split:`` (one dataset's classes dealt into tasks with disjoint class sets). Each
+task's data is loaded in the task's own labels (``clmtl.data.sources``), the scenario places every task in a head of
+the model (``clmtl.scenario``), and ``clmtl.stream`` makes the experiences.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from clmtl.config import Config, ConfigError, SplitConfig, TaskConfig, kind_name, short_kind
+from clmtl.data.files import files_sources
+from clmtl.data.relabel import Relabelled
+from clmtl.data.sources import LoadOptions, load_task, source_classes
+from clmtl.data.transforms import train_augmentation
+from clmtl.scenario import plan_stream
+from clmtl.stream import build_stream
+from clmtl.tasks import TASK_KINDS, TaskSpec
+
+
+@dataclass
+class Benchmark:
+    """The stream plus the task descriptions it holds, their training epochs and the raw validation datasets."""
+
+    tasks: list[TaskSpec]
+    stream: Any  # avalanche CLScenario with train_stream / test_stream
+    val_sets: list[Dataset]
+    """Validation datasets in task order, in head labels (real-format ones know each sample's file: ``meta(i)``)."""
+    epochs: list[int]
+    """Training epochs of each task: its entry's ``epochs``, else ``train.epochs`` of its kind."""
+
+
+def build_benchmark(config: Config) -> Benchmark:
+    """The configured stream as one Avalanche benchmark; the same config and seed always give the same data."""
+    entries = task_entries(config)
+    data = config.data
+    options = LoadOptions(data.image_size, config.seed, data.on_bad_sample, data.train_size, data.val_size)
+    loaded = [load_task(entry.name, kind_name(entry.kind), entry.data, options) for entry in entries]
+    positional = config.split is not None and config.scenario == "domain"
+    tasks = plan_stream([task_data.task for task_data in loaded], config.scenario, positional)
+    train = [in_head_labels(task_data.train, task) for task_data, task in zip(loaded, tasks)]
+    val = [in_head_labels(task_data.val, task) for task_data, task in zip(loaded, tasks)]
+    augmented = [train_augmentation(ds, t.kind, data.hflip, data.hue[t.kind]) for ds, t in zip(train, tasks)]
+    epochs = [entry.epochs if entry.epochs is not None else config.train.epochs[entry.kind] for entry in entries]
+    return Benchmark(tasks, build_stream(tasks, augmented, val), val, epochs)
+
+
+def in_head_labels(dataset: Dataset, task: TaskSpec) -> Dataset:
+    """``dataset`` (in the task's own labels) labelled as the task's head counts its classes."""
+    if task.labels == tuple(range(len(task.classes))):
+        return dataset
+    return Relabelled(dataset, task.kind, dict(enumerate(task.labels)))
+
+
+def task_entries(config: Config) -> list[TaskConfig]:
+    """The stream's tasks as full entries: built-in names resolved (shapes, or the ``files`` datasets), or the
+    tasks a ``split:`` deals."""
+    if config.split is not None:
+        return split_entries(config.split, config.seed)
+    sources = files_sources(config.data) if config.benchmark == "files" else None
+    entries = []
+    for entry in config.tasks:
+        if isinstance(entry, str):
+            data = sources[entry]() if sources is not None else TaskConfig().data
+            entry = TaskConfig(name=entry, kind=TASK_KINDS[entry], data=data)
+        entries.append(entry)
+    return entries
+
+
+def split_entries(split: SplitConfig, seed: int) -> list[TaskConfig]:
+    """The tasks of a ``split:``: its data's classes, in label order or shuffled by ``seed``, dealt into
+    ``experiences`` tasks named ``<kind><n>`` (``cls1``, ``cls2``...), each with its classes as a subset."""
+    kind = kind_name(split.kind)
+    classes = list(source_classes(kind, split.data))
+    if split.class_order == "seed":
+        classes = [classes[i] for i in torch.randperm(len(classes), generator=torch.Generator().manual_seed(seed))]
+    sizes = split.experiences
+    if isinstance(sizes, int):
+        if sizes > len(classes):
+            raise ConfigError(f"split: {sizes} experiences, but the data has {len(classes)} classes "
+                              f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}); each task "
+                              "needs at least one")
+        share, extra = divmod(len(classes), sizes)
+        sizes = [share + (i < extra) for i in range(sizes)]
+    elif sum(sizes) != len(classes):
+        raise ConfigError(f"split: experiences {sizes} deal {sum(sizes)} classes, but the data has {len(classes)}")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [TaskConfig(name=f"{short_kind(kind)}{i + 1}", kind=kind,
+                       data=dataclasses.replace(split.data, classes=classes[start:start + size]))
+            for i, (start, size) in enumerate(zip(starts, sizes))]
+
+
+def benchmark_name(config: Config) -> str:
+    """What results and default output folders call the stream: ``shapes`` or ``files`` for the built-in tasks,
+    else the data formats it reads (``folder``, ``shapes+torchvision``...)."""
+    entries = config.tasks if config.split is None else [config.split]
+    if all(isinstance(entry, str) for entry in entries):
+        return config.benchmark
+    formats = dict.fromkeys("shapes" if isinstance(e, str) and config.benchmark == "shapes" else
+                            "files" if isinstance(e, str) else e.data.format for e in entries)
+    return "+".join(formats)

@@ -1,0 +1,140 @@
+"""Config -> the parts of a run, each built in one place: model, optimizer, detection decoder, strategy plugins,
+learning-rate schedule, loggers and the Avalanche template that joins them.
+
+The benchmark (the stream) is built by ``clmtl.benchmark``; ``clmtl.run`` puts the parts together.
+"""
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+
+from clmtl import distributed
+from clmtl.averaging import WeightAveraging
+from clmtl.benchmark import Benchmark
+from clmtl.config import Config
+from clmtl.decode import decode_detections
+from clmtl.losses import MultiTaskLoss
+from clmtl.metrics.plugin import task_metrics
+from clmtl.models import UnifiedModel
+from clmtl.precision import resolve_precision
+from clmtl.progress import ProgressBar
+from clmtl.registry import build_plugins
+from clmtl.schedule import LRSchedule
+from clmtl.tasks import TaskSpec
+from clmtl.template import MultiTaskTemplate
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so a run is repeatable on CPU."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(config: Config, tasks: Sequence[TaskSpec], initial_weights: bool = True) -> UnifiedModel:
+    """A freshly initialised model; the same seed gives the same initial weights for baselines and the stream.
+
+    ``initial_weights=False`` skips ``model.weights`` (a model about to receive a checkpoint's state: the file may
+    have moved since training, and reading it would be wasted).
+    """
+    torch.manual_seed(config.seed)
+    model = UnifiedModel(
+        tasks,
+        fpn_channels=config.model.fpn_channels,
+        fpn_smooth=config.model.fpn_smooth,
+        image_size=config.data.image_size,
+        weights=config.model.weights if initial_weights else None,
+        backbone=config.model.backbone,
+    )
+    # NHWC conv weights: the convs then return NHWC maps for NCHW images too, so inputs need no conversion
+    return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
+
+
+def make_optimizer(config: Config, model: UnifiedModel) -> torch.optim.Optimizer:
+    """The configured optimizer with one named parameter group per model part (backbone, neck, head).
+
+    All groups start at ``train.lr``; the groups let plugins (``layerlr``) give each part its own rate. Rows a head
+    grows later join the ``head`` group (Avalanche's ``update_optimizer`` places a new parameter by its name).
+    """
+    train = config.train
+    groups = [{"params": params, "name": name} for name, params in model.parameter_groups().items()]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=0.9, weight_decay=train.weight_decay)
+    optimizer_class = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def make_decoder(config: Config, model: UnifiedModel):
+    """Raw detection output -> per-image boxes, with the config's ``eval`` thresholds and the model's anchors."""
+    return functools.partial(
+        decode_detections,
+        layout=model.anchor_layout,
+        score_threshold=config.eval.score_threshold,
+        iou_threshold=config.eval.iou_threshold,
+        max_detections=config.eval.max_detections,
+    )
+
+
+def build_strategy(strategy: str, config: Config, benchmark: Benchmark) -> list:
+    """The plugins of ``strategy`` with the config's parameters; those that need the stream (joint) get it."""
+    plugins = build_plugins(strategy, config.strategy)
+    for plugin in plugins:
+        if hasattr(plugin, "bind_benchmark"):
+            plugin.bind_benchmark(benchmark)
+    return plugins
+
+
+def recipe_plugins(config: Config) -> list:
+    """The stateful plugins of the training recipe (weight averaging), which go before a strategy's plugins: those
+    see the averaged weights at the end of an experience, and run checkpoints keep their state with the strategy's."""
+    ema = config.train.ema
+    return [WeightAveraging(ema, config.train.ema_tau)] if ema else []
+
+
+def make_schedule(config: Config) -> LRSchedule | None:
+    """The learning-rate schedule plugin, or None for a constant rate without warmup."""
+    train = config.train
+    if train.schedule == "constant" and train.warmup == 0:
+        return None
+    return LRSchedule(cosine=train.schedule == "cosine", warmup_epochs=train.warmup)
+
+
+def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: list, loggers: list,
+                  label: str = "", progress: bool = True) -> MultiTaskTemplate:
+    """The Avalanche template with our criterion, metrics and (``progress``, on the main process) progress bar."""
+    from avalanche.training.plugins import EvaluationPlugin
+
+    evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model)), loggers=loggers)
+    schedule = make_schedule(config)
+    template = MultiTaskTemplate(
+        model=model,
+        optimizer=make_optimizer(config, model),
+        criterion=MultiTaskLoss(model.anchor_layout),
+        train_mb_size=config.train.batch_size,
+        eval_mb_size=config.train.eval_batch_size,
+        train_epochs=1,
+        device="cpu",
+        plugins=[*plugins, *([schedule] if schedule else []),
+                 ProgressBar(label, disable=None if progress and distributed.is_main_process() else True)],
+        evaluator=evaluator,
+    )
+    template.precision = resolve_precision(config.train.precision)
+    return template
+
+
+def make_loggers(config: Config, out_dir: Path, log_file: TextIO) -> list:
+    """Every metric to OUT/metrics.csv and the text log (and TensorBoard when asked)."""
+    from avalanche.logging import TensorboardLogger, TextLogger
+
+    from clmtl.csv_logger import MetricsCSVLogger
+
+    loggers = [MetricsCSVLogger(out_dir / "metrics.csv"), TextLogger(log_file)]
+    if config.output.tensorboard:
+        loggers.append(TensorboardLogger(out_dir / "tensorboard"))
+    return loggers

@@ -1,0 +1,169 @@
+"""Where a task's images come from: one loader per data format, all returning the task in its own label order.
+
+A task's ``data`` names a format and that format's keys (``clmtl.config.FORMAT_KEYS``):
+
+- ``shapes``: the embedded synthetic benchmark (``clmtl.data.shapes``), any kind;
+- ``coco``: COCO instances JSON + image folders (``clmtl.data.coco``), detection;
+- ``voc``: VOC-style PNG masks (``clmtl.data.voc``), segmentation;
+- ``folder``: ``root/{train,val}/<class>/<image>`` (``clmtl.data.folder``), classification;
+- ``torchvision``: MNIST, FashionMNIST, CIFAR10, CIFAR100 or SVHN from a local folder
+  (``clmtl.data.torchvision_sets``), classification.
+
+``classes`` keeps a subset of the data's classes by name, in label order (``clmtl.data.relabel`` says what happens
+to the others); ``train_size`` / ``val_size`` draw that many samples with the run's seed, after the subset.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from clmtl.config import ConfigError, DataSourceConfig
+from clmtl.data.images import DataError, check_class_names
+from clmtl.data.relabel import Relabelled
+from clmtl.data.shapes import SHAPES_CLASSES, make_shapes_dataset
+from clmtl.tasks import CLASSIFICATION, SEGMENTATION, TaskSpec
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What every loader reads besides the task's own ``data``: the run's image side, seed and sample policy, and
+    the shapes sizes a shapes task takes unless it sets its own."""
+
+    image_size: int
+    seed: int
+    on_bad_sample: str = "error"
+    shapes_train_size: int = 240
+    shapes_val_size: int = 60
+
+
+@dataclass
+class TaskData:
+    """One task: its description (its own classes, labels 0, 1, ...) and its train and validation datasets."""
+
+    task: TaskSpec
+    train: Dataset
+    val: Dataset
+
+
+def load_task(name: str, kind: str, source: DataSourceConfig, options: LoadOptions) -> TaskData:
+    """Task ``name`` of ``kind`` from ``source``, with the class subset and sizes it asks for."""
+    loader = {"shapes": _shapes, "coco": _coco, "voc": _voc, "folder": _folder, "torchvision": _torchvision}
+    try:
+        train, val, classes, category_ids = loader[source.format](kind, source, options)
+    except (ConfigError, DataError) as error:  # say which task, the stream may read several files
+        raise type(error)(f"task {name!r}: {error}") from None
+    return TaskData(TaskSpec(name, kind, classes, category_ids), train, val)
+
+
+def source_classes(kind: str, source: DataSourceConfig) -> tuple[str, ...]:
+    """The classes a ``split:`` deals into tasks: ``source.classes`` if given, else every class of the data
+    (segmentation: the foreground classes; background belongs to every task)."""
+    if source.classes is not None:
+        return tuple(source.classes)
+    if source.format == "shapes":
+        return SHAPES_CLASSES[kind][1:] if kind == SEGMENTATION else SHAPES_CLASSES[kind]
+    if source.format == "voc":
+        from clmtl.data.voc import VOC_CLASSES
+
+        return VOC_CLASSES[1:]
+    if source.format == "coco":
+        from clmtl.data.coco import category_names
+
+        return category_names(_existing(source.train_ann, "train_ann"))
+    if source.format == "folder":
+        from clmtl.data.folder import class_names
+
+        return class_names(_existing(source.root, "root"), "train")
+    from clmtl.data.torchvision_sets import torchvision_classes
+
+    return torchvision_classes(source.dataset, _existing(source.root, "root"), source.download)
+
+
+def _sizes(source: DataSourceConfig) -> dict[str, int | None]:
+    return {"train": source.train_size, "val": source.val_size}
+
+
+def _shapes(kind: str, source: DataSourceConfig, options: LoadOptions):
+    seed = options.seed if source.seed is None else source.seed
+    sizes = {"train": source.train_size or options.shapes_train_size, "val": source.val_size or options.shapes_val_size}
+    own = SHAPES_CLASSES[kind][1:] if kind == SEGMENTATION else SHAPES_CLASSES[kind]
+    if source.classes is not None:
+        check_class_names(source.classes, own, f"shapes {kind}")
+    if kind == CLASSIFICATION:
+        picked = tuple(source.classes) if source.classes is not None else None
+        splits = [make_shapes_dataset(kind, split, sizes[split], options.image_size, seed, picked) for split in SPLITS]
+        return *splits, splits[0].classes, None
+    splits = [make_shapes_dataset(kind, split, sizes[split], options.image_size, seed) for split in SPLITS]
+    if source.classes is None:
+        return *splits, splits[0].classes, None
+    classes, mapping = _subset(kind, SHAPES_CLASSES[kind], source.classes)
+    return *[Relabelled(ds, kind, mapping, source.keep_empty) for ds in splits], classes, None
+
+
+def _subset(kind: str, all_classes: Sequence[str], picked: Sequence[str]) -> tuple[tuple[str, ...], dict[int, int]]:
+    """The task's classes and the mapping from the data's labels to the task's, for a subset picked by name."""
+    offset = 1 if kind == SEGMENTATION else 0  # segmentation keeps background as label 0
+    classes = (*all_classes[:offset], *picked)
+    return classes, {all_classes.index(name): label for label, name in enumerate(classes)}
+
+
+def _coco(kind: str, source: DataSourceConfig, options: LoadOptions):
+    from clmtl.data.coco import CocoDetection
+
+    common = {"image_size": options.image_size, "on_bad_sample": options.on_bad_sample, "seed": options.seed,
+              "classes": source.classes, "keep_empty": source.keep_empty}
+    train = CocoDetection(_existing(source.train_images, "train_images"), _existing(source.train_ann, "train_ann"),
+                          subset=source.train_size, **common)
+    val = CocoDetection(_existing(source.val_images, "val_images"), _existing(source.val_ann, "val_ann"),
+                        subset=source.val_size, **common)
+    if (train.classes, train.category_ids) != (val.classes, val.category_ids):
+        raise DataError(f"detection: {train.annotation_file} and {val.annotation_file} have different categories "
+                        f"({list(train.classes)} vs {list(val.classes)}); pick the shared ones with classes")
+    return train, val, train.classes, tuple(train.category_ids)
+
+
+def _voc(kind: str, source: DataSourceConfig, options: LoadOptions):
+    from clmtl.data.voc import VOC_CLASSES, VocSegmentation
+
+    root = _existing(source.root, "root")
+    common = {"image_size": options.image_size, "on_bad_sample": options.on_bad_sample, "seed": options.seed}
+    if source.classes is None:
+        splits = [VocSegmentation(root, split, subset=_sizes(source)[split], **common) for split in SPLITS]
+        return *splits, splits[0].classes, None
+    check_class_names(source.classes, VOC_CLASSES[1:], str(root))
+    classes, mapping = _subset(kind, VOC_CLASSES, source.classes)
+    splits = [Relabelled(VocSegmentation(root, split, **common), kind, mapping, source.keep_empty,
+                         subset=_sizes(source)[split], seed=options.seed) for split in SPLITS]
+    return *splits, classes, None
+
+
+def _folder(kind: str, source: DataSourceConfig, options: LoadOptions):
+    from clmtl.data.folder import ImageFolderDataset
+
+    root = _existing(source.root, "root")
+    splits = [ImageFolderDataset(root, split, options.image_size, options.on_bad_sample, _sizes(source)[split],
+                                 options.seed, source.classes) for split in SPLITS]
+    return *splits, splits[0].classes, None
+
+
+def _torchvision(kind: str, source: DataSourceConfig, options: LoadOptions):
+    from clmtl.data.torchvision_sets import TorchvisionClassification
+
+    root = Path(source.root).expanduser()
+    splits = [TorchvisionClassification(source.dataset, root, split, options.image_size, source.classes,
+                                        _sizes(source)[split], options.seed, source.download)
+              for split in SPLITS]
+    return *splits, splits[0].classes, None
+
+
+def _existing(value: str | None, key: str) -> Path:
+    """A path key of a task's data, which must exist."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"data.{key}: {path} does not exist")
+    return path
