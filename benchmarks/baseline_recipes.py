@@ -36,7 +36,7 @@ RECIPES = {
     "warmup 3, 60 epochs, EMA 0.999": compare_strategies.EARLIER_NUMERICS,
     "warmup 3, 60 epochs, EMA 0.999, bf16 + channels_last (default)": (),
 }
-"""The recipes of README's Training recipe table: classification from scratch 0.657 -> 0.880 -> 0.913 (weight
+"""The recipes of the Training recipe table (docs/studies.md): classification from scratch 0.657 -> 0.880 -> 0.913 (weight
 averaging) -> 0.920 (bfloat16 autocast, NHWC weights) over seeds 0-4 (any hue: 0.937 there, but no better than without
 it on seeds 5-9)."""
 

@@ -4,7 +4,9 @@
     python benchmarks/compare_strategies.py --strategies naive,ewc,ewc+replay --seeds 0,1 train.epochs.cls=10
     python benchmarks/compare_strategies.py --check               # do the shipped numbers still reproduce?
 
-Every run trains for ``BUDGET`` epochs unless overridden. Each (strategy, seed) run writes OUT/seed<N>/<strategy>/ (results.json and the usual report); a run whose
+Every run trains for ``BUDGET`` epochs unless overridden (``--recipe shipped``, the default), or with the config's
+own recipe (``--recipe config``, for streams of your own: ``--config examples/streams/two_digit_tasks.yaml``). Each
+(strategy, seed) run writes OUT/seed<N>/<strategy>/ (results.json and the usual report); a run whose
 results.json exists is skipped, so an interrupted comparison resumes where it stopped. Single-task baselines are
 trained once per seed (OUT/seed<N>/baselines.json) and shared by every strategy of that seed. ``--jobs N`` runs N
 trainings at once with one thread each (on 2 cores, two 1-thread jobs finish sooner than one 2-thread job).
@@ -52,7 +54,7 @@ def load_seed_config(config_file: Path | None, overrides: Sequence[str], seed: i
     from clmtl.registry import strategy_defaults
 
     extra = [f"seed={seed}"] + ([f"train.threads={threads}"] if threads else [])
-    return load_config(config_file, [*BUDGET, *overrides, *extra], strategy_params=strategy_defaults())
+    return load_config(config_file, [*overrides, *extra], strategy_params=strategy_defaults())
 
 
 def train_baselines(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None,
@@ -80,10 +82,12 @@ def train_strategy(config_file: Path | None, overrides: Sequence[str], seed: int
     return f"{strategy} seed {seed}"
 
 
-def run_all(args: argparse.Namespace, strategies: Sequence[str], seeds: Sequence[int], out: Path) -> list[dict]:
-    """Run what is missing (baselines first), then return every run's results."""
-    threads = 1 if args.jobs > 1 else None
-    common = (args.config, args.overrides)
+def run_all(config_file: Path | None, overrides: Sequence[str], strategies: Sequence[str], seeds: Sequence[int],
+            out: Path, jobs: int = 2) -> list[dict]:
+    """Run what is missing (baselines first), then return every run's results; ``overrides`` apply to every run
+    (``BUDGET`` first for the shipped recipe), ``jobs`` trainings at once with one thread each when above 1."""
+    threads = 1 if jobs > 1 else None
+    common = (config_file, list(overrides))
     baselines = {seed: out / f"seed{seed}" / "baselines.json" for seed in seeds}
     phases = [
         [(train_baselines, (*common, seed, threads, path)) for seed, path in baselines.items() if not path.exists()],
@@ -93,10 +97,10 @@ def run_all(args: argparse.Namespace, strategies: Sequence[str], seeds: Sequence
     skipped = len(seeds) * len(strategies) - len(phases[1])
     if skipped:
         print(f"resuming: {skipped} finished run(s) in {out} are reused")
-    for jobs in phases:
+    for phase in phases:
         for path in baselines.values():
             path.parent.mkdir(parents=True, exist_ok=True)
-        execute(jobs, args.jobs)
+        execute(phase, jobs)
     return [json.loads((run_dir(out, seed, s) / "results.json").read_text()) for seed in seeds for s in strategies]
 
 
@@ -162,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once, one thread each (default 2)")
     parser.add_argument("--check", action="store_true", help="rerun the targets.csv configuration and compare")
+    parser.add_argument("--recipe", choices=("shipped", "config"), default="shipped",
+                        help="shipped: the published table's reduced budget (BUDGET); config: the config's own")
     parser.add_argument("--plugin-file", type=Path, action="append", default=[], metavar="PATH",
                         help="Python file registering extra strategies (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
@@ -184,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out
     for spec in strategies:
         parse_strategy(spec)  # unknown names fail before anything trains
-    results = run_all(args, strategies, seeds, out)
+    recipe = BUDGET if args.recipe == "shipped" or args.check else ()
+    results = run_all(args.config, [*recipe, *args.overrides], strategies, seeds, out, args.jobs)
     comparison = Comparison.from_results(strategies, results)
     comparison.write(out, "python benchmarks/compare_strategies.py " + shlex.join(argv))
     print(comparison.markdown())

@@ -1,10 +1,11 @@
-"""Reproduce the seed report's protocol on any benchmark and write its Table 1 and efficiency section.
+"""Reproduce the protocol of the report clmtl started from on any benchmark, and write its two tables.
 
     python benchmarks/seed_protocol.py                                   # the embedded shapes benchmark
-    python benchmarks/seed_protocol.py --config examples/real_data.yaml  # the seed's datasets, from disk
+    python benchmarks/seed_protocol.py --config examples/real_data.yaml  # that report's datasets, from disk
 
-Protocol (report.txt, section 3.3): single-task baselines, then seg -> det + EWC -> cls + EWC with lambda 1000 and
-Adam. Overrides given on the command line come after the protocol's values, so a deliberate variation (another
+That report (the "seed report") trained one unified-head model on mini-VOC segmentation, then mini-COCO detection,
+then Imagenette-160 classification, with EWC, and compared each task's final score with its single-task baseline.
+Protocol: single-task baselines, then seg -> det + EWC -> cls + EWC with lambda 1000 and Adam. Overrides given on the command line come after the protocol's values, so a deliberate variation (another
 lambda) is possible and recorded. Writes OUT/seed_protocol.md and OUT/seed_protocol.json, beside the full run
 report in OUT/run/.
 
@@ -23,7 +24,7 @@ from typing import Any
 
 PROTOCOL = ["train.optimizer=adam", "strategy.ewc.lambda=1000.0"]
 SEED_REPORT = {"seg": 0.134, "det": 0.000004, "cls": 0.367}
-"""The seed report's final EWC scores on its real datasets (mIoU, mAP, top-1), for context."""
+"""That report's final EWC scores on its real datasets (mIoU, mAP, top-1), for context."""
 
 
 def inference_latency(model, tasks, config, repeats: int) -> dict[str, dict[str, float]]:

@@ -5,7 +5,8 @@
     python benchmarks/speed.py model.fpn_smooth=false          # config overrides apply to every model timed
 
 Inference (batch 1, eval mode, ``torch.inference_mode``): the bare backbone (YOLOv8n layers 0-9), each single-task
-forward ``model(x, label)``, ``forward_all`` alone and as the deployed pipeline (``forward_all`` + detection decode
+forward ``model(x, label)``, ``forward_all`` alone (also of a model with ten classification heads, against one of its
+heads alone) and as the deployed pipeline (``forward_all`` + detection decode
 and NMS + segmentation / classification class maps), each for the eager model, the BatchNorm-folded one
 (``clmtl.fuse``) in NCHW and in channels_last (the deployed variant); then the post-processing parts alone.
 Decoding runs at the configured ``eval.score_threshold`` and at 0 (the worst case: ``PRE_NMS_TOP_K`` candidates
@@ -50,7 +51,7 @@ from clmtl.io import atomic_write_json, atomic_write_text  # noqa: E402
 from clmtl.registry import strategy_defaults  # noqa: E402
 from clmtl.benchmark import build_benchmark  # noqa: E402
 from clmtl.builders import build_model, build_strategy, make_template, seed_everything  # noqa: E402
-from clmtl.tasks import DETECTION, TASK_KINDS  # noqa: E402
+from clmtl.tasks import CLASSIFICATION, DETECTION, TASK_KINDS, TaskSpec  # noqa: E402
 
 VARIANTS = {"eager": "eager", "fused": "BN folded", "fused_cl": "BN folded + channels_last"}
 STRATEGIES = ("naive", "ewc", "replay", "lwf", "joint", "routing")
@@ -62,6 +63,7 @@ RATIOS = {
     "forward_all_over_backbone": ("eager/forward_all", "eager/backbone", None),
     "worst_pipeline_over_backbone": ("eager/pipeline_worst", "eager/backbone", None),
     "decode_share": ("decode", "eager/pipeline", 0.10),
+    "ten_heads_forward_all_over_one_head": ("heads10/forward_all", "heads10/one_head", 1.10),
     "decode_share_worst": ("decode_worst", "eager/pipeline_worst", None),
     "class_maps_share": ("class_maps", "eager/pipeline", None),
     "argmax_over_max": ("class_maps_argmax", "class_maps", None),
@@ -168,6 +170,13 @@ def postprocess(model, outputs: dict, decode_kwargs: dict) -> dict:
     return done
 
 
+def ten_heads(config):
+    """A model of ten two-class classification tasks, each with its own head (task scenario): ``forward_all`` runs
+    the backbone and the coarsest pyramid level once for all of them."""
+    tasks = [TaskSpec(f"cls{i}", CLASSIFICATION, ("a", "b")) for i in range(10)]
+    return build_model(config, tasks).eval()
+
+
 def inference_cases(models: dict, x: torch.Tensor, decode: dict, worst: dict) -> dict[str, Callable[[], Any]]:
     """Every timed inference call: each variant's forwards and pipeline, and the post-processing parts alone."""
     eager = models["eager"]
@@ -181,7 +190,10 @@ def inference_cases(models: dict, x: torch.Tensor, decode: dict, worst: dict) ->
         "class_maps_argmax": lambda: [outputs[i].argmax(1) for i in dense],
         "eager/pipeline_worst": lambda: postprocess(eager, eager.forward_all(x), worst),
     }
-    for variant, model in models.items():
+    heads = models["heads10"]
+    cases["heads10/forward_all"] = lambda: heads.forward_all(x)
+    cases["heads10/one_head"] = lambda: heads(x, 0)
+    for variant, model in ((v, m) for v, m in models.items() if v in VARIANTS):
         cases[f"{variant}/backbone"] = lambda m=model: m.backbone(x)
         for label, task in enumerate(model.tasks):
             cases[f"{variant}/{task.name}"] = lambda m=model, t=label: m(x, t)
@@ -264,7 +276,7 @@ def training_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any
 # ------------------------------------------------------------------------------------------------ report
 
 def ratios(latency: dict[str, dict], train: dict[str, dict]) -> dict[str, dict]:
-    """Each ratio of two reported medians, with its target when the issue names one."""
+    """Each ratio of two reported medians, with its target where ``TARGETS`` sets one."""
     medians = {name: entry["median_ms"] for name, entry in {**latency, **train}.items()}
     out = {}
     for name, (numerator, denominator, target) in RATIOS.items():
@@ -362,7 +374,7 @@ def measure_inference(args: argparse.Namespace) -> dict[str, Any]:
     }
     x = torch.rand(1, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     models = {"eager": model, "fused": fuse_batchnorm(model, channels_last=False),
-              "fused_cl": fuse_batchnorm(model, channels_last=True)}
+              "fused_cl": fuse_batchnorm(model, channels_last=True), "heads10": ten_heads(config)}
     with torch.inference_mode():
         result["flops"] = model_flops(model, x)
         det_output = model.forward_all(x)[[t.kind for t in model.tasks].index(DETECTION)]

@@ -11,12 +11,12 @@ plugin must therefore come before them in the template's list.
 from __future__ import annotations
 
 import torch
-from avalanche.training.plugins import SupervisedPlugin
 
 from clmtl import distributed
+from clmtl.plugin import Plugin
 
 
-class WeightAveraging(SupervisedPlugin, supports_distributed=True):
+class WeightAveraging(Plugin, supports_distributed=True):
     """ultralytics' ``ModelEMA`` over each experience's training iterations, swapped into the model at its end."""
 
     def __init__(self, decay: float, tau: float) -> None:

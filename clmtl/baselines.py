@@ -84,7 +84,7 @@ def _exit_with_parent(parent: int) -> None:
 def baseline_threads(config: Config) -> int:
     """Threads of the single-task baselines when they train in a second process beside the stream, else 0.
 
-    On this machine a training step runs only 1.2-1.6x faster on 2 threads than on 1 (README, Training speed), so two
+    On this machine a training step runs only 1.2-1.6x faster on 2 threads than on 1 (docs/studies.md, Training speed), so two
     1-thread trainings side by side (baselines and stream) finish sooner than one 2-thread training after the other.
     The stream keeps the other threads whether or not the run trains baselines (``--no-baselines``, resumed runs):
     its numbers depend on its thread count, and must not depend on the baselines.

@@ -22,6 +22,7 @@ from clmtl.decode import decode_detections
 from clmtl.losses import MultiTaskLoss
 from clmtl.metrics.plugin import task_metrics
 from clmtl.models import UnifiedModel
+from clmtl.plugin import Plugin
 from clmtl.precision import resolve_precision
 from clmtl.progress import ProgressBar
 from clmtl.registry import build_plugins
@@ -85,7 +86,7 @@ def build_strategy(strategy: str, config: Config, benchmark: Benchmark) -> list:
     """The plugins of ``strategy`` with the config's parameters; those that need the stream (joint) get it."""
     plugins = build_plugins(strategy, config.strategy)
     for plugin in plugins:
-        if hasattr(plugin, "bind_benchmark"):
+        if isinstance(plugin, Plugin):
             plugin.bind_benchmark(benchmark)
     return plugins
 
@@ -112,7 +113,7 @@ def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec]
 
     evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model)), loggers=loggers)
     schedule = make_schedule(config)
-    template = MultiTaskTemplate(
+    return MultiTaskTemplate(
         model=model,
         optimizer=make_optimizer(config, model),
         criterion=MultiTaskLoss(model.anchor_layout),
@@ -123,9 +124,9 @@ def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec]
         plugins=[*plugins, *([schedule] if schedule else []),
                  ProgressBar(label, disable=None if progress and distributed.is_main_process() else True)],
         evaluator=evaluator,
+        precision=resolve_precision(config.train.precision),
+        clip_grad_norm=config.train.clip_grad_norm,
     )
-    template.precision = resolve_precision(config.train.precision)
-    return template
 
 
 def make_loggers(config: Config, out_dir: Path, log_file: TextIO) -> list:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from clmtl.io import atomic_torch_save, load_checkpoint
+from clmtl.plugin import Plugin
 
 
 class ResumeError(ValueError):
@@ -81,17 +82,17 @@ def set_clock_state(clock: Any, state: dict[str, int]) -> None:
 
 
 def plugin_states(plugins: list) -> list[dict | None]:
-    """Each plugin's ``state_dict()``; None for a plugin that keeps none (it cannot be resumed)."""
-    return [plugin.state_dict() if hasattr(plugin, "state_dict") else None for plugin in plugins]
+    """Each plugin's ``state_dict()``; None for a plain Avalanche plugin (``clmtl.plugin.Plugin`` declares it)."""
+    return [plugin.state_dict() if isinstance(plugin, Plugin) else None for plugin in plugins]
 
 
 def task_model_states(plugins: list) -> dict[int, dict[str, torch.Tensor]]:
-    """Model tensors that differ per task (``bnfreeze per_task``'s BatchNorm), by task label, from every plugin that
-    defines ``task_model_states()``. Checkpoints keep them beside the model, so ``clmtl eval`` can run each task with
-    its own (``load_task_state``)."""
+    """Model tensors that differ per task (``bnfreeze per_task``'s BatchNorm), by task label, from every plugin's
+    ``task_model_states()``. Checkpoints keep them beside the model, so ``clmtl eval`` can run each task with its own
+    (``load_task_state``)."""
     merged: dict[int, dict[str, torch.Tensor]] = {}
     for plugin in plugins:
-        for task, tensors in (plugin.task_model_states() if hasattr(plugin, "task_model_states") else {}).items():
+        for task, tensors in (plugin.task_model_states() if isinstance(plugin, Plugin) else {}).items():
             merged.setdefault(task, {}).update(tensors)
     return merged
 
@@ -111,9 +112,9 @@ def restore_plugins(plugins: list, states: list[dict | None], model: torch.nn.Mo
     if len(states) != len(plugins):
         raise ResumeError(f"the checkpoint holds {len(states)} plugin states for {len(plugins)} plugins")
     for plugin, state in zip(plugins, states):
-        if state is None or not hasattr(plugin, "load_state_dict"):
-            raise ResumeError(f"plugin {type(plugin).__name__} keeps no state_dict(), so its state cannot be "
-                              "restored; define state_dict() / load_state_dict(state, model) to make it resumable")
+        if state is None or not isinstance(plugin, Plugin):
+            raise ResumeError(f"plugin {type(plugin).__name__} is not a clmtl.plugin.Plugin, so its state cannot be "
+                              "restored; subclass Plugin and define state_dict() / load_state_dict(state, model)")
         plugin.load_state_dict(state, model)
 
 

@@ -135,7 +135,7 @@ _HUE_TURNS = _rule(lambda v: 0 <= v <= 0.5, "must be between 0 and 0.5 (turns of
 class HueConfig(PerKind):
     """Largest random hue rotation of training images per task kind, in turns (0.5: any hue); none by default. On shapes
     any hue for classification looked better on seeds 0-4 and was not on seeds 5-9; segmentation and detection
-    learned much less with it (README, Training recipe)."""
+    learned much less with it (docs/studies.md, Training recipe)."""
 
     seg: float = field(default=0.0, metadata=_HUE_TURNS)
     det: float = field(default=0.0, metadata=_HUE_TURNS)
@@ -256,6 +256,7 @@ class TrainConfig:
     ema_tau: float = field(default=200.0, metadata=_POSITIVE)
     lr: float = field(default=0.002, metadata=_POSITIVE)
     weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
+    clip_grad_norm: float = field(default=0.0, metadata=_NON_NEGATIVE)
     batch_size: int = field(default=16, metadata=_AT_LEAST_ONE)
     eval_batch_size: int = field(default=32, metadata=_AT_LEAST_ONE)
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
@@ -348,7 +349,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (),
     merged["strategy"] = {name: {**_copy(strategy_params[name]), **params} for name, params in chosen.items()}
     config = _build(Config, merged)
     if config.data.root is not None:
-        config.benchmark = "files"  # the challenge bundle is on disk: data.root alone is enough
+        config.benchmark = "files"  # the three-dataset bundle is on disk: data.root alone is enough
     return config
 
 

@@ -125,10 +125,9 @@ def broadcast_plugin_states(plugins: Sequence, model: nn.Module) -> None:
     """Give every process rank 0's plugin states (EWC's Fisher, replay buffers...), which rank 0 also checkpoints."""
     from avalanche.distributed import DistributedHelper
 
-    states = DistributedHelper.broadcast_object(
-        [plugin.state_dict() if hasattr(plugin, "state_dict") else None for plugin in plugins]
-        if is_main_process() else None
-    )
+    from clmtl.checkpoint import plugin_states
+
+    states = DistributedHelper.broadcast_object(plugin_states(plugins) if is_main_process() else None)
     if not is_main_process():
         for plugin, state in zip(plugins, states):
             if state is not None:

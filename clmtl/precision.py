@@ -2,7 +2,7 @@
 
 Autocast runs convolutions and matrix products in bfloat16 and keeps everything else (BatchNorm statistics, losses,
 the optimizer's weights and moments) in float32, as mixed-precision training does on GPUs. On a CPU with AMX or
-AVX512-BF16 units (this project's machine: a Xeon with AMX) a training step is 12-25 % faster than in float32 (README,
+AVX512-BF16 units (this project's machine: a Xeon with AMX) a training step is 12-25 % faster than in float32 (docs/studies.md,
 Training speed); on one without them bfloat16 is emulated and slower than float32, which is why ``auto`` checks.
 """
 from __future__ import annotations

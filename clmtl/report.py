@@ -1,6 +1,6 @@
 """Turn a run's results into what people read: results.json, summary.md tables and plots.
 
-Everything here works from the results dict of the DESIGN.md contract (or from tensors for the overlays),
+Everything here works from the results dict of ``clmtl.results`` (or from tensors for the overlays),
 so a report can be rebuilt from an old results.json without the model. Plots use matplotlib's object API
 with the Agg canvas (no pyplot state, no GUI backend, bundled DejaVu font).
 """
@@ -83,7 +83,7 @@ def _stream_section(results: Mapping[str, Any]) -> list[str]:
 
 
 def _final_section(results: Mapping[str, Any]) -> list[str]:
-    """The seed report's Table 1: each task's final score against its single-task baseline."""
+    """Each task's final score against its single-task baseline, and the drop (relative and absolute)."""
     tasks = results["tasks"]
     baseline, final = results.get("baseline") or {}, results.get("final") or {}
     drops = results.get("drop_vs_baseline") or {}

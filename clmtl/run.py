@@ -22,6 +22,7 @@ from clmtl.config import Config, ConfigError
 from clmtl.decode import decode_detections
 from clmtl.metrics.plugin import task_scores
 from clmtl.models import UnifiedModel
+from clmtl.plugin import Plugin
 from clmtl.report import prediction_overlays, write_report
 from clmtl.results import assemble_results
 from clmtl.tasks import CLASSIFICATION, SEGMENTATION
@@ -80,6 +81,8 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
         torch.set_num_threads(threads["stream"])
         seed_everything(config.seed)
         model = build_model(config, tasks)
+        if saved is not None:  # before the optimizer is made: heads take the checkpoint's (grown) shapes
+            model.load_state_dict(saved["model"])
         loggers = make_loggers(config, out_dir, log_file) if writes else []
         template = make_template(config, model, tasks, plugins, loggers)
         matrix: list[list[float | None]] = []
@@ -87,7 +90,6 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
         per_task: list[dict[str, float]] = []
         finished = -1  # the last experience trained and evaluated
         if saved is not None:
-            model.load_state_dict(saved["model"])
             matrix, train_seconds, per_task, finished = (saved["matrix"], saved["train_seconds"], saved["scores"],
                                                          saved["experience"])
             random_init = saved.get("random_init", [None] * len(tasks))  # checkpoints of clmtl 0.1 have none
@@ -144,8 +146,8 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
     torch.set_num_threads(config.train.threads)  # the run's threads again, for the caller (the stream had a share)
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
     measured = {"train_seconds": train_seconds, "baseline_train_seconds": baselines.seconds,
-                "memory_bytes": sum(getattr(plugin, "memory_bytes", 0) for plugin in plugins),
-                "strategy_stats": {type(p).__name__: p.stats() for p in plugins if hasattr(p, "stats")},
+                "memory_bytes": sum(p.memory_bytes for p in plugins if isinstance(p, Plugin)),
+                "strategy_stats": {type(p).__name__: p.stats() for p in plugins if isinstance(p, Plugin) and p.stats()},
                 "total_seconds": time.perf_counter() - start, "processes": processes,
                 "threads": threads,
                 "precision": template.precision}

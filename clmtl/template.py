@@ -31,29 +31,8 @@ from avalanche.training.templates import SupervisedTemplate
 from clmtl import distributed
 from clmtl.checkpoint import (StopRequested, clock_state, rng_state, set_clock_state, set_rng_state,
                               stop_requested)
+from clmtl.plugin import to_device
 from clmtl.precision import autocast, to_float
-
-
-def to_device(value: Any, device: torch.device | str) -> Any:
-    """Move tensors nested in lists, tuples and dicts to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(item, device) for item in value)
-    return value
-
-
-def task_batch_loss(strategy, batch: list, task_label: int) -> torch.Tensor:
-    """Loss of a collated ``[images, targets, ...]`` batch of one task, through that task's head and loss.
-
-    For plugins that add other tasks' samples to a step (replay, joint): each task keeps its own output format,
-    so its samples cannot join the current mini-batch and get their own forward pass instead.
-    """
-    images, targets = to_device(batch[0], strategy.device), to_device(batch[1], strategy.device)
-    forward = getattr(strategy, "task_output", strategy.model)  # ours adds the training precision
-    return strategy._criterion(forward(images, task_label), targets)
 
 
 class MultiTaskTemplate(SupervisedTemplate):
@@ -67,8 +46,13 @@ class MultiTaskTemplate(SupervisedTemplate):
     """A ``position()`` saved earlier plus ``"restore"``, a callable that puts the plugins' states back: the next
     ``train`` call continues that experience from there instead of starting it."""
 
-    precision: str = "fp32"
-    """``fp32``, or ``bf16``: training forwards run under bfloat16 autocast (``clmtl.precision``)."""
+    def __init__(self, *, precision: str = "fp32", clip_grad_norm: float = 0.0, **kwargs) -> None:
+        """Avalanche's ``SupervisedTemplate`` arguments, plus ``precision`` (``fp32``, or ``bf16``: training forwards
+        under bfloat16 autocast, ``clmtl.precision``) and ``clip_grad_norm`` (rescale the gradients to at most this
+        total norm before each update; 0: never)."""
+        super().__init__(**kwargs)
+        self.precision = precision
+        self.clip_grad_norm = clip_grad_norm
 
     def forward(self):
         return self.task_output(self.mb_x, self.mb_task_id)
@@ -132,6 +116,8 @@ class MultiTaskTemplate(SupervisedTemplate):
         super().backward()
         if distributed.is_distributed():
             distributed.average_gradients(self.model)
+        if self.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
 
     def _train_exp(self, experience, eval_streams=None, **kwargs) -> None:
         if self.resume_point is None:
@@ -162,6 +148,11 @@ class MultiTaskTemplate(SupervisedTemplate):
             finally:
                 self.dataloader = loader
             self._after_training_epoch(**kwargs)
+
+    def make_optimizer(self, reset_optimizer_state: bool = False, **kwargs) -> None:
+        """Avalanche's optimizer update, also dropping parameters the model no longer has: a head grown outside an
+        experience's adaptation (joint grows every head before training) leaves its old tensor behind otherwise."""
+        super().make_optimizer(reset_optimizer_state=reset_optimizer_state, remove_params=True, **kwargs)
 
     def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None, persistent_workers=False,
                               drop_last=False, **kwargs) -> None:

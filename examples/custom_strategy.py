@@ -5,7 +5,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from torch.utils.data import DataLoader
 
 from clmtl.registry import register
-from clmtl.template import to_device
+from clmtl.plugin import to_device
 from strategies.ewc import ewc_penalty, merge_anchors  # sum over anchors of importance * (theta - theta*)^2
 
 

@@ -15,9 +15,9 @@ from 0.60 to 0.30 mIoU. Two modes:
 from __future__ import annotations
 
 import torch
-from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
+from clmtl.plugin import Plugin
 from clmtl.registry import register
 from clmtl.scenario import require_own_heads
 
@@ -38,7 +38,7 @@ def batch_norm_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-class BatchNormFreeze(SupervisedPlugin, supports_distributed=True):
+class BatchNormFreeze(Plugin, supports_distributed=True):
     """Freezes BatchNorm statistics and affine parameters from the second experience on."""
 
     def __init__(self) -> None:
@@ -69,7 +69,7 @@ class BatchNormFreeze(SupervisedPlugin, supports_distributed=True):
                 layer.eval()
 
 
-class PerTaskBatchNorm(SupervisedPlugin, supports_distributed=True):
+class PerTaskBatchNorm(Plugin, supports_distributed=True):
     """One set of BatchNorm statistics and affine parameters per task label, loaded before the task runs."""
 
     def __init__(self) -> None:

@@ -34,7 +34,7 @@ from avalanche.training.utils import ParamData, zerolike_params_dict
 from torch.utils.data import DataLoader
 
 from clmtl.registry import register
-from clmtl.template import to_device
+from clmtl.plugin import Plugin, to_device
 
 
 class Anchor(NamedTuple):
@@ -59,16 +59,14 @@ def grown(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return padded
 
 
-def merge_anchors(anchors: Sequence[tuple[Mapping[str, ParamData], Mapping[str, ParamData]]],
-                  shapes: Mapping[str, Sequence[int]] | None = None) -> Anchor:
+def merge_anchors(anchors: Sequence[tuple[Mapping[str, ParamData], Mapping[str, ParamData]]]) -> Anchor:
     """The ``Anchor`` of several (θ*, F) pairs of name -> tensor (or Avalanche ``ParamData``) maps; a parameter counts
-    in the pairs that saved it. ``shapes`` gives each parameter's shape now, for parameters that grew since a pair
-    was saved (default: as saved)."""
+    in the pairs that saved it, each padded to the largest shape the parameter had (``grown``)."""
     names = list(dict.fromkeys(name for saved, _ in anchors for name in saved))
     sqrt_weight, center, constant = [], [], 0.0
     for name in names:
         pairs = [(saved[name].data, importances[name].data) for saved, importances in anchors if name in saved]
-        shape = shapes[name] if shapes is not None else pairs[-1][0].shape
+        shape = [max(sizes) for sizes in zip(*(value.shape for value, _ in pairs))]
         values = [grown(value, shape) for value, _ in pairs]
         weights = [grown(weight, shape) for _, weight in pairs]
         if len(weights) == 1:  # μ = θ* exactly (F θ* / F would round)
@@ -99,12 +97,15 @@ class _QuadraticPenalty(torch.autograd.Function):
 
 
 def ewc_penalty(model: torch.nn.Module, anchor: Anchor) -> torch.Tensor:
-    """Σ_e Σ F_e (θ − θ*_e)² over the parameters that have a saved value (new parameters do not count)."""
+    """Σ_e Σ F_e (θ − θ*_e)² over the parameters that have a saved value (new parameters do not count, nor do the
+    rows a parameter grew since: their weight is 0)."""
     if not anchor.names:
         return torch.zeros(())
-    params = dict(model.named_parameters())
-    return _QuadraticPenalty.apply(anchor.sqrt_weight, anchor.center, *(params[n] for n in anchor.names)) + \
-        anchor.constant
+    named = dict(model.named_parameters())
+    params = [named[name] for name in anchor.names]
+    sqrt_weight = [grown(weight, param.shape) for weight, param in zip(anchor.sqrt_weight, params)]
+    center = [grown(mean, param.shape) for mean, param in zip(anchor.center, params)]
+    return _QuadraticPenalty.apply(sqrt_weight, center, *params) + anchor.constant
 
 
 FISHER_ESTIMATORS = ("empirical", "batch", "exact")
@@ -133,7 +134,7 @@ def sampled_nll(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, drawn)
 
 
-class MultiTaskEWCPlugin(EWCPlugin, supports_distributed=True):
+class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
     """EWC whose Fisher pass and penalty work with any target kind."""
 
     def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None,
@@ -189,8 +190,7 @@ class MultiTaskEWCPlugin(EWCPlugin, supports_distributed=True):
         if self._anchor is None:
             # separate: every earlier experience's own anchor; online: one accumulated, saved after the last one
             experiences = range(exp_counter) if self.mode == "separate" else [exp_counter - 1]
-            shapes = {name: param.shape for name, param in strategy.model.named_parameters()}
-            self._anchor = merge_anchors([(self.saved_params[e], self.importances[e]) for e in experiences], shapes)
+            self._anchor = merge_anchors([(self.saved_params[e], self.importances[e]) for e in experiences])
         strategy.loss += self.ewc_lambda * ewc_penalty(strategy.model, self._anchor).to(strategy.device)
 
     def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0):

@@ -1,8 +1,9 @@
 """Joint training, the upper bound of every table: each step learns every task of the benchmark.
 
-Batches cannot mix tasks (each has its own output format), so every training step adds one mini-batch of
-each other task — past and future ones — through its own head and loss, with equal weight, to the current
-task's loss. Training therefore sees every task from the first experience on, over the whole stream's budget,
+Every training step adds one mini-batch of each other task — past and future ones. A batch of another head cannot join
+the mini-batch (each head has its own output format) and adds its own loss, through its head, with equal weight; a
+batch of the head being trained (the class and domain scenarios' shared head) joins the mini-batch, so BatchNorm
+normalises all of that head's tasks together, as at evaluation. Training therefore sees every task from the first experience on, over the whole stream's budget,
 at about T times a naive step. Every head is grown to all its classes before training starts (in the class scenario
 a head would otherwise hold only the classes seen so far). It needs the stream, which ``clmtl run`` hands over through
 ``bind_benchmark``.
@@ -11,12 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from avalanche.training.plugins import SupervisedPlugin
 from torch.utils.data import DataLoader
 
+from clmtl.plugin import Plugin, joined, task_batch_loss, to_device
 from clmtl.registry import register
 from clmtl.scenario import placed
-from clmtl.template import task_batch_loss
 
 
 def endless_batches(dataset, batch_size: int) -> Iterator[list]:
@@ -25,7 +25,7 @@ def endless_batches(dataset, batch_size: int) -> Iterator[list]:
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=dataset.collate_fn)
 
 
-class JointTraining(SupervisedPlugin, supports_distributed=True):
+class JointTraining(Plugin, supports_distributed=True):
     """Adds a mini-batch loss of every other task of the stream to each training step."""
 
     def __init__(self) -> None:
@@ -33,6 +33,7 @@ class JointTraining(SupervisedPlugin, supports_distributed=True):
         self.tasks: list = []
         self.datasets: dict[int, object] = {}
         self._batches: dict[int, Iterator[list]] = {}
+        self._pending: list[tuple[list, int]] = []
 
     def bind_benchmark(self, benchmark) -> None:
         """Take every task's training data, by experience (called by ``clmtl run`` before training)."""
@@ -44,13 +45,6 @@ class JointTraining(SupervisedPlugin, supports_distributed=True):
         for task in self.tasks:
             strategy.model.grow(task.head, max(task.labels) + 1)
 
-    def state_dict(self) -> dict:
-        """Nothing carries over from one experience to the next (see clmtl.checkpoint)."""
-        return {}
-
-    def load_state_dict(self, state: dict, model) -> None:
-        pass
-
     def before_training_exp(self, strategy, **kwargs) -> None:
         if not self.datasets:
             raise RuntimeError("joint needs the stream: call bind_benchmark(benchmark) before training")
@@ -58,9 +52,22 @@ class JointTraining(SupervisedPlugin, supports_distributed=True):
         self._batches = {index: endless_batches(data, strategy.train_mb_size)
                          for index, data in self.datasets.items() if index != current}
 
-    def before_backward(self, strategy, **kwargs) -> None:
+    def before_forward(self, strategy, **kwargs) -> None:
+        """Every other task's next batch: joined to the mini-batch when it uses the head being trained (one forward
+        pass, BatchNorm over both), else waiting for ``before_backward``."""
+        self._pending = []
+        head = strategy.experience.task_label
         for index, batches in self._batches.items():
-            strategy.loss += task_batch_loss(strategy, next(batches), self.tasks[index].head)
+            batch = next(batches)
+            if self.tasks[index].head == head:
+                strategy.mbatch = joined(strategy.mbatch, to_device(batch, strategy.device))
+            else:
+                self._pending.append((batch, self.tasks[index].head))
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        for batch, head in self._pending:
+            strategy.loss += task_batch_loss(strategy, batch, head)
+        self._pending = []
 
 
 @register("joint", acts_on=("data", "loss"))

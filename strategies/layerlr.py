@@ -10,27 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from avalanche.training.plugins import SupervisedPlugin
 
+from clmtl.plugin import Plugin
 from clmtl.registry import register
 
 PARTS = ("backbone", "neck", "head")
 
 
-class LayerLearningRates(SupervisedPlugin, supports_distributed=True):
+class LayerLearningRates(Plugin, supports_distributed=True):
     """Multiplies each named parameter group's base learning rate by its part's multiplier."""
 
     def __init__(self, multipliers: Mapping[str, float], from_experience: int = 1) -> None:
         super().__init__()
         self.multipliers = dict(multipliers)
         self.from_experience = from_experience
-
-    def state_dict(self) -> dict:
-        """Nothing carries over from one experience to the next (see clmtl.checkpoint)."""
-        return {}
-
-    def load_state_dict(self, state: dict, model) -> None:
-        pass
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         active = strategy.clock.train_exp_counter >= self.from_experience

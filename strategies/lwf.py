@@ -36,10 +36,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
 from clmtl.losses import output_kind
+from clmtl.plugin import Plugin
 from clmtl.registry import register
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 
@@ -133,7 +133,7 @@ def outputs_and_features(model: nn.Module, x: torch.Tensor, labels: Sequence[int
     return {label: outputs[label] for label in labels}, (features if with_features else None)
 
 
-class LwFPlugin(SupervisedPlugin, supports_distributed=True):
+class LwFPlugin(Plugin, supports_distributed=True):
     """Distils every head trained before, from the model as it was after the previous experience, on current inputs."""
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0, det_conf: float = 0.5,

@@ -22,29 +22,30 @@ training experience from ``experience.dataset.eval()``: Avalanche's way to drop 
 wrapped *inside* the dataset (``clmtl.data.transforms.JointTransform``) still applies; the dataset is then read under
 a forked global RNG seeded from ``seed``, so what is stored is reproducible and training's random stream is untouched.
 
-**Replay.** A mini-batch may hold one task only (each task has its own output format and loss), so replay cannot
-concatenate memory samples into the training batch as Avalanche's ``ReplayPlugin`` does (its ``ReplayDataLoader``
-mixes current and memory samples of every task in one batch: one collate function and one head cannot take label
-maps, box lists and class ids at once). Instead, in ``before_backward`` while training task k, the stored
-tasks t != k are replayed — ``ceil(ratio * B)`` samples for a current mini-batch of B, split equally over the stored
-tasks (remainder to the oldest), at most ``per_task_cap`` each, drawn without replacement — in one batch per head
-h they use (in the task scenario every task has its own head; in the class and domain scenarios the tasks of one kind
-share one), forwarded as ``model(x, h)`` and scored by ``strategy._criterion`` (which dispatches on the output's
-structure):
+**Replay.** Each training step replays ``ceil(ratio * B)`` stored samples for a current mini-batch of B, split
+equally over the stored tasks (remainder to the oldest), at most ``per_task_cap`` each, drawn without replacement.
+Samples of the head being trained (the class and domain scenarios' shared head of a kind) join the mini-batch, as
+Avalanche's ``ReplayPlugin`` concatenates them: one forward pass in which BatchNorm normalises old and new samples
+together, as evaluation will, and the loss a mean over every sample of the joined batch. Samples of other heads
+cannot join it (each head has its own output format and loss: one collate function and one head cannot take label
+maps, box lists and class ids at once), so in ``before_backward`` they are replayed in one batch per head h,
+forwarded as ``model(x, h)`` and scored by ``strategy._criterion`` (which dispatches on the output's structure):
 
     loss = L_k + weight * mean_h L_h
 
 The mean over heads keeps the replay term's scale independent of how many tasks are stored: at ``weight`` 1 the old
 tasks together count as much as the current one, and each head's term is its own loss's batch mean, at its natural
-scale (as the current task's is). The memory is kept by experience, so a task of the class scenario keeps its quota
-although it shares its task label (its head) with every other task of its kind.
+scale (as the current task's is). In the task scenario every task has its own head, so every old task is replayed
+this way. The memory is kept by experience, so a task of the class scenario keeps its quota although it shares its
+task label (its head) with every other task of its kind.
 
-**Against Avalanche.** For one old task with a model without BatchNorm, Avalanche's concatenated batch of b current
-and m memory samples has loss (b L_k + m L_t) / (b + m); ours with ``weight = m / b`` is (b + m) / b times it — the
-same gradient direction, and the same SGD trajectory with the learning rate scaled by b / (b + m) (tested, as are
-our equal quotas against ``ExperienceBalancedBuffer``'s group sizes). What remains different: BatchNorm sees each
-task's batch separately (its statistics are per task, not of a mixed batch), and the default ``weight`` 1 weighs old
-tasks by ``weight`` rather than by their share of a mixed batch.
+**Against Avalanche.** A head's own samples are replayed exactly as Avalanche's concatenated batch is (tested on a
+class-incremental stream). For an old task of another head with a model without BatchNorm, Avalanche's
+concatenated batch of b current and m memory samples has loss (b L_k + m L_t) / (b + m); ours with
+``weight = m / b`` is (b + m) / b times it — the same gradient direction, and the same SGD trajectory with the
+learning rate scaled by b / (b + m) (tested, as are our equal quotas against ``ExperienceBalancedBuffer``'s group
+sizes). What remains different there: BatchNorm sees each head's batch separately, and the default ``weight`` 1
+weighs old tasks by ``weight`` rather than by their share of a mixed batch.
 
 **Why not Avalanche's buffers.** They store ``AvalancheDataset`` subsets, views on the training set that render float
 images and rerun augmentation at every access, with no byte count; their random picks come from the global torch
@@ -64,13 +65,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from avalanche.training.plugins import SupervisedPlugin
 from torch.utils.data import Dataset
 
 from clmtl.registry import register
 from clmtl.stream import collate_for
 from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
-from clmtl.template import task_batch_loss
+from clmtl.plugin import Plugin, joined, task_batch_loss, to_device
 
 SPLITS = ("equal", "proportional")
 SELECTIONS = ("reservoir", "class_balanced")
@@ -233,7 +233,7 @@ class TaskBuffer:
         return [[*memory[i], memory.head] for i in picks]
 
 
-class MultiTaskReplayPlugin(SupervisedPlugin, supports_distributed=True):
+class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
     """Fills a ``TaskBuffer`` after each experience and adds each stored task's replay loss (see the module doc)."""
 
     def __init__(self, mem_size: int = 200, ratio: float = 0.5, split: str = "equal", selection: str = "reservoir",
@@ -247,6 +247,8 @@ class MultiTaskReplayPlugin(SupervisedPlugin, supports_distributed=True):
         self.per_task_cap = per_task_cap
         self.replayed: Counter[int] = Counter()
         """Samples replayed so far, by experience."""
+        self._pending: dict[int, list] = {}
+        """This step's replay samples of other heads than the one trained, by head: [kind, samples]."""
 
     @property
     def memory_bytes(self) -> int:
@@ -285,7 +287,10 @@ class MultiTaskReplayPlugin(SupervisedPlugin, supports_distributed=True):
         experience = strategy.experience
         self.buffer.add(experience.dataset, experience.current_experience, experience.task_label)
 
-    def before_backward(self, strategy, **kwargs) -> None:
+    def before_forward(self, strategy, **kwargs) -> None:
+        """Draw this step's replay samples: those of the head being trained join the mini-batch, the others wait for
+        ``before_backward`` in one batch per head."""
+        self._pending = {}
         current = strategy.experience.current_experience
         stored = [e for e, memory in self.buffer.tasks.items() if e != current and len(memory)]
         if not stored:
@@ -297,10 +302,19 @@ class MultiTaskReplayPlugin(SupervisedPlugin, supports_distributed=True):
                 drawn = self.buffer.draw(experience, size, self.generator)
                 batches.setdefault(memory.head, [memory.kind, []])[1].extend(drawn)
                 self.replayed[experience] += len(drawn)
+        head = strategy.experience.task_label
+        if head in batches:
+            kind, samples = batches.pop(head)
+            strategy.mbatch = joined(strategy.mbatch, to_device(collate_for(kind)(samples), strategy.device))
+        self._pending = batches
+
+    def before_backward(self, strategy, **kwargs) -> None:
         losses = [task_batch_loss(strategy, collate_for(kind)(samples), head)
-                  for head, (kind, samples) in batches.items()]
+                  for head, (kind, samples) in self._pending.items()]
+        self._pending = {}
         if losses:
             strategy.loss += self.weight * torch.stack(losses).mean()
+
 
 
 DEFAULTS = {"mem_size": 200, "ratio": 0.5, "split": "equal", "selection": "reservoir", "weight": 1.0,

@@ -21,7 +21,7 @@ the point's output channels. While task t trains:
 
 The embeddings train in the run's optimizer, in a parameter group ``routes`` of their own (learning rate ``lr``, no
 weight decay): Avalanche's optimizer update refuses parameters it cannot place in the groups ``clmtl run`` builds.
-Routing costs ``num_tasks × (gated channels)`` parameters, and ``forward_all`` one pass per task (README, Routing).
+Routing costs ``num_tasks × (gated channels)`` parameters, and ``forward_all`` one pass per task (docs/strategies.md, Routing).
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
 from clmtl.models.routing import TaskRoutes
+from clmtl.plugin import Plugin
 from clmtl.registry import register
 from clmtl.scenario import require_own_heads
 
@@ -93,7 +93,7 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class RoutingPlugin(SupervisedPlugin, supports_distributed=True):
+class RoutingPlugin(Plugin, supports_distributed=True):
     """Learns a route per task with HAT's annealed gates and sparsity penalty, and freezes finished tasks' routes."""
 
     def __init__(self, sparsity: float = 0.75, s_max: float = 400.0, lr: float = 0.01, bound: float = 6.0) -> None:

@@ -4,7 +4,8 @@ and as a single process.
 It loads the model of a run checkpoint, then writes (rank 0 only) what the test compares: the metrics of every
 task's whole validation set, the parameter gradients after one backward pass on a fixed global batch of
 classification samples, and every process's weights after an experience trained with weight averaging (which each
-process must end with alike). ``python tests/distributed_worker.py CHECKPOINT OUT``.
+process must end with alike). ``python tests/distributed_worker.py CHECKPOINT OUT [EXPERIENCE]``: the experience
+trained (default: the classification task's) may grow a head (class scenario).
 """
 import sys
 
@@ -16,10 +17,10 @@ from clmtl.checkpoint import checkpoint_config, load_model_checkpoint
 from clmtl.metrics.plugin import task_scores
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, make_template
-from clmtl.template import to_device
+from clmtl.plugin import to_device
 
 
-def main(checkpoint: str, out: str) -> None:
+def main(checkpoint: str, out: str, experience: int | None = None) -> None:
     if distributed.launched_by_torchrun():
         distributed.init_from_environment(0)
     torch.set_num_threads(1)
@@ -43,7 +44,7 @@ def main(checkpoint: str, out: str) -> None:
 
     template = make_template(config, model, benchmark.tasks, plugins=[WeightAveraging(0.9, 2.0)], loggers=[])
     template.train_epochs = 1
-    template.train(benchmark.stream.train_stream[label])
+    template.train(benchmark.stream.train_stream[label if experience is None else experience])
     averaged = distributed.gather(model.state_dict()) if distributed.is_distributed() else [model.state_dict()]
     if distributed.is_main_process():
         torch.save({"scores": scores, "gradients": gradients, "averaged": averaged,
@@ -52,4 +53,4 @@ def main(checkpoint: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *(int(arg) for arg in sys.argv[3:]))

@@ -18,23 +18,16 @@ KILLER = textwrap.dedent('''
     import os
     import signal
 
-    from avalanche.training.plugins import SupervisedPlugin
-
+    from clmtl.plugin import Plugin
     from clmtl.registry import register
 
 
-    class KillDuringSecondExperience(SupervisedPlugin):
+    class KillDuringSecondExperience(Plugin):  # keeps no state: Plugin's defaults make it resumable
         def before_training_iteration(self, strategy, **kwargs):
             clock = strategy.clock
             at = int(os.environ.get("KILL_AT", "1"))
             if os.environ.get("KILL_FOR_TEST") and clock.train_exp_counter == 1 and clock.train_exp_iterations == at:
                 os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
-
-        def state_dict(self):
-            return {}
-
-        def load_state_dict(self, state, model):
-            pass
 
 
     @register("killer")
@@ -115,6 +108,34 @@ def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path
         assert torch.equal(tensor, reference_model[name]), name
 
 
+@pytest.mark.slow
+def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_model(tmp_path):
+    """The classification head grows from 2 to 4 classes at the second experience; a SIGTERM inside it checkpoints
+    the grown model, EWC's anchors of the smaller head, the replay memory and LwF's teacher (whose head is still
+    the smaller one), and the resumed run ends bit for bit like an uninterrupted one."""
+    plugin_file = tmp_path / "killer.py"
+    plugin_file.write_text(KILLER)
+    stream = ["scenario=class", "tasks=[{name: a, kind: cls, data: {classes: [heart, arrow]}}, "
+              "{name: b, kind: cls, data: {classes: [semicircle, frame]}}]"]
+    config = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16", "train.epochs=2",
+              "output.checkpoint_every=3", *stream]
+    common = ["--plugin-file", str(plugin_file), "--strategy", "ewc+replay+lwf+killer", "--no-baselines", *config]
+    reference = clmtl("run", *common, "--out", str(tmp_path / "ref"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    stopped = clmtl("run", *common, "--out", str(tmp_path / "run"),
+                    env={"KILL_FOR_TEST": "1", "KILL_AT": "4", "KILL_SIGNAL": "SIGTERM"})
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    saved = load_run_checkpoint(tmp_path / "run")
+    assert "partial" in saved and saved["model"]["head.outputs.0.weight"].shape == (4, 64)
+    resumed = clmtl("run", "--plugin-file", str(plugin_file), "--resume", str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["matrix"] == expected["matrix"]
+    reference_model = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
+    for name, tensor in load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"].items():
+        assert torch.equal(tensor, reference_model[name]), name
+
+
 def test_resume_needs_the_runs_own_config(tmp_path):
     result = clmtl("run", "--resume", str(tmp_path), "train.lr=0.1")
     assert result.returncode == 2 and "--resume continues a run with its own config" in result.stderr
@@ -145,10 +166,10 @@ def test_last_points_at_the_newest_checkpoint_and_survives_a_failed_write(tmp_pa
     assert sorted(os.listdir(tmp_path)) == ["exp0.pt", "last.pt"]
 
 
-def test_a_foreign_checkpoint_or_a_stateless_plugin_cannot_be_resumed(tmp_path):
+def test_a_foreign_checkpoint_or_a_plain_avalanche_plugin_cannot_be_resumed(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     torch.save({"model": {}}, tmp_path / "checkpoints" / "last.pt")
     with pytest.raises(ResumeError, match="not a resumable clmtl run checkpoint"):
         load_run_checkpoint(tmp_path)
-    with pytest.raises(ResumeError, match="plugin object keeps no state_dict"):
+    with pytest.raises(ResumeError, match="plugin object is not a clmtl.plugin.Plugin"):
         restore_plugins([object()], [None], torch.nn.Linear(1, 1))

@@ -127,3 +127,19 @@ def test_sharded_evaluation_and_averaged_gradients_equal_one_process(one_and_two
     first, second = two["averaged"]  # each process averaged its own BatchNorm statistics; the end makes them one
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]), name
+
+
+@pytest.mark.slow
+def test_a_head_grown_under_torchrun_is_the_same_on_every_process(tmp_path):
+    """Class scenario: the classification head grows from 2 to 4 classes when the second task starts. Its new rows
+    come from the model's own seeded generator, not from the global one (which each process's share of the
+    augmentation has moved differently), so both processes grow the same rows and stay one model."""
+    stream = ["scenario=class", "tasks=[{name: a, kind: cls, data: {classes: [heart, arrow]}}, "
+              "{name: b, kind: cls, data: {classes: [semicircle, frame]}}]"]
+    run_ok([sys.executable, "-m", "clmtl", "run", "--no-baselines", "--out", str(tmp_path / "run"), *RUN, *stream])
+    checkpoint = str(tmp_path / "run" / "checkpoints" / "exp0.pt")
+    run_ok(torchrun(str(WORKER), checkpoint, str(tmp_path / "two.pt"), "1"))
+    first, second = torch.load(tmp_path / "two.pt", weights_only=True)["averaged"]
+    assert first["head.outputs.0.weight"].shape == (4, 64)
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name

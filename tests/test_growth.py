@@ -115,6 +115,7 @@ def test_the_template_optimizes_the_grown_parameters():
     assert any(p is weight for p in optimized) and [g["name"] for g in template.optimizer.param_groups if any(
         p is weight for p in g["params"])] == ["head"]
     assert template.optimizer.state[weight]["step"] > 0  # Adam stepped the grown tensor
+    assert len(optimized) == len(list(model.parameters()))  # the tensor it replaced is gone from the optimizer
 
 
 def test_ewc_penalty_on_grown_parameters_equals_avalanches(model):

@@ -36,6 +36,7 @@ def test_each_step_adds_the_full_loss_of_every_other_task():
                                experience=stream.train_stream[1], loss=torch.zeros(()))
 
     plugin.before_training_exp(strategy)
+    plugin.before_forward(strategy)
     plugin.before_backward(strategy)
 
     # a batch of 4 is the whole 4-sample task in some order; the losses are means, so the order does not matter
@@ -60,3 +61,28 @@ def test_joint_does_not_compose_with_another_data_strategy(isolated_registry):
     register("probe_other_data", acts_on=("data",))(lambda params: None)
     with pytest.raises(ValueError, match="takes over the data"):
         parse_strategy("joint+probe_other_data")
+
+
+def test_a_shared_heads_other_tasks_join_the_mini_batch():
+    """Class scenario: both tasks use head 0, so the other task's batch is appended to the mini-batch (BatchNorm over
+    both, as at evaluation) and nothing is added apart."""
+    from clmtl.benchmark import in_head_labels
+    from clmtl.scenario import plan_stream
+    from clmtl.tasks import TaskSpec
+
+    tasks = plan_stream([TaskSpec("a", "classification", ("heart", "arrow")),
+                         TaskSpec("b", "classification", ("semicircle", "frame"))], "class")
+    sets = [in_head_labels(make_shapes_dataset("classification", "train", 4, 64, 1, t.classes), t) for t in tasks]
+    stream = build_stream(tasks, sets, sets)
+    (plugin,) = build_plugins("joint")
+    plugin.bind_benchmark(SimpleNamespace(stream=stream, tasks=tasks))
+    batch = stream.train_stream[1].dataset.collate_fn([stream.train_stream[1].dataset[i] for i in range(4)])
+    strategy = SimpleNamespace(mbatch=list(batch), device="cpu", train_mb_size=4, loss=torch.zeros(()),
+                               experience=stream.train_stream[1])
+    plugin.before_training_exp(strategy)
+    plugin.before_forward(strategy)
+    images, labels, heads = strategy.mbatch
+    assert len(images) == 8 and torch.equal(images[:4], batch[0])
+    assert sorted(labels[4:].tolist()) == [0, 0, 1, 1] and heads.tolist() == [0] * 8  # task a, in head labels
+    plugin.before_backward(strategy)
+    assert float(strategy.loss) == 0.0

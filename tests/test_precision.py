@@ -7,7 +7,7 @@ from clmtl.config import load_config
 from clmtl.losses import MultiTaskLoss
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, make_template
-from clmtl.template import task_batch_loss
+from clmtl.plugin import task_batch_loss
 
 TINY = ["data.train_size=4", "data.val_size=4", "data.image_size=64", "train.batch_size=4", "train.threads=1"]
 

@@ -117,6 +117,7 @@ def test_the_replay_loss_is_each_old_task_through_its_own_head_and_loss():
     for label in (0, 1):
         plugin.buffer.add(stream.train_stream[label].dataset, label, label)
     strategy = fake_strategy(model, torch.stack([sets[2][i][0] for i in range(4)]), 2, criterion)
+    plugin.before_forward(strategy)
     plugin.before_backward(strategy)
 
     expected = []
@@ -154,7 +155,9 @@ def recorded_replay(plugin, batch_size, current=2):
         return output
 
     images = torch.zeros(batch_size, 3, SIZE, SIZE)
-    plugin.before_backward(fake_strategy(model, images, current, criterion))
+    strategy = fake_strategy(model, images, current, criterion)
+    plugin.before_forward(strategy)
+    plugin.before_backward(strategy)
     return model.calls, kinds
 
 
@@ -361,3 +364,33 @@ def test_replay_follows_avalanche_replay_plugin_trajectory():
     for mine, reference in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(ours.parameters(), naive.parameters())) > 1e-3
+
+
+def test_a_shared_heads_stored_samples_join_the_mini_batch_as_avalanche_concatenates_them():
+    """Class scenario: both tasks use head 0, so the replayed samples are appended to the current batch (one forward
+    pass, BatchNorm over old and new samples together) and nothing is replayed apart."""
+    from clmtl.benchmark import in_head_labels
+    from clmtl.scenario import plan_stream
+    from clmtl.tasks import TaskSpec
+
+    tasks = plan_stream([TaskSpec("a", CLASSIFICATION, ("heart", "arrow")),
+                         TaskSpec("b", CLASSIFICATION, ("semicircle", "frame"))], "class")
+    sets = [in_head_labels(make_shapes_dataset(CLASSIFICATION, "train", 6, SIZE, 0, t.classes), t) for t in tasks]
+    stream = build_stream(tasks, sets, sets)
+    plugin = MultiTaskReplayPlugin(mem_size=4, ratio=1.0)
+    plugin.buffer.add(stream.train_stream[0].dataset, 0, 0)
+    current = [stream.train_stream[1].dataset[i] for i in range(3)]
+    batch = stream.train_stream[1].dataset.collate_fn(current)
+    strategy = SimpleNamespace(mbatch=list(batch), mb_x=batch[0], device="cpu", loss=torch.tensor(1.0),
+                               experience=stream.train_stream[1])
+    plugin.before_forward(strategy)
+    images, labels, heads = strategy.mbatch
+    assert len(images) == 3 + 3 and torch.equal(images[:3], batch[0]) and labels[:3].tolist() == [2, 3, 2]
+    memory = plugin.buffer.tasks[0]
+    stored = {(memory.images[i].float().div(255) * 255).round().sum().item(): memory.targets[i]
+              for i in range(len(memory))}
+    for image, label in zip(images[3:], labels[3:].tolist()):  # every replayed sample is a stored one, labels 0/1
+        assert label in (0, 1) and stored[(image * 255).round().sum().item()] == label
+    assert heads.tolist() == [0] * 6 and plugin.replayed == {0: 3}
+    plugin.before_backward(strategy)
+    assert float(strategy.loss) == 1.0  # nothing replayed apart

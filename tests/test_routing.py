@@ -56,7 +56,7 @@ def test_routes_add_one_embedding_per_task_and_gated_channel(backbone):
 
 
 def test_the_default_model_gains_8880_parameters():
-    """The number the README states: yolov8n, fpn_channels 64, three tasks."""
+    """The number docs/strategies.md states: yolov8n, fpn_channels 64, three tasks."""
     model = UnifiedModel(TASKS)
     assert gated_widths(model) == 2960
     before = sum(p.numel() for p in model.parameters())

@@ -5,7 +5,7 @@ import torch
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
 from clmtl.stream import build_stream
 from clmtl.tasks import TASK_KINDS
-from clmtl.template import to_device
+from clmtl.plugin import to_device
 
 
 def small_stream(order=("seg", "det", "cls"), size=6):

@@ -19,7 +19,7 @@ from pathlib import Path
 from clmtl.config import ConfigError, DataConfig, DataSourceConfig
 
 BUNDLE = {"seg": "mini_voc_seg", "det": "mini_coco_det", "cls": "imagenette_160"}
-"""Folder of each task in the challenge bundle."""
+"""Folder of each task in the three-dataset bundle."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _bundle_annotation(root: Path, split: str) -> Path | None:
 
 
 def resolve_paths(data: DataConfig) -> FilePaths:
-    """Explicit keys first, then what ``data.root`` gives for the challenge bundle layout."""
+    """Explicit keys first, then what ``data.root`` gives for the three-dataset bundle layout."""
     root = _path(data.root)
     bundle = {}
     if root is not None:
@@ -75,7 +75,7 @@ def resolve_paths(data: DataConfig) -> FilePaths:
 
 def _required(value: Path | None, key: str) -> str:
     if value is None:
-        raise ConfigError(f"benchmark=files: {key} is not set (set it, or data.root for the challenge layout)")
+        raise ConfigError(f"benchmark=files: {key} is not set (set it, or data.root for the three-dataset bundle)")
     if not value.exists():
         raise ConfigError(f"benchmark=files: {key}: {value} does not exist")
     return str(value)

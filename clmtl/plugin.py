@@ -1,0 +1,80 @@
+"""What a strategy plugin may rely on in clmtl, beyond Avalanche's callbacks and strategy state.
+
+A strategy plugin is an Avalanche ``SupervisedPlugin``. Subclassing ``Plugin`` declares the few things clmtl asks of
+it, each with a default, so a plugin writes only what it has:
+
+- ``state_dict()`` / ``load_state_dict(state, model)``: what carries over from one experience to the next, for run
+  checkpoints (``--resume``) and for handing rank 0's state to every process under torchrun. Default: nothing, so a
+  plugin that keeps state across experiences (EWC's anchors, a replay memory) must override both;
+- ``memory_bytes``: memory it holds beside the model, reported in results.json;
+- ``stats()``: what results.json records of it (``strategy_stats``);
+- ``bind_benchmark(benchmark)``: called with the whole benchmark before training (joint takes every task's data,
+  routing refuses heads shared by several tasks);
+- ``task_model_states()``: model tensors that differ per task label (per-task BatchNorm), which checkpoints keep
+  beside the model so ``clmtl eval`` runs each task with its own.
+
+A plain Avalanche plugin, Avalanche's own included, trains in a run too; it cannot be resumed from a checkpoint.
+
+The functions below are the stable surface for plugins that add samples to a training step: each task keeps its own
+output format, so samples of another head get their own forward pass (``task_batch_loss``), while samples of the
+head being trained can join the mini-batch (``joined``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from avalanche.training.plugins import SupervisedPlugin
+
+
+class Plugin(SupervisedPlugin):
+    """An Avalanche plugin with clmtl's optional protocol, every part defaulting to "nothing"."""
+
+    def state_dict(self) -> dict:
+        """What resuming needs of this plugin (tensors and plain containers: checkpoints load weights only)."""
+        return {}
+
+    def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
+        """Take back what ``state_dict`` returned; ``model`` is the run's model, already restored."""
+
+    @property
+    def memory_bytes(self) -> int:
+        return 0
+
+    def stats(self) -> dict:
+        return {}
+
+    def bind_benchmark(self, benchmark) -> None:
+        """See the whole benchmark (``clmtl.benchmark.Benchmark``) before training starts."""
+
+    def task_model_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Model tensors by task label (head) that the shared model does not hold, e.g. per-task BatchNorm."""
+        return {}
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """Move tensors nested in lists, tuples and dicts to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value
+
+
+def task_batch_loss(strategy, batch: list, task_label: int) -> torch.Tensor:
+    """Loss of a collated ``[images, targets, ...]`` batch of one head, through that head and its task's loss.
+
+    The forward pass runs as the template's does (``task_output``: the training precision), so a plugin's extra
+    passes train like the mini-batch's.
+    """
+    images, targets = to_device(batch[0], strategy.device), to_device(batch[1], strategy.device)
+    forward = getattr(strategy, "task_output", strategy.model)
+    return strategy._criterion(forward(images, task_label), targets)
+
+
+def joined(batch: list, extra: list) -> list:
+    """Two collated ``[images, targets, task_labels]`` batches of one head as one (detection targets are lists)."""
+    targets = batch[1] + extra[1] if isinstance(batch[1], list) else torch.cat([batch[1], extra[1]])
+    return [torch.cat([batch[0], extra[0]]), targets, torch.cat([batch[-1], extra[-1]])]
