@@ -51,10 +51,10 @@ def run_dir(out: Path, seed: int, strategy: str) -> Path:
 
 def load_seed_config(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None):
     from clmtl.config import load_config
-    from clmtl.registry import strategy_defaults
+    from clmtl.registry import strategy_schemas
 
     extra = [f"seed={seed}"] + ([f"train.threads={threads}"] if threads else [])
-    return load_config(config_file, [*overrides, *extra], strategy_params=strategy_defaults())
+    return load_config(config_file, [*overrides, *extra], strategies=strategy_schemas())
 
 
 def train_baselines(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None,

@@ -101,13 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from clmtl.config import load_config
     from clmtl.io import atomic_write_json, atomic_write_text
-    from clmtl.registry import strategy_defaults
+    from clmtl.registry import strategy_schemas
     from clmtl.builders import build_model
     from clmtl.run import run
     from clmtl.tasks import TaskSpec
 
     config = load_config(args.config, [*PROTOCOL, *args.overrides, f"seed={args.seed}"],
-                         strategy_params=strategy_defaults())
+                         strategies=strategy_schemas())
     results = run(config, "ewc", args.out / "run", baselines=True)
     model = build_model(config, [TaskSpec.from_dict(t) for t in results["tasks"]])  # latency needs no weights
     parts = {part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}

@@ -48,7 +48,7 @@ from clmtl.data.shapes import shapes_task  # noqa: E402
 from clmtl.decode import PRE_NMS_TOP_K, class_indices, decode_detections  # noqa: E402
 from clmtl.fuse import fuse_batchnorm  # noqa: E402
 from clmtl.io import atomic_write_json, atomic_write_text  # noqa: E402
-from clmtl.registry import strategy_defaults  # noqa: E402
+from clmtl.registry import strategy_schemas  # noqa: E402
 from clmtl.benchmark import build_benchmark  # noqa: E402
 from clmtl.builders import build_model, build_strategy, make_template, seed_everything  # noqa: E402
 from clmtl.tasks import CLASSIFICATION, DETECTION, TASK_KINDS, TaskSpec  # noqa: E402
@@ -255,7 +255,7 @@ def training_config(image_size: int, batch_size: int, overrides: Sequence[str] =
     """The default run's config (with ``overrides``) with two mini-batches of data per task."""
     sizes = [f"data.image_size={image_size}", f"train.batch_size={batch_size}",
              f"data.train_size={2 * batch_size}", "data.val_size=2"]
-    return load_config(None, [*overrides, *sizes], strategy_params=strategy_defaults())
+    return load_config(None, [*overrides, *sizes], strategies=strategy_schemas())
 
 
 def training_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
@@ -361,7 +361,7 @@ def markdown(result: dict[str, Any]) -> str:
 def measure_inference(args: argparse.Namespace) -> dict[str, Any]:
     """Parameters, FLOPs, latencies (and the profile) of the default model at ``args.image_size``."""
     config = load_config(None, [*args.overrides, f"data.image_size={args.image_size}"],
-                         strategy_params=strategy_defaults())
+                         strategies=strategy_schemas())
     model = build_model(config, [shapes_task(TASK_KINDS[name], name) for name in config.tasks]).eval()
     decode = {"score_threshold": config.eval.score_threshold, "iou_threshold": config.eval.iou_threshold,
               "max_detections": config.eval.max_detections}

@@ -29,6 +29,7 @@ import torch
 
 from clmtl.io import atomic_torch_save, load_checkpoint
 from clmtl.plugin import Plugin
+from clmtl.tasks import TaskSpec
 
 
 class ResumeError(ValueError):
@@ -146,10 +147,44 @@ def checkpoint_config(saved: dict[str, Any], source: str | Path, config_file: st
                       overrides: Sequence[str] = ()):
     """The config a checkpoint was trained with, validated, with an optional file and overrides on top."""
     from clmtl.config import load_config
-    from clmtl.registry import strategy_defaults
+    from clmtl.registry import strategy_schemas
 
-    return load_config(config_file, overrides, strategy_params=strategy_defaults(), base=saved["config"],
+    return load_config(config_file, overrides, strategies=strategy_schemas(), base=saved["config"],
                        base_source=f"{source} (saved config)")
+
+
+def checkpoint_tasks(saved: dict[str, Any], source: str | Path) -> list[TaskSpec]:
+    """The tasks of a checkpoint's ``tasks`` entry (``TaskSpec.as_dict`` entries), checked: a malformed one raises
+    ``ValueError`` in one line naming ``source`` and the entry, instead of a ``KeyError`` or ``TypeError`` later."""
+    entries = saved["tasks"]
+    if not isinstance(entries, list) or not entries:
+        got = "an empty list" if isinstance(entries, list) else type(entries).__name__
+        raise ValueError(f"{source}: 'tasks' must be a non-empty list of task entries, got {got}")
+    optional = {"category_ids": int, "labels": int}
+    tasks = []
+    for position, entry in enumerate(entries):
+        where = f"{source}: tasks[{position}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a mapping, got {type(entry).__name__} {entry!r}")
+        missing = [key for key in ("name", "kind", "classes") if key not in entry]
+        if missing:
+            raise ValueError(f"{where} has no {', '.join(map(repr, missing))}")
+        for key in ("name", "kind"):
+            if not isinstance(entry[key], str):
+                raise ValueError(f"{where}.{key} must be a string, got {entry[key]!r}")
+        lists = {"classes": str, **{key: kind for key, kind in optional.items() if entry.get(key) is not None}}
+        for key, kind in lists.items():
+            values = entry[key]
+            if not isinstance(values, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"{where}.{key} must be a list of {kind.__name__}, got {values!r}")
+        head = entry.get("head", position)
+        if head is not None and (not isinstance(head, int) or isinstance(head, bool) or head < 0):
+            raise ValueError(f"{where}.head must be a head index (int >= 0), got {head!r}")
+        try:
+            tasks.append(TaskSpec.from_dict(entry, position))
+        except ValueError as error:  # unknown kind, no class, lengths that differ: TaskSpec's own one line
+            raise ValueError(f"{where}: {error}") from None
+    return tasks
 
 
 def load_run_checkpoint(out_dir: str | Path) -> dict[str, Any]:

@@ -68,13 +68,13 @@ def _use_plugin_files(paths: list[Path]) -> None:
 def _load(args: argparse.Namespace):
     """Config with overrides and --seed applied, validated against the registered strategies."""
     from clmtl.config import load_config
-    from clmtl.registry import parse_strategy, strategy_defaults
+    from clmtl.registry import parse_strategy, strategy_schemas
 
     _use_plugin_files(args.plugin_file)
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    config = load_config(args.config, overrides, strategy_params=strategy_defaults())
+    config = load_config(args.config, overrides, strategies=strategy_schemas())
     if getattr(args, "strategy", None):
         parse_strategy(args.strategy)
     return config
@@ -184,10 +184,16 @@ def cmd_strategies(args: argparse.Namespace) -> int:
         _use_plugin_files(args.plugin_file)
     except FileNotFoundError as error:
         return _fail(error)
+    from clmtl.config import describe_settings
+
     for name, entry in available().items():
-        params = ", ".join(f"{key}={value!r}" for key, value in entry.defaults.items()) or "no hyperparameters"
-        acts_on = ", ".join(entry.acts_on) or "nothing"
-        print(f"{name:12s} {entry.summary}\n{'':12s} acts on: {acts_on}\n{'':12s} strategy.{name}: {params}")
+        print(f"{name}: {entry.summary}\n  acts on: {', '.join(entry.acts_on) or 'nothing'}")
+        settings = describe_settings(entry.settings)
+        for s in settings:
+            check = f", {s['check']}" if s["check"] else ""
+            print(f"  strategy.{name}.{s['key']} = {s['default']!r} ({s['type']}{check}): {s['help']}")
+        if not settings:
+            print("  no hyperparameters")
     return 0
 
 

@@ -57,22 +57,28 @@ class ConfigError(ValueError):
     """A config file, override or value that clmtl refuses; the message is a single line."""
 
 
-def _rule(test: Callable[[Any], bool], text: str) -> dict[str, Any]:
-    """Field metadata: a range/choice check applied after the type check."""
+def rule(test: Callable[[Any], bool], text: str) -> dict[str, Any]:
+    """Field metadata: a range/choice check applied after the type check; ``text`` says what is allowed."""
     return {"rule": (test, text)}
 
 
-def _one_of(*choices: str) -> dict[str, Any]:
-    return _rule(lambda v: v in choices, "must be one of " + ", ".join(choices))
+def one_of(*choices: str) -> dict[str, Any]:
+    return rule(lambda v: v in choices, "must be one of " + ", ".join(choices))
 
 
-_POSITIVE = _rule(lambda v: v > 0, "must be > 0")
-_AT_LEAST_ONE = _rule(lambda v: v >= 1, "must be >= 1")
-_NON_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
-_FRACTION = _rule(lambda v: 0 <= v <= 1, "must be between 0 and 1")
-_IMAGE_SIZE = _rule(lambda v: v >= 64 and v % 32 == 0, "must be a multiple of 32 and >= 64")
-_KIND = _rule(lambda v: v in TASK_KINDS.values() or v in TASK_KINDS,
-              "must be one of " + ", ".join(TASK_KINDS.values()) + " (or " + ", ".join(TASK_KINDS) + ")")
+POSITIVE = rule(lambda v: v > 0, "must be > 0")
+AT_LEAST_ONE = rule(lambda v: v >= 1, "must be >= 1")
+NON_NEGATIVE = rule(lambda v: v >= 0, "must be >= 0")
+FRACTION = rule(lambda v: 0 <= v <= 1, "must be between 0 and 1")
+_IMAGE_SIZE = rule(lambda v: v >= 64 and v % 32 == 0, "must be a multiple of 32 and >= 64")
+_TASK_KIND = rule(lambda v: v in TASK_KINDS.values() or v in TASK_KINDS,
+                  "must be one of " + ", ".join(TASK_KINDS.values()) + " (or " + ", ".join(TASK_KINDS) + ")")
+
+
+def setting(default: Any, check: dict[str, Any] | None = None, key: str | None = None, help: str = "") -> Any:
+    """A field of a settings dataclass (a strategy's hyperparameters): its default, its ``rule`` / ``one_of``
+    check, the config key when it is not the field's name (``lambda`` is a Python keyword), and a one-line help."""
+    return field(default=default, metadata={**(check or {}), **({"key": key} if key else {}), "help": help})
 
 
 @dataclass
@@ -81,8 +87,8 @@ class RootFilesConfig:
     ``val/``); classification as ``root/{train,val}/<class folder>/<image>``."""
 
     root: str | None = None
-    train_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
-    val_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+    train_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    val_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
 
 
 @dataclass
@@ -95,8 +101,8 @@ class DetFilesConfig:
     val_ann: str | None = None
     classes: list[str] | None = None
     keep_empty: bool = True
-    train_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
-    val_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
+    train_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    val_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
 
 
 def kind_name(kind: str) -> str:
@@ -123,12 +129,12 @@ class PerKind:
 class EpochsConfig(PerKind):
     """Training epochs per task kind (a task entry's own ``epochs`` overrides it)."""
 
-    seg: int = field(default=15, metadata=_NON_NEGATIVE)
-    det: int = field(default=25, metadata=_NON_NEGATIVE)
-    cls: int = field(default=60, metadata=_NON_NEGATIVE)
+    seg: int = field(default=15, metadata=NON_NEGATIVE)
+    det: int = field(default=25, metadata=NON_NEGATIVE)
+    cls: int = field(default=60, metadata=NON_NEGATIVE)
 
 
-_HUE_TURNS = _rule(lambda v: 0 <= v <= 0.5, "must be between 0 and 0.5 (turns of the colour wheel)")
+_HUE_TURNS = rule(lambda v: 0 <= v <= 0.5, "must be between 0 and 0.5 (turns of the colour wheel)")
 
 
 @dataclass
@@ -150,7 +156,7 @@ class DataSourceConfig:
     label 0). ``keep_empty`` keeps images that show none of the picked classes (segmentation, detection).
     """
 
-    format: str = field(default="shapes", metadata=_one_of(*DATA_FORMATS))
+    format: str = field(default="shapes", metadata=one_of(*DATA_FORMATS))
     root: str | None = None
     dataset: str | None = None
     download: bool = False
@@ -160,9 +166,9 @@ class DataSourceConfig:
     val_ann: str | None = None
     classes: list[str] | None = None
     keep_empty: bool = True
-    train_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
-    val_size: int | None = field(default=None, metadata=_AT_LEAST_ONE)
-    seed: int | None = field(default=None, metadata=_NON_NEGATIVE)
+    train_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    val_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    seed: int | None = field(default=None, metadata=NON_NEGATIVE)
 
     @staticmethod
     def check_keys(data: Mapping[str, Any]) -> str | None:
@@ -186,9 +192,9 @@ class TaskConfig:
     """One task of the stream: a unique name, its kind and its data (embedded shapes unless ``data`` says)."""
 
     name: str = ""
-    kind: str = field(default="", metadata=_KIND)
+    kind: str = field(default="", metadata=_TASK_KIND)
     data: DataSourceConfig = field(default_factory=DataSourceConfig)
-    epochs: int | None = field(default=None, metadata=_NON_NEGATIVE)
+    epochs: int | None = field(default=None, metadata=NON_NEGATIVE)
 
     @staticmethod
     def check_keys(data: Mapping[str, Any]) -> str | None:
@@ -212,12 +218,12 @@ class SplitConfig:
     (``[15, 5]``: VOC 15-5). ``class_order`` deals the classes in their label order or shuffled by the run's seed.
     """
 
-    kind: str = field(default="", metadata=_KIND)
+    kind: str = field(default="", metadata=_TASK_KIND)
     data: DataSourceConfig = field(default_factory=DataSourceConfig)
-    experiences: int | list[int] = field(default=2, metadata=_rule(
+    experiences: int | list[int] = field(default=2, metadata=rule(
         lambda v: (v >= 1) if isinstance(v, int) else (len(v) >= 1 and min(v) >= 1),
         "must be a number of tasks >= 1 or a list of class counts >= 1"))
-    class_order: str = field(default="sorted", metadata=_one_of(*_CLASS_ORDERS))
+    class_order: str = field(default="sorted", metadata=one_of(*_CLASS_ORDERS))
 
     @staticmethod
     def check_keys(data: Mapping[str, Any]) -> str | None:
@@ -227,13 +233,13 @@ class SplitConfig:
 @dataclass
 class DataConfig:
     image_size: int = field(default=128, metadata=_IMAGE_SIZE)
-    train_size: int = field(default=240, metadata=_AT_LEAST_ONE)
-    val_size: int = field(default=60, metadata=_AT_LEAST_ONE)
-    num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
-    hflip: float = field(default=0.5, metadata=_FRACTION)
+    train_size: int = field(default=240, metadata=AT_LEAST_ONE)
+    val_size: int = field(default=60, metadata=AT_LEAST_ONE)
+    num_workers: int = field(default=0, metadata=NON_NEGATIVE)
+    hflip: float = field(default=0.5, metadata=FRACTION)
     hue: HueConfig = field(default_factory=HueConfig)
     root: str | None = None
-    on_bad_sample: str = field(default="error", metadata=_one_of("error", "skip"))
+    on_bad_sample: str = field(default="error", metadata=one_of("error", "skip"))
     seg: RootFilesConfig = field(default_factory=RootFilesConfig)
     det: DetFilesConfig = field(default_factory=DetFilesConfig)
     cls: RootFilesConfig = field(default_factory=RootFilesConfig)
@@ -241,43 +247,43 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = field(default="yolov8n", metadata=_one_of(*BACKBONE_NAMES))
-    fpn_channels: int = field(default=64, metadata=_AT_LEAST_ONE)
+    backbone: str = field(default="yolov8n", metadata=one_of(*BACKBONE_NAMES))
+    fpn_channels: int = field(default=64, metadata=AT_LEAST_ONE)
     fpn_smooth: bool = True
     weights: str | None = None
 
 
 @dataclass
 class TrainConfig:
-    optimizer: str = field(default="adam", metadata=_one_of("adam", "adamw", "sgd"))
-    schedule: str = field(default="constant", metadata=_one_of("constant", "cosine"))
-    warmup: float = field(default=3.0, metadata=_NON_NEGATIVE)
-    ema: float = field(default=0.999, metadata=_rule(lambda v: 0 <= v < 1, "must be >= 0 and < 1 (0 = off)"))
-    ema_tau: float = field(default=200.0, metadata=_POSITIVE)
-    lr: float = field(default=0.002, metadata=_POSITIVE)
-    weight_decay: float = field(default=0.0, metadata=_NON_NEGATIVE)
-    clip_grad_norm: float = field(default=0.0, metadata=_NON_NEGATIVE)
-    batch_size: int = field(default=16, metadata=_AT_LEAST_ONE)
-    eval_batch_size: int = field(default=32, metadata=_AT_LEAST_ONE)
+    optimizer: str = field(default="adam", metadata=one_of("adam", "adamw", "sgd"))
+    schedule: str = field(default="constant", metadata=one_of("constant", "cosine"))
+    warmup: float = field(default=3.0, metadata=NON_NEGATIVE)
+    ema: float = field(default=0.999, metadata=rule(lambda v: 0 <= v < 1, "must be >= 0 and < 1 (0 = off)"))
+    ema_tau: float = field(default=200.0, metadata=POSITIVE)
+    lr: float = field(default=0.002, metadata=POSITIVE)
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    clip_grad_norm: float = field(default=0.0, metadata=NON_NEGATIVE)
+    batch_size: int = field(default=16, metadata=AT_LEAST_ONE)
+    eval_batch_size: int = field(default=32, metadata=AT_LEAST_ONE)
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
-    threads: int = field(default=2, metadata=_AT_LEAST_ONE)
-    precision: str = field(default="auto", metadata=_one_of(*PRECISIONS))
+    threads: int = field(default=2, metadata=AT_LEAST_ONE)
+    precision: str = field(default="auto", metadata=one_of(*PRECISIONS))
     channels_last: bool = True
     parallel_baselines: bool = True
 
 
 @dataclass
 class EvalConfig:
-    score_threshold: float = field(default=0.01, metadata=_FRACTION)
-    iou_threshold: float = field(default=0.5, metadata=_FRACTION)
-    max_detections: int = field(default=100, metadata=_AT_LEAST_ONE)
+    score_threshold: float = field(default=0.01, metadata=FRACTION)
+    iou_threshold: float = field(default=0.5, metadata=FRACTION)
+    max_detections: int = field(default=100, metadata=AT_LEAST_ONE)
 
 
 @dataclass
 class OutputConfig:
     checkpoints: bool = True
-    checkpoint_every: int = field(default=0, metadata=_NON_NEGATIVE)
-    overlays: int = field(default=4, metadata=_NON_NEGATIVE)
+    checkpoint_every: int = field(default=0, metadata=NON_NEGATIVE)
+    overlays: int = field(default=4, metadata=NON_NEGATIVE)
     tensorboard: bool = False
 
 
@@ -285,10 +291,10 @@ class OutputConfig:
 class Config:
     """Everything a run reads. ``strategy`` maps a strategy name to its parameters (defaults merged in)."""
 
-    benchmark: str = field(default="shapes", metadata=_one_of("shapes", "files"))
-    seed: int = field(default=0, metadata=_NON_NEGATIVE)
-    scenario: str = field(default="task", metadata=_one_of(*SCENARIOS))
-    tasks: list[str | TaskConfig] = field(default_factory=lambda: list(TASK_KINDS), metadata=_rule(
+    benchmark: str = field(default="shapes", metadata=one_of("shapes", "files"))
+    seed: int = field(default=0, metadata=NON_NEGATIVE)
+    scenario: str = field(default="task", metadata=one_of(*SCENARIOS))
+    tasks: list[str | TaskConfig] = field(default_factory=lambda: list(TASK_KINDS), metadata=rule(
         lambda v: len(v) >= 1, "must list at least one task"))
     split: SplitConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -321,13 +327,13 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (),
-                strategy_params: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({}),
+                strategies: Mapping[str, type | None] = types.MappingProxyType({}),
                 base: Mapping[str, Any] | None = None, base_source: str = "saved config") -> Config:
     """Defaults, then ``base`` (a saved ``Config.to_dict()``, if any), then the file at ``path`` (if any), then each
     ``key=value`` override, all validated.
 
-    ``strategy_params`` maps each registered strategy name to its parameter defaults; ``strategy.<name>.<param>``
-    values are checked against them (name and parameter must exist, value of the default's type).
+    ``strategies`` maps each registered strategy name to its settings dataclass (None: no hyperparameters, see
+    ``clmtl.registry.strategy_schemas``); ``strategy.<name>.<key>`` values are checked against it like any section.
     """
     layers = [(_read_defaults(), DEFAULTS_SOURCE)]
     if base is not None:
@@ -338,7 +344,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (),
     merged: dict[str, Any] = {}
     stream_source: dict[str, str] = {}
     for data, source in layers:
-        checked = _check_section(data, Config, "", source, strategy_params)
+        checked = _check_section(data, Config, "", source, strategies)
         _deep_merge(merged, checked)
         if source != DEFAULTS_SOURCE:
             stream_source.update({key: source for key in ("tasks", "split") if checked.get(key) is not None})
@@ -346,7 +352,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (),
         raise ConfigError(f"{stream_source['split']}: split: a stream comes from tasks or from split, not both "
                           f"(tasks set in {stream_source['tasks']})")
     chosen = merged.get("strategy", {})
-    merged["strategy"] = {name: {**_copy(strategy_params[name]), **params} for name, params in chosen.items()}
+    merged["strategy"] = {name: {**schema_defaults(strategies[name]), **params} for name, params in chosen.items()}
     config = _build(Config, merged)
     if config.data.root is not None:
         config.benchmark = "files"  # the three-dataset bundle is on disk: data.root alone is enough
@@ -412,24 +418,24 @@ def _parse_override(text: str) -> tuple[dict[str, Any], str]:
 # --------------------------------------------------------------------------------------------------- checking
 
 def _check_section(data: Any, cls: type, path: str, source: str,
-                   strategy_params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+                   strategies: Mapping[str, type | None]) -> dict[str, Any]:
     """Check a partial mapping against dataclass ``cls``; returns it with values normalised (int -> float...)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {path or 'top level'}: expected a mapping of keys, got {_describe(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _fields_by_key(cls)
     hints = typing.get_type_hints(cls)
     checked = {}
     for key, value in data.items():
         key_path = _join(path, key)
         if key not in fields:
             raise _unknown_key(source, key_path, list(fields), _leaf_paths(Config))
-        hint = hints[key]
+        hint = hints[fields[key].name]
         if isinstance(hint, type) and issubclass(hint, PerKind) and _is_number(value):
             value = dict.fromkeys(TASK_KINDS, value)
         if typing.get_origin(hint) is dict:
-            checked[key] = _check_strategies(value, key_path, source, strategy_params)
+            checked[key] = _check_strategies(value, key_path, source, strategies)
         else:
-            checked[key] = _check_any(value, hint, key_path, source, strategy_params)
+            checked[key] = _check_any(value, hint, key_path, source, strategies)
             rule = fields[key].metadata.get("rule")
             if rule is not None and checked[key] is not None and not rule[0](checked[key]):
                 raise ConfigError(f"{source}: {key_path}: {rule[1]}, got {_describe(checked[key], kind=False)}")
@@ -439,18 +445,17 @@ def _check_section(data: Any, cls: type, path: str, source: str,
     return checked
 
 
-def _check_any(value: Any, hint: Any, path: str, source: str,
-               strategy_params: Mapping[str, Mapping[str, Any]]) -> Any:
+def _check_any(value: Any, hint: Any, path: str, source: str, strategies: Mapping[str, type | None]) -> Any:
     """Check ``value`` against a dataclass, a union with one (``str | TaskConfig``, ``X | None``) or a plain type."""
     if dataclasses.is_dataclass(hint):
-        return _check_section(value, hint, path, source, strategy_params)
+        return _check_section(value, hint, path, source, strategies)
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else ()
     sections = [option for option in options if dataclasses.is_dataclass(option)]
     if sections and isinstance(value, Mapping):
-        return _check_section(value, sections[0], path, source, strategy_params)
+        return _check_section(value, sections[0], path, source, strategies)
     if typing.get_origin(hint) is list and isinstance(value, (list, tuple)):
         (item,) = typing.get_args(hint)
-        return [_check_any(v, item, f"{path}[{i}]", source, strategy_params) for i, v in enumerate(value)]
+        return [_check_any(v, item, f"{path}[{i}]", source, strategies) for i, v in enumerate(value)]
     plain = [option for option in options if not dataclasses.is_dataclass(option)]
     if sections and not plain:
         raise ConfigError(f"{source}: {path}: expected a mapping of keys, got {_describe(value)}")
@@ -458,41 +463,69 @@ def _check_any(value: Any, hint: Any, path: str, source: str,
 
 
 def _check_strategies(data: Any, path: str, source: str,
-                      strategy_params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+                      strategies: Mapping[str, type | None]) -> dict[str, dict[str, Any]]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {path}: expected a mapping of strategy names to parameters, "
                           f"got {_describe(data)}")
     checked = {}
     for name, params in data.items():
         name_path = _join(path, name)
-        if name not in strategy_params:
-            known = list(strategy_params)
+        if name not in strategies:
+            known = list(strategies)
             close = difflib.get_close_matches(str(name), known, n=1)
             hint = (f"did you mean '{_join(path, close[0])}'?" if close
                     else "registered: " + (", ".join(known) or "none"))
             raise ConfigError(f"{source}: {name_path}: unknown strategy; {hint}")
-        checked[name] = _check_params(params, name_path, source, strategy_params[name])
+        checked[name] = _check_settings(params, strategies[name], name_path, source)
     return checked
 
 
-def _check_params(params: Any, path: str, source: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """Check one strategy's parameters: each must exist in ``defaults`` and have its default's type."""
-    if params is None:  # "ewc:" with nothing under it: the defaults
+def _check_settings(params: Any, schema: type | None, path: str, source: str) -> dict[str, Any]:
+    """One strategy's parameters against its settings dataclass (``ewc:`` with nothing under it: the defaults)."""
+    if params is None:
         return {}
-    if not isinstance(params, Mapping):
-        raise ConfigError(f"{source}: {path}: expected a mapping of parameters, got {_describe(params)}")
-    checked = {}
-    for param, value in params.items():
-        param_path = _join(path, param)
-        if param not in defaults:
-            raise _unknown_key(source, param_path, list(defaults), ())
-        default = defaults[param]
-        checked[param] = value if default is None else _check_value(value, _type_of(default), param_path, source)
-    return checked
+    if schema is None:
+        if params:
+            raise ConfigError(f"{source}: {path}: this strategy has no hyperparameters, got {_describe(params)}")
+        return {}
+    return _check_section(params, schema, path, source, {})
 
 
-def _type_of(default: Any) -> Any:
-    return list if isinstance(default, tuple) else type(default)
+def _fields_by_key(cls: type) -> dict[str, dataclasses.Field]:
+    """A dataclass's fields by their config key (``setting(key=...)``, else the field's name)."""
+    return {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}
+
+
+def schema_defaults(schema: type | None) -> dict[str, Any]:
+    """A settings dataclass's defaults by config key (nothing for a strategy without hyperparameters)."""
+    if schema is None:
+        return {}
+    return {key: _copy(f.default) for key, f in _fields_by_key(schema).items()}
+
+
+def make_settings(schema: type | None, params: Mapping[str, Any] | None, path: str) -> Any:
+    """``params`` (config keys, defaults for those missing) checked and built into ``schema`` (None without one);
+    an error names ``path`` (``strategy.ewc``), as a config file's would."""
+    checked = _check_settings(dict(params or {}), schema, path, "strategy parameters")
+    if schema is None:
+        return None
+    return _build(schema, {**schema_defaults(schema), **checked})
+
+
+def describe_settings(schema: type | None) -> list[dict[str, Any]]:
+    """Each setting's key, type, default, check and help, for ``clmtl strategies``."""
+    if schema is None:
+        return []
+    hints = typing.get_type_hints(schema)
+    return [{"key": key, "type": _type_name(hints[f.name]), "default": f.default,
+             "check": f.metadata["rule"][1] if "rule" in f.metadata else "", "help": f.metadata.get("help", "")}
+            for key, f in _fields_by_key(schema).items()]
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " | ".join(_type_name(option) for option in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
 _EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
@@ -600,7 +633,8 @@ def _copy(value: Any) -> Any:
 
 def _build(cls: type, data: Mapping[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
-    return cls(**{key: _build_value(hints[key], value) for key, value in data.items()})
+    fields = _fields_by_key(cls)
+    return cls(**{fields[key].name: _build_value(hints[fields[key].name], value) for key, value in data.items()})
 
 
 def _build_value(hint: Any, value: Any) -> Any:

@@ -24,7 +24,7 @@ from torch import nn
 from clmtl.config import short_kind
 from clmtl.fuse import fuse_batchnorm
 from clmtl.models.unified import UnifiedModel
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
+from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 
 FORMATS = ("torchscript", "onnx")
 OUTPUT_ORDER = (SEGMENTATION, CLASSIFICATION, DETECTION)
@@ -136,14 +136,14 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, format: str = "t
     ``clmtl eval`` does; for ``files`` that reads the datasets' class lists). ``image_size`` defaults to the
     run's ``data.image_size``; the anchors stay those the model was trained with.
     """
-    from clmtl.checkpoint import checkpoint_config, load_model_checkpoint
+    from clmtl.checkpoint import checkpoint_config, checkpoint_tasks, load_model_checkpoint
     from clmtl.benchmark import build_benchmark
     from clmtl.builders import build_model
 
     saved = load_model_checkpoint(checkpoint)
     config = checkpoint_config(saved, checkpoint)
     if "tasks" in saved:
-        tasks = [TaskSpec.from_dict(entry, position) for position, entry in enumerate(saved["tasks"])]
+        tasks = checkpoint_tasks(saved, checkpoint)
     else:
         tasks = build_benchmark(config).tasks
     model = build_model(config, tasks, initial_weights=False)  # its backbone, fpn width and anchors

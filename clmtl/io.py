@@ -46,10 +46,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         detail = " ".join(paragraphs[min(1, len(paragraphs) - 1)].split())
         raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain "
                               f"containers, which could run code when unpickled ({detail})") from None
-    except OSError:
-        raise
+    except FileNotFoundError:
+        raise  # callers say what was missing
+    except OSError as error:  # torch's zip reader fails on a truncated file with EINVAL, which names no file
+        problem = f"{error.strerror}" if error.filename is not None else f"truncated or damaged? {error}"
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {problem})") from None
     except Exception as error:  # truncated zip, a text file...: torch raises many kinds
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+        detail = " ".join(str(error).split()) or "the file ends early: empty or truncated?"  # one line
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {detail})") from None
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:

@@ -19,6 +19,7 @@ A plugin that needs the whole benchmark (``joint`` trains on every task's data) 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import importlib.util
@@ -27,9 +28,11 @@ import pkgutil
 import sys
 from pathlib import Path
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
+
+from clmtl.config import make_settings, schema_defaults
 
 ENTRY_POINT_GROUP = "clmtl.strategies"
 FILES_VARIABLE = "CLMTL_STRATEGY_FILES"
@@ -42,17 +45,24 @@ learning rates; ``data`` changes what a training step sees (mixes in stored or o
 EXCLUSIVE_ACTIONS = frozenset({"optimizer", "data"})
 """Actions at most one component of a hybrid may hold."""
 
-PluginFactory = Callable[[dict[str, Any]], Any]
-"""Takes the resolved hyperparameters, returns one Avalanche plugin or ``None`` (no plugin)."""
+PluginFactory = Callable[[Any], Any]
+"""Takes the strategy's settings (an instance of its settings dataclass, None without one), returns one Avalanche
+plugin or ``None`` (no plugin)."""
 
 
 @dataclass(frozen=True)
 class StrategyEntry:
     name: str
     factory: PluginFactory
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    settings: type | None = None
+    """The dataclass of its hyperparameters (``clmtl.config.setting`` fields), or None: it has none."""
     summary: str = ""
     acts_on: tuple[str, ...] = ()
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The hyperparameters' defaults by config key."""
+        return schema_defaults(self.settings)
 
     @property
     def rank(self) -> int:
@@ -64,14 +74,16 @@ _REGISTRY: dict[str, StrategyEntry] = {}
 _discovered = False
 
 
-def register(
-    name: str, defaults: Mapping[str, Any] | None = None, acts_on: tuple[str, ...] = ()
-) -> Callable[[PluginFactory], PluginFactory]:
+def register(name: str, settings: type | None = None,
+             acts_on: tuple[str, ...] = ()) -> Callable[[PluginFactory], PluginFactory]:
     """Decorator registering ``factory`` under ``name``.
 
-    ``defaults`` are its hyperparameters (config keys ``strategy.<name>.<key>``); ``acts_on`` lists what its
-    plugin changes, a subset of ``ACTIONS``.
+    ``settings`` is the dataclass of its hyperparameters (config keys ``strategy.<name>.<key>``, each a
+    ``clmtl.config.setting`` with its default, check and help: the one place they are declared and validated);
+    ``acts_on`` lists what its plugin changes, a subset of ``ACTIONS``.
     """
+    if settings is not None and not dataclasses.is_dataclass(settings):
+        raise TypeError(f"strategy {name!r}: settings must be a dataclass, got {settings!r}")
     unknown = sorted(set(acts_on) - set(ACTIONS))
     if unknown:
         raise ValueError(f"strategy {name!r}: unknown actions {unknown}; expected some of {ACTIONS}")
@@ -80,7 +92,7 @@ def register(
         if name in _REGISTRY and _REGISTRY[name].factory is not factory:
             raise ValueError(f"strategy {name!r} is registered twice")
         summary = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
-        _REGISTRY[name] = StrategyEntry(name, factory, dict(defaults or {}), summary, tuple(acts_on))
+        _REGISTRY[name] = StrategyEntry(name, factory, settings, summary, tuple(acts_on))
         return factory
 
     return decorator
@@ -126,9 +138,9 @@ def available() -> dict[str, StrategyEntry]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def strategy_defaults() -> dict[str, dict[str, Any]]:
-    """Hyperparameter defaults of every registered strategy, as the config validates them."""
-    return {name: dict(entry.defaults) for name, entry in available().items()}
+def strategy_schemas() -> dict[str, type | None]:
+    """The settings dataclass of every registered strategy, which the config checks ``strategy.<name>`` against."""
+    return {name: entry.settings for name, entry in available().items()}
 
 
 def parse_strategy(spec: str) -> list[str]:
@@ -153,13 +165,13 @@ def parse_strategy(spec: str) -> list[str]:
 
 
 def build_plugins(spec: str, params: Mapping[str, Mapping[str, Any]] | None = None) -> list[Any]:
-    """Plugins of the (possibly composed) strategy ``spec``, each built with its defaults overridden by ``params``."""
+    """Plugins of the (possibly composed) strategy ``spec``, each built from its settings: the defaults overridden by
+    ``params[name]`` (config keys), checked as the config checks them."""
     registry = available()
     plugins = []
     for name in parse_strategy(spec):
         entry = registry[name]
-        resolved = {**entry.defaults, **dict((params or {}).get(name, {}))}
-        plugin = entry.factory(resolved)
+        plugin = entry.factory(make_settings(entry.settings, (params or {}).get(name), f"strategy.{name}"))
         if plugin is not None:
             plugins.append(plugin)
     return plugins

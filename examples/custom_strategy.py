@@ -1,49 +1,48 @@
 """Memory Aware Synapses (Aljundi et al. 2018) as a clmtl strategy, in one file. Run it (or mas+replay, ...) with
 clmtl run --plugin-file examples/custom_strategy.py --strategy mas"""
+from dataclasses import dataclass
+
 import torch
-from avalanche.training.plugins import SupervisedPlugin
 from torch.utils.data import DataLoader
 
+from clmtl.config import AT_LEAST_ONE, NON_NEGATIVE, setting
+from clmtl.plugin import Plugin, to_device
 from clmtl.registry import register
-from clmtl.plugin import to_device
 from strategies.ewc import ewc_penalty, merge_anchors  # sum over anchors of importance * (theta - theta*)^2
 
 
-def squared_norm(output) -> torch.Tensor:
-    """Squared L2 norm of any task's output per image (detection: summed over its pyramid levels)."""
-    levels = output if isinstance(output, (list, tuple)) else [output]
-    return sum(level.pow(2).sum() for level in levels) / len(levels[0])
+@dataclass(frozen=True)
+class MASSettings:
+    strength: float = setting(1.0, NON_NEGATIVE, key="lambda", help="weight of the penalty")
+    batch_size: int = setting(16, AT_LEAST_ONE, help="batch size of the importance pass")
 
 
-class MemoryAwareSynapses(SupervisedPlugin):
-    """Importance = mean |d ||f(x)||^2 / d theta| on the task's data: no labels needed, any output kind."""
+@register("mas", settings=MASSettings, acts_on=("loss",))
+class MemoryAwareSynapses(Plugin):
+    """Memory Aware Synapses: penalty weighted by each parameter's effect on the output norm (no labels needed)."""
 
-    def __init__(self, strength: float, batch_size: int) -> None:
+    def __init__(self, settings: MASSettings) -> None:
         super().__init__()
-        self.strength, self.batch_size = strength, batch_size
+        self.settings = settings
         self.anchors: list[tuple[dict, dict]] = []  # (theta*, importance) of every finished experience
 
     def before_backward(self, strategy, **kwargs) -> None:
         if self.anchors:  # merged: all of them as one quadratic, computed once per experience
-            strategy.loss += self.strength * ewc_penalty(strategy.model, self.merged)
+            strategy.loss += self.settings.strength * ewc_penalty(strategy.model, self.merged)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         model, data = strategy.model, strategy.experience.dataset
         model.eval()
         importance = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-        loader = DataLoader(data, batch_size=self.batch_size, collate_fn=data.collate_fn)
+        loader = DataLoader(data, batch_size=self.settings.batch_size, collate_fn=data.collate_fn)
         for images, _, task_labels in loader:
             model.zero_grad()
-            squared_norm(model(to_device(images, strategy.device), int(task_labels[0]))).backward()
+            output = model(to_device(images, strategy.device), int(task_labels[0]))
+            levels = output if isinstance(output, (list, tuple)) else [output]  # detection: its pyramid levels
+            (sum(level.pow(2).sum() for level in levels) / len(images)).backward()  # squared norm per image
             for name, p in model.named_parameters():
                 if p.grad is not None:
                     importance[name] += p.grad.abs() / len(loader)
         self.anchors.append(({name: p.detach().clone() for name, p in model.named_parameters()}, importance))
         self.merged = merge_anchors(self.anchors)
         model.train()
-
-
-@register("mas", defaults={"lambda": 1.0, "batch_size": 16}, acts_on=("loss",))
-def mas(params: dict) -> MemoryAwareSynapses:
-    """Memory Aware Synapses: penalty weighted by each parameter's effect on the output norm."""
-    return MemoryAwareSynapses(params["lambda"], params["batch_size"])

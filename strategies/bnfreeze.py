@@ -14,9 +14,12 @@ from 0.60 to 0.30 mIoU. Two modes:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from clmtl.config import one_of, setting
 from clmtl.plugin import Plugin
 from clmtl.registry import register
 from clmtl.scenario import require_own_heads
@@ -122,9 +125,14 @@ class PerTaskBatchNorm(Plugin, supports_distributed=True):
                 tensors[name].copy_(value)
 
 
-@register("bnfreeze", defaults={"mode": "freeze"}, acts_on=("model",))
-def bnfreeze(params: dict) -> BatchNormFreeze | PerTaskBatchNorm:
+@dataclass(frozen=True)
+class BatchNormSettings:
+    """bnfreeze's hyperparameters, ``strategy.bnfreeze.<key>``."""
+
+    mode: str = setting("freeze", one_of(*MODES), help="freeze after the first experience, or keep per task")
+
+
+@register("bnfreeze", settings=BatchNormSettings, acts_on=("model",))
+def bnfreeze(settings: BatchNormSettings) -> BatchNormFreeze | PerTaskBatchNorm:
     """BatchNorm frozen after the first experience (mode freeze) or kept per task (mode per_task)."""
-    if params["mode"] not in MODES:
-        raise ValueError(f"strategy.bnfreeze.mode must be one of {MODES}, got {params['mode']!r}")
-    return BatchNormFreeze() if params["mode"] == "freeze" else PerTaskBatchNorm()
+    return BatchNormFreeze() if settings.mode == "freeze" else PerTaskBatchNorm()

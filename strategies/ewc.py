@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,7 @@ from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import ParamData, zerolike_params_dict
 from torch.utils.data import DataLoader
 
+from clmtl.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, one_of, setting
 from clmtl.registry import register
 from clmtl.plugin import Plugin, to_device
 
@@ -139,10 +141,6 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
 
     def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None,
                  fisher: str = "empirical", fisher_samples: int = 1) -> None:
-        if fisher not in FISHER_ESTIMATORS:
-            raise ValueError(f"strategy.ewc.fisher must be one of {FISHER_ESTIMATORS}, got {fisher!r}")
-        if fisher_samples < 1:
-            raise ValueError(f"strategy.ewc.fisher_samples must be >= 1, got {fisher_samples}")
         super().__init__(ewc_lambda, mode=mode, decay_factor=decay_factor)
         self.fisher = fisher
         self.fisher_samples = fisher_samples
@@ -219,14 +217,21 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
         return importances
 
 
-@register("ewc", defaults={"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical",
-                           "fisher_samples": 1}, acts_on=("loss",))
-def ewc(params: dict) -> MultiTaskEWCPlugin:
+@dataclass(frozen=True)
+class EWCSettings:
+    """EWC's hyperparameters, ``strategy.ewc.<key>``."""
+
+    strength: float = setting(1000.0, NON_NEGATIVE, key="lambda", help="λ, the weight of the penalty")
+    mode: str = setting("separate", one_of("separate", "online"),
+                        help="separate: one anchor per experience; online: one anchor, importances accumulated")
+    decay: float = setting(0.9, FRACTION, help="online mode: weight of the accumulated importances")
+    fisher: str = setting("empirical", one_of(*FISHER_ESTIMATORS), help="the Fisher estimator (module docstring)")
+    fisher_samples: int = setting(1, AT_LEAST_ONE, help="exact: labels drawn per sample")
+
+
+@register("ewc", settings=EWCSettings, acts_on=("loss",))
+def ewc(settings: EWCSettings) -> MultiTaskEWCPlugin:
     """EWC: Fisher-weighted quadratic penalty (mode separate | online; fisher empirical | batch | exact)."""
-    if params["mode"] not in ("separate", "online"):
-        raise ValueError(f"strategy.ewc.mode must be 'separate' or 'online', got {params['mode']!r}")
-    if not 0.0 <= params["decay"] <= 1.0:
-        raise ValueError(f"strategy.ewc.decay must be in [0, 1], got {params['decay']}")
-    decay = params["decay"] if params["mode"] == "online" else None
-    return MultiTaskEWCPlugin(params["lambda"], mode=params["mode"], decay_factor=decay, fisher=params["fisher"],
-                              fisher_samples=params["fisher_samples"])
+    decay = settings.decay if settings.mode == "online" else None
+    return MultiTaskEWCPlugin(settings.strength, mode=settings.mode, decay_factor=decay, fisher=settings.fisher,
+                              fisher_samples=settings.fisher_samples)

@@ -71,6 +71,6 @@ class JointTraining(Plugin, supports_distributed=True):
 
 
 @register("joint", acts_on=("data", "loss"))
-def joint(params: dict) -> JointTraining:
+def joint(settings: None) -> JointTraining:
     """Upper bound: every step also learns every other task of the stream."""
     return JointTraining()

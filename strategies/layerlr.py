@@ -9,8 +9,10 @@ this plugin sets each group's rate to the configured rate times the part's multi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 
+from clmtl.config import NON_NEGATIVE, setting
 from clmtl.plugin import Plugin
 from clmtl.registry import register
 
@@ -40,13 +42,17 @@ class LayerLearningRates(Plugin, supports_distributed=True):
             group["lr"] = base * (self.multipliers[name] if active else 1.0)
 
 
-@register("layerlr", defaults={"backbone": 0.1, "neck": 0.3, "head": 1.0, "from_experience": 1},
-          acts_on=("optimizer",))
-def layerlr(params: dict) -> LayerLearningRates:
+@dataclass(frozen=True)
+class LayerLRSettings:
+    """layerlr's hyperparameters, ``strategy.layerlr.<key>``: a learning-rate multiplier per part."""
+
+    backbone: float = setting(0.1, NON_NEGATIVE, help="multiplier of the backbone's learning rate")
+    neck: float = setting(0.3, NON_NEGATIVE, help="multiplier of the neck's learning rate")
+    head: float = setting(1.0, NON_NEGATIVE, help="multiplier of the head's learning rate")
+    from_experience: int = setting(1, NON_NEGATIVE, help="first experience (0-based) the multipliers apply to")
+
+
+@register("layerlr", settings=LayerLRSettings, acts_on=("optimizer",))
+def layerlr(settings: LayerLRSettings) -> LayerLearningRates:
     """Per-part learning-rate multipliers (backbone / neck / head) from a given experience on."""
-    for part in PARTS:
-        if not params[part] >= 0:
-            raise ValueError(f"strategy.layerlr.{part} must be a multiplier >= 0, got {params[part]!r}")
-    if int(params["from_experience"]) != params["from_experience"] or params["from_experience"] < 0:
-        raise ValueError(f"strategy.layerlr.from_experience must be an integer >= 0, got {params['from_experience']!r}")
-    return LayerLearningRates({part: float(params[part]) for part in PARTS}, int(params["from_experience"]))
+    return LayerLearningRates({part: getattr(settings, part) for part in PARTS}, settings.from_experience)

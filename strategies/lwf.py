@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ from torch import nn
 
 from clmtl.losses import output_kind
 from clmtl.plugin import Plugin
+from clmtl.config import FRACTION, NON_NEGATIVE, POSITIVE, setting
 from clmtl.registry import register
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 
@@ -191,16 +193,17 @@ class LwFPlugin(Plugin, supports_distributed=True):
         return loss
 
 
-@register("lwf", defaults={"alpha": 1.0, "temperature": 2.0, "det_conf": 0.5, "feature_weight": 0.0},
-          acts_on=("loss",))
-def lwf(params: dict) -> LwFPlugin:
+@dataclass(frozen=True)
+class LwFSettings:
+    """LwF's hyperparameters, ``strategy.lwf.<key>``."""
+
+    alpha: float = setting(1.0, NON_NEGATIVE, help="weight of the distillation term")
+    temperature: float = setting(2.0, POSITIVE, help="softmax temperature T (segmentation, classification)")
+    det_conf: float = setting(0.5, FRACTION, help="detection: teacher objectness above which boxes are distilled")
+    feature_weight: float = setting(0.0, NON_NEGATIVE, help="weight of the FPN feature MSE (0: none)")
+
+
+@register("lwf", settings=LwFSettings, acts_on=("loss",))
+def lwf(settings: LwFSettings) -> LwFPlugin:
     """LwF: distil every old task's outputs on the current inputs from the previous model (any task kind)."""
-    if params["alpha"] < 0:
-        raise ValueError(f"strategy.lwf.alpha must be >= 0, got {params['alpha']}")
-    if params["temperature"] <= 0:
-        raise ValueError(f"strategy.lwf.temperature must be > 0, got {params['temperature']}")
-    if not 0.0 <= params["det_conf"] <= 1.0:
-        raise ValueError(f"strategy.lwf.det_conf must be in [0, 1], got {params['det_conf']}")
-    if params["feature_weight"] < 0:
-        raise ValueError(f"strategy.lwf.feature_weight must be >= 0, got {params['feature_weight']}")
-    return LwFPlugin(params["alpha"], params["temperature"], params["det_conf"], params["feature_weight"])
+    return LwFPlugin(settings.alpha, settings.temperature, settings.det_conf, settings.feature_weight)

@@ -60,17 +60,18 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from clmtl.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, one_of, setting
+from clmtl.plugin import Plugin, joined, task_batch_loss, to_device
 from clmtl.registry import register
 from clmtl.stream import collate_for
 from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
-from clmtl.plugin import Plugin, joined, task_batch_loss, to_device
 
 SPLITS = ("equal", "proportional")
 SELECTIONS = ("reservoir", "class_balanced")
@@ -317,33 +318,20 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
 
 
 
-DEFAULTS = {"mem_size": 200, "ratio": 0.5, "split": "equal", "selection": "reservoir", "weight": 1.0,
-            "per_task_cap": None, "seed": 0}
+@dataclass(frozen=True)
+class ReplaySettings:
+    """Replay's hyperparameters, ``strategy.replay.<key>`` (module docstring)."""
+
+    mem_size: int = setting(200, AT_LEAST_ONE, help="samples stored over all tasks")
+    ratio: float = setting(0.5, POSITIVE, help="replayed samples per current sample in a step")
+    split: str = setting("equal", one_of(*SPLITS), help="how the memory is shared between tasks")
+    selection: str = setting("reservoir", one_of(*SELECTIONS), help="which samples of a task are kept")
+    weight: float = setting(1.0, NON_NEGATIVE, help="weight of the replay loss of other heads")
+    per_task_cap: int | None = setting(None, AT_LEAST_ONE, help="at most this many samples of a task per step")
+    seed: int = setting(0, NON_NEGATIVE, help="seed of the selection and of the draws")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@register("replay", defaults=DEFAULTS, acts_on=("data", "loss"))
-def replay(params: dict) -> MultiTaskReplayPlugin:
+@register("replay", settings=ReplaySettings, acts_on=("data", "loss"))
+def replay(settings: ReplaySettings) -> MultiTaskReplayPlugin:
     """Task-aware replay: a fixed memory split over tasks, replayed through each task's own head and loss."""
-    checks = {
-        "mem_size": (_is_int(params["mem_size"]) and params["mem_size"] >= 1, "a positive integer"),
-        "ratio": (_is_number(params["ratio"]) and params["ratio"] > 0, "a number > 0"),
-        "split": (params["split"] in SPLITS, f"one of {SPLITS}"),
-        "selection": (params["selection"] in SELECTIONS, f"one of {SELECTIONS}"),
-        "weight": (_is_number(params["weight"]) and params["weight"] >= 0, "a number >= 0"),
-        "per_task_cap": (params["per_task_cap"] is None or (_is_int(params["per_task_cap"])
-                                                             and params["per_task_cap"] >= 1),
-                         "null or a positive integer"),
-        "seed": (_is_int(params["seed"]) and params["seed"] >= 0, "a non-negative integer"),
-    }
-    for key, (ok, expected) in checks.items():
-        if not ok:
-            raise ValueError(f"strategy.replay.{key} must be {expected}, got {params[key]!r}")
-    return MultiTaskReplayPlugin(**params)
+    return MultiTaskReplayPlugin(**asdict(settings))

@@ -33,6 +33,7 @@ from torch import nn
 
 from clmtl.models.routing import TaskRoutes
 from clmtl.plugin import Plugin
+from clmtl.config import NON_NEGATIVE, POSITIVE, rule, setting
 from clmtl.registry import register
 from clmtl.scenario import require_own_heads
 
@@ -191,14 +192,17 @@ class RoutingPlugin(Plugin, supports_distributed=True):
         self._frozen, self._free, self._hooks, self._task = [], [], [], None
 
 
-@register("routing", defaults={"sparsity": 0.75, "s_max": 400.0, "lr": 0.01, "bound": 6.0},
-          acts_on=("model", "loss"))
-def routing(params: dict) -> RoutingPlugin:
+@dataclass(frozen=True)
+class RoutingSettings:
+    """Routing's hyperparameters, ``strategy.routing.<key>``."""
+
+    sparsity: float = setting(0.75, NON_NEGATIVE, help="weight of HAT's penalty on gates of free channels")
+    s_max: float = setting(400.0, rule(lambda v: v >= 1, "must be >= 1"), help="final gate scale of the annealing")
+    lr: float = setting(0.01, POSITIVE, help="learning rate of the gate embeddings")
+    bound: float = setting(6.0, POSITIVE, help="embeddings are clamped to ±bound")
+
+
+@register("routing", settings=RoutingSettings, acts_on=("model", "loss"))
+def routing(settings: RoutingSettings) -> RoutingPlugin:
     """Dynamic routing (HAT): learned per-task channel gates; channels of finished tasks frozen."""
-    if params["sparsity"] < 0:
-        raise ValueError(f"strategy.routing.sparsity must be >= 0, got {params['sparsity']}")
-    if params["s_max"] < 1:
-        raise ValueError(f"strategy.routing.s_max must be >= 1, got {params['s_max']}")
-    if params["lr"] <= 0 or params["bound"] <= 0:
-        raise ValueError(f"strategy.routing.lr and bound must be > 0, got {params['lr']} and {params['bound']}")
-    return RoutingPlugin(params["sparsity"], params["s_max"], params["lr"], params["bound"])
+    return RoutingPlugin(settings.sparsity, settings.s_max, settings.lr, settings.bound)

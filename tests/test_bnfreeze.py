@@ -97,12 +97,12 @@ def test_clmtl_eval_runs_each_task_with_its_own_batchnorm(tmp_path):
     from clmtl.checkpoint import load_model_checkpoint
     from clmtl.config import load_config
     from clmtl.evaluate import evaluate_checkpoint
-    from clmtl.registry import strategy_defaults
+    from clmtl.registry import strategy_schemas
     from clmtl.run import run
 
     config = load_config(None, ["data.train_size=32", "data.val_size=16", "data.image_size=64", "train.epochs=4",
                                 "train.batch_size=4", "output.overlays=0", "train.threads=1",
-                                "strategy.bnfreeze.mode=per_task"], strategy_params=strategy_defaults())
+                                "strategy.bnfreeze.mode=per_task"], strategies=strategy_schemas())
     results = run(config, "bnfreeze", tmp_path, baselines=False)
     checkpoint = tmp_path / "checkpoints" / "last.pt"
     assert sorted(load_model_checkpoint(checkpoint)["task_states"]) == [0, 1, 2]

@@ -143,6 +143,39 @@ def test_resume_needs_the_runs_own_config(tmp_path):
     assert result.returncode == 2 and "no checkpoints/last.pt to resume from" in result.stderr
 
 
+def _files(folder) -> dict:
+    """Every file under ``folder``: relative path -> (bytes, modification time)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 200, 0])  # fraction or number of bytes kept
+def test_a_truncated_last_checkpoint_is_one_line_exit_2_and_nothing_is_written(tmp_path, capsys, monkeypatch, keep):
+    from clmtl.cli import main
+    from clmtl.config import load_config
+    from clmtl.registry import FILES_VARIABLE
+
+    monkeypatch.delenv("CLMTL_DEBUG", raising=False)
+    monkeypatch.delenv(FILES_VARIABLE, raising=False)  # the command records its plugin files there
+    out = tmp_path / "run"
+    checkpoint = {"model": {"w": torch.randn(64, 64)}, "config": load_config(None).to_dict(), "strategy": "naive",
+                  "experience": 0, "matrix": [[0.5, None], [None, None]], "scores": [], "plugins": [None],
+                  "clock": {"train_exp_counter": 1}, "rng": rng_state()}
+    save_run_checkpoint(checkpoint, out / "checkpoints", 0)
+    (out / "results.json").write_text('{"earlier": "run"}')
+    (out / "metrics.csv").write_text("metric,x,value\n")
+    last = out / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[:int(len(data) * keep) if isinstance(keep, float) else keep])  # exp0.pt too: a hard link
+    before = _files(out)
+
+    assert main(["run", "--resume", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.endswith("\n") and captured.err.count("\n") == 1
+    assert captured.err.startswith(f"clmtl: error: {last}: not a readable checkpoint (")
+    assert "truncated" in captured.err or "central directory" in captured.err  # what is wrong, not just "error"
+    assert _files(out) == before
+
+
 def test_random_generators_come_back_exactly():
     import random
 

@@ -4,6 +4,7 @@ import contextlib
 import copy
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -126,6 +127,60 @@ def test_invalid_annotation_files_name_the_file_and_the_problem(tmp_path, change
     _rewrite(written, change)
     with pytest.raises(DataError, match=f"instances_train.json.*{message}"):
         _load(written)
+
+
+@pytest.mark.parametrize("bbox, problem", [
+    ([1.0, 2.0, float("nan"), 4.0], "4 finite numbers"),  # json writes NaN, Infinity: Python's json reads them back
+    ([1.0, float("inf"), 3.0, 4.0], "4 finite numbers"),
+    ([1.0, 2.0, -3.0, 4.0], "width and height must not be negative"),
+    ([1.0, 2.0, 3.0, -0.5], "width and height must not be negative"),
+    ([1.0, 2.0, "3", 4.0], "4 finite numbers"),
+])
+def test_boxes_that_are_not_finite_or_have_negative_sides_are_refused(tmp_path, bbox, problem):
+    written = write_coco(tmp_path)
+    _rewrite(written, _set("annotations", 4, "bbox", bbox))
+    with pytest.raises(DataError) as info:
+        _load(written)
+    message = str(info.value)
+    assert message.startswith(f"{written.annotation_file}: annotations[4] (id 6): bbox ")
+    assert problem in message and "\n" not in message
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda data: data.clear() or data.update(top=[]), "'images' must be a list, got NoneType"),
+    (lambda data: data["images"].__setitem__(2, [17, "nested/empty.jpg"]), r"images\[2\] must be an object"),
+    (lambda data: data["annotations"].__setitem__(0, "box"), r"annotations\[0\] must be an object"),
+    (lambda data: data["categories"].__setitem__(1, None), r"categories\[1\] must be an object"),
+    (lambda data: data.update(categories=[]), "no category"),
+    (lambda data: data.update(categories=[], annotations=[]), "no category"),
+    (_set("categories", 2, "name", "cat"), r"several categories are named \['cat'\]"),
+])
+def test_malformed_entries_categories_and_duplicate_names_are_one_line_naming_the_file(tmp_path, change, message):
+    written = write_coco(tmp_path)
+    _rewrite(written, change)
+    with pytest.raises(DataError, match=f"^{re.escape(str(written.annotation_file))}: .*{message}") as info:
+        _load(written)
+    assert "\n" not in str(info.value)
+
+
+def test_a_duplicate_category_name_is_refused_only_where_it_is_used(tmp_path):
+    written = write_coco(tmp_path)
+    _rewrite(written, _set("categories", 2, "name", "cat"))  # 3: cat, 7: dog, 42: cat
+    with pytest.raises(DataError, match=r"several categories are named \['cat'\]; the file's categories are "
+                                        r"3: cat, 7: dog, 42: cat$"):
+        _load(written, classes=["dog", "cat"])
+    data = _load(written, classes=["dog"])  # the duplicate is not among the chosen classes
+    assert data.classes == ("dog",) and data.category_ids == (7,)
+
+
+@pytest.mark.parametrize("top", [[], "instances", 3, None])
+def test_a_top_level_that_is_not_an_object_is_refused(tmp_path, top):
+    written = write_coco(tmp_path)
+    written.annotation_file.write_text(json.dumps(top))
+    with pytest.raises(DataError) as info:
+        _load(written)
+    assert str(info.value) == (f"{written.annotation_file}: expected a JSON object with 'images', 'annotations' and "
+                               "'categories'")
 
 
 def test_malformed_json(tmp_path):

@@ -2,22 +2,34 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 
 import pytest
 import yaml
 
-from clmtl.config import Config, ConfigError, load_config
-
-STRATEGIES = {
-    "ewc": {"lambda": 1000.0, "mode": "separate", "decay_factor": None},
-    "replay": {"mem_size": 10, "tasks_balanced": True},
-}
+from clmtl.config import Config, ConfigError, load_config, setting
 
 
-def error_of(path=None, overrides=(), strategy_params=STRATEGIES) -> str:
+@dataclass(frozen=True)
+class EwcLike:
+    strength: float = setting(1000.0, key="lambda")
+    mode: str = setting("separate")
+    decay_factor: float | None = setting(None)
+
+
+@dataclass(frozen=True)
+class ReplayLike:
+    mem_size: int = setting(10)
+    tasks_balanced: bool = setting(True)
+
+
+STRATEGIES = {"ewc": EwcLike, "replay": ReplayLike}
+
+
+def error_of(path=None, overrides=(), strategies=STRATEGIES) -> str:
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides, strategy_params)
+        load_config(path, overrides, strategies)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -125,7 +137,7 @@ def test_strategy_named_without_params_gets_its_defaults(tmp_path):
                                      "expected an integer, got number 2.5"),
     ("strategy.replay.tasks_balanced=1", "override 'strategy.replay.tasks_balanced=1': "
                                          "strategy.replay.tasks_balanced: expected true or false, got integer 1"),
-    ("strategy.replay=5", "override 'strategy.replay=5': strategy.replay: expected a mapping of parameters, "
+    ("strategy.replay=5", "override 'strategy.replay=5': strategy.replay: expected a mapping of keys, "
                           "got integer 5"),
 ])
 def test_strategy_errors(override, message):
@@ -196,6 +208,29 @@ def test_error_in_file_names_the_file(tmp_path):
 def test_bad_yaml_names_file_and_line(tmp_path):
     path = write(tmp_path, "seed: 1\ntrain:\n  epochs: {seg: 1\nmodel: {}\n")
     assert error_of(path) == f"{path}:4:6: invalid YAML: expected ',' or '}}', but got ':'"
+
+
+@pytest.mark.parametrize("text, line_column", [
+    ('seed: !!python/object/apply:os.system ["touch {marker}"]\n', "1:7"),
+    ('!!python/object/apply:subprocess.call [["touch", "{marker}"]]\n', "1:1"),
+    ("train:\n  lr: !!python/object/new:builtins.float ['1e-3']\n", "2:7"),
+    ("model: !!python/name:os.system\n", "1:8"),
+])
+def test_python_tags_in_a_file_are_refused_without_running_anything(tmp_path, text, line_column):
+    marker = tmp_path / "ran"
+    path = write(tmp_path, text.format(marker=marker))
+    message = error_of(path)
+    assert message.startswith(f"{path}:{line_column}: invalid YAML: could not determine a constructor for the tag "
+                              "'tag:yaml.org,2002:python/")
+    assert not marker.exists()
+
+
+def test_a_python_tag_in_an_override_is_refused_without_running_anything(tmp_path):
+    marker = tmp_path / "ran"
+    override = f'seed=!!python/object/apply:os.system ["touch {marker}"]'
+    assert error_of(None, [override]).startswith(f"override '{override}': invalid YAML: could not determine a "
+                                                 "constructor for the tag 'tag:yaml.org,2002:python/object/apply")
+    assert not marker.exists()
 
 
 def test_top_level_must_be_a_mapping(tmp_path):

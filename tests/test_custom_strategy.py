@@ -55,7 +55,8 @@ def clmtl(*args):
 
 def test_the_cli_lists_and_runs_a_strategy_from_a_file(tmp_path):
     listed = clmtl("strategies", "--plugin-file", str(EXAMPLE))
-    assert listed.returncode == 0 and "strategy.mas: lambda=1.0, batch_size=16" in listed.stdout
+    assert listed.returncode == 0 and "strategy.mas.lambda = 1.0 (float, must be >= 0)" in listed.stdout
+    assert "strategy.mas.batch_size = 16 (int, must be >= 1)" in listed.stdout
 
     result = clmtl("run", "--plugin-file", str(EXAMPLE), "--strategy", "mas+bnfreeze", "--no-baselines",
                    "--out", str(tmp_path), "data.train_size=6", "data.val_size=3", "data.image_size=64",

@@ -131,3 +131,96 @@ def test_checkpoint_export_keeps_the_runs_backbone(tmp_path):
     with torch.no_grad():
         got, eager = torch.jit.load(str(path))(x), model.forward_all(x)
     torch.testing.assert_close(got[0], eager[0], atol=1e-4, rtol=0)
+
+
+# --- a malformed task list in a checkpoint: one line naming the file, from the function and from the command ----
+
+CUSTOM_TASKS = [("seg", "segmentation", ("bg", "a")), ("det", "detection", ("x", "y", "z", "w")),
+                ("cls", "classification", ("p", "q"))]
+
+
+@pytest.fixture(scope="module")
+def saved_with_tasks(tmp_path_factory):
+    """A run checkpoint with its own task list (tasks the shapes benchmark does not have), as loaded."""
+    from clmtl.tasks import TaskSpec
+
+    path = tmp_path_factory.mktemp("checkpoint") / "last.pt"
+    run_checkpoint(path, [TaskSpec(*task) for task in CUSTOM_TASKS])
+    return torch.load(path, weights_only=True)
+
+
+def _entry(index, **changes):
+    """Change entry ``index`` of the task list (a value of None drops the key)."""
+    def change(tasks):
+        entry = {key: value for key, value in {**tasks[index], **changes}.items() if value is not None}
+        return tasks[:index] + [entry] + tasks[index + 1:]
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda tasks: {"seg": tasks[0]}, "'tasks' must be a non-empty list of task entries, got dict"),
+    (lambda tasks: [], "'tasks' must be a non-empty list of task entries, got an empty list"),
+    (lambda tasks: [tasks[0], "det", tasks[2]], r"tasks\[1\] must be a mapping, got str 'det'"),
+    (_entry(1, kind=None), r"tasks\[1\] has no 'kind'"),
+    (_entry(0, name=None, classes=None), r"tasks\[0\] has no 'name', 'classes'"),
+    (_entry(1, kind="depth"), r"tasks\[1\]: task 'det': unknown kind 'depth'; expected one of"),
+    (_entry(1, kind=3), r"tasks\[1\]\.kind must be a string, got 3"),
+    (_entry(1, labels=[0, 1]), r"tasks\[1\]: task 'det': 2 head labels for 4 classes"),
+    (_entry(1, category_ids=[1, 2]), r"tasks\[1\]: task 'det': 2 category ids for 4 classes"),
+    (_entry(2, classes="pq"), r"tasks\[2\]\.classes must be a list of str, got 'pq'"),  # not the classes p and q
+    (_entry(2, classes=[]), r"tasks\[2\]: task 'cls': needs at least one class"),
+    (_entry(2, labels=[0, "1"]), r"tasks\[2\]\.labels must be a list of int, got \[0, '1'\]"),
+    (_entry(2, head="2"), r"tasks\[2\]\.head must be a head index \(int >= 0\), got '2'"),
+    (_entry(2, head=-1), r"tasks\[2\]\.head must be a head index \(int >= 0\), got -1"),
+])
+def test_a_malformed_task_list_is_one_line_naming_the_checkpoint(saved_with_tasks, tmp_path, capsys, monkeypatch,
+                                                                 change, problem):
+    import copy
+    import re
+
+    from clmtl.cli import main
+    from clmtl.export import export_checkpoint
+    from clmtl.registry import FILES_VARIABLE
+
+    monkeypatch.delenv("CLMTL_DEBUG", raising=False)
+    monkeypatch.delenv(FILES_VARIABLE, raising=False)  # the command records its plugin files there
+    saved = copy.deepcopy(saved_with_tasks)
+    saved["tasks"] = change(saved["tasks"])
+    bad = tmp_path / "bad.pt"
+    torch.save(saved, bad)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(bad))}: {problem}"):
+        export_checkpoint(bad, tmp_path / "model.pt")
+    assert main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "model.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clmtl: error: {bad}: ") and err.count("\n") == 1
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_the_intact_task_list_gives_its_tasks(saved_with_tasks, tmp_path):
+    from clmtl.checkpoint import checkpoint_tasks
+    from clmtl.tasks import TaskSpec
+
+    assert checkpoint_tasks(saved_with_tasks, tmp_path / "last.pt") == [TaskSpec(*task) for task in CUSTOM_TASKS]
+    old = {"tasks": [{key: value for key, value in entry.items() if key not in ("head", "labels")}
+                     for entry in saved_with_tasks["tasks"]]}  # clmtl 0.1: no head (its position), no labels
+    assert checkpoint_tasks(old, "old.pt") == [TaskSpec(*task, head=head) for head, task in enumerate(CUSTOM_TASKS)]
+
+
+def test_eval_scores_the_tasks_of_the_checkpoints_config_and_never_reads_its_task_list(tmp_path, capsys, monkeypatch):
+    """``clmtl eval`` rebuilds the benchmark, tasks included, from the saved config (``evaluate_checkpoint``): a
+    malformed ``tasks`` entry cannot reach it, so the metrics are those of the intact checkpoint."""
+    import json
+
+    from clmtl.cli import main
+    from clmtl.registry import FILES_VARIABLE
+
+    monkeypatch.delenv(FILES_VARIABLE, raising=False)
+    run_checkpoint(tmp_path / "intact.pt")
+    saved = torch.load(tmp_path / "intact.pt", weights_only=True)
+    saved["tasks"] = [{"name": "det", "kind": "depth"}, "cls"]
+    torch.save(saved, tmp_path / "bad.pt")
+    for name in ("intact", "bad"):
+        assert main(["eval", "--checkpoint", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / name)]) == 0
+    assert capsys.readouterr().err == ""
+    intact, bad = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("intact", "bad"))
+    assert list(bad) == ["seg", "det", "cls"] and bad == intact

@@ -15,7 +15,7 @@ from realdata import write_coco, write_folder, write_voc
 from clmtl.config import ConfigError, load_config
 from clmtl.data.files import resolve_paths
 from clmtl.evaluate import evaluate_checkpoint
-from clmtl.registry import strategy_defaults
+from clmtl.registry import strategy_schemas
 from clmtl.run import run
 
 TINY = ["data.image_size=64", "train.epochs=1", "train.batch_size=2", "train.eval_batch_size=3",
@@ -65,7 +65,7 @@ def test_two_annotation_files_for_one_split_are_ambiguous(tmp_path):
 @pytest.fixture(scope="module")
 def real_run(bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("real_run")
-    config = load_config(None, [f"data.root={bundle[0]}", *TINY], strategy_params=strategy_defaults())
+    config = load_config(None, [f"data.root={bundle[0]}", *TINY], strategies=strategy_schemas())
     return out, run(config, "ewc", out, baselines=False)
 
 
@@ -126,7 +126,7 @@ def test_bad_data_stops_the_run_before_it_touches_earlier_outputs(bundle, tmp_pa
     out.mkdir()
     (out / "results.json").write_text('{"earlier": "run"}')
     (out / "metrics.csv").write_text("metric,x,value\n")
-    config = load_config(None, [f"data.root={root}", *TINY], strategy_params=strategy_defaults())
+    config = load_config(None, [f"data.root={root}", *TINY], strategies=strategy_schemas())
     with pytest.raises(DataError, match=broken.name):
         run(config, "naive", out, baselines=False)
     assert (out / "results.json").read_text() == '{"earlier": "run"}'

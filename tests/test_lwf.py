@@ -1,5 +1,6 @@
 """LwF: per-kind distillation losses (hand-computed, Avalanche's), the plugin's bookkeeping, and a tiny run."""
 import copy
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -14,13 +15,13 @@ import clmtl.run
 from clmtl.config import load_config
 from clmtl.data.shapes import shapes_task
 from clmtl.models import UnifiedModel
-from clmtl.registry import build_plugins, strategy_defaults
+from clmtl.registry import build_plugins, strategy_schemas
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 from strategies.bnfreeze import batch_norms
 from strategies.ewc import MultiTaskEWCPlugin
-from strategies.lwf import LwFPlugin, distillation_loss, frozen_copy, lwf
+from strategies.lwf import LwFPlugin, LwFSettings, distillation_loss, frozen_copy, lwf
 
-DEFAULTS = {"alpha": 1.0, "temperature": 2.0, "det_conf": 0.5, "feature_weight": 0.0}
+DEFAULTS = LwFSettings()
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,7 @@ def fake_strategy(model, task_label):
 
 def test_plugin_adds_nothing_first_then_distils_only_old_heads(model):
     student = copy.deepcopy(model).train()
-    plugin = lwf({**DEFAULTS, "alpha": 0.5})
+    plugin = lwf(dataclasses.replace(DEFAULTS, alpha=0.5))
 
     first = fake_strategy(student, 0)
     plugin.before_backward(first)
@@ -234,8 +235,8 @@ def test_plugin_adds_nothing_first_then_distils_only_old_heads(model):
 @pytest.mark.parametrize("key, value", [("alpha", -1.0), ("temperature", 0.0), ("det_conf", 1.5),
                                         ("feature_weight", -0.1)])
 def test_bad_parameters_are_clear_errors(key, value):
-    with pytest.raises(ValueError, match=f"strategy.lwf.{key}"):
-        lwf({**DEFAULTS, key: value})
+    with pytest.raises(ValueError, match=f"strategy.lwf.{key}: must be"):
+        build_plugins("lwf", {"lwf": {key: value}})
 
 
 def test_lwf_composes_with_ewc():
@@ -263,7 +264,7 @@ def test_a_tiny_run_with_lwf_writes_results_and_keeps_a_teacher(tmp_path, monkey
     overrides = ["data.train_size=4", "data.val_size=2", "data.image_size=64", "train.epochs=1",
                  "train.batch_size=2", "output.overlays=0", "output.checkpoints=false", "train.threads=1",
                  "model.fpn_channels=16", "strategy.lwf.alpha=0.5"]
-    config = load_config(None, overrides, strategy_params=strategy_defaults())
+    config = load_config(None, overrides, strategies=strategy_schemas())
     clmtl.run.run(config, "lwf", tmp_path, baselines=False)
     (plugin,) = built
     assert plugin.alpha == 0.5 and plugin.old_labels == [0, 1, 2]

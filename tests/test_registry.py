@@ -1,7 +1,10 @@
-"""Strategy registry: names, composition, clear errors."""
+"""Strategy registry: names, composition, one typed settings schema per strategy, clear errors."""
+import re
+
 import pytest
 
-from clmtl.registry import available, build_plugins, parse_strategy, register, strategy_defaults
+from clmtl.config import ConfigError
+from clmtl.registry import available, build_plugins, parse_strategy, register, strategy_schemas
 from strategies.ewc import MultiTaskEWCPlugin
 
 
@@ -13,8 +16,9 @@ def _isolated(isolated_registry):
 def test_builtins_are_registered_with_their_defaults():
     names = available()
     assert {"naive", "ewc"} <= set(names)
-    assert strategy_defaults()["ewc"] == {"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical",
-                                        "fisher_samples": 1}
+    assert names["ewc"].defaults == {"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical",
+                                     "fisher_samples": 1}
+    assert strategy_schemas()["naive"] is None  # no hyperparameters
 
 
 def test_unknown_strategy_lists_what_exists_and_suggests():
@@ -26,15 +30,15 @@ def test_composition_concatenates_plugins_with_overridden_params():
     calls = []
 
     @register("recorder_for_test")
-    def recorder(params):
+    def recorder(settings):
         """Test plugin."""
-        calls.append(params)
+        calls.append(settings)
         return "recorder-plugin"
 
     plugins = build_plugins("ewc+recorder_for_test+naive", {"ewc": {"lambda": 5.0}})
     assert isinstance(plugins[0], MultiTaskEWCPlugin) and plugins[0].ewc_lambda == 5.0
     assert plugins[1:] == ["recorder-plugin"]
-    assert calls == [{}]
+    assert calls == [None]  # no settings dataclass: no hyperparameters
 
 
 def test_a_component_named_twice_is_an_error():
@@ -42,9 +46,23 @@ def test_a_component_named_twice_is_an_error():
         parse_strategy("ewc+ewc")
 
 
-def test_ewc_rejects_a_bad_mode():
-    with pytest.raises(ValueError, match="strategy.ewc.mode"):
-        build_plugins("ewc", {"ewc": {"mode": "sometimes"}})
+@pytest.mark.parametrize("name, params, message", [
+    ("ewc", {"mode": "sometimes"}, 'strategy.ewc.mode: must be one of separate, online, got "sometimes"'),
+    ("ewc", {"lambda": -1}, "strategy.ewc.lambda: must be >= 0, got -1.0"),
+    ("ewc", {"fisher_samples": 0}, "strategy.ewc.fisher_samples: must be >= 1, got 0"),
+    ("lwf", {"temperature": 0}, "strategy.lwf.temperature: must be > 0, got 0.0"),
+    ("replay", {"per_task_cap": 0}, "strategy.replay.per_task_cap: must be >= 1, got 0"),
+    ("replay", {"mem_size": 2.5}, "strategy.replay.mem_size: expected an integer, got number 2.5"),
+    ("routing", {"s_max": 0.5}, "strategy.routing.s_max: must be >= 1, got 0.5"),
+    ("layerlr", {"from_experience": 1.5}, "strategy.layerlr.from_experience: expected an integer, got number 1.5"),
+    ("bnfreeze", {"mode": "thaw"}, "strategy.bnfreeze.mode: must be one of freeze, per_task"),
+    ("naive", {"x": 1}, "strategy.naive: this strategy has no hyperparameters"),
+])
+def test_every_schema_checks_its_settings_in_one_line(name, params, message):
+    """Each strategy's settings are checked by the config machinery, from Python as from a config file."""
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        build_plugins(name, {name: params})
+    assert "\n" not in str(error.value)
 
 
 def _register_probe(name, acts_on):
@@ -79,8 +97,10 @@ def test_entry_point_plugin_of_an_installed_package_is_found(tmp_path, monkeypat
 
     (tmp_path / "thirdparty_probe.py").write_text(
         "from clmtl.registry import register\n\n"
-        "@register('thirdparty', defaults={'alpha': 0.5}, acts_on=('loss',))\n"
-        "def thirdparty(params):\n    '''A strategy from another package.'''\n    return ('thirdparty', params['alpha'])\n"
+        "from dataclasses import dataclass\n\nfrom clmtl.config import setting\n\n"
+        "@dataclass\nclass Settings:\n    alpha: float = setting(0.5)\n\n"
+        "@register('thirdparty', settings=Settings, acts_on=('loss',))\n"
+        "def thirdparty(settings):\n    '''A strategy from another package.'''\n    return ('thirdparty', settings.alpha)\n"
     )
     dist_info = tmp_path / "thirdparty_probe-1.0.dist-info"
     dist_info.mkdir()

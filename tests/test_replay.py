@@ -256,13 +256,14 @@ def test_memory_bytes_count_uint8_images_and_targets():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("mem_size", 0, "strategy.replay.mem_size must be a positive integer"),
-    ("ratio", 0.0, "strategy.replay.ratio must be a number > 0"),
-    ("split", "balanced", "strategy.replay.split must be one of"),
-    ("selection", "herding", "strategy.replay.selection must be one of"),
-    ("weight", -1.0, "strategy.replay.weight must be a number >= 0"),
-    ("per_task_cap", 0, "strategy.replay.per_task_cap must be null or a positive integer"),
-    ("seed", -1, "strategy.replay.seed must be a non-negative integer"),
+    ("mem_size", 0, "strategy.replay.mem_size: must be >= 1"),
+    ("ratio", 0.0, "strategy.replay.ratio: must be > 0"),
+    ("split", "balanced", "strategy.replay.split: must be one of equal, proportional"),
+    ("selection", "herding", "strategy.replay.selection: must be one of reservoir, class_balanced"),
+    ("weight", -1.0, "strategy.replay.weight: must be >= 0"),
+    ("per_task_cap", 0, "strategy.replay.per_task_cap: must be >= 1"),
+    ("per_task_cap", 1.5, "strategy.replay.per_task_cap: expected an integer, got number 1.5"),
+    ("seed", -1, "strategy.replay.seed: must be >= 0"),
 ])
 def test_bad_parameters_are_clear_errors(key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -281,7 +282,7 @@ def test_a_tiny_run_replays_the_old_tasks(tmp_path, monkeypatch):
     import clmtl.builders
     import clmtl.run
     from clmtl.config import load_config
-    from clmtl.registry import strategy_defaults
+    from clmtl.registry import strategy_schemas
 
     built = []
 
@@ -293,7 +294,7 @@ def test_a_tiny_run_replays_the_old_tasks(tmp_path, monkeypatch):
     overrides = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1",
                  "train.batch_size=4", "output.overlays=0", "output.checkpoints=false", "train.threads=1",
                  "strategy.replay.mem_size=12"]
-    config = load_config(None, overrides, strategy_params=strategy_defaults())
+    config = load_config(None, overrides, strategies=strategy_schemas())
     clmtl.run.run(config, "replay", tmp_path, baselines=False)
     (plugin,) = built
     assert stored_sizes(plugin.buffer) == {0: 4, 1: 4, 2: 4}

@@ -10,7 +10,7 @@ from torchvision.ops import SqueezeExcitation
 
 from clmtl.config import load_config
 from clmtl.models import UnifiedModel
-from clmtl.registry import build_plugins, strategy_defaults
+from clmtl.registry import build_plugins, strategy_schemas
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, make_optimizer
 from clmtl.run import run
@@ -271,7 +271,7 @@ def test_a_protected_channel_normalises_with_its_frozen_statistics_in_training()
 def test_routing_composes_with_replay_and_layerlr_end_to_end(tmp_path):
     from clmtl.io import load_checkpoint
 
-    config = load_config(None, TINY, strategy_params=strategy_defaults())
+    config = load_config(None, TINY, strategies=strategy_schemas())
     results = run(config, "replay+routing+layerlr", tmp_path, baselines=False)
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["strategy"] == "replay+routing+layerlr" and written["matrix"] == results["matrix"]

@@ -11,7 +11,7 @@ from clmtl.config import load_config
 from clmtl.io import atomic_torch_save, load_checkpoint
 from avalanche.training.plugins import SupervisedPlugin
 
-from clmtl.registry import register, strategy_defaults
+from clmtl.registry import register, strategy_schemas
 from clmtl.baselines import Baselines
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model
@@ -54,7 +54,7 @@ register("recorder_for_run_test")(lambda params: RECORDER)
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    config = load_config(None, TINY + ["strategy.ewc.lambda=10.0"], strategy_params=strategy_defaults())
+    config = load_config(None, TINY + ["strategy.ewc.lambda=10.0"], strategies=strategy_schemas())
     results = run(config, "ewc+recorder_for_run_test", out, baselines=True)
     return out, results
 
@@ -206,8 +206,11 @@ def test_an_out_of_range_value_and_an_unknown_strategy_are_clear_errors():
 def test_strategies_lists_hyperparameters():
     result = clmtl("strategies")
     assert result.returncode == 0
-    assert "strategy.ewc: lambda=1000.0, mode='separate', decay=0.9, fisher='empirical'" in result.stdout
-    assert "acts on: data, loss" in result.stdout  # joint
+    for line in ("strategy.ewc.lambda = 1000.0 (float, must be >= 0): λ, the weight of the penalty",
+                 "strategy.ewc.mode = 'separate' (str, must be one of separate, online)",
+                 "strategy.replay.per_task_cap = None (int | null, must be >= 1)"):
+        assert line in result.stdout
+    assert "joint: Upper bound" in result.stdout and "acts on: data, loss" in result.stdout
 
 
 @pytest.mark.slow
@@ -263,7 +266,7 @@ def test_a_hybrid_calls_every_components_callbacks_in_the_composers_order(tmp_pa
 
     monkeypatch.setattr(clmtl.builders, "build_plugins", recording)
     config = load_config(None, TINY + ["output.overlays=0", "output.checkpoints=false"],
-                         strategy_params=strategy_defaults())
+                         strategies=strategy_schemas())
     results = run(config, "lwf+replay+ewc+layerlr+bnfreeze", tmp_path, baselines=False)
     order = ["BatchNormFreeze", "LayerLearningRates", "MultiTaskReplayPlugin", "LwFPlugin", "MultiTaskEWCPlugin"]
     for callback in ("before_training_exp", "before_backward", "after_training_exp"):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from clmtl.config import load_config
-from clmtl.registry import strategy_defaults
+from clmtl.registry import strategy_schemas
 from clmtl.tasks import DETECTION, TaskSpec
 
 ROOT = Path(__file__).parents[1]
@@ -25,7 +25,7 @@ def test_task_descriptions_round_trip_through_results_json():
 
 
 def test_the_real_data_example_config_is_valid():
-    config = load_config(ROOT / "examples" / "real_data.yaml", strategy_params=strategy_defaults())
+    config = load_config(ROOT / "examples" / "real_data.yaml", strategies=strategy_schemas())
     assert config.benchmark == "files" and config.data.image_size == 512
     assert config.strategy["ewc"]["lambda"] == 1000.0 and config.train.optimizer == "adam"
     assert (config.data.det.train_size, config.data.det.val_size) == (240, 60)

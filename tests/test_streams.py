@@ -12,7 +12,7 @@ from clmtl.cli import main
 from clmtl.config import load_config
 from clmtl.evaluate import evaluate_checkpoint
 from clmtl.io import load_checkpoint
-from clmtl.registry import strategy_defaults
+from clmtl.registry import strategy_schemas
 from clmtl.run import run
 from realdata import write_folder, write_voc
 
@@ -29,7 +29,7 @@ tasks:
 def config_of(tmp_path: Path, text: str, overrides=()):
     path = tmp_path / "stream.yaml"
     path.write_text(text)
-    return load_config(path, [*TINY, *overrides], strategy_params=strategy_defaults())
+    return load_config(path, [*TINY, *overrides], strategies=strategy_schemas())
 
 
 @pytest.fixture
@@ -205,6 +205,6 @@ def test_a_bad_stream_is_one_line_naming_the_problem_and_nothing_is_written(tmp_
 def test_yaml_entries_round_trip_through_a_saved_config(tmp_path):
     """A checkpoint stores the config as a dict; reading it back gives the same stream."""
     config = config_of(tmp_path, MIXED)
-    again = load_config(None, [], strategy_params=strategy_defaults(), base=yaml.safe_load(
+    again = load_config(None, [], strategies=strategy_schemas(), base=yaml.safe_load(
         yaml.safe_dump(json.loads(json.dumps(config.to_dict())))))
     assert again == config

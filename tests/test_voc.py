@@ -3,11 +3,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 
 from clmtl.data.images import DataError
-from clmtl.data.letterbox import Letterbox
-from clmtl.data.voc import VOC_CLASSES, VocSegmentation, voc_colormap
+from clmtl.data.voc import VOC_CLASSES, VocSegmentation, read_label_map, voc_colormap
 from clmtl.tasks import SEGMENTATION
 from realdata import VOC_PALETTE, VOC_VOID, write_image, write_mask, write_voc
 
@@ -19,9 +17,21 @@ def test_colormap_is_the_voc_palette():
 
 
 def _expected_mask(labels: np.ndarray, size: int) -> torch.Tensor:
-    """The written label map letterboxed by hand: nearest resize, 255 padding (torchvision as the reference)."""
-    box = Letterbox.fit(labels.shape, size)
-    return box.apply(tv_tensors.Mask(torch.from_numpy(labels)[None]), size)[0].long()
+    """The written label map letterboxed by hand, without the loader's geometry: the long side scaled to ``size``
+    (aspect kept, the short side rounded), nearest-neighbour resize, the rest padded with 255 evenly (the odd row
+    or column at the bottom / right).
+
+    Nearest is torch's ``interpolate(mode="nearest")`` rule, which torchvision resizes masks with: output pixel ``i``
+    takes input pixel ``floor(i * in / out)``, the ratio in float32.
+    """
+    h, w = labels.shape
+    inner_h, inner_w = round(h * size / max(h, w)), round(w * size / max(h, w))
+    rows = np.minimum(np.floor(np.arange(inner_h, dtype=np.float32) * np.float32(h / inner_h)).astype(int), h - 1)
+    cols = np.minimum(np.floor(np.arange(inner_w, dtype=np.float32) * np.float32(w / inner_w)).astype(int), w - 1)
+    expected = np.full((size, size), 255, dtype=np.int64)
+    top, left = (size - inner_h) // 2, (size - inner_w) // 2
+    expected[top:top + inner_h, left:left + inner_w] = labels[rows[:, None], cols[None, :]]
+    return torch.from_numpy(expected)
 
 
 @pytest.mark.parametrize("layout", ["voc", "folders"])
@@ -39,6 +49,16 @@ def test_masks_of_every_encoding_and_layout(tmp_path, layout, mask_format):
             assert torch.equal(target, _expected_mask(sample.labels, 32))
             assert data.meta(i).file == sample.image_file.resolve()
             assert data.meta(i).original_size == sample.labels.shape
+
+
+@pytest.mark.parametrize("size", [45, 70])  # odd padding, and upscaling (every source pixel repeated)
+def test_masks_at_other_sizes(tmp_path, size):
+    written = write_voc(tmp_path, layout="folders")
+    data = VocSegmentation(tmp_path, "train", size)
+    for i, sample in enumerate(sorted(written.splits["train"], key=lambda s: s.id)):
+        target = data[i][1]
+        assert target.shape == (size, size)
+        assert torch.equal(target, _expected_mask(sample.labels, size))
 
 
 def test_target_hand_checked(tmp_path):
@@ -73,6 +93,24 @@ def test_value_outside_the_classes_is_refused(tmp_path):
         VocSegmentation(tmp_path, "train", 32)
     data = VocSegmentation(tmp_path, "train", 32, classes=VOC_CLASSES + ("extra",))  # 22 classes: 21 is valid
     assert 21 in data[0][1].unique().tolist()
+
+
+@pytest.mark.parametrize("mode, format", [
+    ("CMYK", "TIFF"),  # PNG cannot hold CMYK; PIL reads a mask by its content, whatever its name
+    ("F", "TIFF"),  # float labels: 1.5 is no class
+    ("I;16", "PNG"),  # 16-bit grey: values above 255 would wrap in uint8
+])
+def test_unsupported_mask_mode_is_one_line_naming_the_file(tmp_path, mode, format):
+    written = write_voc(tmp_path, layout="folders", samples={"train": [("a", (20, 30))]})
+    mask_file = written.splits["train"][0].mask_file
+    Image.new(mode, (30, 20)).save(mask_file, format=format)  # still named a.png
+    assert Image.open(mask_file).mode == mode
+    with pytest.raises(DataError) as info:
+        read_label_map("train/SegmentationClass/a.png", tmp_path, 21)
+    assert str(info.value) == (f"{mask_file}: mask mode {mode!r}; expected a palette, greyscale or RGB PNG")
+    with pytest.raises(DataError, match=rf"a\.png: mask mode '{mode}'; expected") as info:
+        VocSegmentation(tmp_path, "train", 32)
+    assert "\n" not in str(info.value)
 
 
 def test_mask_size_must_match_its_image(tmp_path):

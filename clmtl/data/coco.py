@@ -124,11 +124,15 @@ def _check_schema(data: object, file: Path) -> None:
         ids[section] = {entry["id"] for entry in entries}
         if len(ids[section]) != len(entries):
             raise DataError(f"{file}: {section} ids are not unique")
+    if not data["categories"]:
+        raise DataError(f"{file}: no category ('categories' is an empty list)")
     for index, annotation in enumerate(data["annotations"]):
         where = f"{file}: annotations[{index}] (id {annotation['id']})"
         bbox = annotation["bbox"]
         if len(bbox) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
             raise DataError(f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {bbox!r}")
+        if bbox[2] < 0 or bbox[3] < 0:  # zero is a degenerate box (dropped from training); negative is an error
+            raise DataError(f"{where}: bbox width and height must not be negative, got {bbox!r}")
         if annotation["image_id"] not in ids["images"]:
             raise DataError(f"{where}: unknown image id {annotation['image_id']}")
         if annotation["category_id"] not in ids["categories"]:
@@ -142,18 +146,20 @@ def category_names(annotation_file: Path) -> tuple[str, ...]:
 
 def _select_categories(coco: COCO, classes: Sequence[str] | None,
                        file: Path) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(category ids, names) in label order: the named classes in the given order, else all sorted by id."""
+    """(category ids, names) in label order: the named classes in the given order, else all sorted by id (their
+    names then must be distinct: a task's classes are told apart by name)."""
     categories = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
-    if not categories:
-        raise DataError(f"{file}: no category")
-    if classes is None:
-        return tuple(c["id"] for c in categories), tuple(c["name"] for c in categories)
-    if len(set(classes)) != len(classes) or not classes:
-        raise DataError(f"{file}: classes must be distinct names, got {list(classes)}")
     ids_by_name: dict[str, list[int]] = {}
     for category in categories:
         ids_by_name.setdefault(category["name"], []).append(category["id"])
     listing = ", ".join(f"{c['id']}: {c['name']}" for c in categories)
+    if classes is None:
+        repeated = [name for name, ids in ids_by_name.items() if len(ids) > 1]
+        if repeated:
+            raise DataError(f"{file}: several categories are named {repeated}; the file's categories are {listing}")
+        return tuple(c["id"] for c in categories), tuple(c["name"] for c in categories)
+    if len(set(classes)) != len(classes) or not classes:
+        raise DataError(f"{file}: classes must be distinct names, got {list(classes)}")
     unknown = [name for name in classes if name not in ids_by_name]
     if unknown:
         raise DataError(f"{file}: no category named {unknown}; the file's categories are {listing}")
