@@ -17,9 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # compare_strategies, beside this script
-
-import compare_strategies  # noqa: E402
+from clmtl.grid import SHIPPED_BUDGET, run_grid
 
 BACKBONES = ("yolov8n", "mobilenet_v3_small", "efficientnet_b0")
 STRATEGIES = ("ewc", "ewc+replay")
@@ -108,8 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_strategy(spec)
     rows = []
     for name in backbones:
-        overrides = [*compare_strategies.BUDGET, *args.overrides, f"model.backbone={name}"]
-        results = compare_strategies.run_all(args.config, overrides, strategies, seeds, args.out / name, args.jobs)
+        overrides = [*SHIPPED_BUDGET, *args.overrides, f"model.backbone={name}"]
+        results = run_grid(args.config, overrides, strategies, seeds, args.out / name, args.jobs)
         comparison = Comparison.from_results(strategies, results)
         tasks = [t["name"] for t in comparison.tasks]
         drop_columns = {c.key[1]: i for i, c in enumerate(comparison.columns) if c.key[0] == "drop_vs_baseline"}

@@ -17,11 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # compare_strategies, beside this script
+from clmtl.grid import EARLIER_NUMERICS, execute
 
-import compare_strategies  # noqa: E402
-
-EARLIER = (*compare_strategies.EARLIER_NUMERICS, "train.ema=0")
+EARLIER = (*EARLIER_NUMERICS, "train.ema=0")
 """Rows measured before weight averaging (and before bfloat16 / NHWC training) pin both off, so they reproduce."""
 RECIPES = {
     "constant, 30 epochs (before)": (*EARLIER, "train.warmup=0", "train.epochs.cls=30"),
@@ -33,7 +31,7 @@ RECIPES = {
     "warmup 3 + cosine, 60 epochs": (*EARLIER, "train.schedule=cosine"),
     "warmup 3, 60 epochs, hue 0.1": (*EARLIER, "data.hue.cls=0.1"),
     "warmup 3, 60 epochs, any hue": (*EARLIER, "data.hue.cls=0.5"),
-    "warmup 3, 60 epochs, EMA 0.999": compare_strategies.EARLIER_NUMERICS,
+    "warmup 3, 60 epochs, EMA 0.999": EARLIER_NUMERICS,
     "warmup 3, 60 epochs, EMA 0.999, bf16 + channels_last (default)": (),
 }
 """The recipes of the Training recipe table (docs/studies.md): classification from scratch 0.657 -> 0.880 -> 0.913 (weight
@@ -111,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = {(name, seed): recipe_dir(args.out, name) / f"seed{seed}.json" for name in recipes for seed in seeds}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    compare_strategies.execute(
+    execute(
         [(train_recipe, ([*args.overrides, *recipes[name]], seed, threads, tasks, path))
          for (name, seed), path in paths.items() if not path.exists()], args.jobs)
 

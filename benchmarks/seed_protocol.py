@@ -31,26 +31,20 @@ def inference_latency(model, tasks, config, repeats: int) -> dict[str, dict[str,
     """Median latency per image of each task's forward and of all three tasks from one pass."""
     import torch
 
-    from clmtl.decode import class_indices
     from clmtl.builders import make_decoder
-    from clmtl.tasks import DETECTION, SEGMENTATION
+    from clmtl.decode import predict
     from clmtl.timing import measure_latency
 
     model.eval()
     image = torch.rand(1, 3, config.data.image_size, config.data.image_size)
     decode = make_decoder(config, model)
 
-    def finish(label: int, output: Any) -> Any:
-        """What a user gets: boxes after NMS, a label map, class logits."""
-        kind = tasks[label].kind
-        return decode(output) if kind == DETECTION else class_indices(output) if kind == SEGMENTATION else output
-
-    def one_task(label: int) -> None:
-        finish(label, model(image, label))
+    def one_task(label: int) -> None:  # what a user gets: boxes after NMS, a label map, a class id
+        predict(model(image, label), model.head_kinds[label], decode)
 
     def all_tasks() -> None:
         for label, output in model.forward_all(image).items():
-            finish(label, output)
+            predict(output, model.head_kinds[label], decode)
 
     with torch.inference_mode():
         timings = {task.name: measure_latency(functools.partial(one_task, label), repeats).as_dict()
@@ -60,7 +54,7 @@ def inference_latency(model, tasks, config, repeats: int) -> dict[str, dict[str,
 
 
 def protocol_markdown(results: dict, latency: dict, parts: dict[str, int]) -> str:
-    from clmtl.report import _fmt
+    from clmtl.report import format_value
 
     tasks = results["tasks"]
     lines = [f"# Seed protocol on `{results['benchmark']}` (seed {results['seed']})", "",
@@ -73,8 +67,8 @@ def protocol_markdown(results: dict, latency: dict, parts: dict[str, int]) -> st
         base, final = results["baseline"].get(name), results["final"][name]
         drop = results["drop_vs_baseline"].get(name)
         absolute = None if base is None else base - final
-        lines.append(f"| {name} | {t['metric']} | {_fmt(base, 3)} | {_fmt(final, 3)} | "
-                     f"{'–' if drop is None else f'{100 * drop:.1f} %'} | {_fmt(absolute, 3)} |")
+        lines.append(f"| {name} | {t['metric']} | {format_value(base, 3)} | {format_value(final, 3)} | "
+                     f"{'–' if drop is None else f'{100 * drop:.1f} %'} | {format_value(absolute, 3)} |")
     if results["benchmark"] == "files":
         lines += ["", "The seed report's EWC final scores on its datasets: "
                   + ", ".join(f"{name} {value}" for name, value in SEED_REPORT.items()) + "."]

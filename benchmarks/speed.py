@@ -26,10 +26,10 @@ remaining spikes. Writes OUT/speed.md and OUT/speed.json; ``--profile`` adds OUT
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -38,20 +38,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
-
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from clmtl.config import load_config  # noqa: E402
 from clmtl.data.shapes import shapes_task  # noqa: E402
-from clmtl.decode import PRE_NMS_TOP_K, class_indices, decode_detections  # noqa: E402
+from clmtl.decode import PRE_NMS_TOP_K, class_indices, decode_detections, predict  # noqa: E402
 from clmtl.fuse import fuse_batchnorm  # noqa: E402
 from clmtl.io import atomic_write_json, atomic_write_text  # noqa: E402
 from clmtl.registry import strategy_schemas  # noqa: E402
 from clmtl.benchmark import build_benchmark  # noqa: E402
 from clmtl.builders import build_model, build_strategy, make_template, seed_everything  # noqa: E402
 from clmtl.tasks import CLASSIFICATION, DETECTION, TASK_KINDS, TaskSpec  # noqa: E402
+from clmtl.timing import time_interleaved  # noqa: E402
 
 VARIANTS = {"eager": "eager", "fused": "BN folded", "fused_cl": "BN folded + channels_last"}
 STRATEGIES = ("naive", "ewc", "replay", "lwf", "joint", "routing")
@@ -119,26 +118,6 @@ def machine() -> dict[str, Any]:
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-def time_interleaved(cases: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each call, round-robin over the cases so load changes spread over all of them."""
-    seconds: dict[str, list[float]] = {name: [] for name in cases}
-    for round_ in range(warmup + repeats):
-        for name, case in cases.items():
-            start = time.perf_counter()
-            case()
-            elapsed = time.perf_counter() - start
-            if round_ >= warmup:
-                seconds[name].append(elapsed)
-    return seconds
-
-
-def summary(seconds: list[float]) -> dict[str, Any]:
-    """Median and inter-quartile range in milliseconds, with the raw runs."""
-    ms = [s * 1000 for s in seconds]
-    q25, _, q75 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
-    return {"median_ms": statistics.median(ms), "iqr_ms": q75 - q25, "q25_ms": q25, "q75_ms": q75, "runs_ms": ms}
-
-
 def flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call as torch counts them (2 per multiply-add; convolutions and matmuls only)."""
     counter = FlopCounterMode(display=False)
@@ -161,13 +140,8 @@ def model_flops(model, x: torch.Tensor) -> dict[str, int]:
 
 def postprocess(model, outputs: dict, decode_kwargs: dict) -> dict:
     """What a deployment does with forward_all's outputs: boxes after NMS, class maps, class ids."""
-    done = {}
-    for label, task in enumerate(model.tasks):
-        if task.kind == DETECTION:
-            done[label] = decode_detections(outputs[label], model.anchor_layout, **decode_kwargs)
-        else:  # segmentation [B, C, S, S] and classification [B, C] logits: classes on dim 1
-            done[label] = class_indices(outputs[label])
-    return done
+    decode = functools.partial(decode_detections, layout=model.anchor_layout, **decode_kwargs)
+    return {head: predict(output, model.head_kinds[head], decode) for head, output in outputs.items()}
 
 
 def ten_heads(config):
@@ -386,7 +360,8 @@ def measure_inference(args: argparse.Namespace) -> dict[str, Any]:
             compiled, result["compile"] = compiled_case(models["fused_cl"], x, decode)
             cases.update(compiled)
         print(f"timing {len(cases)} inference cases x {args.warmup}+{args.repeats} runs...", file=sys.stderr)
-        result["latency"] = {name: summary(s) for name, s in time_interleaved(cases, args.repeats, args.warmup).items()}
+        result["latency"] = {name: latency.as_dict()
+                             for name, latency in time_interleaved(cases, args.repeats, args.warmup).items()}
         if args.profile:
             tables = [f"## {VARIANTS[v]} model: forward_all + decode + class maps, top ops by self CPU time\n\n"
                       + profile_table(models[v], x, decode) for v in ("eager", "fused_cl")]
@@ -401,8 +376,8 @@ def measure_training(args: argparse.Namespace) -> dict[str, Any]:
     print(f"training {len(STRATEGIES)} strategies for one experience, then timing their steps...", file=sys.stderr)
     cases, settings = training_cases(args)
     train = {}
-    for name, seconds in time_interleaved(cases, args.repeats, args.warmup).items():
-        entry = summary(seconds)
+    for name, latency in time_interleaved(cases, args.repeats, args.warmup).items():
+        entry = latency.as_dict()
         entry["images_per_s"] = args.train_batch_size / (entry["median_ms"] / 1000)
         train[name] = entry
     return {"train_settings": settings, "train": train}

@@ -1,8 +1,6 @@
 """clmtl: continual multi-task learning for vision on Avalanche."""
-import os
 import warnings
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics must never reach the network
 # Avalanche imports qpsolvers (for GEM-like strategies clmtl does not use), which warns on every import.
 warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
 

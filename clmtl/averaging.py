@@ -54,6 +54,6 @@ class WeightAveraging(Plugin, supports_distributed=True):
         self._average.ema.load_state_dict(state["weights"])
 
     def _start(self, model: torch.nn.Module, updates: int = 0) -> None:
-        from ultralytics.utils.torch_utils import ModelEMA  # on use: the model built first has set YOLO_OFFLINE
+        from clmtl.ultralytics_shim import ModelEMA
 
         self._average = ModelEMA(model, decay=self.decay, tau=self.tau, updates=updates)

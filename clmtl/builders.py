@@ -9,7 +9,7 @@ import functools
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -107,8 +107,9 @@ def make_schedule(config: Config) -> LRSchedule | None:
 
 
 def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: list, loggers: list,
-                  label: str = "", progress: bool = True) -> MultiTaskTemplate:
-    """The Avalanche template with our criterion, metrics and (``progress``, on the main process) progress bar."""
+                  label: str = "", progress: bool = True, **checkpointing: Any) -> MultiTaskTemplate:
+    """The Avalanche template with our criterion, metrics and (``progress``, on the main process) progress bar;
+    ``checkpointing`` (``checkpoint_every``, ``on_checkpoint``, ``stop``) goes to ``MultiTaskTemplate``."""
     from avalanche.training.plugins import EvaluationPlugin
 
     evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model)), loggers=loggers)
@@ -126,6 +127,7 @@ def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec]
         evaluator=evaluator,
         precision=resolve_precision(config.train.precision),
         clip_grad_norm=config.train.clip_grad_norm,
+        **checkpointing,
     )
 
 

@@ -2,7 +2,7 @@
 
 A run checkpoint is written after every experience (``OUT/checkpoints/exp{k}.pt``, with ``last.pt`` a hard link to
 the newest, each written atomically), and with ``output.checkpoint_every=N`` also every N training iterations and
-when a stop is requested (SIGTERM, Ctrl-C: ``request_stop``), as ``partial.pt`` with ``last.pt`` pointing at it.
+when a stop is requested (SIGTERM, Ctrl-C: ``StopRequest``), as ``partial.pt`` with ``last.pt`` pointing at it.
 It holds only tensors and plain containers, so it loads with ``weights_only=True`` (Avalanche's own
 ``save_checkpoint`` pickles the whole strategy with dill): the model's state dict, every plugin's ``state_dict()``
 (EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task BatchNorm...), the template's clock (EWC and layerlr read the experience counter from it), the random-number
@@ -37,20 +37,20 @@ class ResumeError(ValueError):
 
 
 class StopRequested(KeyboardInterrupt):
-    """Training stopped at the end of an iteration because ``request_stop`` was called (by a signal handler)."""
+    """Training stopped at the end of an iteration because its ``StopRequest`` was set (by a signal handler)."""
 
 
-_stop = False
+class StopRequest:
+    """Asks training to checkpoint and stop after the current iteration; ``request`` is safe in a signal handler.
 
+    The command line makes one and hands it to ``clmtl.run.run``, which hands it to the template.
+    """
 
-def request_stop() -> None:
-    """Ask training to checkpoint and stop after the current iteration (safe to call from a signal handler)."""
-    global _stop
-    _stop = True
+    def __init__(self) -> None:
+        self.requested = False
 
-
-def stop_requested() -> bool:
-    return _stop
+    def request(self) -> None:
+        self.requested = True
 
 
 def rng_state() -> dict[str, Any]:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
 from pathlib import Path
-
-os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
 def _add_plugin_files(parser: argparse.ArgumentParser) -> None:
@@ -53,24 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _use_plugin_files(paths: list[Path]) -> None:
-    """Register the strategies of ``--plugin-file`` files, here and in any worker process started later."""
-    from clmtl.registry import FILES_VARIABLE, load_strategy_file
-
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"--plugin-file {path}: no such file")
-        load_strategy_file(path)
-    known = os.environ.get(FILES_VARIABLE, "")
-    os.environ[FILES_VARIABLE] = os.pathsep.join(filter(None, [known, *(str(p.resolve()) for p in paths)]))
-
-
 def _load(args: argparse.Namespace):
     """Config with overrides and --seed applied, validated against the registered strategies."""
     from clmtl.config import load_config
-    from clmtl.registry import parse_strategy, strategy_schemas
+    from clmtl.registry import parse_strategy, strategy_schemas, use_strategy_files
 
-    _use_plugin_files(args.plugin_file)
+    use_strategy_files(args.plugin_file)
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
@@ -101,12 +88,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from clmtl.report import summary_markdown
     from clmtl.run import run
 
-    for stop in (signal.SIGTERM, signal.SIGINT):  # a scheduler's SIGTERM, Ctrl-C: checkpoint, then stop
-        signal.signal(stop, _interrupt)
+    from clmtl.checkpoint import StopRequest
+
+    stop = StopRequest()
+    for name in (signal.SIGTERM, signal.SIGINT):  # a scheduler's SIGTERM, Ctrl-C: checkpoint, then stop
+        signal.signal(name, functools.partial(_interrupt, stop))
     if distributed.launched_by_torchrun():
         distributed.init_from_environment(config.seed)
     try:
-        results = run(config, strategy, out, baselines=not args.no_baselines, resume=bool(args.resume))
+        results = run(config, strategy, out, baselines=not args.no_baselines, resume=bool(args.resume), stop=stop)
     except (ConfigError, DataError, ResumeError) as error:  # data paths, bad files: one line naming the file
         return _fail(error)
     except KeyboardInterrupt:
@@ -124,13 +114,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(stop, signum: int, frame: object) -> None:
     """First signal: checkpoint and stop after the current training iteration. Second: stop now."""
-    from clmtl.checkpoint import request_stop, stop_requested
-
-    if stop_requested():
+    if stop.requested:
         raise KeyboardInterrupt
-    request_stop()
+    stop.request()
 
 
 def _resumed(args: argparse.Namespace):
@@ -139,8 +127,9 @@ def _resumed(args: argparse.Namespace):
         raise ValueError("--resume continues a run with its own config, strategy and folder: "
                          "give no --config, --strategy, --seed, --out or overrides")
     from clmtl.checkpoint import checkpoint_config, load_run_checkpoint
+    from clmtl.registry import use_strategy_files
 
-    _use_plugin_files(args.plugin_file)
+    use_strategy_files(args.plugin_file)
     saved = load_run_checkpoint(args.resume)
     return checkpoint_config(saved, args.resume), saved["strategy"], args.resume
 
@@ -148,10 +137,11 @@ def _resumed(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     from clmtl.evaluate import evaluate_checkpoint
     from clmtl.io import CheckpointError, atomic_write_json
+    from clmtl.registry import use_strategy_files
 
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     try:
-        _use_plugin_files(args.plugin_file)
+        use_strategy_files(args.plugin_file)
         metrics = evaluate_checkpoint(args.checkpoint, args.predictions, args.config, overrides)
     except (ValueError, FileNotFoundError, CheckpointError) as error:
         return _fail(error)
@@ -167,9 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from clmtl.export import export_checkpoint
     from clmtl.io import CheckpointError
+    from clmtl.registry import use_strategy_files
 
     try:
-        _use_plugin_files(args.plugin_file)
+        use_strategy_files(args.plugin_file)
         path = export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size)
     except (ValueError, FileNotFoundError, CheckpointError, ModuleNotFoundError) as error:
         return _fail(error)
@@ -178,10 +169,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    from clmtl.registry import available
+    from clmtl.registry import available, use_strategy_files
 
     try:
-        _use_plugin_files(args.plugin_file)
+        use_strategy_files(args.plugin_file)
     except FileNotFoundError as error:
         return _fail(error)
     from clmtl.config import describe_settings

@@ -1,4 +1,5 @@
-"""Turning raw detection outputs into boxes: the box formula (shared with the loss) and NMS decoding.
+"""Turning raw model outputs into predictions: ``predict`` for any task kind; for detection the box formula (shared
+with the loss) and NMS decoding.
 
 Raw output per level: ``[B, A, H, W, 5 + C]`` = (tx, ty, tw, th, objectness, class logits), all pre-activation.
 Box formula (YOLOv5's bounded variant of YOLOv3, so early predictions cannot explode):
@@ -8,12 +9,15 @@ Box formula (YOLOv5's bounded variant of YOLOv3, so early predictions cannot exp
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import torch
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from clmtl.models.anchors import AnchorLayout
+from clmtl.tasks import DETECTION
 
 PRE_NMS_TOP_K = 3000
 """Per image, only the best-scoring (box, class) candidates go to NMS, which bounds its cost at low thresholds."""
@@ -40,6 +44,12 @@ def level_grid(
     cell = torch.stack([xs, ys], dim=-1).view(1, 1, height, width, 2)
     anchor_wh = torch.tensor(anchors, device=device, dtype=dtype).view(1, len(anchors), 1, 1, 2)
     return cell, anchor_wh
+
+
+def predict(output: Any, kind: str, decode: Callable[[list[torch.Tensor]], list[dict]]) -> Any:
+    """What a task predicts from its raw output: per-image box dictionaries (detection, through ``decode``), a class
+    map ``[B, H, W]`` (segmentation) or class ids ``[B]`` (classification)."""
+    return decode(output) if kind == DETECTION else class_indices(output)
 
 
 def class_indices(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from clmtl.config import Config
-from clmtl.decode import class_indices
+from clmtl.decode import class_indices, predict
 from clmtl.io import atomic_write_json, atomic_write_text
 from clmtl.metrics.scores import scorer_for
 from clmtl.models import UnifiedModel
@@ -50,7 +50,8 @@ class PredictionWriter:
         return self.dataset.meta(index) if hasattr(self.dataset, "meta") else None
 
     def add(self, index: int, prediction: Any, target: Any) -> None:
-        """Record the prediction for validation sample ``index`` (raw logits for seg, decoded dict for det)."""
+        """Record the prediction for validation sample ``index``: segmentation logits (mapped to the file's size
+        before the argmax), detection boxes, a classification class id."""
         meta = self._meta(index)
         if self.task.kind == SEGMENTATION:
             if meta is None:
@@ -61,7 +62,7 @@ class PredictionWriter:
             Image.fromarray(labels.to(torch.uint8).numpy()).save(self.out_dir / self.task.name / f"{name}.png")
         elif self.task.kind == CLASSIFICATION:
             file = str(meta.file) if meta is not None else f"{index:05d}"
-            true, predicted = int(target), int(prediction.argmax())
+            true, predicted = int(target), int(prediction)
             self.rows.append((file, self.space.classes[true], self.space.classes[predicted]))
         else:
             boxes = prediction["boxes"]
@@ -98,11 +99,12 @@ def evaluate_task(model: UnifiedModel, task: TaskSpec, dataset: Any, config: Con
     index = 0
     for images, targets in loader:
         output = model(images, task.head)
-        predictions = decode(output) if task.kind == DETECTION else output
+        predictions = predict(output, task.kind, decode)
         scorer.update(predictions, targets)
         if writer is not None:
+            written = output if task.kind == SEGMENTATION else predictions  # logits: resized to the file's size
             for offset in range(len(images)):
-                writer.add(index + offset, predictions[offset], targets[offset])
+                writer.add(index + offset, written[offset], targets[offset])
         index += len(images)
     if writer is not None:
         writer.close()

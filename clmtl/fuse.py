@@ -12,15 +12,11 @@ neither update statistics nor normalise batches.
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 from torch import nn
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no network checks
-
-from ultralytics.nn.modules import Conv, Conv2  # noqa: E402
-from ultralytics.utils.torch_utils import fuse_conv_and_bn  # noqa: E402
+from clmtl.ultralytics_shim import Conv, Conv2, fuse_conv_and_bn
 
 
 def fuse_batchnorm(model: nn.Module, channels_last: bool = True) -> nn.Module:

@@ -10,9 +10,8 @@ whatever order the user wrote (model changes first, then optimizer, data, loss t
 callbacks in list order) and to refuse hybrids in which two plugins would both take over an exclusive part
 (two plugins replacing the data a step sees, or the optimizer), a clash Avalanche's plugin lists accept silently.
 
-A strategy can also live in a plain Python file: ``load_strategy_file(path)`` (``clmtl run --plugin-file PATH``)
-imports it, and so does discovery for every path in the ``CLMTL_STRATEGY_FILES`` environment variable
-(separated by ``os.pathsep``), which reaches the worker processes of benchmark scripts.
+A strategy can also live in a plain Python file: ``use_strategy_files(paths)`` (``clmtl run --plugin-file PATH``)
+imports it; a benchmark's worker processes are handed the same paths with each job (``clmtl.grid``).
 
 A plugin that needs the whole benchmark (``joint`` trains on every task's data) defines
 ``bind_benchmark(benchmark)``; ``clmtl run`` calls it before training.
@@ -23,11 +22,10 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
-import os
 import pkgutil
 import sys
 from pathlib import Path
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -35,7 +33,6 @@ from typing import Any
 from clmtl.config import make_settings, schema_defaults
 
 ENTRY_POINT_GROUP = "clmtl.strategies"
-FILES_VARIABLE = "CLMTL_STRATEGY_FILES"
 
 ACTIONS = ("model", "optimizer", "data", "loss")
 """What a strategy may act on, in the order the composer applies plugins:
@@ -110,8 +107,6 @@ def _discover() -> None:
         importlib.import_module(f"strategies.{module.name}")
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         entry_point.load()
-    for path in filter(None, os.environ.get(FILES_VARIABLE, "").split(os.pathsep)):
-        load_strategy_file(path)
 
 
 def load_strategy_file(path: str | Path) -> None:
@@ -130,6 +125,14 @@ def load_strategy_file(path: str | Path) -> None:
     except BaseException:
         del sys.modules[name]  # a file that failed to import is not taken as loaded
         raise
+
+
+def use_strategy_files(paths: Sequence[str | Path]) -> None:
+    """Register the strategies of each file (``--plugin-file``); a missing file is a one-line error."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--plugin-file {path}: no such file")
+        load_strategy_file(path)
 
 
 def available() -> dict[str, StrategyEntry]:

@@ -17,6 +17,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from clmtl.io import atomic_write_json, atomic_write_text
+from clmtl.metrics.forgetting import absolute_drop, relative_drop
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 
 NONE_MARK = "–"
@@ -64,9 +65,9 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
 def _stream_section(results: Mapping[str, Any]) -> list[str]:
     """Average accuracy, BWT and FWT with their definitions; each task's forward-transfer term if b[j] is known."""
     lines = ["## Stream summary", "", "| Measure | Value | Definition |", "|---|---|---|",
-             f"| Average accuracy | {_fmt(results.get('average_accuracy'), 3)} | {AVERAGE_ACCURACY_DEFINITION} |",
-             f"| BWT | {_fmt(results.get('bwt'), 3)} | {BWT_DEFINITION} |",
-             f"| FWT | {_fmt(results.get('fwt'), 3)} | {FWT_DEFINITION} |"]
+             f"| Average accuracy | {format_value(results.get('average_accuracy'), 3)} | {AVERAGE_ACCURACY_DEFINITION} |",
+             f"| BWT | {format_value(results.get('bwt'), 3)} | {BWT_DEFINITION} |",
+             f"| FWT | {format_value(results.get('fwt'), 3)} | {FWT_DEFINITION} |"]
     random_init = results.get("random_init") or {}
     if random_init:
         matrix = results["matrix"]
@@ -77,8 +78,8 @@ def _stream_section(results: Mapping[str, Any]) -> list[str]:
             before = _cell(matrix, j - 1, j) if j >= 1 else None
             b = random_init.get(task["name"])
             transfer = None if before is None or b is None else before - b
-            lines.append(f"| {task['name']} | {task['metric']} | {_fmt(b, 3)} | {_fmt(before, 3)} "
-                         f"| {_fmt(transfer, 3)} |")
+            lines.append(f"| {task['name']} | {task['metric']} | {format_value(b, 3)} | {format_value(before, 3)} "
+                         f"| {format_value(transfer, 3)} |")
     return lines
 
 
@@ -101,7 +102,7 @@ def _final_section(results: Mapping[str, Any]) -> list[str]:
         for metric in t.get("extra", []):
             base = extra_base.get(t["name"], {}).get(metric)
             fin = extra_final.get(t["name"], {}).get(metric)
-            extra_rows.append((t["name"], metric, base, fin, _relative_drop(base, fin)))
+            extra_rows.append((t["name"], metric, base, fin, relative_drop(base, fin)))
     if extra_rows:
         lines += ["", "### Secondary metrics", ""] + _drop_table(extra_rows)
     return lines
@@ -117,7 +118,7 @@ def _matrix_section(results: Mapping[str, Any]) -> list[str]:
              "| | " + " | ".join(headers) + " |",
              "|---" * (len(tasks) + 1) + "|"]
     for task, row in zip(tasks, results["matrix"]):
-        lines.append(f"| after {task['name']} | " + " | ".join(_fmt(v, 3) for v in row) + " |")
+        lines.append(f"| after {task['name']} | " + " | ".join(format_value(v, 3) for v in row) + " |")
     if many:
         metrics = {t["metric"] for t in tasks}
         lines += ["", f"Metric of every task: {tasks[0]['metric']}." if len(metrics) == 1 else
@@ -135,8 +136,8 @@ def _forgetting_section(results: Mapping[str, Any]) -> list[str]:
              f"| Task | {FORGETTING_TITLE} | {FORGETTING_MAX_TITLE} |", "|---|---|---|"]
     for task in results["tasks"]:
         name = task["name"]
-        lines.append(f"| {name} | {_fmt(forgetting.get(name), 3)} | {_fmt(forgetting_max.get(name), 3)} |")
-    lines.append(f"| mean | {_fmt(_mean(forgetting.values()), 3)} | {_fmt(_mean(forgetting_max.values()), 3)} |")
+        lines.append(f"| {name} | {format_value(forgetting.get(name), 3)} | {format_value(forgetting_max.get(name), 3)} |")
+    lines.append(f"| mean | {format_value(_mean(forgetting.values()), 3)} | {format_value(_mean(forgetting_max.values()), 3)} |")
     return lines
 
 
@@ -147,8 +148,8 @@ def _cost_section(results: Mapping[str, Any]) -> list[str]:
     seconds = results.get("train_seconds") or {}
     if seconds:
         lines += ["| Stage | Train seconds |", "|---|---|"]
-        lines += [f"| {stage} | {_fmt(s, 1)} |" for stage, s in seconds.items()]
-        lines.append(f"| total | {_fmt(sum(s for s in seconds.values() if s is not None), 1)} |")
+        lines += [f"| {stage} | {format_value(s, 1)} |" for stage, s in seconds.items()]
+        lines.append(f"| total | {format_value(sum(s for s in seconds.values() if s is not None), 1)} |")
     return lines
 
 
@@ -386,17 +387,11 @@ def _class_colours(count: int) -> list[tuple[float, float, float, float]]:
 def _drop_table(rows: Sequence[tuple[str, str, Any, Any, Any]]) -> list[str]:
     lines = ["| Task | Metric | Baseline | Final | Drop (relative) | Drop (absolute) |", "|---|---|---|---|---|---|"]
     for name, metric, base, fin, relative in rows:
-        absolute = None if base is None or fin is None else base - fin
+        absolute = absolute_drop(base, fin)
         relative_text = NONE_MARK if relative is None else f"{100 * relative:.2f}%"
-        lines.append(f"| {name} | {metric} | {_fmt(base, 4)} | {_fmt(fin, 4)} | {relative_text} "
-                     f"| {_fmt(absolute, 4)} |")
+        lines.append(f"| {name} | {metric} | {format_value(base, 4)} | {format_value(fin, 4)} | {relative_text} "
+                     f"| {format_value(absolute, 4)} |")
     return lines
-
-
-def _relative_drop(baseline: float | None, final: float | None) -> float | None:
-    if baseline is None or final is None or baseline == 0:
-        return None
-    return (baseline - final) / baseline
 
 
 def _matrix_array(results: Mapping[str, Any]) -> np.ndarray:
@@ -416,7 +411,8 @@ def _mean(values: Any) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def _fmt(value: float | None, digits: int) -> str:
+def format_value(value: float | None, digits: int) -> str:
+    """A number as the tables show it, with ``digits`` decimals; a missing one as ``NONE_MARK``."""
     return NONE_MARK if value is None else f"{value:.{digits}f}"
 
 

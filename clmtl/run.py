@@ -6,6 +6,7 @@ Data flows one way: config -> benchmark (``clmtl.benchmark``) -> template + stra
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from pathlib import Path
@@ -15,29 +16,31 @@ import torch
 from clmtl import distributed
 from clmtl.baselines import BackgroundBaselines, Baselines, baseline_threads, single_task_baselines
 from clmtl.benchmark import Benchmark, build_benchmark
-from clmtl.builders import build_model, build_strategy, make_loggers, make_template, recipe_plugins, seed_everything
-from clmtl.checkpoint import (ResumeError, clock_state, load_run_checkpoint, plugin_states, restore_plugins,
-                              rng_state, save_run_checkpoint, set_clock_state, set_rng_state, task_model_states)
+from clmtl.builders import (build_model, build_strategy, make_decoder, make_loggers, make_template, recipe_plugins,
+                             seed_everything)
+from clmtl.checkpoint import (ResumeError, StopRequest, clock_state, load_run_checkpoint, plugin_states,
+                              restore_plugins, rng_state, save_run_checkpoint, set_clock_state, set_rng_state,
+                              task_model_states)
 from clmtl.config import Config, ConfigError
-from clmtl.decode import decode_detections
+from clmtl.decode import predict
 from clmtl.metrics.plugin import task_scores
 from clmtl.models import UnifiedModel
 from clmtl.plugin import Plugin
 from clmtl.report import prediction_overlays, write_report
 from clmtl.results import assemble_results
-from clmtl.tasks import CLASSIFICATION, SEGMENTATION
 
 
 def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Baselines = True,
-        resume: bool = False) -> dict:
+        resume: bool = False, stop: StopRequest | None = None) -> dict:
     """Baselines, then the stream with ``strategy``; writes the report into ``out_dir`` and returns results.
 
     ``baselines``: True trains them, False skips them, a ``Baselines`` reuses ones trained before with the same
     config and seed (benchmark scripts share them between strategies). ``resume`` continues the interrupted run in
     ``out_dir`` after its last finished experience (``clmtl.checkpoint``); config and strategy must be the run's.
 
-    In a process group (``torchrun``, see ``clmtl.distributed``) every process trains its share and gets the same
-    results; only rank 0 writes to ``out_dir``.
+    ``stop``, once requested (the command line's signal handler), checkpoints and stops after the current training
+    iteration. In a process group (``torchrun``, see ``clmtl.distributed``) every process trains its share and gets
+    the same results; only rank 0 writes to ``out_dir``.
     """
     from avalanche.logging import TextLogger
 
@@ -84,18 +87,26 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
         if saved is not None:  # before the optimizer is made: heads take the checkpoint's (grown) shapes
             model.load_state_dict(saved["model"])
         loggers = make_loggers(config, out_dir, log_file) if writes else []
-        template = make_template(config, model, tasks, plugins, loggers)
+        checkpoints = config.output.checkpoints and writes
+
+        def save_partial(position: dict) -> None:  # inside an experience: called by the template, after snapshot exists
+            save_run_checkpoint({**snapshot(), "partial": position}, out_dir / "checkpoints", None)
+
+        template = make_template(config, model, tasks, plugins, loggers, stop=stop,
+                                 checkpoint_every=config.output.checkpoint_every if checkpoints else 0,
+                                 on_checkpoint=save_partial if checkpoints else None)
         matrix: list[list[float | None]] = []
         train_seconds: dict[str, float] = {}
         per_task: list[dict[str, float]] = []
         finished = -1  # the last experience trained and evaluated
+        resume_point = None  # where a run stopped inside an experience continues
         if saved is not None:
             matrix, train_seconds, per_task, finished = (saved["matrix"], saved["train_seconds"], saved["scores"],
                                                          saved["experience"])
             random_init = saved.get("random_init", [None] * len(tasks))  # checkpoints of clmtl 0.1 have none
             if "partial" in saved:  # stopped inside experience finished + 1: the template continues it
-                template.resume_point = {**saved["partial"],
-                                         "restore": lambda: restore_plugins(plugins, saved["plugins"], model)}
+                resume_point = {**saved["partial"],
+                                "restore": lambda: restore_plugins(plugins, saved["plugins"], model)}
                 log_file.write(f"== resumed inside experience {finished + 1} (epoch {saved['partial']['epoch']}, "
                                f"iteration {saved['partial']['iteration']}) ==\n")
             else:
@@ -117,17 +128,13 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
                     "clock": clock_state(template.clock), "rng": rng_state(),
                     "config": config.to_dict(), "strategy": strategy, "tasks": [t.as_dict() for t in tasks]}
 
-        checkpoints = config.output.checkpoints and writes
-        if checkpoints:
-            template.checkpoint_every = config.output.checkpoint_every
-            template.on_checkpoint = lambda position: save_run_checkpoint(
-                {**snapshot(), "partial": position}, out_dir / "checkpoints", None)
         for label, experience in enumerate(benchmark.stream.train_stream):
             if label <= finished:
                 continue
             task = tasks[label]
             train_seconds[task.name] = template.train_for(experience, benchmark.epochs[label],
-                                                          config.data.num_workers)
+                                                          config.data.num_workers, resume_point)
+            resume_point = None
             if distributed.is_distributed():
                 distributed.broadcast_plugin_states(plugins, model)
             per_task = task_scores(template.eval(benchmark.stream.test_stream), tasks)
@@ -184,17 +191,11 @@ def draw_overlays(model: UnifiedModel, benchmark: Benchmark, config: Config, plo
     """A few validation images per task with what the final model predicts on them."""
     model.eval()
     count = config.output.overlays
+    decode = functools.partial(make_decoder(config, model), score_threshold=0.3)  # what is worth drawing
     for label, task in enumerate(benchmark.tasks):
         dataset = benchmark.val_sets[label]
         samples = [dataset[i] for i in range(min(count, len(dataset)))]
         images = torch.stack([s[0] for s in samples])
-        output = model(images, task.head)
-        if task.kind == SEGMENTATION:
-            predictions = list(output.argmax(1))
-        elif task.kind == CLASSIFICATION:
-            predictions = output.argmax(1).tolist()
-        else:
-            predictions = decode_detections(output, model.anchor_layout, score_threshold=0.3,
-                                            iou_threshold=config.eval.iou_threshold)
+        predictions = predict(model(images, task.head), task.kind, decode)
         prediction_overlays(images, predictions, task.kind, model.spaces[task.head].classes,
                             plot_dir / f"predictions_{task.name}.png", targets=[s[1] for s in samples])

@@ -10,8 +10,8 @@ Training forwards (the mini-batch's and ``task_batch_loss``'s) run in the config
 autocast for ``bf16``, their outputs cast back to float32 (``clmtl.precision``).
 
 It can also stop and continue inside an experience: ``checkpoint_every`` / ``on_checkpoint`` hand the caller the
-training position every N iterations (and when a stop was requested, see ``clmtl.checkpoint.request_stop``), and
-``resume_point`` continues from such a position (``clmtl.checkpoint``).
+training position every N iterations (and when a stop was requested, ``clmtl.checkpoint.StopRequest``), and
+``train_for(resume=...)`` continues from such a position (``clmtl.checkpoint``).
 
 Under ``torchrun`` (``clmtl.distributed``) it also shards each global training batch and the evaluation sets
 between the processes, averages gradients after every backward pass and BatchNorm statistics after every
@@ -29,8 +29,8 @@ from avalanche.models.utils import avalanche_forward
 from avalanche.training.templates import SupervisedTemplate
 
 from clmtl import distributed
-from clmtl.checkpoint import (StopRequested, clock_state, rng_state, set_clock_state, set_rng_state,
-                              stop_requested)
+from clmtl.checkpoint import (StopRequest, StopRequested, clock_state, rng_state, set_clock_state,
+                              set_rng_state)
 from clmtl.plugin import to_device
 from clmtl.precision import autocast, to_float
 
@@ -38,21 +38,24 @@ from clmtl.precision import autocast, to_float
 class MultiTaskTemplate(SupervisedTemplate):
     """SupervisedTemplate whose minibatches may hold targets of any kind (label maps, box lists, class ids)."""
 
-    checkpoint_every: int = 0
-    """Call ``on_checkpoint`` every this many training iterations of an experience (0: never)."""
-    on_checkpoint: Callable[[dict], None] | None = None
-    """Receives the training position (``position()``) to checkpoint."""
-    resume_point: dict | None = None
-    """A ``position()`` saved earlier plus ``"restore"``, a callable that puts the plugins' states back: the next
-    ``train`` call continues that experience from there instead of starting it."""
+    def __init__(self, *, precision: str = "fp32", clip_grad_norm: float = 0.0, checkpoint_every: int = 0,
+                 on_checkpoint: Callable[[dict], None] | None = None, stop: StopRequest | None = None,
+                 **kwargs) -> None:
+        """Avalanche's ``SupervisedTemplate`` arguments, plus:
 
-    def __init__(self, *, precision: str = "fp32", clip_grad_norm: float = 0.0, **kwargs) -> None:
-        """Avalanche's ``SupervisedTemplate`` arguments, plus ``precision`` (``fp32``, or ``bf16``: training forwards
-        under bfloat16 autocast, ``clmtl.precision``) and ``clip_grad_norm`` (rescale the gradients to at most this
-        total norm before each update; 0: never)."""
+        - ``precision``: ``fp32``, or ``bf16`` (training forwards under bfloat16 autocast, ``clmtl.precision``);
+        - ``clip_grad_norm``: rescale the gradients to at most this total norm before each update (0: never);
+        - ``on_checkpoint``: receives the training position (``position()``) every ``checkpoint_every`` training
+          iterations of an experience (0: never), and when ``stop`` is requested, before training stops.
+        """
         super().__init__(**kwargs)
         self.precision = precision
         self.clip_grad_norm = clip_grad_norm
+        self.checkpoint_every = checkpoint_every
+        self.on_checkpoint = on_checkpoint
+        self.stop = stop or StopRequest()
+        self.resume_point: dict | None = None
+        """What ``train_for(resume=...)`` continues: set for that call only."""
 
     def forward(self):
         return self.task_output(self.mb_x, self.mb_task_id)
@@ -64,9 +67,13 @@ class MultiTaskTemplate(SupervisedTemplate):
             return torch.zeros((), device=self.device)
         return super().criterion()
 
-    def train_for(self, experience, epochs: int, num_workers: int = 0) -> float:
-        """Train on one experience for ``epochs`` epochs with a fresh optimizer state; returns wall-clock seconds."""
+    def train_for(self, experience, epochs: int, num_workers: int = 0, resume: dict | None = None) -> float:
+        """Train on one experience for ``epochs`` epochs with a fresh optimizer state; returns wall-clock seconds.
+
+        ``resume``: a ``position()`` saved earlier plus ``"restore"``, a callable that puts the plugins' states
+        back; the experience then continues from there instead of starting."""
         self.train_epochs = epochs
+        self.resume_point = resume
         self.train(experience, num_workers=num_workers, reset_optimizer_state=True)
         return self.experience_seconds
 
@@ -98,9 +105,9 @@ class MultiTaskTemplate(SupervisedTemplate):
     def _after_training_iteration(self, **kwargs) -> None:
         super()._after_training_iteration(**kwargs)  # every plugin, the clock last, has finished the iteration
         due = self.checkpoint_every and self.clock.train_exp_iterations % self.checkpoint_every == 0
-        if self.on_checkpoint is not None and (due or stop_requested()):
+        if self.on_checkpoint is not None and (due or self.stop.requested):
             self.on_checkpoint(self.position())
-        if stop_requested():
+        if self.stop.requested:
             raise StopRequested("stopped by a signal after a training iteration")
 
     def position(self) -> dict[str, Any]:

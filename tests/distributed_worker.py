@@ -1,15 +1,19 @@
-"""One evaluation, one training step and one averaged experience, run by tests/test_distributed.py under torchrun
+"""One evaluation, one training step and two trained experiences, run by tests/test_distributed.py under torchrun
 and as a single process.
 
 It loads the model of a run checkpoint, then writes (rank 0 only) what the test compares: the metrics of every
 task's whole validation set, the parameter gradients after one backward pass on a fixed global batch of
-classification samples, and every process's weights after an experience trained with weight averaging (which each
-process must end with alike). ``python tests/distributed_worker.py CHECKPOINT OUT [EXPERIENCE]``: the experience
-trained (default: the classification task's) may grow a head (class scenario).
+classification samples, every process's weights after an experience trained with weight averaging (which each
+process must end with alike), and every process's weights after the classification experience trained from the
+checkpoint again with BatchNorm frozen (on its running statistics). Frozen, nothing depends on how a global batch is
+split any more, so N processes must end where one process does, step for step. ``python
+tests/distributed_worker.py CHECKPOINT OUT [EXPERIENCE]``: the experience trained with weight averaging (default:
+the classification task's) may grow a head (class scenario); the frozen run is made for the default only.
 """
 import sys
 
 import torch
+from avalanche.training.plugins import SupervisedPlugin
 
 from clmtl import distributed
 from clmtl.averaging import WeightAveraging
@@ -18,6 +22,15 @@ from clmtl.metrics.plugin import task_scores
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, make_template
 from clmtl.plugin import to_device
+
+
+class FrozenBatchNorm(SupervisedPlugin):
+    """BatchNorm normalises with its running statistics, and keeps them, during training too."""
+
+    def before_training_iteration(self, strategy, **kwargs) -> None:
+        for module in strategy.model.modules():  # after Avalanche's model.train()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def main(checkpoint: str, out: str, experience: int | None = None) -> None:
@@ -46,8 +59,19 @@ def main(checkpoint: str, out: str, experience: int | None = None) -> None:
     template.train_epochs = 1
     template.train(benchmark.stream.train_stream[label if experience is None else experience])
     averaged = distributed.gather(model.state_dict()) if distributed.is_distributed() else [model.state_dict()]
+
+    frozen = None
+    if experience is None:  # the whole training loop (sharded batches, averaged gradients, Adam, warmup) from the
+        model.load_state_dict(saved["model"])  # checkpoint, with BatchNorm out of the way
+        fp32 = checkpoint_config(saved, checkpoint, overrides=["train.precision=fp32"])
+        template = make_template(fp32, model, benchmark.tasks, plugins=[FrozenBatchNorm()], loggers=[], progress=False)
+        template.train_epochs = 2
+        torch.manual_seed(1)  # the order of the batches (drawn by rank 0 alone under torchrun)
+        template.train(benchmark.stream.train_stream[label])
+        state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        frozen = distributed.gather(state) if distributed.is_distributed() else [state]
     if distributed.is_main_process():
-        torch.save({"scores": scores, "gradients": gradients, "averaged": averaged,
+        torch.save({"scores": scores, "gradients": gradients, "averaged": averaged, "frozen": frozen,
                     "processes": distributed.world_size()}, out)
     distributed.shutdown()
 

@@ -145,17 +145,16 @@ def test_resume_needs_the_runs_own_config(tmp_path):
 
 def _files(folder) -> dict:
     """Every file under ``folder``: relative path -> (bytes, modification time)."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.999, 200, 0])  # fraction or number of bytes kept
 def test_a_truncated_last_checkpoint_is_one_line_exit_2_and_nothing_is_written(tmp_path, capsys, monkeypatch, keep):
     from clmtl.cli import main
     from clmtl.config import load_config
-    from clmtl.registry import FILES_VARIABLE
 
     monkeypatch.delenv("CLMTL_DEBUG", raising=False)
-    monkeypatch.delenv(FILES_VARIABLE, raising=False)  # the command records its plugin files there
     out = tmp_path / "run"
     checkpoint = {"model": {"w": torch.randn(64, 64)}, "config": load_config(None).to_dict(), "strategy": "naive",
                   "experience": 0, "matrix": [[0.5, None], [None, None]], "scores": [], "plugins": [None],

@@ -98,8 +98,10 @@ def test_script_runs_resumes_and_writes_the_table(tmp_path, monkeypatch):
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(script, "train_strategy", must_not_train)
-    monkeypatch.setattr(script, "train_baselines", must_not_train)
+    import clmtl.grid
+
+    monkeypatch.setattr(clmtl.grid, "train_strategy", must_not_train)
+    monkeypatch.setattr(clmtl.grid, "train_baselines", must_not_train)
     assert script.main(argv) == 0  # everything is reused
 
 
@@ -111,9 +113,8 @@ def test_stopping_a_parallel_run_terminates_its_workers(process_tree):
 
     import psutil
 
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import compare_strategies; "
-            "compare_strategies.execute([(time.sleep, (120,)), (time.sleep, (120,))], 2)")
-    parent = process_tree.start([sys.executable, "-c", code, str(SCRIPT.parent)])
+    code = "import time; from clmtl.grid import execute; execute([(time.sleep, (120,)), (time.sleep, (120,))], 2)"
+    parent = process_tree.start([sys.executable, "-c", code])
     deadline, workers = time.monotonic() + 60, []
     while len(workers) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)

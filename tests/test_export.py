@@ -180,10 +180,8 @@ def test_a_malformed_task_list_is_one_line_naming_the_checkpoint(saved_with_task
 
     from clmtl.cli import main
     from clmtl.export import export_checkpoint
-    from clmtl.registry import FILES_VARIABLE
 
     monkeypatch.delenv("CLMTL_DEBUG", raising=False)
-    monkeypatch.delenv(FILES_VARIABLE, raising=False)  # the command records its plugin files there
     saved = copy.deepcopy(saved_with_tasks)
     saved["tasks"] = change(saved["tasks"])
     bad = tmp_path / "bad.pt"
@@ -206,15 +204,13 @@ def test_the_intact_task_list_gives_its_tasks(saved_with_tasks, tmp_path):
     assert checkpoint_tasks(old, "old.pt") == [TaskSpec(*task, head=head) for head, task in enumerate(CUSTOM_TASKS)]
 
 
-def test_eval_scores_the_tasks_of_the_checkpoints_config_and_never_reads_its_task_list(tmp_path, capsys, monkeypatch):
+def test_eval_scores_the_tasks_of_the_checkpoints_config_and_never_reads_its_task_list(tmp_path, capsys):
     """``clmtl eval`` rebuilds the benchmark, tasks included, from the saved config (``evaluate_checkpoint``): a
     malformed ``tasks`` entry cannot reach it, so the metrics are those of the intact checkpoint."""
     import json
 
     from clmtl.cli import main
-    from clmtl.registry import FILES_VARIABLE
 
-    monkeypatch.delenv(FILES_VARIABLE, raising=False)
     run_checkpoint(tmp_path / "intact.pt")
     saved = torch.load(tmp_path / "intact.pt", weights_only=True)
     saved["tasks"] = [{"name": "det", "kind": "depth"}, "cls"]

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from realdata import write_coco, write_folder, write_voc
+import torch
+from realdata import COCO_IMAGES, write_coco, write_folder, write_voc
 
 from clmtl.config import ConfigError, load_config
 from clmtl.data.files import resolve_paths
@@ -62,6 +63,73 @@ def test_two_annotation_files_for_one_split_are_ambiguous(tmp_path):
         resolve_paths(load_config(None, [f"data.root={tmp_path}"]).data)
 
 
+# Detections whose COCO mAP is known by hand, on the val annotation file ``write_coco`` writes (realdata.py): non-crowd
+# ground truth cat (id 3): annotations 1, 8, 12; dog (7): 3, 6 (5 is crowd); bird (42): 2, 11.
+KNOWN_DETECTIONS = [  # image id, category id, bbox xywh in the file's pixels, score
+    (4, 3, [4.5, 6.0, 20.0, 14.0], 0.9),  # cat: annotation 1 exactly
+    (9, 3, [10.0, 40.0, 12.0, 15.0], 0.8),  # cat: annotation 8 exactly (12 is missed)
+    (23, 7, [30.0, 2.0, 15.0, 15.0], 0.95),  # dog where image 23 has none: a false positive ranked first
+    (9, 7, [5.0, 3.0, 20.0, 25.0], 0.7),  # dog: annotation 6 exactly (3 is missed)
+]  # no bird
+KNOWN_MAP = (67 / 101 + 0.5 * 51 / 101 + 0.0) / 3
+"""At every IoU threshold (the boxes are exact): cat finds 2 of 3 at precision 1, so 67 of COCO's 101 recall points
+(0, 0.01, ..., 0.66) score 1; dog finds 1 of 2 after a false positive, so 51 points (up to 0.5) score 0.5; bird 0."""
+
+
+def _model_pixels(box: list[float], height: int, width: int, size: int = 64) -> list[float]:
+    """An xywh box of a ``height x width`` image as xyxy in its letterboxed ``size``-pixel square, by hand."""
+    scale = size / max(height, width)
+    pad_x, pad_y = (size - round(width * scale)) // 2, (size - round(height * scale)) // 2
+    x, y, w, h = box
+    return [x * scale + pad_x, y * scale + pad_y, (x + w) * scale + pad_x, (y + h) * scale + pad_y]
+
+
+def _known_predictions(image_ids: list[int], categories: tuple[int, ...]) -> list[dict]:
+    """``KNOWN_DETECTIONS`` as a model would output them for the images ``image_ids``: model pixels, task labels."""
+    sizes = {image["id"]: (image["height"], image["width"]) for image in COCO_IMAGES}
+    predictions = []
+    for image_id in image_ids:
+        mine = [d for d in KNOWN_DETECTIONS if d[0] == image_id]
+        predictions.append({
+            "boxes": torch.tensor([_model_pixels(box, *sizes[image_id]) for _, _, box, _ in mine]).reshape(-1, 4),
+            "scores": torch.tensor([score for *_, score in mine]),
+            "labels": torch.tensor([categories.index(category) for _, category, _, _ in mine], dtype=torch.long),
+        })
+    return predictions
+
+
+def _cocoeval(annotation_file, detections: list[dict]) -> tuple[float, float]:
+    """pycocotools' (mAP50_95, mAP50) of a results list on the annotation file itself."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(annotation_file))
+        evaluator = COCOeval(truth, truth.loadRes(detections), iouType="bbox")
+        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    return float(evaluator.stats[0]), float(evaluator.stats[1])
+
+
+def test_detection_map_of_known_detections_equals_cocoeval_on_the_annotation_file_and_the_hand_value(bundle):
+    from clmtl.benchmark import build_benchmark
+    from clmtl.metrics.scores import scorer_for
+
+    root, _, coco, _ = bundle
+    results = [{"image_id": image, "category_id": category, "bbox": box, "score": score}
+               for image, category, box, score in KNOWN_DETECTIONS]
+    expected = _cocoeval(coco["val"].annotation_file, results)
+    assert expected == pytest.approx((KNOWN_MAP, KNOWN_MAP), abs=1e-12) and 0.3 < KNOWN_MAP < 0.31
+
+    benchmark = build_benchmark(load_config(None, [f"data.root={root}", *TINY]))
+    label = [task.kind for task in benchmark.tasks].index("detection")
+    task, val = benchmark.tasks[label], benchmark.val_sets[label]
+    targets = [val[i][1] for i in range(len(val))]
+    image_ids = [target["image_id"] for target in targets]
+    assert image_ids == [4, 9, 17, 23] and task.category_ids == (3, 7, 42)
+    predictions = _known_predictions(image_ids, task.category_ids)
+    scorer = scorer_for(task)
+    scorer.update(predictions[:3], targets[:3])  # in batches, as evaluation feeds it
+    scorer.update(predictions[3:], targets[3:])
+    assert scorer.result() == pytest.approx({"mAP50_95": expected[0], "mAP50": expected[1]}, abs=1e-9)
+
+
 @pytest.fixture(scope="module")
 def real_run(bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("real_run")
@@ -92,15 +160,12 @@ def test_eval_reproduces_the_run_and_exports_predictions_external_tools_score_th
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
     detections = json.loads((tmp_path / "det.json").read_text())
-    assert detections, "a random model at score threshold 0.01 predicts boxes"
+    assert detections, "a random model at score threshold 0.0 predicts boxes"
     assert {d["category_id"] for d in detections} <= {3, 7, 42}
     assert {d["image_id"] for d in detections} <= {image["id"] for image in coco["val"].data["images"]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        truth = COCO(str(coco["val"].annotation_file))
-        evaluator = COCOeval(truth, truth.loadRes(detections), iouType="bbox")
-        evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
-    assert metrics["det"]["mAP50_95"] == pytest.approx(max(evaluator.stats[0], 0.0), abs=1e-6)
-    assert metrics["det"]["mAP50"] == pytest.approx(max(evaluator.stats[1], 0.0), abs=1e-6)
+    external = _cocoeval(coco["val"].annotation_file, detections)
+    assert min(external) >= 0  # defined (the file has ground truth): no -1 to hide
+    assert (metrics["det"]["mAP50_95"], metrics["det"]["mAP50"]) == pytest.approx(external, abs=1e-6)
 
     for sample in voc.splits["val"]:
         written = np.asarray(Image.open(tmp_path / "seg" / f"{sample.id}.png"))
@@ -111,6 +176,36 @@ def test_eval_reproduces_the_run_and_exports_predictions_external_tools_score_th
     assert sorted(row["file"] for row in rows) == sorted(str(path.resolve()) for path, _ in folder.files["val"])
     accuracy = np.mean([row["true_label"] == row["predicted_label"] for row in rows])
     assert metrics["cls"]["top1"] == pytest.approx(accuracy)
+
+
+@pytest.mark.slow
+def test_eval_exports_known_detections_that_cocoeval_scores_as_we_do(real_run, bundle, tmp_path, monkeypatch):
+    """The trained model's detections score near 0, where agreement proves little: here the checkpoint's evaluation
+    decodes to ``KNOWN_DETECTIONS`` instead, so the exported det.json must hold them in the file's pixels and ids, and
+    both scores must be the hand value."""
+    import clmtl.builders
+
+    out, _ = real_run
+    coco = bundle[2]
+    queue = _known_predictions([4, 9, 17, 23], (3, 7, 42))  # the val images in the order evaluation reads them
+
+    def known(config, model):
+        def decode(raw):
+            return [queue.pop(0) for _ in range(len(raw[0]))]
+        return decode
+
+    monkeypatch.setattr(clmtl.builders, "make_decoder", known)
+    metrics = evaluate_checkpoint(out / "checkpoints" / "last.pt", tmp_path)
+    assert not queue
+    assert metrics["det"] == pytest.approx({"mAP50_95": KNOWN_MAP, "mAP50": KNOWN_MAP}, abs=1e-9)
+    detections = json.loads((tmp_path / "det.json").read_text())
+    assert sorted((d["image_id"], d["category_id"]) for d in detections) == sorted(k[:2] for k in KNOWN_DETECTIONS)
+    for detection in detections:
+        key = (detection["image_id"], detection["category_id"])
+        _, _, box, score = next(known for known in KNOWN_DETECTIONS if known[:2] == key)
+        assert detection["bbox"] == pytest.approx(box, abs=1e-4)  # back in the file's pixels
+        assert detection["score"] == pytest.approx(score, abs=1e-6)
+    assert _cocoeval(coco["val"].annotation_file, detections) == pytest.approx((KNOWN_MAP, KNOWN_MAP), abs=1e-9)
 
 
 def test_bad_data_stops_the_run_before_it_touches_earlier_outputs(bundle, tmp_path):

@@ -1,4 +1,5 @@
-"""Forgetting, BWT and drops against hand-computed matrices, Avalanche's functional forgetting and Mammoth's code."""
+"""Forgetting, BWT and drops against hand-computed matrices, Avalanche's functional forgetting, Avalanche's StreamBWT
+plugin metric on a real training run, and Mammoth's code."""
 import math
 import random
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from avalanche.evaluation.functional import forgetting as avalanche_forgetting_matrix
 
-from clmtl.metrics.forgetting import abs_drop, bwt, drop_vs_baseline, forgetting, forgetting_max
+from clmtl.metrics.forgetting import absolute_drop, bwt, drop_vs_baseline, forgetting, forgetting_max
 
 # Task 0 peaks after experience 1 (0.85) and ends at 0.5; task 1 improves after its own experience.
 R = [
@@ -85,6 +86,51 @@ def test_forgetting_max_and_bwt_equal_mammoth(seed):
     assert bwt(matrix) == pytest.approx(mammoth_backward_transfer(seen_so_far))
 
 
+def test_bwt_equals_avalanche_stream_bwt_after_every_experience_of_a_run():
+    """Avalanche's ``StreamBWT`` (its plugin metric, inside an ``EvaluationPlugin``) and ``bwt`` of the matrix of the
+    same run's experience accuracies, after each experience (the matrix so far: ``(i + 1) x (i + 1)``)."""
+    import torch
+    from avalanche.benchmarks import benchmark_from_datasets
+    from avalanche.benchmarks.utils import AvalancheDataset
+    from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+    from torch.utils.data import Subset, TensorDataset
+
+    def task(seed: int) -> tuple[AvalancheDataset, AvalancheDataset]:
+        """48 training and 40 test samples labelled by a random linear rule of the task's own: learning one task
+        moves the weights the others need."""
+        g = torch.Generator().manual_seed(seed)
+        rule, x = torch.randn(6, 3, generator=g), torch.randn(88, 6, generator=g)
+        data = TensorDataset(x, (x @ rule).argmax(1))
+        return AvalancheDataset([Subset(data, range(48))]), AvalancheDataset([Subset(data, range(48, 88))])
+
+    T = 4
+    tasks = [task(t) for t in range(T)]
+    stream = benchmark_from_datasets(train=[train for train, _ in tasks], test=[test for _, test in tasks])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True), bwt_metrics(stream=True), loggers=[])
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.3),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=8, train_epochs=8, eval_mb_size=40,
+                     evaluator=evaluator, device="cpu")
+    matrix, bwts = [], []
+    for experience in stream.train_stream:
+        strategy.train(experience)
+        metrics = strategy.eval(stream.test_stream)
+        matrix.append([metrics[f"Top1_Acc_Exp/eval_phase/test_stream/Exp{j:03}"] for j in range(T)])
+        square = [row[: len(matrix)] for row in matrix]
+        ours, theirs = bwt(square), metrics["StreamBWT/eval_phase/test_stream"]
+        bwts.append(ours)
+        if len(matrix) == 1:
+            assert ours is None and theirs == 0  # no earlier task: Avalanche's mean of nothing is 0
+        else:
+            assert ours == pytest.approx(theirs, abs=1e-12)
+    assert all(matrix[j][j] > 0.75 for j in range(T))  # every task is learnt...
+    assert max(b for b in bwts if b is not None) < -0.2  # ...and forgotten: the comparison is not of zeros
+    assert len({round(b, 6) for b in bwts if b is not None}) == T - 1  # nor of one value
+
+
 def test_forgetting_max_differs_from_avalanche_when_the_peak_is_later():
     assert forgetting_max(R)[0] > forgetting(R)[0]
 
@@ -97,7 +143,7 @@ def test_drop_vs_baseline_relative_and_absolute():
     assert relative["det"] == pytest.approx(-0.5)  # better than baseline: negative
     assert relative["cls"] == 0.0
     assert relative["zero"] is None and relative["nan"] is None and relative["new"] is None
-    absolute = abs_drop(final, baseline)
+    absolute = {task: absolute_drop(baseline.get(task), value) for task, value in final.items()}
     assert absolute["seg"] == pytest.approx(0.125)
     assert absolute["det"] == pytest.approx(-0.1)
     assert absolute["zero"] == pytest.approx(-0.1)

@@ -179,8 +179,12 @@ def test_segmentation_and_detection_scores_and_names():
 def test_scores_restart_with_each_eval_experience():
     metric = TaskMetrics([SEG])
     target = torch.zeros(1, 4, 4, dtype=torch.long)
-    _eval_experience(metric, _strategy(0), [(target + 1, target)])  # all wrong
-    again = _eval_experience(metric, _strategy(0), [(target, target)])  # all right
+
+    def logits(labels):  # what the model emits: [B, C, H, W], highest at ``labels``
+        return torch.nn.functional.one_hot(labels, len(SEG.classes)).permute(0, 3, 1, 2).float()
+
+    _eval_experience(metric, _strategy(0), [(logits(target + 1), target)])  # all wrong
+    again = _eval_experience(metric, _strategy(0), [(logits(target), target)])  # all right
     assert again[metric_key(0, 0, "mIoU")] == pytest.approx(1.0)
 
 

@@ -18,21 +18,6 @@ def speed():
     return module
 
 
-def test_cases_run_round_robin_and_warm_up_runs_are_dropped(speed):
-    calls = []
-    cases = {name: (lambda n=name: calls.append(n)) for name in "abc"}
-    seconds = speed.time_interleaved(cases, repeats=3, warmup=2)
-    assert calls == list("abc") * 5
-    assert {name: len(s) for name, s in seconds.items()} == {"a": 3, "b": 3, "c": 3}
-
-
-def test_summary_median_and_interquartile_range(speed):
-    entry = speed.summary([0.001, 0.002, 0.003, 0.004, 0.010])  # ms: 1 2 3 4 10
-    assert entry["median_ms"] == pytest.approx(3.0)
-    assert entry["q25_ms"] == pytest.approx(2.0) and entry["q75_ms"] == pytest.approx(4.0)
-    assert entry["iqr_ms"] == pytest.approx(2.0)
-
-
 def test_tiny_run_writes_every_measurement_and_ratios_of_its_medians(speed, tmp_path):
     speed.main(["--image-size", "64", "--repeats", "2", "--warmup", "1", "--train-image-size", "64",
                 "--train-batch-size", "2", "--out", str(tmp_path)])

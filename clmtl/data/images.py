@@ -12,6 +12,7 @@ under them; 16-bit greyscale is scaled to 8 bits (PIL's own conversion would cli
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,12 +83,12 @@ def open_image(path: str | Path, root: str | Path, max_pixels: int = MAX_PIXELS)
 
 
 def _pil_open():
-    """PIL's own ``Image.open``. Importing ultralytics replaces it with a wrapper that, on a file PIL cannot
-    identify, tries to install and import ``pi-heif`` (network) instead of raising PIL's error."""
-    if getattr(Image.open, "__module__", "").startswith("ultralytics"):
-        from ultralytics.utils import patches
+    """PIL's own ``Image.open``: importing ultralytics replaces it (``clmtl.ultralytics_shim``), and data loading
+    need not import ultralytics when nothing else has."""
+    if "ultralytics" in sys.modules:
+        from clmtl.ultralytics_shim import pil_open
 
-        return patches._image_open
+        return pil_open()
     return Image.open
 
 

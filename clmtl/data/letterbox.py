@@ -73,11 +73,6 @@ class Letterbox:
         """A ``[C, S, S]`` score map back to ``[C, h, w]``: padding cropped, bilinear resize."""
         return F.resize(self._crop(logits, original_size), list(original_size), antialias=False)
 
-    def labels_to_original(self, labels: Tensor, original_size: Size) -> Tensor:
-        """An ``[S, S]`` label map back to ``[h, w]``: padding cropped, nearest resize (labels stay labels)."""
-        mask = tv_tensors.Mask(self._crop(labels, original_size)[None])
-        return F.resize(mask, list(original_size))[0].as_subclass(Tensor)
-
     def _crop(self, values: Tensor, original_size: Size) -> Tensor:
         inner_h, inner_w = self.inner_size(original_size)
         return values[..., self.pad_y:self.pad_y + inner_h, self.pad_x:self.pad_x + inner_w]

@@ -2,7 +2,8 @@
 
 The Avalanche plugin metrics live in ``clmtl.metrics.plugin``, imported on demand because it imports Avalanche.
 """
-from clmtl.metrics.forgetting import abs_drop, bwt, drop_vs_baseline, forgetting, forgetting_max
+from clmtl.metrics.forgetting import (absolute_drop, average_accuracy, bwt, drop_vs_baseline, forgetting,
+                                      forgetting_max, fwt, relative_drop)
 from clmtl.metrics.scores import CocoMAP, MeanIoU, Scorer, Top1, scorer_for
 
 __all__ = [
@@ -10,10 +11,13 @@ __all__ = [
     "MeanIoU",
     "Scorer",
     "Top1",
-    "abs_drop",
+    "absolute_drop",
+    "average_accuracy",
     "bwt",
     "drop_vs_baseline",
     "forgetting",
     "forgetting_max",
+    "fwt",
+    "relative_drop",
     "scorer_for",
 ]

@@ -80,25 +80,20 @@ def _defined(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
 
+def relative_drop(baseline: float | None, final: float | None) -> float | None:
+    """``(baseline - final) / baseline``: positive means worse than the baseline; ``None`` where either is missing
+    or NaN, or the baseline is 0 (no relative change exists)."""
+    if not (_defined(baseline) and _defined(final)) or baseline == 0:
+        return None
+    return (baseline - final) / baseline
+
+
+def absolute_drop(baseline: float | None, final: float | None) -> float | None:
+    """``baseline - final`` in metric points, reported beside the relative drop because "within 5 %" can mean
+    either; ``None`` where either is missing or NaN."""
+    return baseline - final if _defined(baseline) and _defined(final) else None
+
+
 def drop_vs_baseline(final: dict[str, float | None], baseline: dict[str, float | None]) -> dict[str, float | None]:
-    """Relative drop ``(baseline - final) / baseline`` per task of ``final``; positive means worse than baseline.
-
-    ``None`` where the baseline is missing, NaN or 0 (no relative change exists) or the final value is missing/NaN.
-    """
-    drops: dict[str, float | None] = {}
-    for task, value in final.items():
-        base = baseline.get(task)
-        ok = _defined(value) and _defined(base) and base != 0
-        drops[task] = (base - value) / base if ok else None
-    return drops
-
-
-def abs_drop(final: dict[str, float | None], baseline: dict[str, float | None]) -> dict[str, float | None]:
-    """Absolute drop ``baseline - final`` per task of ``final`` (metric points); ``None`` where either is undefined.
-
-    Reported next to the relative drop because "within 5%" can mean either.
-    """
-    return {
-        task: baseline[task] - value if _defined(value) and _defined(baseline.get(task)) else None
-        for task, value in final.items()
-    }
+    """The relative drop of every task of ``final`` (``None`` for a task without a baseline)."""
+    return {task: relative_drop(baseline.get(task), value) for task, value in final.items()}

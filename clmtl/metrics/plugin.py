@@ -19,6 +19,7 @@ from avalanche.evaluation.metrics.forgetting_bwt import GenericExperienceForgett
 from torch import Tensor
 
 from clmtl import distributed
+from clmtl.decode import predict
 from clmtl.metrics.scores import CocoMAP, Scorer, scorer_for
 from clmtl.scenario import output_spaces, placed
 from clmtl.tasks import DETECTION, TaskSpec
@@ -68,10 +69,8 @@ class TaskMetrics(PluginMetric[dict[str, float]]):
 
     def after_eval_iteration(self, strategy) -> None:
         super().after_eval_iteration(strategy)
-        output = strategy.mb_output
-        if self.tasks[self.experience].kind == DETECTION:
-            output = self.decode(output)
-        self.scorers[self.experience].update(output, strategy.mb_y)
+        predictions = predict(strategy.mb_output, self.tasks[self.experience].kind, self.decode)
+        self.scorers[self.experience].update(predictions, strategy.mb_y)
 
     def after_eval_exp(self, strategy) -> list[MetricValue]:
         if distributed.is_distributed():  # every process scored its slice: score the whole set, on every process

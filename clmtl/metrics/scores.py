@@ -86,9 +86,10 @@ class Top1:
         self.correct = 0
         self.total = 0
 
-    def update(self, logits: Tensor, target: Tensor) -> None:
-        """Add a batch: ``logits`` ``[B, C]``, ``target`` ``[B]`` class indices."""
-        self.correct += int((logits.detach().argmax(dim=1).cpu() == target.detach().cpu()).sum())
+    def update(self, output: Tensor, target: Tensor) -> None:
+        """Add a batch: ``output`` logits ``[B, C]`` or class ids ``[B]``, ``target`` ``[B]`` class indices."""
+        predicted = class_indices(output) if output.dim() == 2 else output
+        self.correct += int((predicted.detach().cpu() == target.detach().cpu()).sum())
         self.total += int(target.numel())
 
     def merge(self, other: Top1) -> None:

@@ -34,10 +34,6 @@ class AnchorLayout:
             raise ValueError("each anchor must be a positive (w, h) pair")
 
     @property
-    def num_levels(self) -> int:
-        return len(self.strides)
-
-    @property
     def num_anchors(self) -> int:
         """Anchors per level (A); the head predicts A boxes per cell."""
         return len(self.anchors[0])

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import difflib
 import functools
-import os
 from collections.abc import Callable
 
 import torch
 import torchvision
 from torch import nn
 
-os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no network checks
-
-from ultralytics.nn.tasks import parse_model, yaml_model_load  # noqa: E402
-from ultralytics.utils.torch_utils import initialize_weights  # noqa: E402
+from clmtl.ultralytics_shim import initialize_weights, parse_model, yaml_model_load
 
 BN_MOMENTUM = 0.1
 """PyTorch's default, for every backbone. ultralytics uses 0.03 and torchvision's MobileNetV3 0.01, both for runs of
