@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from clmtl.config import load_config  # noqa: E402
 from clmtl.data.shapes import shapes_task  # noqa: E402
+from clmtl.devices import device_name, resolve_device  # noqa: E402
 from clmtl.decode import PRE_NMS_TOP_K, class_indices, decode_detections, predict  # noqa: E402
 from clmtl.fuse import fuse_batchnorm  # noqa: E402
 from clmtl.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per case (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per case first (default 5)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
     parser.add_argument("--train-image-size", type=int, default=128, help="training input side (default 128)")
     parser.add_argument("--train-batch-size", type=int, default=16, help="training mini-batch (default 16)")
     parser.add_argument("--compile", action="store_true",
@@ -219,6 +221,19 @@ def trained_template(strategy: str, config, benchmark):
     return template
 
 
+def synchronized(case: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``case`` waiting for the GPU to finish what it queued, so the time measured is the work's, not the queueing's."""
+    if device.type != "cuda":
+        return case
+
+    def timed() -> Any:
+        result = case()
+        torch.cuda.synchronize(device)
+        return result
+
+    return timed
+
+
 def train_step(template, batch) -> None:
     """One step of Avalanche's own training loop (``training_epoch`` over a one-batch loader)."""
     template.dataloader = [batch]
@@ -234,13 +249,15 @@ def training_config(image_size: int, batch_size: int, overrides: Sequence[str] =
 
 def training_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
     """One training step of each strategy, and what was timed."""
-    config = training_config(args.train_image_size, args.train_batch_size, args.overrides)
+    config = training_config(args.train_image_size, args.train_batch_size, [*args.overrides,
+                                                                             f"train.device={args.device}"])
     benchmark = build_benchmark(config)
+    device = resolve_device(args.device)
     cases = {}
     for strategy in STRATEGIES:
         template = trained_template(strategy, config, benchmark)
         batches = itertools.cycle(list(template.dataloader))
-        cases[strategy] = lambda t=template, b=batches: train_step(t, next(b))
+        cases[strategy] = synchronized(lambda t=template, b=batches: train_step(t, next(b)), device)
     tasks = [t.name for t in benchmark.tasks]
     setting = {"image_size": args.train_image_size, "batch_size": args.train_batch_size, "timed_task": tasks[1],
                "after": tasks[0], "optimizer": config.train.optimizer}
@@ -342,20 +359,23 @@ def measure_inference(args: argparse.Namespace) -> dict[str, Any]:
     worst = {**decode, "score_threshold": 0.0}
     result: dict[str, Any] = {
         "settings": {"image_size": args.image_size, "overrides": list(args.overrides), "repeats": args.repeats,
+                     "device": device_name(resolve_device(args.device)),
                      "warmup": args.warmup, "tasks": [t.name for t in model.tasks], **decode},
         "params": {"total": sum(p.numel() for p in model.parameters()),
                    **{part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}},
     }
-    x = torch.rand(1, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    device = resolve_device(args.device)
+    x = torch.rand(1, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    model.to(device)
     models = {"eager": model, "fused": fuse_batchnorm(model, channels_last=False),
-              "fused_cl": fuse_batchnorm(model, channels_last=True), "heads10": ten_heads(config)}
+              "fused_cl": fuse_batchnorm(model, channels_last=True), "heads10": ten_heads(config).to(device)}
     with torch.inference_mode():
         result["flops"] = model_flops(model, x)
         det_output = model.forward_all(x)[[t.kind for t in model.tasks].index(DETECTION)]
         result["detections"] = {name: sum(len(d["boxes"]) for d in decode_detections(det_output, model.anchor_layout,
                                                                                       **kwargs))
                                 for name, kwargs in (("configured", decode), ("worst", worst))}
-        cases = inference_cases(models, x, decode, worst)
+        cases = {name: synchronized(case, device) for name, case in inference_cases(models, x, decode, worst).items()}
         if args.compile:
             compiled, result["compile"] = compiled_case(models["fused_cl"], x, decode)
             cases.update(compiled)

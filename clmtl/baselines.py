@@ -22,6 +22,7 @@ from clmtl import distributed
 from clmtl.benchmark import Benchmark, build_benchmark
 from clmtl.builders import build_model, make_template, recipe_plugins, seed_everything
 from clmtl.config import Config
+from clmtl.devices import resolve_threads
 from clmtl.metrics.plugin import task_scores
 from clmtl.tasks import TaskSpec
 
@@ -59,7 +60,7 @@ def baselines_alone(config: Config, log: TextIO, only: Sequence[str] | None = No
     the same threads; returns them and the tasks, the text log going to ``log``."""
     from avalanche.logging import TextLogger
 
-    torch.set_num_threads(config.train.threads)
+    torch.set_num_threads(resolve_threads(config.train.threads))
     seed_everything(config.seed)
     benchmark = build_benchmark(config)
     return single_task_baselines(config, benchmark, [TextLogger(log)], only, progress), benchmark.tasks
@@ -91,7 +92,7 @@ def baseline_threads(config: Config) -> int:
     """
     if not config.train.parallel_baselines or distributed.is_distributed():
         return 0
-    return config.train.threads // 2
+    return resolve_threads(config.train.threads) // 2
 
 
 class BackgroundBaselines:

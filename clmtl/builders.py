@@ -19,6 +19,7 @@ from clmtl.averaging import WeightAveraging
 from clmtl.benchmark import Benchmark
 from clmtl.config import Config
 from clmtl.decode import decode_detections
+from clmtl.devices import resolve_device
 from clmtl.losses import MultiTaskLoss
 from clmtl.metrics.plugin import task_metrics
 from clmtl.models import UnifiedModel
@@ -121,11 +122,11 @@ def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec]
         train_mb_size=config.train.batch_size,
         eval_mb_size=config.train.eval_batch_size,
         train_epochs=1,
-        device="cpu",
+        device=resolve_device(config.train.device),
         plugins=[*plugins, *([schedule] if schedule else []),
                  ProgressBar(label, disable=None if progress and distributed.is_main_process() else True)],
         evaluator=evaluator,
-        precision=resolve_precision(config.train.precision),
+        precision=resolve_precision(config.train.precision, resolve_device(config.train.device)),
         clip_grad_norm=config.train.clip_grad_norm,
         **checkpointing,
     )

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from clmtl.io import atomic_torch_save, load_checkpoint
-from clmtl.plugin import Plugin
+from clmtl.plugin import Plugin, to_device
 from clmtl.tasks import TaskSpec
 
 
@@ -54,13 +54,14 @@ class StopRequest:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch generator states as tensors and plain values."""
+    """Python, NumPy and torch (CPU and every CUDA device) generator states as tensors and plain values."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     version, python_state, python_gauss = random.getstate()
     return {"python": [version, list(python_state), python_gauss],
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "torch": torch.get_rng_state()}
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -69,6 +70,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def clock_state(clock: Any) -> dict[str, int]:
@@ -126,7 +129,7 @@ def save_run_checkpoint(checkpoint: dict[str, Any], checkpoint_dir: Path, experi
     """Write ``exp{experience}.pt`` (``partial.pt`` for None: inside an experience) atomically, then point
     ``last.pt`` at it (one serialisation, atomic link). A finished experience's checkpoint replaces the partial one."""
     path = checkpoint_dir / (PARTIAL if experience is None else f"exp{experience}.pt")
-    atomic_torch_save(checkpoint, path)
+    atomic_torch_save(to_device(checkpoint, "cpu"), path)  # loads anywhere: the run moves what it needs
     link = checkpoint_dir / f".last.pt.{secrets.token_hex(4)}.tmp"
     os.link(path, link)
     os.replace(link, checkpoint_dir / "last.pt")

@@ -94,7 +94,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in (signal.SIGTERM, signal.SIGINT):  # a scheduler's SIGTERM, Ctrl-C: checkpoint, then stop
         signal.signal(name, functools.partial(_interrupt, stop))
     if distributed.launched_by_torchrun():
-        distributed.init_from_environment(config.seed)
+        from clmtl.devices import resolve_device
+
+        distributed.init_from_environment(config.seed, resolve_device(config.train.device))
     try:
         results = run(config, strategy, out, baselines=not args.no_baselines, resume=bool(args.resume), stop=stop)
     except (ConfigError, DataError, ResumeError) as error:  # data paths, bad files: one line naming the file

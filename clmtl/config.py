@@ -47,7 +47,7 @@ BACKBONE_NAMES = ("yolov8n", "mobilenet_v3_small", "efficientnet_b0")
 """The keys of ``clmtl.models.backbone.BACKBONES`` (a test keeps them equal): listed here so that checking a config
 does not import torchvision and ultralytics (5 s) before the first error can be shown."""
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """``train.precision``: resolved by ``clmtl.precision`` (listed here so that a config is checked without torch)."""
 
 DEFAULTS_SOURCE = "clmtl/default.yaml"
@@ -266,7 +266,10 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata=AT_LEAST_ONE)
     eval_batch_size: int = field(default=32, metadata=AT_LEAST_ONE)
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
-    threads: int = field(default=2, metadata=AT_LEAST_ONE)
+    threads: int | str = field(default="auto", metadata=rule(
+        lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "must be auto or a number >= 1"))
+    device: str = field(default="auto", metadata=rule(
+        lambda v: v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"), "must be auto, cpu, cuda, cuda:N or mps"))
     precision: str = field(default="auto", metadata=one_of(*PRECISIONS))
     channels_last: bool = True
     parallel_baselines: bool = True

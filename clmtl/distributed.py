@@ -10,7 +10,7 @@ DDP then stops with "Expected to mark a variable ready only once" (measured with
 gradients once after ``backward`` gives the same update whatever the plugins do, at the cost of not overlapping the
 communication with the backward pass (one all-reduce of the flattened gradients per step).
 
-Avalanche's ``DistributedHelper`` initialises the process group (gloo: clmtl trains on CPU) and carries the
+Avalanche's ``DistributedHelper`` initialises the process group (NCCL on CUDA, gloo on the CPU) and carries the
 collectives. Its data loaders add a ``DistributedSampler`` that pads the evaluation set with repeated samples (so
 metrics would count some images twice) and is never told the epoch (the same order every epoch); clmtl shards
 batches itself instead (``ShardedBatchSampler``, ``shard_bounds``).
@@ -30,12 +30,17 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_environment(seed: int) -> None:
-    """Join the process group torchrun describes (gloo), once per process."""
+def init_from_environment(seed: int, device: torch.device) -> None:
+    """Join the process group torchrun describes, once per process: NCCL when training on CUDA (each process on the
+    GPU of its ``LOCAL_RANK``), gloo on the CPU."""
     from avalanche.distributed import DistributedHelper
 
-    if not DistributedHelper.is_distributed:
-        DistributedHelper.init_distributed(seed, backend="gloo", use_cuda=False)
+    if DistributedHelper.is_distributed:
+        return
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    DistributedHelper.init_distributed(seed, backend="nccl" if cuda else "gloo", use_cuda=cuda)
 
 
 def shutdown() -> None:

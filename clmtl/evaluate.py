@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from clmtl.config import Config
 from clmtl.decode import class_indices, predict
+from clmtl.devices import resolve_device, resolve_threads
 from clmtl.io import atomic_write_json, atomic_write_text
 from clmtl.metrics.scores import scorer_for
 from clmtl.models import UnifiedModel
@@ -59,7 +60,7 @@ class PredictionWriter:
             else:
                 labels = class_indices(meta.letterbox.logits_to_original(prediction, meta.original_size), 0)
                 name = meta.file.stem
-            Image.fromarray(labels.to(torch.uint8).numpy()).save(self.out_dir / self.task.name / f"{name}.png")
+            Image.fromarray(labels.to(torch.uint8).cpu().numpy()).save(self.out_dir / self.task.name / f"{name}.png")
         elif self.task.kind == CLASSIFICATION:
             file = str(meta.file) if meta is not None else f"{index:05d}"
             true, predicted = int(target), int(prediction)
@@ -97,8 +98,9 @@ def evaluate_task(model: UnifiedModel, task: TaskSpec, dataset: Any, config: Con
     decode = make_decoder(config, model)
     loader = DataLoader(dataset, batch_size=config.train.eval_batch_size, collate_fn=_pairs_collate(task.kind))
     index = 0
+    device = next(model.parameters()).device
     for images, targets in loader:
-        output = model(images, task.head)
+        output = model(images.to(device, non_blocking=True), task.head)
         predictions = predict(output, task.kind, decode)
         scorer.update(predictions, targets)
         if writer is not None:
@@ -135,10 +137,11 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
 
     saved = load_model_checkpoint(checkpoint)
     config = checkpoint_config(saved, checkpoint, config_file, overrides)
-    torch.set_num_threads(config.train.threads)
+    torch.set_num_threads(resolve_threads(config.train.threads))
     benchmark = build_benchmark(config)
     model = build_model(config, benchmark.tasks, initial_weights=False)
     model.load_state_dict(saved["model"])
+    model.to(resolve_device(config.train.device))
     out_dir = Path(predictions) if predictions is not None else None
     metrics = {}
     task_states = saved.get("task_states", {})  # per-task BatchNorm (bnfreeze per_task): each task runs with its own

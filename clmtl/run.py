@@ -23,6 +23,7 @@ from clmtl.checkpoint import (ResumeError, StopRequest, clock_state, load_run_ch
                               task_model_states)
 from clmtl.config import Config, ConfigError
 from clmtl.decode import predict
+from clmtl.devices import device_name, resolve_device, resolve_threads
 from clmtl.metrics.plugin import task_scores
 from clmtl.models import UnifiedModel
 from clmtl.plugin import Plugin
@@ -51,8 +52,10 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
     if config.train.batch_size % processes:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of the {processes} "
                           "processes: each process takes an equal share of every batch")
+    resolve_device(config.train.device)  # an absent device stops the run before it writes anything
     saved = _resumable_checkpoint(out_dir, config, strategy) if resume else None
-    torch.set_num_threads(config.train.threads)
+    total_threads = resolve_threads(config.train.threads)
+    torch.set_num_threads(total_threads)
     seed_everything(config.seed)
     benchmark = build_benchmark(config)  # bad data, a stream the scenario or the strategy refuses: stop before writing
     plugins = [*recipe_plugins(config), *build_strategy(strategy, config, benchmark)]
@@ -62,7 +65,7 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
     if saved is None and writes:
         (out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
     log_path = out_dir / "log.txt" if writes else Path(os.devnull)
-    background, threads = None, {"stream": config.train.threads - baseline_threads(config), "baselines": None}
+    background, threads = None, {"stream": total_threads - baseline_threads(config), "baselines": None}
     with open(log_path, "a" if saved else "w") as log_file, contextlib.ExitStack() as cleanup:
         if saved is not None and saved["baselines"] is not None:
             baselines = Baselines(**saved["baselines"])
@@ -75,7 +78,7 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
                       f" + {threads['stream']} threads)", flush=True)
             baselines = None  # until that process delivers them
         elif baselines is True:
-            threads["baselines"] = config.train.threads
+            threads["baselines"] = total_threads
             log_file.write("== single-task baselines ==\n")
             baselines = single_task_baselines(config, benchmark, [TextLogger(log_file)])
         else:
@@ -150,14 +153,15 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
             if checkpoints:  # the last checkpoint, now with them: resuming a finished run needs no retraining
                 save_run_checkpoint(snapshot(), out_dir / "checkpoints", finished)
 
-    torch.set_num_threads(config.train.threads)  # the run's threads again, for the caller (the stream had a share)
+    torch.set_num_threads(total_threads)  # the run's threads again, for the caller (the stream had a share)
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
     measured = {"train_seconds": train_seconds, "baseline_train_seconds": baselines.seconds,
                 "memory_bytes": sum(p.memory_bytes for p in plugins if isinstance(p, Plugin)),
                 "strategy_stats": {type(p).__name__: p.stats() for p in plugins if isinstance(p, Plugin) and p.stats()},
                 "total_seconds": time.perf_counter() - start, "processes": processes,
                 "threads": threads,
-                "precision": template.precision}
+                "precision": template.precision, "device": str(template.device),
+                "device_name": device_name(template.device)}
     results = assemble_results(config, strategy, tasks, matrix, final_scores, baselines.scores, random_init, model,
                                measured)
     if not writes:
@@ -195,7 +199,7 @@ def draw_overlays(model: UnifiedModel, benchmark: Benchmark, config: Config, plo
     for label, task in enumerate(benchmark.tasks):
         dataset = benchmark.val_sets[label]
         samples = [dataset[i] for i in range(min(count, len(dataset)))]
-        images = torch.stack([s[0] for s in samples])
+        images = torch.stack([s[0] for s in samples]).to(next(model.parameters()).device)
         predictions = predict(model(images, task.head), task.kind, decode)
         prediction_overlays(images, predictions, task.kind, model.spaces[task.head].classes,
                             plot_dir / f"predictions_{task.name}.png", targets=[s[1] for s in samples])

@@ -32,7 +32,7 @@ from clmtl import distributed
 from clmtl.checkpoint import (StopRequest, StopRequested, clock_state, rng_state, set_clock_state,
                               set_rng_state)
 from clmtl.plugin import to_device
-from clmtl.precision import autocast, to_float
+from clmtl.precision import GradientScaler, autocast, to_float
 
 
 class MultiTaskTemplate(SupervisedTemplate):
@@ -43,13 +43,15 @@ class MultiTaskTemplate(SupervisedTemplate):
                  **kwargs) -> None:
         """Avalanche's ``SupervisedTemplate`` arguments, plus:
 
-        - ``precision``: ``fp32``, or ``bf16`` (training forwards under bfloat16 autocast, ``clmtl.precision``);
+        - ``precision``: ``fp32``, ``bf16`` or ``fp16`` (training forwards under autocast, ``clmtl.precision``; fp16
+          with a gradient scaler);
         - ``clip_grad_norm``: rescale the gradients to at most this total norm before each update (0: never);
         - ``on_checkpoint``: receives the training position (``position()``) every ``checkpoint_every`` training
           iterations of an experience (0: never), and when ``stop`` is requested, before training stops.
         """
         super().__init__(**kwargs)
         self.precision = precision
+        self.scaler = GradientScaler(precision, self.device)
         self.clip_grad_norm = clip_grad_norm
         self.checkpoint_every = checkpoint_every
         self.on_checkpoint = on_checkpoint
@@ -116,11 +118,14 @@ class MultiTaskTemplate(SupervisedTemplate):
                 "epoch_rng": self._epoch_rng, "rng": rng_state(), "clock": clock_state(self.clock),
                 "optimizer": self.optimizer.state_dict(), "seconds": self.experience_seconds}
 
+    def optimizer_step(self) -> None:
+        self.scaler.step(self.optimizer)
+
     def _unpack_minibatch(self) -> None:
         self.mbatch = [to_device(item, self.device) for item in self.mbatch]
 
     def backward(self) -> None:
-        super().backward()
+        self.scaler.backward(self.loss, self.optimizer, self.retain_graph)  # gradients unscaled when it returns
         if distributed.is_distributed():
             distributed.average_gradients(self.model)
         if self.clip_grad_norm:
@@ -163,7 +168,9 @@ class MultiTaskTemplate(SupervisedTemplate):
 
     def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None, persistent_workers=False,
                               drop_last=False, **kwargs) -> None:
-        """Avalanche's loader; under torchrun each process loads its share of every global batch."""
+        """Avalanche's loader (pinned memory on CUDA); under torchrun each process loads its share of every global
+        batch."""
+        pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         if not distributed.is_distributed():
             return super().make_train_dataloader(num_workers, shuffle, pin_memory, persistent_workers, drop_last,
                                                  **kwargs)
@@ -175,7 +182,9 @@ class MultiTaskTemplate(SupervisedTemplate):
 
     def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None, persistent_workers=False,
                              **kwargs) -> None:
-        """Avalanche's loader; under torchrun each process evaluates a contiguous slice, with no padding."""
+        """Avalanche's loader (pinned memory on CUDA); under torchrun each process evaluates a contiguous slice,
+        with no padding."""
+        pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         if not distributed.is_distributed():
             return super().make_eval_dataloader(num_workers, shuffle, pin_memory, persistent_workers, **kwargs)
         start, stop = distributed.shard_bounds(len(self.adapted_dataset), distributed.rank(), distributed.world_size())

@@ -1,9 +1,11 @@
 """Everything clmtl takes from ultralytics, imported in one place that first keeps ultralytics off the network.
 
-ultralytics checks the network on import unless ``YOLO_OFFLINE`` is set, and replaces PIL's ``Image.open`` with a
-wrapper that, on a file PIL cannot identify, tries to install and import ``pi-heif`` instead of raising PIL's error.
-Importing ultralytics through this module sets ``YOLO_OFFLINE`` first; ``pil_open`` is PIL's own ``Image.open``
-whether or not ultralytics has patched it.
+ultralytics checks the network on import unless ``YOLO_OFFLINE`` is set; it sets ``OMP_NUM_THREADS=1`` in the
+environment when it is unset (which every process started afterwards would inherit, and which would read as the
+user's choice of threads, ``clmtl.devices.resolve_threads``); and it replaces PIL's ``Image.open`` with a wrapper
+that, on a file PIL cannot identify, tries to install and import ``pi-heif`` instead of raising PIL's error.
+Importing ultralytics through this module sets ``YOLO_OFFLINE`` first and puts ``OMP_NUM_THREADS`` back as it was;
+``pil_open`` is PIL's own ``Image.open`` whether or not ultralytics has patched it.
 """
 from __future__ import annotations
 
@@ -12,11 +14,15 @@ import os
 from PIL import Image
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+_THREADS = os.environ.get("OMP_NUM_THREADS")
 
 from ultralytics.nn.modules import Conv, Conv2  # noqa: E402
 from ultralytics.nn.tasks import parse_model, yaml_model_load  # noqa: E402
 from ultralytics.utils import patches  # noqa: E402
 from ultralytics.utils.torch_utils import ModelEMA, fuse_conv_and_bn, initialize_weights  # noqa: E402
+
+if _THREADS is None:
+    os.environ.pop("OMP_NUM_THREADS", None)
 
 __all__ = ["Conv", "Conv2", "ModelEMA", "fuse_conv_and_bn", "initialize_weights", "parse_model", "pil_open",
            "yaml_model_load"]

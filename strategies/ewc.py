@@ -10,11 +10,13 @@ loss (``strategy._criterion``) with the model in eval mode:
 - ``batch``: the squared gradient of each mini-batch's mean loss, averaged over batches — Avalanche's
   estimator (tested equal to it). Averaging gradients before squaring cancels their noise, so it is
   smaller than ``empirical`` by up to the batch size, and a λ tuned for one does not fit the other;
-- ``exact``: the true Fisher, an expectation over the model's OWN predictive distribution rather than the
-  observed labels, estimated per sample with ``fisher_samples`` labels drawn from it: a class for
-  classification, a class per pixel for segmentation, objectness and classes per anchor (Bernoulli) for
-  detection. YOLO's box regression is not a likelihood, so boxes add nothing to this estimator. It costs
-  ``fisher_samples`` backward passes per sample.
+- ``exact``: the true Fisher, an expectation over the model's OWN predictive distribution p(y|x) rather than the
+  observed labels: Σ_y p(y|x) (∇ log p(y|x))², averaged over samples. For classification it is computed exactly,
+  summing over all C classes (one forward and C backward passes per sample; ``fisher_labels='all'`` in van de
+  Ven's continual-learning code). For segmentation and detection a sum over every label map is out of reach, so
+  it is estimated with ``fisher_samples`` labelings drawn from the model per sample (``fisher_samples`` backward
+  passes): a class per pixel for segmentation, objectness and classes per anchor (Bernoulli) for detection. YOLO's
+  box regression is not a likelihood, so boxes add nothing to this estimator. ``fisher_samples`` applies only there.
 
 The penalty is λ Σ F (θ − θ*)², summed over the anchors (θ*, F) of every earlier experience in ``separate`` mode.
 That sum is itself one quadratic, A (θ − μ)² + c (``merge_anchors``), which one multi-tensor pass computes with its
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from avalanche.models.utils import avalanche_forward
 from avalanche.training.plugins import EWCPlugin
-from avalanche.training.utils import ParamData, zerolike_params_dict
+from avalanche.training.utils import ParamData
 from torch.utils.data import DataLoader
 
 from clmtl.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, one_of, setting
@@ -136,6 +138,20 @@ def sampled_nll(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits, drawn)
 
 
+def fisher_terms(output: torch.Tensor | list[torch.Tensor],
+                 samples: int) -> list[tuple[torch.Tensor | float, torch.Tensor]]:
+    """``(weight, negative log-likelihood)`` pairs of one sample's output; the weighted sum of their squared gradients
+    is the sample's true-Fisher diagonal Σ_y p(y|x) (∇ log p(y|x))². Classification: every class c with weight
+    p(c|x), so the sum is exact. Segmentation and detection: ``samples`` labelings drawn from the model, each with
+    weight 1 / ``samples``, an unbiased estimate of it."""
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        if output.shape[0] != 1:
+            raise ValueError(f"the exact Fisher is per sample: expected one sample's logits, got {tuple(output.shape)}")
+        log_probs = output[0].log_softmax(-1)
+        return [(weight, -log_prob) for weight, log_prob in zip(log_probs.detach().exp(), log_probs)]
+    return [(1.0 / samples, sampled_nll(output)) for _ in range(samples)]
+
+
 class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
     """EWC whose Fisher pass and penalty work with any target kind."""
 
@@ -158,8 +174,11 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
                 "fisher_seconds": list(self.fisher_seconds)}
 
     def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
+        device = next(model.parameters()).device  # checkpoints hold CPU tensors
+
         def params(store: dict) -> dict:
-            return {exp: {name: ParamData(name, init_tensor=t.clone()) for name, t in values.items()}
+            return {exp: {name: ParamData(name, init_tensor=t.to(device, copy=True), device=device)
+                          for name, t in values.items()}
                     for exp, values in store.items()}
 
         self.saved_params = params(state["saved_params"])
@@ -194,23 +213,29 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
     def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0):
         start = time.perf_counter()
         model.eval()
-        importances = zerolike_params_dict(model)
+        importances = {  # as Avalanche's zerolike_params_dict, but a float64 model gets a float64 Fisher
+            name: ParamData(name, init_tensor=torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)),
+                            device=p.device)
+            for name, p in model.named_parameters()
+        }
         if self.fisher != "batch":
             batch_size = 1  # BN is in eval mode, so a one-sample batch gives that sample's own gradient
-        draws = self.fisher_samples if self.fisher == "exact" else 1
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn, num_workers=num_workers)
         for batch in loader:
             x, y, task_labels = to_device(batch[0], device), to_device(batch[1], device), batch[-1]
-            for _ in range(draws):
+            output = avalanche_forward(model, x, task_labels)
+            if self.fisher == "exact":
+                terms = fisher_terms(output, self.fisher_samples)
+            else:
+                terms = [(1.0, criterion(output, y))]
+            for index, (weight, loss) in enumerate(terms):
                 optimizer.zero_grad()
-                output = avalanche_forward(model, x, task_labels)
-                loss = sampled_nll(output) if self.fisher == "exact" else criterion(output, y)
-                loss.backward()
+                loss.backward(retain_graph=index < len(terms) - 1)  # one forward serves every term
                 for param, importance in zip(model.parameters(), importances.values()):
                     if param.grad is not None:
-                        importance.data += param.grad.detach().pow(2)
+                        importance.data += weight * param.grad.detach().pow(2)
         for importance in importances.values():
-            importance.data /= float(len(loader) * draws)
+            importance.data /= float(len(loader))
         optimizer.zero_grad()
         model.train()
         self.fisher_seconds.append(time.perf_counter() - start)
@@ -226,7 +251,8 @@ class EWCSettings:
                         help="separate: one anchor per experience; online: one anchor, importances accumulated")
     decay: float = setting(0.9, FRACTION, help="online mode: weight of the accumulated importances")
     fisher: str = setting("empirical", one_of(*FISHER_ESTIMATORS), help="the Fisher estimator (module docstring)")
-    fisher_samples: int = setting(1, AT_LEAST_ONE, help="exact: labels drawn per sample")
+    fisher_samples: int = setting(1, AT_LEAST_ONE, help="exact, segmentation and detection only: labelings drawn "
+                                  "per sample (classification sums over all classes exactly)")
 
 
 @register("ewc", settings=EWCSettings, acts_on=("loss",))

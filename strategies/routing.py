@@ -57,6 +57,7 @@ def protected_entries(model: nn.Module, task: int) -> list[_Frozen]:
 
     def freeze(tensor: torch.Tensor, index: torch.Tensor) -> None:
         if index.numel():
+            index = index.to(tensor.device)
             entries.append(_Frozen(tensor, index, tensor.detach()[index].clone()))
 
     for point, used in zip(routes.points, routes.used(exclude=task)):
@@ -166,7 +167,7 @@ class RoutingPlugin(Plugin, supports_distributed=True):
         """Mean gate of the training task over the channels no finished task uses (0 when none is free)."""
         total = sum(int(free.sum()) for free in self._free)
         if not total:
-            return torch.zeros(())
+            return routes.embeddings[0].new_zeros(())
         gates = [routes.gate(i, self._task)[free].sum() for i, free in enumerate(self._free)]
         return torch.stack(gates).sum() / total
 

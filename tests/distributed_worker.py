@@ -35,7 +35,7 @@ class FrozenBatchNorm(SupervisedPlugin):
 
 def main(checkpoint: str, out: str, experience: int | None = None) -> None:
     if distributed.launched_by_torchrun():
-        distributed.init_from_environment(0)
+        distributed.init_from_environment(0, torch.device("cpu"))
     torch.set_num_threads(1)
     saved = load_model_checkpoint(checkpoint)
     config = checkpoint_config(saved, checkpoint)

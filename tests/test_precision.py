@@ -21,7 +21,7 @@ def test_auto_picks_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, na
 
 def test_an_unknown_precision_is_a_clear_config_error():
     with pytest.raises(ValueError, match="train.precision"):
-        load_config(None, ["train.precision=fp16"])
+        load_config(None, ["train.precision=fp64"])
 
 
 @pytest.fixture(scope="module")

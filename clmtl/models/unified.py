@@ -184,7 +184,7 @@ class UnifiedModel(MultiTaskModule):
         """
         if self.routes is None:
             parts = {"backbone": self.backbone, "neck": self.neck, "head.shared": self.head.shared}
-            self.routes = TaskRoutes(len(self.spaces), gate_points(parts))
+            self.routes = TaskRoutes(len(self.spaces), gate_points(parts)).to(self.head.shared[0].weight.device)
         return self.routes
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
