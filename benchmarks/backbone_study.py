@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clmtl.engines import Engine, add_engine_arguments
 from clmtl.grid import SHIPPED_BUDGET, run_grid
 
 BACKBONES = ("yolov8n", "mobilenet_v3_small", "efficientnet_b0")
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--config", type=Path)
     parser.add_argument("--out", type=Path, default=Path("runs/backbones"))
-    parser.add_argument("--jobs", type=int, default=2)
+    add_engine_arguments(parser)
     parser.add_argument("--image-size", type=int, default=512, help="input side for FLOPs and latency (default 512)")
     parser.add_argument("--repeats", type=int, default=10, help="timed forward passes per backbone (default 10)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name in backbones:
         overrides = [*SHIPPED_BUDGET, *args.overrides, f"model.backbone={name}"]
-        results = run_grid(args.config, overrides, strategies, seeds, args.out / name, args.jobs)
+        results = run_grid(args.config, overrides, strategies, seeds, args.out / name, Engine.from_arguments(args))
         comparison = Comparison.from_results(strategies, results)
         tasks = [t["name"] for t in comparison.tasks]
         drop_columns = {c.key[1]: i for i, c in enumerate(comparison.columns) if c.key[0] == "drop_vs_baseline"}

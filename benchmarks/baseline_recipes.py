@@ -17,7 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clmtl.grid import EARLIER_NUMERICS, execute
+from clmtl.engines import Engine, Job, add_engine_arguments, run_jobs
+from clmtl.grid import EARLIER_NUMERICS
 
 EARLIER = (*EARLIER_NUMERICS, "train.ema=0")
 """Rows measured before weight averaging (and before bfloat16 / NHWC training) pin both off, so they reproduce."""
@@ -34,9 +35,9 @@ RECIPES = {
     "warmup 3, 60 epochs, EMA 0.999": EARLIER_NUMERICS,
     "warmup 3, 60 epochs, EMA 0.999, bf16 + channels_last (default)": (),
 }
-"""The recipes of the Training recipe table (docs/studies.md): classification from scratch 0.657 -> 0.880 -> 0.913 (weight
-averaging) -> 0.920 (bfloat16 autocast, NHWC weights) over seeds 0-4 (any hue: 0.937 there, but no better than without
-it on seeds 5-9)."""
+"""The recipes of the Training recipe table (docs/studies.md): classification from scratch 0.657 -> 0.880 -> 0.913
+(weight averaging) -> 0.920 (bfloat16 autocast, NHWC weights) over seeds 0-4 (any hue: 0.937 there, but no better
+than without it on seeds 5-9)."""
 
 
 def parse_recipe(text: str) -> tuple[str, tuple[str, ...]]:
@@ -51,7 +52,7 @@ def recipe_dir(out: Path, name: str) -> Path:
     return out / "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def train_recipe(overrides: Sequence[str], seed: int, threads: int | None, tasks: Sequence[str], path: Path) -> str:
+def train_recipe(overrides: Sequence[str], seed: int, threads: int | None, tasks: Sequence[str], path: Path) -> None:
     """The baselines of ``tasks`` for one recipe and seed, stored as JSON."""
     from clmtl.config import load_config
     from clmtl.io import atomic_write_json
@@ -62,7 +63,6 @@ def train_recipe(overrides: Sequence[str], seed: int, threads: int | None, tasks
         baselines, task_specs = baselines_alone(config, log, only=tasks)
     atomic_write_json(path, {"scores": baselines.scores, "seconds": baselines.seconds, "config": config.to_dict(),
                              "metrics": {t.name: t.metric for t in task_specs}})
-    return f"{path.parent.name} seed {seed}"
 
 
 def recipes_markdown(rows: list[dict], tasks: Sequence[str]) -> str:
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a recipe to try (repeatable); default: " + ", ".join(RECIPES))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
-    parser.add_argument("--jobs", type=int, default=2, help="trainings at once, one thread each when > 1")
+    add_engine_arguments(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every recipe, before it")
     args = parser.parse_args(argv)
 
@@ -105,13 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     for overrides in recipes.values():
         load_config(None, [*args.overrides, *overrides])  # a bad key fails now, not in a worker an hour later
-    threads = 1 if args.jobs > 1 else None
+    engine = Engine.from_arguments(args)
+    threads = 1 if engine.jobs > 1 or engine.name == "ray" else None
     paths = {(name, seed): recipe_dir(args.out, name) / f"seed{seed}.json" for name in recipes for seed in seeds}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    execute(
-        [(train_recipe, ([*args.overrides, *recipes[name]], seed, threads, tasks, path))
-         for (name, seed), path in paths.items() if not path.exists()], args.jobs)
+    failures = run_jobs([Job(f"{name} seed {seed}", train_recipe, ([*args.overrides, *recipes[name]], seed, threads,
+                                                                   tasks, path))
+                         for (name, seed), path in paths.items() if not path.exists()], engine)
+    if failures:
+        raise SystemExit(f"baseline_recipes: failed: {'; '.join(f'{f.label}: {f.error}' for f in failures)}")
 
     rows = []
     for name, overrides in recipes.items():

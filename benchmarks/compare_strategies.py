@@ -8,8 +8,9 @@ Every run trains with ``clmtl.grid.SHIPPED_BUDGET`` (``--recipe shipped``, the d
 config's own recipe (``--recipe config``, for streams of your own: ``--config examples/streams/two_digit_tasks.yaml``).
 The grid (``clmtl.grid.run_grid``) resumes: a finished (strategy, seed) run is reused, and single-task baselines are
 trained once per seed. ``--jobs N`` runs N trainings at once with one thread each (on 2 cores, two 1-thread jobs
-finish sooner than one 2-thread job). OUT gets table.md (with the command that reproduces it), table.csv, table.tex
-and plots/.
+finish sooner than one 2-thread job); ``--engine ray`` runs them as Ray tasks, on this machine or, with
+``--address``, on a Ray cluster (``clmtl.engines``). OUT gets table.md (with the command that reproduces it), table.csv,
+table.tex and plots/.
 
 ``--check`` reruns the small configuration of benchmarks/targets.csv (the shipped table's seed-0 runs of a few
 strategies) into OUT/check and reports each number against its target; it exits 1 when one is off by more than
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from clmtl.engines import Engine, add_engine_arguments
 
 DEFAULT_STRATEGIES = ("naive", "ewc", "replay", "lwf", "bnfreeze", "ewc+replay", "ewc+lwf", "replay+lwf",
                       "ewc+replay+lwf+bnfreeze", "joint")
@@ -60,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--config", type=Path, help="YAML config (default: clmtl's defaults)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
-    parser.add_argument("--jobs", type=int, default=2, help="trainings at once, one thread each (default 2)")
+    add_engine_arguments(parser)
     parser.add_argument("--check", action="store_true", help="rerun the targets.csv configuration and compare")
     parser.add_argument("--recipe", choices=("shipped", "config"), default="shipped",
                         help="shipped: the published table's reduced budget (SHIPPED_BUDGET); config: the config's own")
@@ -87,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in strategies:
         parse_strategy(spec)  # unknown names fail before anything trains
     recipe = SHIPPED_BUDGET if args.recipe == "shipped" or args.check else ()
-    results = run_grid(args.config, [*recipe, *args.overrides], strategies, seeds, out, args.jobs, args.plugin_file)
+    results = run_grid(args.config, [*recipe, *args.overrides], strategies, seeds, out, Engine.from_arguments(args),
+                       args.plugin_file)
     comparison = Comparison.from_results(strategies, results)
     comparison.write(out, "python benchmarks/compare_strategies.py " + shlex.join(argv))
     print(comparison.markdown())

@@ -5,8 +5,9 @@
 
 That report (the "seed report") trained one unified-head model on mini-VOC segmentation, then mini-COCO detection,
 then Imagenette-160 classification, with EWC, and compared each task's final score with its single-task baseline.
-Protocol: single-task baselines, then seg -> det + EWC -> cls + EWC with lambda 1000 and Adam. Overrides given on the command line come after the protocol's values, so a deliberate variation (another
-lambda) is possible and recorded. Writes OUT/seed_protocol.md and OUT/seed_protocol.json, beside the full run
+Protocol: single-task baselines, then seg -> det + EWC -> cls + EWC with lambda 1000 and Adam. Overrides given on
+the command line come after the protocol's values, so a deliberate variation (another lambda) is possible and
+recorded. Writes OUT/seed_protocol.md and OUT/seed_protocol.json, beside the full run
 report in OUT/run/.
 
 Efficiency: parameters (total and per part), inference latency per image at the configured size (batch 1, median
@@ -20,7 +21,6 @@ import functools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 PROTOCOL = ["train.optimizer=adam", "strategy.ewc.lambda=1000.0"]
 SEED_REPORT = {"seg": 0.134, "det": 0.000004, "cls": 0.367}
@@ -61,7 +61,8 @@ def protocol_markdown(results: dict, latency: dict, parts: dict[str, int]) -> st
              f"Baselines, then {' → '.join(t['name'] for t in tasks)} with EWC "
              f"(λ = {results['config']['strategy']['ewc']['lambda']}, {results['config']['train']['optimizer']}).", "",
              "## Table 1", "",
-             "| Task | Metric | Baseline | EWC final | Drop (relative) | Drop (absolute) |", "|---|---|---|---|---|---|"]
+             "| Task | Metric | Baseline | EWC final | Drop (relative) | Drop (absolute) |",
+             "|---|---|---|---|---|---|"]
     for t in tasks:
         name = t["name"]
         base, final = results["baseline"].get(name), results["final"][name]
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from clmtl.io import atomic_write_json, atomic_write_text
     from clmtl.registry import strategy_schemas
     from clmtl.builders import build_model
-    from clmtl.run import run
+    from clmtl.runner import run
     from clmtl.tasks import TaskSpec
 
     config = load_config(args.config, [*PROTOCOL, *args.overrides, f"seed={args.seed}"],

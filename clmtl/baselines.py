@@ -82,17 +82,17 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def baseline_threads(config: Config) -> int:
+def baseline_threads(total_threads: int, beside: bool) -> int:
     """Threads of the single-task baselines when they train in a second process beside the stream, else 0.
 
-    On this machine a training step runs only 1.2-1.6x faster on 2 threads than on 1 (docs/studies.md, Training speed), so two
+    A training step of this small model gains little from a second thread (docs/studies.md, Training speed), so two
     1-thread trainings side by side (baselines and stream) finish sooner than one 2-thread training after the other.
     The stream keeps the other threads whether or not the run trains baselines (``--no-baselines``, resumed runs):
     its numbers depend on its thread count, and must not depend on the baselines.
     """
-    if not config.train.parallel_baselines or distributed.is_distributed():
+    if not beside or distributed.is_distributed():
         return 0
-    return resolve_threads(config.train.threads) // 2
+    return total_threads // 2
 
 
 class BackgroundBaselines:

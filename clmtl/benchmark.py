@@ -34,6 +34,10 @@ class Benchmark:
     """Validation datasets in task order, in head labels (real-format ones know each sample's file: ``meta(i)``)."""
     epochs: list[int]
     """Training epochs of each task: its entry's ``epochs``, else ``train.epochs`` of its kind."""
+    name: str
+    """What results call the stream (``benchmark_name``; ``avalanche`` for a user's Avalanche benchmark)."""
+    scenario: str
+    """``task``, ``class`` or ``domain``: how the tasks share the model's heads (``clmtl.scenario``)."""
 
 
 def build_benchmark(config: Config) -> Benchmark:
@@ -48,7 +52,7 @@ def build_benchmark(config: Config) -> Benchmark:
     val = [in_head_labels(task_data.val, task) for task_data, task in zip(loaded, tasks)]
     augmented = [train_augmentation(ds, t.kind, data.hflip, data.hue[t.kind]) for ds, t in zip(train, tasks)]
     epochs = [entry.epochs if entry.epochs is not None else config.train.epochs[entry.kind] for entry in entries]
-    return Benchmark(tasks, build_stream(tasks, augmented, val), val, epochs)
+    return Benchmark(tasks, build_stream(tasks, augmented, val), val, epochs, benchmark_name(config), config.scenario)
 
 
 def in_head_labels(dataset: Dataset, task: TaskSpec) -> Dataset:

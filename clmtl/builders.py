@@ -1,7 +1,7 @@
 """Config -> the parts of a run, each built in one place: model, optimizer, detection decoder, strategy plugins,
 learning-rate schedule, loggers and the Avalanche template that joins them.
 
-The benchmark (the stream) is built by ``clmtl.benchmark``; ``clmtl.run`` puts the parts together.
+The benchmark (the stream) is built by ``clmtl.benchmark``; ``clmtl.runner`` puts the parts together.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from clmtl.models import UnifiedModel
 from clmtl.plugin import Plugin
 from clmtl.precision import resolve_precision
 from clmtl.progress import ProgressBar
-from clmtl.registry import build_plugins
+from clmtl.registry import build_plugins, check_stream
 from clmtl.schedule import LRSchedule
 from clmtl.tasks import TaskSpec
 from clmtl.template import MultiTaskTemplate
@@ -84,7 +84,10 @@ def make_decoder(config: Config, model: UnifiedModel):
 
 
 def build_strategy(strategy: str, config: Config, benchmark: Benchmark) -> list:
-    """The plugins of ``strategy`` with the config's parameters; those that need the stream (joint) get it."""
+    """The plugins of ``strategy`` with the config's parameters; those that need the stream (joint) get it. A strategy
+    that does not handle the stream's tasks (their kinds, or a check it declares: ``clmtl.registry.check_stream``) is
+    refused first."""
+    check_stream(strategy, benchmark.tasks)
     plugins = build_plugins(strategy, config.strategy)
     for plugin in plugins:
         if isinstance(plugin, Plugin):
@@ -107,13 +110,17 @@ def make_schedule(config: Config) -> LRSchedule | None:
     return LRSchedule(cosine=train.schedule == "cosine", warmup_epochs=train.warmup)
 
 
-def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: list, loggers: list,
-                  label: str = "", progress: bool = True, **checkpointing: Any) -> MultiTaskTemplate:
+def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: Sequence = (),
+                  loggers: Sequence = (), label: str = "", progress: bool = True,
+                  **checkpointing: Any) -> MultiTaskTemplate:
     """The Avalanche template with our criterion, metrics and (``progress``, on the main process) progress bar;
-    ``checkpointing`` (``checkpoint_every``, ``on_checkpoint``, ``stop``) goes to ``MultiTaskTemplate``."""
+    ``checkpointing`` (``checkpoint_every``, ``on_checkpoint``, ``stop``) goes to ``MultiTaskTemplate``.
+
+    Training is Avalanche's: ``template.train_for(experience, epochs)`` trains one experience of the stream (its
+    ``train_stream``), ``template.eval(test_stream)`` scores (``clmtl.metrics.plugin.task_scores`` reads them)."""
     from avalanche.training.plugins import EvaluationPlugin
 
-    evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model)), loggers=loggers)
+    evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model)), loggers=list(loggers))
     schedule = make_schedule(config)
     return MultiTaskTemplate(
         model=model,

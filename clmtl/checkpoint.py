@@ -5,8 +5,9 @@ the newest, each written atomically), and with ``output.checkpoint_every=N`` als
 when a stop is requested (SIGTERM, Ctrl-C: ``StopRequest``), as ``partial.pt`` with ``last.pt`` pointing at it.
 It holds only tensors and plain containers, so it loads with ``weights_only=True`` (Avalanche's own
 ``save_checkpoint`` pickles the whole strategy with dill): the model's state dict, every plugin's ``state_dict()``
-(EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task BatchNorm...), the template's clock (EWC and layerlr read the experience counter from it), the random-number
-generators' states, the accuracy matrix and scores so far, the baselines, the config and the strategy.
+(EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task BatchNorm...), the template's clock (EWC and
+layerlr read the experience counter from it), the random-number generators' states, the accuracy matrix and scores so
+far, the baselines, the config and the strategy.
 
 Resuming rebuilds the benchmark, model, plugins and template from the saved config, loads all of that, and goes on
 with the next experience. The optimizer is rebuilt fresh at every experience anyway (``reset_optimizer_state``), and
@@ -43,7 +44,7 @@ class StopRequested(KeyboardInterrupt):
 class StopRequest:
     """Asks training to checkpoint and stop after the current iteration; ``request`` is safe in a signal handler.
 
-    The command line makes one and hands it to ``clmtl.run.run``, which hands it to the template.
+    The command line makes one and hands it to ``clmtl.runner.run``, which hands it to the template.
     """
 
     def __init__(self) -> None:

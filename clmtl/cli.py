@@ -35,13 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score a saved model on every task's validation split")
     _add_common(evaluate)
-    evaluate.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint, e.g. OUT/checkpoints/last.pt")
+    evaluate.add_argument("--checkpoint", type=Path, required=True,
+                          help="a run's checkpoint, e.g. OUT/checkpoints/last.pt")
     evaluate.add_argument("--predictions", type=Path, help="also write the predictions here (det.json, seg/, cls.csv)")
     evaluate.add_argument("--out", type=Path, help="where metrics.json goes (default: the run's folder /eval)")
 
     export = commands.add_parser("export", help="write a checkpoint's model (every task from one pass) for deployment")
     _add_plugin_files(export)
-    export.add_argument("--checkpoint", type=Path, required=True, help="a run's checkpoint, e.g. OUT/checkpoints/last.pt")
+    export.add_argument("--checkpoint", type=Path, required=True,
+                        help="a run's checkpoint, e.g. OUT/checkpoints/last.pt")
     export.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
                         help="torchscript (default) or onnx (needs the onnx and onnxscript packages)")
     export.add_argument("--out", type=Path, required=True, help="file to write, e.g. model.pt or model.onnx")
@@ -86,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from clmtl.config import ConfigError
     from clmtl.data.images import DataError
     from clmtl.report import summary_markdown
-    from clmtl.run import run
+    from clmtl.runner import run
 
     from clmtl.checkpoint import StopRequest
 
@@ -137,7 +139,7 @@ def _resumed(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from clmtl.evaluate import evaluate_checkpoint
+    from clmtl.evaluation import evaluate_checkpoint
     from clmtl.io import CheckpointError, atomic_write_json
     from clmtl.registry import use_strategy_files
 
@@ -178,9 +180,12 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         return _fail(error)
     from clmtl.config import describe_settings
+    from clmtl.tasks import KINDS
 
     for name, entry in available().items():
         print(f"{name}: {entry.summary}\n  acts on: {', '.join(entry.acts_on) or 'nothing'}")
+        if entry.kinds != KINDS:
+            print(f"  handles: {' and '.join(entry.kinds)} tasks only")
         settings = describe_settings(entry.settings)
         for s in settings:
             check = f", {s['check']}" if s["check"] else ""

@@ -138,7 +138,8 @@ class Comparison:
     def csv(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["strategy", "seeds", *[f"{c.header} {part}" for c in self.columns for part in ("mean", "std")]])
+        headers = [f"{c.header} {part}" for c in self.columns for part in ("mean", "std")]
+        writer.writerow(["strategy", "seeds", *headers])
         for name in self.runs:
             values = [None if v is None else v * c.scale
                       for s, c in zip(self.stats(name), self.columns) for v in (s.mean, s.std)]

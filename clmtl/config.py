@@ -269,7 +269,8 @@ class TrainConfig:
     threads: int | str = field(default="auto", metadata=rule(
         lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "must be auto or a number >= 1"))
     device: str = field(default="auto", metadata=rule(
-        lambda v: v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"), "must be auto, cpu, cuda, cuda:N or mps"))
+        lambda v: v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"),
+        "must be auto, cpu, cuda, cuda:N or mps"))
     precision: str = field(default="auto", metadata=one_of(*PRECISIONS))
     channels_last: bool = True
     parallel_baselines: bool = True
@@ -471,7 +472,7 @@ def _check_strategies(data: Any, path: str, source: str,
         raise ConfigError(f"{source}: {path}: expected a mapping of strategy names to parameters, "
                           f"got {_describe(data)}")
     checked = {}
-    for name, params in data.items():
+    for name, params in _dotted_names(data, strategies).items():
         name_path = _join(path, name)
         if name not in strategies:
             known = list(strategies)
@@ -481,6 +482,20 @@ def _check_strategies(data: Any, path: str, source: str,
             raise ConfigError(f"{source}: {name_path}: unknown strategy; {hint}")
         checked[name] = _check_settings(params, strategies[name], name_path, source)
     return checked
+
+
+def _dotted_names(data: Mapping[str, Any], strategies: Mapping[str, type | None]) -> dict[str, Any]:
+    """``data`` with strategies whose names hold dots (``avalanche.GEM``) under their full name: the override
+    ``strategy.avalanche.GEM.memory_strength=1`` nests ``{"avalanche": {"GEM": {...}}}``, which YAML may also write."""
+    flat = {}
+    for name, params in data.items():
+        prefix = f"{name}."
+        if name not in strategies and isinstance(params, Mapping) and any(s.startswith(prefix) for s in strategies):
+            nested = _dotted_names({prefix + str(key): value for key, value in params.items()}, strategies)
+            flat.update(nested)
+        else:
+            flat[name] = params
+    return flat
 
 
 def _check_settings(params: Any, schema: type | None, path: str, source: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Each (strategy, seed) run writes ``OUT/seed<N>/<strategy>/`` (results.json and the usual report); a run whose
 results.json exists is skipped, so an interrupted grid resumes where it stopped. Single-task baselines are trained
 once per seed (``OUT/seed<N>/baselines.json``) and shared by every strategy of that seed. ``jobs`` trainings run at
-once in spawned processes, one thread each; stopping the grid (Ctrl-C, SIGTERM) stops them too.
+at once, one thread each, on this machine or on a Ray cluster (``clmtl.engines``); stopping the grid (Ctrl-C,
+SIGTERM) stops them too, and a training that fails is reported in ``OUT/failures.log`` while the others run on.
 
 Every job names the strategy files it needs (``--plugin-file``), so a worker registers the same strategies as the
 process that planned the grid.
@@ -11,12 +12,11 @@ process that planned the grid.
 from __future__ import annotations
 
 import json
-import signal
-import time
-from collections.abc import Callable, Sequence
-from multiprocessing import get_context
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from clmtl.engines import Engine, Failure, Job, run_jobs
 
 EARLIER_NUMERICS = ("train.precision=fp32", "train.channels_last=false", "train.parallel_baselines=false")
 """How every training ran before bfloat16 autocast, NHWC weights and baselines beside the stream existed: float32,
@@ -26,10 +26,6 @@ SHIPPED_BUDGET = ("data.image_size=96", "train.epochs.seg=6", "train.epochs.det=
 """The recipe of the shipped strategy-comparison and backbone tables (docs/benchmarks.md): smaller images and
 shorter training than ``clmtl run``'s default (128 px, 15 / 25 / 60 epochs), a constant rate without warmup and
 without weight averaging, in float32, so ten strategies x three seeds fit in an hour on 2 CPU cores."""
-
-Job = tuple[Callable[..., str], tuple]
-"""A function and its arguments; it returns a short name of what it did, for the progress line."""
-
 
 def run_dir(out: Path, seed: int, strategy: str) -> Path:
     return out / f"seed{seed}" / strategy.replace("+", "-")
@@ -47,7 +43,7 @@ def seed_config(config_file: Path | None, overrides: Sequence[str], seed: int, t
 
 
 def train_baselines(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None,
-                    strategy_files: Sequence[Path], path: Path) -> str:
+                    strategy_files: Sequence[Path], path: Path) -> None:
     """Train the seed's single-task baselines and store them as JSON."""
     from clmtl.baselines import baselines_alone
     from clmtl.io import atomic_write_json
@@ -56,71 +52,54 @@ def train_baselines(config_file: Path | None, overrides: Sequence[str], seed: in
     with open(path.with_suffix(".log"), "w") as log:
         baselines, _ = baselines_alone(config, log)
     atomic_write_json(path, {"scores": baselines.scores, "seconds": baselines.seconds})
-    return f"baselines seed {seed}"
 
 
 def train_strategy(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None,
-                   strategy_files: Sequence[Path], strategy: str, out: Path, baselines_path: Path) -> str:
-    """One sequential run with the seed's stored baselines."""
+                   strategy_files: Sequence[Path], strategy: str, out: Path, baselines_path: Path | None) -> None:
+    """One sequential run with the seed's stored baselines (``baselines_path`` None: without baselines)."""
     from clmtl.baselines import Baselines
-    from clmtl.run import run
+    from clmtl.runner import run
 
     config = seed_config(config_file, overrides, seed, threads, strategy_files)
-    stored = json.loads(baselines_path.read_text())
-    run(config, strategy, out, baselines=Baselines(stored["scores"], stored["seconds"]))
-    return f"{strategy} seed {seed}"
+    baselines = False
+    if baselines_path is not None:
+        stored = json.loads(baselines_path.read_text())
+        baselines = Baselines(stored["scores"], stored["seconds"])
+    run(config, strategy, out, baselines=baselines)
 
 
 def run_grid(config_file: Path | None, overrides: Sequence[str], strategies: Sequence[str], seeds: Sequence[int],
-             out: Path, jobs: int = 2, strategy_files: Sequence[Path] = ()) -> list[dict[str, Any]]:
-    """Run what is missing (baselines first), then return every run's results, seed by seed in strategy order."""
-    threads = 1 if jobs > 1 else None
+             out: Path, engine: Engine = Engine(), strategy_files: Sequence[Path] = ()) -> list[dict[str, Any]]:
+    """Run what is missing (baselines first) on ``engine`` (``clmtl.engines``), then return the results of every
+    finished run, seed by seed in strategy order; failed trainings are listed in ``OUT/failures.log``."""
+    threads = 1 if engine.jobs > 1 or engine.name == "ray" else None
     common = (config_file, list(overrides))
     baselines = {seed: out / f"seed{seed}" / "baselines.json" for seed in seeds}
     phases = [
-        [(train_baselines, (*common, seed, threads, list(strategy_files), path))
+        [Job(f"baselines seed {seed}", train_baselines, (*common, seed, threads, list(strategy_files), path))
          for seed, path in baselines.items() if not path.exists()],
-        [(train_strategy, (*common, seed, threads, list(strategy_files), strategy, run_dir(out, seed, strategy),
-                           baselines[seed]))
+        [Job(f"{strategy} seed {seed}", train_strategy, (*common, seed, threads, list(strategy_files), strategy,
+                                                         run_dir(out, seed, strategy), baselines[seed]))
          for seed in seeds for strategy in strategies if not (run_dir(out, seed, strategy) / "results.json").exists()],
     ]
     skipped = len(seeds) * len(strategies) - len(phases[1])
     if skipped:
         print(f"resuming: {skipped} finished run(s) in {out} are reused")
-    for phase in phases:
-        for path in baselines.values():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        execute(phase, jobs)
-    return [json.loads((run_dir(out, seed, s) / "results.json").read_text()) for seed in seeds for s in strategies]
+    for path in baselines.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    failures = run_jobs(phases[0], engine, threads or 1)
+    failed_seeds = {seed for seed, path in baselines.items() if not path.exists()}
+    phases[1] = [job for job in phases[1] if job.arguments[2] not in failed_seeds]  # argument 2: the seed
+    failures += run_jobs(phases[1], engine, threads or 1)
+    write_failures(out / "failures.log", failures)
+    finished = [run_dir(out, seed, s) / "results.json" for seed in seeds for s in strategies]
+    return [json.loads(path.read_text()) for path in finished if path.exists()]
 
 
-def execute(jobs: list[Job], workers: int) -> None:
-    """Run the jobs, ``workers`` at a time in spawned processes; stopping this process (Ctrl-C, SIGTERM) terminates
-    the running trainings too, instead of leaving them to finish as orphans."""
-    start = time.perf_counter()
-    if workers == 1:
-        for done, (function, arguments) in enumerate(jobs, start=1):
-            _report(function(*arguments), done, len(jobs), start)
+def write_failures(path: Path, failures: Sequence[Failure]) -> None:
+    """Each failed training's label and traceback (no file when none failed; an old one is removed)."""
+    if not failures:
+        path.unlink(missing_ok=True)
         return
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        with get_context("spawn").Pool(workers) as pool:  # leaving the block terminates the workers
-            for done, name in enumerate(pool.imap_unordered(_call, jobs), start=1):
-                _report(name, done, len(jobs), start)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _call(job: Job) -> str:
-    function, arguments = job
-    return function(*arguments)
-
-
-def _exit_on_sigterm(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _report(name: str, done: int, total: int, start: float) -> None:
-    elapsed = time.perf_counter() - start
-    remaining = elapsed / done * (total - done)
-    print(f"[{done}/{total}] {name} done — {elapsed / 60:.1f} min elapsed, ~{remaining / 60:.1f} min left", flush=True)
+    path.write_text("".join(f"== {f.label}: {f.error}\n{f.details}\n" for f in failures))
+    print(f"{len(failures)} training(s) failed: {', '.join(f.label for f in failures)}; see {path}")

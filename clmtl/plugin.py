@@ -17,14 +17,19 @@ A plain Avalanche plugin, Avalanche's own included, trains in a run too; it cann
 
 The functions below are the stable surface for plugins that add samples to a training step: each task keeps its own
 output format, so samples of another head get their own forward pass (``task_batch_loss``), while samples of the
-head being trained can join the mini-batch (``joined``).
+head being trained can join the mini-batch (``joined``). Plugins that run the model besides the training step
+control its BatchNorm layers with ``evaluating`` (eval mode, modes put back) or ``kept_statistics`` (normalising as
+they train, running statistics left as they are).
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
+from torch import nn
 
 
 class Plugin(SupervisedPlugin):
@@ -78,3 +83,33 @@ def joined(batch: list, extra: list) -> list:
     """Two collated ``[images, targets, task_labels]`` batches of one head as one (detection targets are lists)."""
     targets = batch[1] + extra[1] if isinstance(batch[1], list) else torch.cat([batch[1], extra[1]])
     return [torch.cat([batch[0], extra[0]]), targets, torch.cat([batch[-1], extra[-1]])]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block, then every module's own mode back (bnfreeze keeps BN in eval while training)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def kept_statistics(model: nn.Module) -> Iterator[None]:
+    """Forward passes in the block leave every BatchNorm's running statistics (and batch count) as they are, while
+    layers in train mode still normalise with the batch's statistics, as in the training pass: a second pass over a
+    mini-batch then neither counts it twice nor sees other features than the training pass."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)

@@ -6,9 +6,14 @@ group ``clmtl.strategies`` (each entry point names a module to import). ``a+b`` 
 concatenating their plugins, so hybrids need no code of their own.
 
 Each strategy declares what it acts on (``ACTIONS``). The composer uses that to order plugins the same way
-whatever order the user wrote (model changes first, then optimizer, data, loss terms; Avalanche runs plugin
-callbacks in list order) and to refuse hybrids in which two plugins would both take over an exclusive part
-(two plugins replacing the data a step sees, or the optimizer), a clash Avalanche's plugin lists accept silently.
+whatever order the user wrote (model changes first, then optimizer, data, loss terms, gradient changes; Avalanche runs
+plugin callbacks in list order) and to refuse hybrids in which two plugins would both take over an exclusive part
+(two plugins replacing the data a step sees, the optimizer, or the gradient), a clash Avalanche's plugin lists accept
+silently.
+
+Each strategy also declares the task kinds it handles (default: every kind). ``check_stream`` refuses, before
+training, a strategy on a stream with a task of another kind (Avalanche's own plugins assume class-label targets and
+one logits tensor per mini-batch, so they handle classification only); ``clmtl.builders.build_strategy`` calls it.
 
 A strategy can also live in a plain Python file: ``use_strategy_files(paths)`` (``clmtl run --plugin-file PATH``)
 imports it; a benchmark's worker processes are handed the same paths with each job (``clmtl.grid``).
@@ -30,16 +35,18 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from clmtl.config import make_settings, schema_defaults
+from clmtl.config import ConfigError, make_settings, schema_defaults
+from clmtl.tasks import KINDS, TASK_KINDS
 
 ENTRY_POINT_GROUP = "clmtl.strategies"
 
-ACTIONS = ("model", "optimizer", "data", "loss")
+ACTIONS = ("model", "optimizer", "data", "loss", "gradient")
 """What a strategy may act on, in the order the composer applies plugins:
 ``model`` changes the model or its mode (freezing, gating); ``optimizer`` reconfigures the optimizer or its
 learning rates; ``data`` changes what a training step sees (mixes in stored or other tasks' samples);
-``loss`` adds a term to the loss."""
-EXCLUSIVE_ACTIONS = frozenset({"optimizer", "data"})
+``loss`` adds a term to the loss; ``gradient`` changes the gradient between the backward pass and the optimizer
+step (GEM's projection)."""
+EXCLUSIVE_ACTIONS = frozenset({"optimizer", "data", "gradient"})
 """Actions at most one component of a hybrid may hold."""
 
 PluginFactory = Callable[[Any], Any]
@@ -55,6 +62,10 @@ class StrategyEntry:
     """The dataclass of its hyperparameters (``clmtl.config.setting`` fields), or None: it has none."""
     summary: str = ""
     acts_on: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = KINDS
+    """The task kinds it handles (full names); a stream with a task of another kind is refused (``check_stream``)."""
+    check: Callable[[str, Sequence[Any]], None] | None = None
+    """A further condition on the stream, ``check(name, tasks)`` raising ``ConfigError`` (``check_stream``)."""
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -71,25 +82,35 @@ _REGISTRY: dict[str, StrategyEntry] = {}
 _discovered = False
 
 
-def register(name: str, settings: type | None = None,
-             acts_on: tuple[str, ...] = ()) -> Callable[[PluginFactory], PluginFactory]:
+def register(name: str, settings: type | None = None, acts_on: tuple[str, ...] = (), kinds: Sequence[str] = KINDS,
+             check: Callable[[str, Sequence[Any]], None] | None = None) -> Callable[[PluginFactory], PluginFactory]:
     """Decorator registering ``factory`` under ``name``.
 
     ``settings`` is the dataclass of its hyperparameters (config keys ``strategy.<name>.<key>``, each a
     ``clmtl.config.setting`` with its default, check and help: the one place they are declared and validated);
-    ``acts_on`` lists what its plugin changes, a subset of ``ACTIONS``.
+    ``acts_on`` lists what its plugin changes, a subset of ``ACTIONS``; ``kinds`` the task kinds it handles (full or
+    short names, ``("classification",)`` or ``("cls",)``; default every kind); ``check(name, tasks)`` any further
+    condition on the stream's tasks (``clmtl.tasks.TaskSpec``, placed in heads), raising a one-line ``ConfigError``
+    (``clmtl.scenario.require_own_heads`` is one). Both are checked before training (``check_stream``).
     """
     if settings is not None and not dataclasses.is_dataclass(settings):
         raise TypeError(f"strategy {name!r}: settings must be a dataclass, got {settings!r}")
     unknown = sorted(set(acts_on) - set(ACTIONS))
     if unknown:
         raise ValueError(f"strategy {name!r}: unknown actions {unknown}; expected some of {ACTIONS}")
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    handled = tuple(dict.fromkeys(TASK_KINDS.get(kind, kind) for kind in kinds))
+    unknown = sorted(set(handled) - set(KINDS))
+    if unknown or not handled:
+        raise ValueError(f"strategy {name!r}: kinds must be some of {KINDS}, got {list(kinds)}")
 
     def decorator(factory: PluginFactory) -> PluginFactory:
         if name in _REGISTRY and _REGISTRY[name].factory is not factory:
             raise ValueError(f"strategy {name!r} is registered twice")
         summary = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
-        _REGISTRY[name] = StrategyEntry(name, factory, settings, summary, tuple(acts_on))
+        _REGISTRY[name] = StrategyEntry(name, factory, settings, summary, tuple(acts_on),
+                                        tuple(kind for kind in KINDS if kind in handled), check)
         return factory
 
     return decorator
@@ -178,3 +199,17 @@ def build_plugins(spec: str, params: Mapping[str, Mapping[str, Any]] | None = No
         if plugin is not None:
             plugins.append(plugin)
     return plugins
+
+
+def check_stream(spec: str, tasks: Sequence[Any]) -> None:
+    """Refuse (one-line ``ConfigError``) a strategy with a component that does not handle the kind of one of
+    ``tasks`` (``clmtl.tasks.TaskSpec``) or whose ``check`` refuses them, before anything trains."""
+    registry = available()
+    for name in parse_strategy(spec):
+        entry = registry[name]
+        for task in tasks:
+            if task.kind not in entry.kinds:
+                raise ConfigError(f"strategy {name} handles {' and '.join(entry.kinds)} tasks only; task {task.name!r} "
+                                  f"is {task.kind}")
+        if entry.check is not None:
+            entry.check(name, tasks)

@@ -65,7 +65,8 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
 def _stream_section(results: Mapping[str, Any]) -> list[str]:
     """Average accuracy, BWT and FWT with their definitions; each task's forward-transfer term if b[j] is known."""
     lines = ["## Stream summary", "", "| Measure | Value | Definition |", "|---|---|---|",
-             f"| Average accuracy | {format_value(results.get('average_accuracy'), 3)} | {AVERAGE_ACCURACY_DEFINITION} |",
+             f"| Average accuracy | {format_value(results.get('average_accuracy'), 3)} | "
+             f"{AVERAGE_ACCURACY_DEFINITION} |",
              f"| BWT | {format_value(results.get('bwt'), 3)} | {BWT_DEFINITION} |",
              f"| FWT | {format_value(results.get('fwt'), 3)} | {FWT_DEFINITION} |"]
     random_init = results.get("random_init") or {}
@@ -136,8 +137,10 @@ def _forgetting_section(results: Mapping[str, Any]) -> list[str]:
              f"| Task | {FORGETTING_TITLE} | {FORGETTING_MAX_TITLE} |", "|---|---|---|"]
     for task in results["tasks"]:
         name = task["name"]
-        lines.append(f"| {name} | {format_value(forgetting.get(name), 3)} | {format_value(forgetting_max.get(name), 3)} |")
-    lines.append(f"| mean | {format_value(_mean(forgetting.values()), 3)} | {format_value(_mean(forgetting_max.values()), 3)} |")
+        lines.append(f"| {name} | {format_value(forgetting.get(name), 3)} | "
+                     f"{format_value(forgetting_max.get(name), 3)} |")
+    lines.append(f"| mean | {format_value(_mean(forgetting.values()), 3)} | "
+                 f"{format_value(_mean(forgetting_max.values()), 3)} |")
     return lines
 
 

@@ -8,17 +8,20 @@ the relative drop against each baseline, the model's size, timings and package v
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 
-from clmtl.benchmark import benchmark_name
+from clmtl.benchmark import Benchmark
 from clmtl.config import Config
 from clmtl.metrics.forgetting import average_accuracy, bwt, drop_vs_baseline, forgetting, forgetting_max, fwt
-from clmtl.tasks import TaskSpec
 
 VERSIONED_PACKAGES = ("clmtl", "torch", "torchvision", "avalanche-lib", "ultralytics", "pycocotools", "numpy")
 
@@ -36,10 +39,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], matrix: list[list[float | None]],
+def assemble_results(config: Config, strategy: str, benchmark: Benchmark, matrix: list[list[float | None]],
                      final_scores: Scores, baseline_scores: Scores, random_init: list[float | None],
                      model: torch.nn.Module, measured: dict[str, Any]) -> dict:
     """The results dict of one run; ``measured`` holds timings and the strategy's memory."""
+    tasks = benchmark.tasks
     names = [t.name for t in tasks]
     versions = package_versions()
     final = {t.name: final_scores[t.name][t.metric] for t in tasks}
@@ -52,9 +56,9 @@ def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], m
         "clmtl_version": versions["clmtl"],
         "config": config.to_dict(),
         "seed": config.seed,
-        "benchmark": benchmark_name(config),
+        "benchmark": benchmark.name,
         "strategy": strategy,
-        "scenario": config.scenario,
+        "scenario": benchmark.scenario,
         "tasks": [t.as_dict() for t in tasks],
         "matrix": matrix,
         "random_init": dict(zip(names, random_init)),
@@ -71,3 +75,64 @@ def assemble_results(config: Config, strategy: str, tasks: Sequence[TaskSpec], m
         **measured,
         "versions": versions,
     }
+
+
+@dataclass(frozen=True)
+class Results:
+    """One run's results.json as an object: each field is the key of the same name (docs/metrics.md)."""
+
+    clmtl_version: str
+    config: dict[str, Any]
+    seed: int
+    benchmark: str
+    strategy: str
+    scenario: str
+    tasks: list[dict[str, Any]]
+    matrix: list[list[float | None]]
+    """``matrix[i][j]``: task j's primary metric after training experience i."""
+    random_init: dict[str, float | None]
+    baseline: dict[str, float]
+    final: dict[str, float]
+    extra: dict[str, Any]
+    forgetting: dict[str, float | None]
+    forgetting_max: dict[str, float | None]
+    bwt: float | None
+    fwt: float | None
+    average_accuracy: float | None
+    drop_vs_baseline: dict[str, float | None]
+    params: int
+    train_seconds: dict[str, float]
+    baseline_train_seconds: dict[str, float]
+    memory_bytes: int
+    strategy_stats: dict[str, Any]
+    total_seconds: float
+    processes: int
+    threads: dict[str, int | None]
+    precision: str
+    device: str
+    device_name: str
+    versions: dict[str, str]
+
+    @classmethod
+    def from_dict(cls, results: Mapping[str, Any]) -> Results:
+        """From a results dict; keys a results.json of an earlier clmtl lacks (``fwt``, ``device``...) are None."""
+        return cls(**{field.name: results.get(field.name) for field in dataclasses.fields(cls)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Results:
+        """A run's results: its folder or its results.json."""
+        path = Path(path)
+        return cls.from_dict(json.loads((path / "results.json" if path.is_dir() else path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The results.json dict."""
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """The markdown tables ``clmtl run`` prints (and writes to summary.md)."""
+        from clmtl.report import summary_markdown
+
+        return summary_markdown(self.to_dict())
+
+    def _repr_markdown_(self) -> str:  # a notebook shows the tables
+        return self.summary()

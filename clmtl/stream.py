@@ -6,7 +6,9 @@ and it carries its own collate function, so a segmentation batch stacks label ma
 list of box dictionaries. Avalanche keeps a dataset's own collate only for experiences with task labels (its
 ``SupervisedTemplate`` builds a plain loader otherwise), hence ``with_task_labels``. Every experience also carries
 Avalanche's class timeline (``classes_in_this_experience``, ``classes_seen_so_far``...), in the labels of its head,
-which heads read to grow (``UnifiedModel.adaptation``) as Avalanche's ``IncrementalClassifier`` does.
+which heads read to grow (``UnifiedModel.adaptation``) as Avalanche's ``IncrementalClassifier`` does. A classification
+experience's dataset also has Avalanche's ``targets`` attribute (each sample's class, in head labels), which
+Avalanche's class-balanced buffers read (``avalanche.GDumb``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
 from clmtl.scenario import placed
-from clmtl.tasks import DETECTION, TaskSpec
+from clmtl.tasks import CLASSIFICATION, DETECTION, TaskSpec
 
 
 def detection_collate(batch: Sequence[Sequence[Any]]) -> list[Any]:
@@ -35,19 +37,30 @@ def collate_for(kind: str) -> Callable[[Sequence[Any]], Any]:
     return detection_collate if kind == DETECTION else default_collate
 
 
+def class_labels(dataset: Dataset) -> list[int]:
+    """Each sample's class of a classification dataset, through the training augmentation (``JointTransform``, which
+    leaves class ids untouched), without loading images where the dataset keeps its targets apart."""
+    from clmtl.data.relabel import targets_of
+    from clmtl.data.transforms import JointTransform
+
+    while isinstance(dataset, JointTransform):
+        dataset = dataset.dataset
+    return [int(target) for target in targets_of(dataset)]
+
+
 def task_dataset(dataset: Dataset, task: TaskSpec, task_label: int):
-    """Wrap a ``(image, target)`` dataset as an AvalancheDataset yielding ``[image, target, task_label]``."""
-    from avalanche.benchmarks.utils import AvalancheDataset
+    """Wrap a ``(image, target)`` dataset as an AvalancheDataset yielding ``[image, target, task_label]``; a
+    classification dataset also gets the ``targets`` attribute (``class_labels``)."""
+    from avalanche.benchmarks.utils import AvalancheDataset, DataAttribute
     from avalanche.benchmarks.utils.data_attribute import TaskLabels
     from avalanche.benchmarks.utils.flat_data import ConstantSequence
 
     if len(dataset) == 0:
         raise ValueError(f"task {task.name!r}: the dataset is empty")
-    return AvalancheDataset(
-        [dataset],
-        data_attributes=[TaskLabels(ConstantSequence(task_label, len(dataset)))],
-        collate_fn=collate_for(task.kind),
-    )
+    attributes = [TaskLabels(ConstantSequence(task_label, len(dataset)))]
+    if task.kind == CLASSIFICATION:
+        attributes.append(DataAttribute(class_labels(dataset), "targets"))
+    return AvalancheDataset([dataset], data_attributes=attributes, collate_fn=collate_for(task.kind))
 
 
 def build_stream(tasks: Sequence[TaskSpec], train_sets: Sequence[Dataset], test_sets: Sequence[Dataset]):

@@ -3,10 +3,10 @@
 Every training step adds one mini-batch of each other task — past and future ones. A batch of another head cannot join
 the mini-batch (each head has its own output format) and adds its own loss, through its head, with equal weight; a
 batch of the head being trained (the class and domain scenarios' shared head) joins the mini-batch, so BatchNorm
-normalises all of that head's tasks together, as at evaluation. Training therefore sees every task from the first experience on, over the whole stream's budget,
-at about T times a naive step. Every head is grown to all its classes before training starts (in the class scenario
-a head would otherwise hold only the classes seen so far). It needs the stream, which ``clmtl run`` hands over through
-``bind_benchmark``.
+normalises all of that head's tasks together, as at evaluation. Training therefore sees every task from the first
+experience on, over the whole stream's budget, at about T times a naive step. Every head is grown to all its classes
+before training starts (in the class scenario a head would otherwise hold only the classes seen so far). It needs the
+stream, which ``clmtl run`` hands over through ``bind_benchmark``.
 """
 from __future__ import annotations
 

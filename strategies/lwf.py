@@ -21,18 +21,19 @@ classes' logits, as LwF is run class-incrementally). The distillation depends on
 The penalty is ``alpha × mean over old tasks of the per-task loss``, plus ``feature_weight ×`` the MSE between
 teacher and student FPN features (averaged over levels), read from the same forward pass by a hook.
 
-BatchNorm: the student's distillation pass runs in eval mode, like the teacher. An extra train-mode pass
-would update the running statistics a second time with the same batch (Avalanche's LwF does), and would
-compare batch-normalised student outputs with running-stat teacher outputs, which differ even when the weights
-are equal. In eval mode the penalty is exactly 0 at the start of each experience and measures how far the
-model *as it is evaluated* has moved — including the drift of its running statistics, which the main
-train-mode pass keeps updating and which the weights are then pushed to compensate.
+BatchNorm: the teacher runs in eval mode, and the student as it trains. The head being trained (the shared head of
+the class and domain scenarios) is distilled on the student's output of the training pass itself, the one its
+cross-entropy sees, as LwF does; the other heads (the earlier tasks' own heads in the task scenario) get one more
+pass over the mini-batch with the modules in their training modes, which leaves the running statistics as they are
+(``clmtl.plugin.kept_statistics``; Avalanche's LwF updates them a second time with the same batch). A student pass in
+eval mode instead let the weights meet both terms through the gap between batch and running statistics, with the new
+task learnt in train mode only: at chance in eval mode (Split digits, seed 100: LwF 0.50 in the domain scenario,
+0.81 from the training pass).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clmtl.losses import output_kind
-from clmtl.plugin import Plugin
+from clmtl.plugin import Plugin, kept_statistics
 from clmtl.config import FRACTION, NON_NEGATIVE, POSITIVE, setting
 from clmtl.registry import register
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
@@ -106,18 +107,6 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the block, then every module's own mode back (bnfreeze keeps BN in eval while training)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def outputs_and_features(model: nn.Module, x: torch.Tensor, labels: Sequence[int],
                          with_features: bool) -> tuple[dict[int, Output], dict[int, torch.Tensor] | None]:
     """Each label's output, from one backbone pass when the model has ``forward_all``, and its FPN features."""
@@ -173,15 +162,23 @@ class LwFPlugin(Plugin, supports_distributed=True):
     def before_backward(self, strategy, **kwargs) -> None:
         if self.teacher is None or not self.old_labels:
             return
-        strategy.loss = strategy.loss + self.penalty(strategy.model, strategy.mb_x, self.old_labels)
+        trained = {strategy.experience.task_label: strategy.mb_output}
+        strategy.loss = strategy.loss + self.penalty(strategy.model, strategy.mb_x, self.old_labels, trained)
 
-    def penalty(self, model: nn.Module, x: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
-        """alpha × mean over ``labels`` of the distillation loss (+ feature_weight × feature MSE)."""
+    def penalty(self, model: nn.Module, x: torch.Tensor, labels: Sequence[int],
+                trained: Mapping[int, Output] | None = None) -> torch.Tensor:
+        """alpha × mean over ``labels`` of the distillation loss (+ feature_weight × feature MSE); ``trained``: the
+        training pass's outputs of the heads it ran, used as the student's for those heads (module docstring)."""
         with_features = self.feature_weight > 0
+        trained = {label: output for label, output in (trained or {}).items() if label in labels}
         with torch.no_grad():
             teacher_out, teacher_features = outputs_and_features(self.teacher, x, labels, with_features)
-        with evaluating(model):
-            student_out, student_features = outputs_and_features(model, x, labels, with_features)
+        student_out, student_features = dict(trained), None
+        others = [label for label in labels if label not in trained]
+        if others or with_features:
+            with kept_statistics(model):
+                passed, student_features = outputs_and_features(model, x, others, with_features)
+            student_out.update(passed)
         per_task = [
             distillation_loss(old_classes(student_out[label], teacher_out[label]), teacher_out[label],
                               output_kind(teacher_out[label]), self.temperature, self.det_conf)

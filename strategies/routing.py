@@ -21,7 +21,8 @@ the point's output channels. While task t trains:
 
 The embeddings train in the run's optimizer, in a parameter group ``routes`` of their own (learning rate ``lr``, no
 weight decay): Avalanche's optimizer update refuses parameters it cannot place in the groups ``clmtl run`` builds.
-Routing costs ``num_tasks × (gated channels)`` parameters, and ``forward_all`` one pass per task (docs/strategies.md, Routing).
+Routing costs ``num_tasks × (gated channels)`` parameters, and ``forward_all`` one pass per task (docs/strategies.md,
+Routing).
 """
 from __future__ import annotations
 

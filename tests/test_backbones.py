@@ -154,7 +154,7 @@ class LossRecorder(SupervisedPlugin):
 def test_swapping_the_backbone_is_one_config_key(name, tmp_path, isolated_registry):
     from clmtl.config import load_config
     from clmtl.registry import register
-    from clmtl.run import run
+    from clmtl.runner import run
 
     recorder = LossRecorder()
     register("loss_recorder")(lambda params: recorder)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from clmtl.config import load_config
-from clmtl.run import run
+from clmtl.runner import run
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "baseline_recipes.py"
 TINY = ["data.train_size=4", "data.val_size=2", "data.image_size=64", "train.epochs=2", "train.batch_size=2",

@@ -96,9 +96,9 @@ def test_clmtl_eval_runs_each_task_with_its_own_batchnorm(tmp_path):
     which the model's own (last task's) BatchNorm does not."""
     from clmtl.checkpoint import load_model_checkpoint
     from clmtl.config import load_config
-    from clmtl.evaluate import evaluate_checkpoint
+    from clmtl.evaluation import evaluate_checkpoint
     from clmtl.registry import strategy_schemas
-    from clmtl.run import run
+    from clmtl.runner import run
 
     config = load_config(None, ["data.train_size=32", "data.val_size=16", "data.image_size=64", "train.epochs=4",
                                 "train.batch_size=4", "output.overlays=0", "train.threads=1",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from clmtl.checkpoint import ResumeError, load_run_checkpoint, restore_plugins, rng_state, save_run_checkpoint, set_rng_state
+from clmtl.checkpoint import (ResumeError, load_run_checkpoint, restore_plugins, rng_state, save_run_checkpoint,
+                              set_rng_state)
 from clmtl.io import load_checkpoint
 
 KILLER = textwrap.dedent('''
@@ -93,7 +94,8 @@ def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path
     assert stopped.returncode == expected_returncode, stopped.stderr[-3000:]
     saved = load_run_checkpoint(tmp_path / "run")
     assert saved["experience"] == 0
-    assert (saved["partial"]["epoch"], saved["partial"]["iteration"]) == ((0, 3) if signal_name == "SIGKILL" else (1, 1))
+    expected = (0, 3) if signal_name == "SIGKILL" else (1, 1)
+    assert (saved["partial"]["epoch"], saved["partial"]["iteration"]) == expected
 
     resumed = clmtl("run", "--plugin-file", str(plugin_file), "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -136,6 +138,7 @@ def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_mo
         assert torch.equal(tensor, reference_model[name]), name
 
 
+@pytest.mark.slow
 def test_resume_needs_the_runs_own_config(tmp_path):
     result = clmtl("run", "--resume", str(tmp_path), "train.lr=0.1")
     assert result.returncode == 2 and "--resume continues a run with its own config" in result.stderr
@@ -184,6 +187,7 @@ def test_random_generators_come_back_exactly():
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == drawn
 
 
+@pytest.mark.slow
 def test_last_points_at_the_newest_checkpoint_and_survives_a_failed_write(tmp_path):
     save_run_checkpoint({"experience": 0, "w": torch.ones(2)}, tmp_path, 0)
     assert os.path.samefile(tmp_path / "last.pt", tmp_path / "exp0.pt")

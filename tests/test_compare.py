@@ -113,7 +113,8 @@ def test_stopping_a_parallel_run_terminates_its_workers(process_tree):
 
     import psutil
 
-    code = "import time; from clmtl.grid import execute; execute([(time.sleep, (120,)), (time.sleep, (120,))], 2)"
+    code = ("import time; from clmtl.engines import Engine, Job, run_jobs; "
+            "run_jobs([Job('a', time.sleep, (120,)), Job('b', time.sleep, (120,))], Engine('local', 2))")
     parent = process_tree.start([sys.executable, "-c", code])
     deadline, workers = time.monotonic() + 60, []
     while len(workers) < 2 and time.monotonic() < deadline:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "custom_strategy.py"
@@ -53,6 +54,7 @@ def clmtl(*args):
     return subprocess.run([sys.executable, "-m", "clmtl", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_cli_lists_and_runs_a_strategy_from_a_file(tmp_path):
     listed = clmtl("strategies", "--plugin-file", str(EXAMPLE))
     assert listed.returncode == 0 and "strategy.mas.lambda = 1.0 (float, must be >= 0)" in listed.stdout

@@ -167,7 +167,7 @@ def test_every_strategy_eval_export_and_resume_run_on_an_explicit_device(tmp_pat
 def test_a_run_trains_on_cuda_in_mixed_precision(tmp_path, precision):
     from clmtl.config import load_config
     from clmtl.registry import strategy_schemas
-    from clmtl.run import run
+    from clmtl.runner import run
 
     config = load_config(None, [*TINY, "train.device=cuda", f"train.precision={precision}"],
                          strategies=strategy_schemas())

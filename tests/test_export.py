@@ -40,6 +40,7 @@ def test_torchscript_round_trip_gives_the_eager_outputs(model, tmp_path):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the model itself stays unfolded
 
 
+@pytest.mark.slow
 def test_onnx_round_trip_in_onnxruntime_gives_the_eager_outputs(model, tmp_path):
     import onnxruntime
 

@@ -15,9 +15,9 @@ from realdata import COCO_IMAGES, write_coco, write_folder, write_voc
 
 from clmtl.config import ConfigError, load_config
 from clmtl.data.files import resolve_paths
-from clmtl.evaluate import evaluate_checkpoint
+from clmtl.evaluation import evaluate_checkpoint
 from clmtl.registry import strategy_schemas
-from clmtl.run import run
+from clmtl.runner import run
 
 TINY = ["data.image_size=64", "train.epochs=1", "train.batch_size=2", "train.eval_batch_size=3",
         "output.overlays=1", "train.threads=1", "eval.score_threshold=0.0"]  # keep boxes of an untrained model
@@ -228,6 +228,7 @@ def test_bad_data_stops_the_run_before_it_touches_earlier_outputs(bundle, tmp_pa
     assert (out / "metrics.csv").read_text() == "metric,x,value\n"
 
 
+@pytest.mark.slow
 def test_the_cli_reports_bad_data_in_one_line(bundle, tmp_path):
     import shutil
     import subprocess

@@ -101,6 +101,7 @@ def test_detection_loss_starts_on_the_scale_of_cross_entropy():
     assert 1.0 < value < 15.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["segmentation", "detection", "classification"])
 def test_each_loss_falls_on_a_tiny_batch(kind):
     from clmtl.models import UnifiedModel

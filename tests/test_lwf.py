@@ -11,10 +11,11 @@ from avalanche.models import MultiTaskModule
 from avalanche.training.regularization import LearningWithoutForgetting
 
 import clmtl.builders
-import clmtl.run
+import clmtl.runner
 from clmtl.config import load_config
 from clmtl.data.shapes import shapes_task
 from clmtl.models import UnifiedModel
+from clmtl.plugin import kept_statistics
 from clmtl.registry import build_plugins, strategy_schemas
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 from strategies.bnfreeze import batch_norms
@@ -167,11 +168,27 @@ def test_gradients_reach_the_student_only_and_bn_statistics_and_modes_are_untouc
     assert any(float(p.grad.abs().sum()) > 0 for p in student.backbone.parameters())
 
 
-def test_student_equal_to_teacher_has_zero_penalty_even_in_train_mode(model):
+def test_the_student_runs_as_it_trains_and_leaves_the_running_statistics_alone(model):
+    """Equal to its teacher and in eval mode: no penalty. In train mode the old heads' outputs are those of batch
+    statistics, as in the training pass (a student evaluated with running statistics instead could learn the new task
+    in train mode only), and the running statistics are not updated a second time."""
     plugin = LwFPlugin(feature_weight=1.0)
     plugin.teacher = frozen_copy(model)
-    student = copy.deepcopy(model).train()
-    assert abs(float(plugin.penalty(student, images(), [0, 1, 2]))) < 1e-6
+    x = images()
+    student = copy.deepcopy(model).eval()
+    assert abs(float(plugin.penalty(student, x, [0, 1, 2]))) < 1e-6
+
+    student.train()
+    stats = {name: b.clone() for name, b in student.named_buffers()}
+    moved = float(plugin.penalty(student, x, [2]))
+    assert all(torch.equal(stats[name], b) for name, b in student.named_buffers())
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():
+        expected = distillation_loss(reference(x, 2), plugin.teacher(x, 2), CLASSIFICATION, 2.0)
+        features = reference.neck(reference.backbone(x)), plugin.teacher.neck(plugin.teacher.backbone(x))
+    expected = float(expected) + sum(float(torch.nn.functional.mse_loss(features[0][k], features[1][k]))
+                                     for k in features[1]) / len(features[1])
+    assert moved == pytest.approx(expected, rel=1e-5) and moved > 1e-4
 
 
 def test_feature_term_is_the_mse_of_fpn_features_averaged_over_levels(model):
@@ -187,8 +204,10 @@ def test_feature_term_is_the_mse_of_fpn_features_averaged_over_levels(model):
 
 
 def fake_strategy(model, task_label):
-    return SimpleNamespace(model=model, mb_x=images(), experience=SimpleNamespace(task_label=task_label),
-                           loss=torch.tensor(1.5))
+    """The template as a plugin sees it: the mini-batch, its training-pass output (train mode) and the loss."""
+    x = images()
+    return SimpleNamespace(model=model, mb_x=x, mb_output=model(x, task_label),
+                           experience=SimpleNamespace(task_label=task_label), loss=torch.tensor(1.5))
 
 
 def test_plugin_adds_nothing_first_then_distils_only_old_heads(model):
@@ -207,27 +226,27 @@ def test_plugin_adds_nothing_first_then_distils_only_old_heads(model):
     student.load_state_dict(perturbed(model).state_dict())  # "trained" on detection
     second = fake_strategy(student, 1)
     plugin.before_backward(second)
-    student.eval()
-    with torch.no_grad():  # references from the single-task forward, not forward_all
+    with torch.no_grad(), kept_statistics(student):  # references from the single-task forward, not forward_all
         seg = distillation_loss(student(second.mb_x, 0), seg_teacher(second.mb_x, 0), SEGMENTATION, 2.0)
     assert float(second.loss) == pytest.approx(1.5 + 0.5 * float(seg), rel=1e-5)
 
-    student.train()
     plugin.after_training_exp(second)
     assert plugin.old_labels == [0, 1] and plugin.teacher is not seg_teacher
     student.load_state_dict(perturbed(model, seed=3).state_dict())  # "trained" on classification
     third = fake_strategy(student, 2)
     plugin.before_backward(third)
-    student.eval()
-    with torch.no_grad():
+    with torch.no_grad(), kept_statistics(student):
         seg = distillation_loss(student(third.mb_x, 0), plugin.teacher(third.mb_x, 0), SEGMENTATION, 2.0)
         det = distillation_loss(student(third.mb_x, 1), plugin.teacher(third.mb_x, 1), DETECTION, 2.0, 0.5)
     assert float(third.loss) == pytest.approx(1.5 + 0.5 * (float(seg) + float(det)) / 2, rel=1e-5)
 
-    again = fake_strategy(student, 0)  # training a head trained before (a shared head): it is distilled too
+    again = fake_strategy(student, 0)  # training a head trained before (a shared head): it is distilled too, on the
+    plugin.before_backward(again)  # training pass's own output, not on a pass of its own
+    again.mb_output = again.mb_output.detach() * 2.0  # what the training pass gave, now told apart from a new pass
+    again.loss = torch.tensor(1.5)
     plugin.before_backward(again)
-    with torch.no_grad():
-        seg = distillation_loss(student(again.mb_x, 0), plugin.teacher(again.mb_x, 0), SEGMENTATION, 2.0)
+    with torch.no_grad(), kept_statistics(student):
+        seg = distillation_loss(again.mb_output, plugin.teacher(again.mb_x, 0), SEGMENTATION, 2.0)
         det = distillation_loss(student(again.mb_x, 1), plugin.teacher(again.mb_x, 1), DETECTION, 2.0, 0.5)
     assert float(again.loss) == pytest.approx(1.5 + 0.5 * (float(seg) + float(det)) / 2, rel=1e-5)
 
@@ -254,9 +273,9 @@ def test_a_tiny_run_with_lwf_writes_results_and_keeps_a_teacher(tmp_path, monkey
 
     distilled = []
 
-    def recording_penalty(self, model, x, labels):
+    def recording_penalty(self, model, x, labels, trained=None):
         distilled.append(list(labels))
-        return original_penalty(self, model, x, labels)
+        return original_penalty(self, model, x, labels, trained)
 
     original_penalty = LwFPlugin.penalty
     monkeypatch.setattr(clmtl.builders, "build_plugins", recording_build_plugins)
@@ -265,7 +284,7 @@ def test_a_tiny_run_with_lwf_writes_results_and_keeps_a_teacher(tmp_path, monkey
                  "train.batch_size=2", "output.overlays=0", "output.checkpoints=false", "train.threads=1",
                  "model.fpn_channels=16", "strategy.lwf.alpha=0.5"]
     config = load_config(None, overrides, strategies=strategy_schemas())
-    clmtl.run.run(config, "lwf", tmp_path, baselines=False)
+    clmtl.runner.run(config, "lwf", tmp_path, baselines=False)
     (plugin,) = built
     assert plugin.alpha == 0.5 and plugin.old_labels == [0, 1, 2]
     assert distilled == [[0], [0], [0, 1], [0, 1]]  # 2 steps per experience; nothing while learning the first

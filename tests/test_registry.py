@@ -100,7 +100,8 @@ def test_entry_point_plugin_of_an_installed_package_is_found(tmp_path, monkeypat
         "from dataclasses import dataclass\n\nfrom clmtl.config import setting\n\n"
         "@dataclass\nclass Settings:\n    alpha: float = setting(0.5)\n\n"
         "@register('thirdparty', settings=Settings, acts_on=('loss',))\n"
-        "def thirdparty(settings):\n    '''A strategy from another package.'''\n    return ('thirdparty', settings.alpha)\n"
+        "def thirdparty(settings):\n    '''A strategy from another package.'''\n"
+        "    return ('thirdparty', settings.alpha)\n"
     )
     dist_info = tmp_path / "thirdparty_probe-1.0.dist-info"
     dist_info.mkdir()

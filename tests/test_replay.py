@@ -280,7 +280,7 @@ def test_defaults_and_registration():
 
 def test_a_tiny_run_replays_the_old_tasks(tmp_path, monkeypatch):
     import clmtl.builders
-    import clmtl.run
+    import clmtl.runner
     from clmtl.config import load_config
     from clmtl.registry import strategy_schemas
 
@@ -295,7 +295,7 @@ def test_a_tiny_run_replays_the_old_tasks(tmp_path, monkeypatch):
                  "train.batch_size=4", "output.overlays=0", "output.checkpoints=false", "train.threads=1",
                  "strategy.replay.mem_size=12"]
     config = load_config(None, overrides, strategies=strategy_schemas())
-    clmtl.run.run(config, "replay", tmp_path, baselines=False)
+    clmtl.runner.run(config, "replay", tmp_path, baselines=False)
     (plugin,) = built
     assert stored_sizes(plugin.buffer) == {0: 4, 1: 4, 2: 4}
     # seg replayed while learning det (2 steps x 2) and cls (2 steps x 1); det while learning cls

@@ -417,6 +417,7 @@ class ExplodingPickle:
         raise RuntimeError("boom")
 
 
+@pytest.mark.slow
 def test_atomic_torch_save_failure_keeps_previous_file(tmp_path):
     path = tmp_path / "last.pt"
     atomic_torch_save({"step": 1, "w": torch.ones(2)}, path)

@@ -13,7 +13,7 @@ from clmtl.models import UnifiedModel
 from clmtl.registry import build_plugins, strategy_schemas
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, make_optimizer
-from clmtl.run import run
+from clmtl.runner import run
 from clmtl.tasks import TaskSpec
 
 SIZE = 64
@@ -166,6 +166,7 @@ def test_a_routing_state_dict_loads_into_a_freshly_built_model_and_exports(tmp_p
         torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_the_onnx_export_of_a_routed_model_takes_each_tasks_route(tmp_path):
     import onnxruntime
 

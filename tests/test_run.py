@@ -15,7 +15,7 @@ from clmtl.registry import register, strategy_schemas
 from clmtl.baselines import Baselines
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model
-from clmtl.run import run
+from clmtl.runner import run
 
 TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
         "output.overlays=2", "train.threads=1"]
@@ -107,13 +107,15 @@ def test_given_baselines_are_reused_instead_of_trained(tmp_path):
     assert "single-task baselines" not in (tmp_path / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_baselines_beside_the_stream_equal_baselines_trained_before_it(tmp_path):
     """2 threads: baselines in a second process, 1 thread each; the same run on 1 thread trains them first."""
     results = {}
+    callers = torch.get_num_threads()
     for threads in (2, 1):
         config = load_config(None, TINY + ["output.overlays=0", f"train.threads={threads}"])
         results[threads] = run(config, "naive", tmp_path / str(threads), baselines=True)
-        assert torch.get_num_threads() == threads  # the run's threads again once its stream is done
+        assert torch.get_num_threads() == callers  # the caller's threads again once the run is done
     beside, before = results[2], results[1]
     assert beside["threads"] == before["threads"] == {"stream": 1, "baselines": 1}
     assert beside["baseline"] == before["baseline"] and beside["extra"] == before["extra"]
@@ -145,6 +147,7 @@ def test_a_failing_stream_stops_the_baselines_process(tmp_path, isolated_registr
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
 def test_a_stopped_or_killed_run_leaves_no_baselines_process_behind(tmp_path, stop, process_tree):
     import signal
@@ -189,6 +192,7 @@ def clmtl(*args):
     return subprocess.run([sys.executable, "-m", "clmtl", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_a_config_typo_is_one_clear_line_with_a_suggestion():
     result = clmtl("run", "train.lrr=0.1")
     assert result.returncode == 2
@@ -196,6 +200,7 @@ def test_a_config_typo_is_one_clear_line_with_a_suggestion():
     assert "did you mean 'train.lr'" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_out_of_range_value_and_an_unknown_strategy_are_clear_errors():
     result = clmtl("run", "train.lr=-1")
     assert result.returncode == 2 and "train.lr" in result.stderr and "Traceback" not in result.stderr
@@ -203,6 +208,7 @@ def test_an_out_of_range_value_and_an_unknown_strategy_are_clear_errors():
     assert result.returncode == 2 and "unknown strategy 'replai'" in result.stderr
 
 
+@pytest.mark.slow
 def test_strategies_lists_hyperparameters():
     result = clmtl("strategies")
     assert result.returncode == 0
@@ -229,6 +235,7 @@ def test_clmtl_eval_reproduces_the_final_scores_and_writes_predictions(tiny_run,
     assert {d["image_id"] for d in json.loads((tmp_path / "det.json").read_text())} <= {1, 2, 3, 4}
 
 
+@pytest.mark.slow
 def test_clmtl_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     result = clmtl("eval", "--checkpoint", str(tmp_path / "last.pt"))

@@ -18,6 +18,7 @@ def speed():
     return module
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_every_measurement_and_ratios_of_its_medians(speed, tmp_path):
     speed.main(["--image-size", "64", "--repeats", "2", "--warmup", "1", "--train-image-size", "64",
                 "--train-batch-size", "2", "--out", str(tmp_path)])

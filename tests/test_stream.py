@@ -47,4 +47,5 @@ def test_to_device_moves_nested_targets_and_keeps_structure():
 def test_empty_dataset_is_a_clear_error():
     task = shapes_task("classification", "cls")
     with pytest.raises(ValueError, match="'cls': the dataset is empty"):
-        build_stream([task], [torch.utils.data.TensorDataset(torch.zeros(0))], [torch.utils.data.TensorDataset(torch.zeros(0))])
+        empty = torch.utils.data.TensorDataset(torch.zeros(0))
+        build_stream([task], [empty], [empty])

@@ -10,10 +10,10 @@ import yaml
 from clmtl.benchmark import build_benchmark, split_entries
 from clmtl.cli import main
 from clmtl.config import load_config
-from clmtl.evaluate import evaluate_checkpoint
+from clmtl.evaluation import evaluate_checkpoint
 from clmtl.io import load_checkpoint
 from clmtl.registry import strategy_schemas
-from clmtl.run import run
+from clmtl.runner import run
 from realdata import write_folder, write_voc
 
 TINY = ["data.image_size=64", "data.train_size=12", "data.val_size=6", "train.epochs=1", "train.batch_size=4",

@@ -41,7 +41,7 @@ class Relabelled(Dataset):
             self._lut[IGNORE_INDEX] = IGNORE_INDEX
             for old, new in self.mapping.items():
                 self._lut[old] = new
-        targets = _targets(dataset)
+        targets = targets_of(dataset)
         self.indices = [i for i, target in enumerate(targets) if self._keeps(target, keep_empty)]
         if not self.indices:
             raise DataError(f"no {kind} sample shows any of the classes picked (labels {sorted(self.mapping)})")
@@ -101,7 +101,7 @@ def _boxes(target: dict, mapping: Mapping[int, int]) -> dict:
     return kept
 
 
-def _targets(dataset: Dataset) -> list[Any]:
+def targets_of(dataset: Dataset) -> list[Any]:
     """Every target, without decoding images where the dataset keeps them apart (``targets``, ``target(i)``)."""
     if hasattr(dataset, "target"):
         return [dataset.target(i) for i in range(len(dataset))]

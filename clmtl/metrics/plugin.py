@@ -154,7 +154,7 @@ def task_metrics(
 
 
 def metric_key(task_label: int, exp_id: int, metric: str, stream: str = "test") -> str:
-    """The name Avalanche gives an eval metric of one experience, e.g. ``mIoU/eval_phase/test_stream/Task000/Exp000``."""
+    """The name Avalanche gives an eval metric of one experience (``mIoU/eval_phase/test_stream/Task000/Exp000``)."""
     return f"{metric}/eval_phase/{stream}_stream/Task{task_label:03}/Exp{exp_id:03}"
 
 

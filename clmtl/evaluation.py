@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from clmtl.benchmark import Benchmark, build_benchmark
+from clmtl.checkpoint import checkpoint_config, load_model_checkpoint, load_task_state
 from clmtl.config import Config
 from clmtl.decode import class_indices, predict
 from clmtl.devices import resolve_device, resolve_threads
@@ -131,8 +133,6 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     The checkpoint's own config is used; ``config_file`` / ``overrides`` change it (data moved elsewhere, other
     eval thresholds). Returns ``{task name: {metric: value}}``.
     """
-    from clmtl.checkpoint import checkpoint_config, load_model_checkpoint, load_task_state
-    from clmtl.benchmark import build_benchmark
     from clmtl.builders import build_model
 
     saved = load_model_checkpoint(checkpoint)
@@ -143,13 +143,23 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     model.load_state_dict(saved["model"])
     model.to(resolve_device(config.train.device))
     out_dir = Path(predictions) if predictions is not None else None
-    metrics = {}
-    task_states = saved.get("task_states", {})  # per-task BatchNorm (bnfreeze per_task): each task runs with its own
-    for task, dataset in zip(benchmark.tasks, benchmark.val_sets):
-        if task.head in task_states:
-            load_task_state(model, task_states[task.head])
-        writer = None if out_dir is None else PredictionWriter(task, model.spaces[task.head], dataset, out_dir)
-        metrics[task.name] = evaluate_task(model, task, dataset, config, writer)
+    metrics = evaluate_model(model, benchmark, config, out_dir, saved.get("task_states", {}))
     if out_dir is not None:
         atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate_model(model: UnifiedModel, benchmark: Benchmark, config: Config, predictions: Path | None = None,
+                   task_states: dict | None = None) -> dict[str, dict]:
+    """Every metric of each task of ``benchmark`` on its validation data: ``{task name: {metric: value}}``.
+
+    ``predictions``: a folder to export each task's predictions into (``PredictionWriter``); ``task_states``: the
+    per-task BatchNorm statistics a run kept (``bnfreeze`` per_task), loaded before each task is scored.
+    """
+    metrics = {}
+    for task, dataset in zip(benchmark.tasks, benchmark.val_sets):
+        if task_states and task.head in task_states:
+            load_task_state(model, task_states[task.head])
+        writer = None if predictions is None else PredictionWriter(task, model.spaces[task.head], dataset, predictions)
+        metrics[task.name] = evaluate_task(model, task, dataset, config, writer)
     return metrics

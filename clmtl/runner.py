@@ -31,13 +31,21 @@ from clmtl.report import prediction_overlays, write_report
 from clmtl.results import assemble_results
 
 
-def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Baselines = True,
-        resume: bool = False, stop: StopRequest | None = None) -> dict:
-    """Baselines, then the stream with ``strategy``; writes the report into ``out_dir`` and returns results.
+def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bool | Baselines = True,
+        resume: bool = False, stop: StopRequest | None = None, *, benchmark: Benchmark | None = None,
+        threads: int | str | None = "config", baselines_beside: bool | None = None) -> dict:
+    """Baselines, then the stream with ``strategy``; writes the report into ``out_dir`` (None: writes nothing) and
+    returns results.
 
     ``baselines``: True trains them, False skips them, a ``Baselines`` reuses ones trained before with the same
     config and seed (benchmark scripts share them between strategies). ``resume`` continues the interrupted run in
     ``out_dir`` after its last finished experience (``clmtl.checkpoint``); config and strategy must be the run's.
+    ``benchmark``: the stream to train on (``clmtl.from_avalanche``); None builds the config's.
+
+    ``threads``: ``"config"`` (what ``clmtl run`` does) sets torch's thread count from ``train.threads``, a number
+    sets that count, None leaves it as it is; the caller's count is put back at the end. ``baselines_beside`` trains
+    the baselines in a second process beside the stream on half of the threads (None: ``train.parallel_baselines``);
+    the stream then keeps the other half, also when no baselines are trained, so its numbers do not depend on them.
 
     ``stop``, once requested (the command line's signal handler), checkpoints and stops after the current training
     iteration. In a process group (``torchrun``, see ``clmtl.distributed``) every process trains its share and gets
@@ -46,18 +54,26 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
     from avalanche.logging import TextLogger
 
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    writes = distributed.is_main_process()
+    writes = distributed.is_main_process() and out_dir is not None
+    out_dir = Path(out_dir) if out_dir is not None else None
+    beside = config.train.parallel_baselines if baselines_beside is None else baselines_beside
+    if beside and benchmark is not None and baselines is True:
+        raise ConfigError("baselines beside the stream rebuild the stream from the config in a second process; a "
+                          "benchmark given as an object trains its baselines in this process (baselines_beside=False)")
+    if resume and out_dir is None:
+        raise ConfigError("resume continues the run in out_dir: give its folder")
     processes = distributed.world_size()
     if config.train.batch_size % processes:
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of the {processes} "
                           "processes: each process takes an equal share of every batch")
     resolve_device(config.train.device)  # an absent device stops the run before it writes anything
     saved = _resumable_checkpoint(out_dir, config, strategy) if resume else None
-    total_threads = resolve_threads(config.train.threads)
+    callers_threads = torch.get_num_threads()
+    total_threads = resolve_threads(config.train.threads) if threads == "config" else threads or callers_threads
     torch.set_num_threads(total_threads)
     seed_everything(config.seed)
-    benchmark = build_benchmark(config)  # bad data, a stream the scenario or the strategy refuses: stop before writing
+    if benchmark is None:  # bad data, a stream the scenario or the strategy refuses: stop before writing
+        benchmark = build_benchmark(config)
     plugins = [*recipe_plugins(config), *build_strategy(strategy, config, benchmark)]
     tasks = benchmark.tasks
     if writes:
@@ -65,12 +81,13 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
     if saved is None and writes:
         (out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
     log_path = out_dir / "log.txt" if writes else Path(os.devnull)
-    background, threads = None, {"stream": total_threads - baseline_threads(config), "baselines": None}
+    share = baseline_threads(total_threads, beside)
+    background, threads = None, {"stream": total_threads - share, "baselines": None}
     with open(log_path, "a" if saved else "w") as log_file, contextlib.ExitStack() as cleanup:
         if saved is not None and saved["baselines"] is not None:
             baselines = Baselines(**saved["baselines"])
-        elif baselines is True and baseline_threads(config):
-            threads["baselines"] = baseline_threads(config)
+        elif baselines is True and share:
+            threads["baselines"] = share
             background = BackgroundBaselines(config, threads["baselines"])
             cleanup.callback(background.close)
             if writes:
@@ -153,7 +170,7 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
             if checkpoints:  # the last checkpoint, now with them: resuming a finished run needs no retraining
                 save_run_checkpoint(snapshot(), out_dir / "checkpoints", finished)
 
-    torch.set_num_threads(total_threads)  # the run's threads again, for the caller (the stream had a share)
+    torch.set_num_threads(callers_threads)
     final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
     measured = {"train_seconds": train_seconds, "baseline_train_seconds": baselines.seconds,
                 "memory_bytes": sum(p.memory_bytes for p in plugins if isinstance(p, Plugin)),
@@ -162,7 +179,7 @@ def run(config: Config, strategy: str, out_dir: str | Path, baselines: bool | Ba
                 "threads": threads,
                 "precision": template.precision, "device": str(template.device),
                 "device_name": device_name(template.device)}
-    results = assemble_results(config, strategy, tasks, matrix, final_scores, baselines.scores, random_init, model,
+    results = assemble_results(config, strategy, benchmark, matrix, final_scores, baselines.scores, random_init, model,
                                measured)
     if not writes:
         return results

@@ -1,0 +1,65 @@
+"""clmtl from Python: the documented entry points a notebook or a script calls (``import clmtl``).
+
+``clmtl.run`` does what ``clmtl run`` does and returns ``Results``; the pieces it joins (config, benchmark, model,
+strategy, template, evaluation, report) are callable one by one for experiments of one's own.
+
+Side effects are explicit. A call here changes torch's thread count only when given ``threads`` (and puts the
+caller's back afterwards), starts a second process only with ``baselines_beside=True``, writes files only under
+``out``, and seeds Python's, NumPy's and torch's global generators with the config's seed, as every run must to be
+repeatable. The command line does more, and says so: it sets the threads from ``train.threads``, trains the
+baselines beside the stream (``train.parallel_baselines``), writes into ``runs/`` by default and installs signal
+handlers that checkpoint and stop on Ctrl-C or SIGTERM.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from clmtl.benchmark import Benchmark
+from clmtl.config import Config
+from clmtl.results import Results
+
+ConfigSource = Config | Mapping[str, Any] | str | Path | None
+"""A config: a ``Config``, a dict of config keys (as the YAML file holds them), a YAML file, or None (defaults)."""
+
+
+def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then ``source``, then ``key=value`` overrides, validated as ``clmtl run`` validates them (strategy
+    hyperparameters included, against the registered strategies)."""
+    from clmtl.config import load_config as load
+    from clmtl.registry import strategy_schemas
+
+    if isinstance(source, Config):
+        return load(None, overrides, strategies=strategy_schemas(), base=source.to_dict(), base_source="Config")
+    if isinstance(source, Mapping):
+        return load(None, overrides, strategies=strategy_schemas(), base=source, base_source="config dict")
+    return load(source, overrides, strategies=strategy_schemas())
+
+
+def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | None = None, *,
+        overrides: Sequence[str] = (), benchmark: Benchmark | None = None, baselines: bool = False,
+        threads: int | None = None, baselines_beside: bool = False) -> Results:
+    """Train ``strategy`` (a name or a hybrid, ``ewc+replay``) on the config's stream, or on ``benchmark``, and
+    return what results.json holds.
+
+    ``out``: the folder of results.json, summary.md, plots, checkpoints and logs (None: nothing is written).
+    ``baselines``: also train each task alone, the reference of the drops (``baselines_beside``: in a second
+    process, beside the stream, on half of ``threads``). ``threads``: torch threads for the run (None: as they are).
+    """
+    from clmtl.registry import parse_strategy
+    from clmtl.runner import run as run_stream
+
+    config = load_config(config, overrides)
+    parse_strategy(strategy)
+    results = run_stream(config, strategy, out, baselines=baselines, benchmark=benchmark, threads=threads,
+                         baselines_beside=baselines_beside)
+    return Results.from_dict(results)
+
+
+def evaluate(model: Any, benchmark: Benchmark, config: ConfigSource = None) -> dict[str, dict[str, float]]:
+    """Every metric of each task of ``benchmark`` for ``model`` on its validation data: ``{task: {metric: value}}``
+    (``config`` gives the batch size and the detection thresholds)."""
+    from clmtl.evaluation import evaluate_model
+
+    return evaluate_model(model, benchmark, load_config(config))

@@ -1,0 +1,142 @@
+"""Where a grid's trainings run: the local pool and Ray behave alike, run jobs at once, report failures without
+stopping the others, resume, and leave no process behind when stopped."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clmtl.engines import Engine, Failure, Job, run_jobs
+
+ray = pytest.importorskip("ray")
+# Under pytest-xdist the Ray tests share one worker: the address test stops every Ray process on the machine.
+
+
+def stamp(path: str, seconds: float) -> None:
+    """Write when the job started and ended (and what a Ray worker sees of usage statistics) after ``seconds``."""
+    start = time.time()
+    time.sleep(seconds)
+    Path(path).write_text(json.dumps({"start": start, "end": time.time(), "pid": os.getpid(),
+                                      "usage_stats": os.environ.get("RAY_USAGE_STATS_ENABLED")}))
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def test_an_engine_is_checked_where_it_is_chosen():
+    with pytest.raises(ValueError, match="engine must be one of"):
+        Engine("dask")
+    with pytest.raises(ValueError, match="needs --engine ray"):
+        Engine("local", 2, "ray://head:10001")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_job_is_reported_and_the_others_finish_locally(tmp_path, workers):
+    jobs = [Job("first", stamp, (str(tmp_path / "a.json"), 0)), Job("broken", fail, ("no such file",)),
+            Job("last", stamp, (str(tmp_path / "b.json"), 0))]
+    failures = run_jobs(jobs, Engine("local", workers))
+    assert [(f.label, f.error) for f in failures] == [("broken", "ValueError: no such file")]
+    assert "Traceback" in failures[0].details
+    assert (tmp_path / "a.json").exists() and (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_ray_runs_two_jobs_at_once_reports_a_failure_and_keeps_usage_stats_off(tmp_path, capsys):
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    jobs = [Job("a", stamp, (str(paths[0]), 3)), Job("broken", fail, ("bad config",)),
+            Job("b", stamp, (str(paths[1]), 3))]
+    failures = run_jobs(jobs, Engine("ray", 2))
+    assert failures == [Failure("broken", "ValueError: bad config", failures[0].details)]
+    a, b = (json.loads(p.read_text()) for p in paths)
+    assert a["pid"] != b["pid"] and a["pid"] != os.getpid()  # Ray worker processes
+    assert max(a["start"], b["start"]) < min(a["end"], b["end"])  # they overlapped
+    assert a["usage_stats"] == "0"
+    assert not ray.is_initialized()  # the Ray it started is shut down
+    printed = capsys.readouterr().out
+    assert "broken FAILED (ValueError: bad config)" in printed and "[3/3]" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_a_grid_on_ray_writes_what_the_local_engine_writes_and_resumes(tmp_path, capsys):
+    from clmtl.grid import run_grid
+
+    tiny = ["data.train_size=6", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=3",
+            "output.overlays=0", "output.checkpoints=false", "tasks=[cls]"]
+    on_ray = run_grid(None, tiny, ["naive"], [0], tmp_path / "ray", Engine("ray", 2))
+    local = run_grid(None, tiny, ["naive"], [0], tmp_path / "local", Engine("local", 2))
+    assert [r["matrix"] for r in on_ray] == [r["matrix"] for r in local]
+    assert on_ray[0]["baseline"] == local[0]["baseline"]
+    written = tmp_path / "ray" / "seed0" / "naive" / "results.json"
+    before = written.stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_grid(None, tiny, ["naive"], [0], tmp_path / "ray", Engine("ray", 2)) == on_ray
+    assert "resuming: 1 finished run(s)" in capsys.readouterr().out
+    assert written.stat().st_mtime_ns == before  # not trained again
+    assert not (tmp_path / "ray" / "failures.log").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_stopping_a_grid_on_ray_stops_its_trials_and_leaves_no_process(tmp_path):
+    import psutil
+
+    code = ("import time; from clmtl.engines import Engine, Job, run_jobs; "
+            "run_jobs([Job('a', time.sleep, (120,)), Job('b', time.sleep, (120,))], Engine('ray', 2))")
+    log = open(tmp_path / "driver.log", "w")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        driver = psutil.Process(parent.pid)
+        deadline, sleepers = time.monotonic() + 180, []  # Ray starts slowly on a loaded machine
+        while len(sleepers) < 2 and time.monotonic() < deadline:  # Ray's workers running the two jobs
+            time.sleep(0.5)
+            tree = driver.children(recursive=True)
+            sleepers = [p for p in tree if "ray::run_job" in " ".join(_cmdline(p))]
+        assert len(sleepers) == 2, f"the two trials did not start: {(tmp_path / 'driver.log').read_text()[-2000:]}"
+        tree = driver.children(recursive=True)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=60)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, f"left running: {[' '.join(_cmdline(p))[:80] for p in alive]}"
+        assert parent.returncode == 128 + signal.SIGTERM
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        log.close()
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_a_grid_joins_a_running_ray_cluster_by_its_address(tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_cli = [str(Path(sys.executable).with_name("ray"))]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a test cluster: no token
+    subprocess.run([*ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
+                   check=True, capture_output=True, env=env)
+    try:
+        outputs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+        jobs = [Job(path.name, path.write_text, (path.name,)) for path in outputs]  # importable on any node
+        assert run_jobs(jobs, Engine("ray", 2, f"127.0.0.1:{port}")) == []
+        assert [path.read_text() for path in outputs] == ["a.txt", "b.txt"]
+        assert not ray.is_initialized()  # disconnected; the cluster is not ours to stop
+    finally:
+        subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, env=env)
