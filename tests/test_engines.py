@@ -1,5 +1,6 @@
 """Where a grid's trainings run: the local pool and Ray behave alike, run jobs at once, report failures without
 stopping the others, resume, and leave no process behind when stopped."""
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import pytest
 from clmtl.engines import Engine, Failure, Job, run_jobs
 
 ray = pytest.importorskip("ray")
-# Under pytest-xdist the Ray tests share one worker: the address test stops every Ray process on the machine.
+# Under pytest-xdist the Ray tests share one worker: each starts a Ray instance, and one at a time they start faster.
 
 
 def stamp(path: str, seconds: float) -> None:
@@ -111,6 +112,48 @@ def test_stopping_a_grid_on_ray_stops_its_trials_and_leaves_no_process(tmp_path)
         log.close()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray")
+def test_a_grid_joins_a_running_ray_cluster_by_its_address(tmp_path):
+    import shutil
+    import socket
+    import tempfile
+
+    import psutil
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a test cluster: no token
+    session = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                        f"--temp-dir={session}"], check=True, capture_output=True, env=env)
+        outputs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+        jobs = [Job(path.name, path.write_text, (path.name,)) for path in outputs]  # importable on any node
+        assert run_jobs(jobs, Engine("ray", 2, f"127.0.0.1:{port}")) == []
+        assert [path.read_text() for path in outputs] == ["a.txt", "b.txt"]
+        assert not ray.is_initialized()  # disconnected; the cluster is not ours to stop
+    finally:  # stop this cluster's processes only (`ray stop` would stop every Ray on the machine)
+        started = [p for p in psutil.process_iter() if session in " ".join(_cmdline(p))]
+        ours = started + [child for p in started for child in _children(p)]  # agents renamed ray::..., workers
+        for process in ours:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(ours, timeout=30)
+        shutil.rmtree(session, ignore_errors=True)
+
+
+def _children(process) -> list:
+    import psutil
+
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 def _cmdline(process) -> list[str]:
     import psutil
 
@@ -118,25 +161,3 @@ def _cmdline(process) -> list[str]:
         return process.cmdline()
     except psutil.Error:
         return []
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("ray")
-def test_a_grid_joins_a_running_ray_cluster_by_its_address(tmp_path):
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ray_cli = [str(Path(sys.executable).with_name("ray"))]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a test cluster: no token
-    subprocess.run([*ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
-                   check=True, capture_output=True, env=env)
-    try:
-        outputs = [tmp_path / "a.txt", tmp_path / "b.txt"]
-        jobs = [Job(path.name, path.write_text, (path.name,)) for path in outputs]  # importable on any node
-        assert run_jobs(jobs, Engine("ray", 2, f"127.0.0.1:{port}")) == []
-        assert [path.read_text() for path in outputs] == ["a.txt", "b.txt"]
-        assert not ray.is_initialized()  # disconnected; the cluster is not ours to stop
-    finally:
-        subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, env=env)
