@@ -184,8 +184,8 @@ def mean_sem(values: Sequence[float]) -> tuple[float, float]:
 
 
 def table_rows(scores: dict[tuple[str, str], list[float]], strategies: Sequence[str]) -> list[dict]:
-    return [{"scenario": scenario, "strategy": row, "seeds": len(scores[scenario, row]),
-             "mean": mean_sem(scores[scenario, row])[0], "sem": mean_sem(scores[scenario, row])[1]}
+    return [dict(zip(("scenario", "strategy", "seeds", "mean", "sem"),
+                     (scenario, row, len(scores[scenario, row]), *mean_sem(scores[scenario, row]))))
             for scenario in SCENARIOS for row in strategies]
 
 

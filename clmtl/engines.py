@@ -16,6 +16,7 @@ On a cluster every node needs clmtl installed in the same environment (the jobs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -65,8 +66,11 @@ class Engine:
 
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> Engine:
-        """The engine ``add_engine_arguments``' options chose."""
-        return cls(args.engine, args.jobs, args.address)
+        """The engine ``add_engine_arguments``' options chose; a bad combination is a one-line error."""
+        try:
+            return cls(args.engine, args.jobs, args.address)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,15 +105,12 @@ def run_jobs(jobs: Sequence[Job], engine: Engine = Engine(), cpus: int = 1) -> l
 
 
 def _run_locally(jobs: Sequence[Job], workers: int, progress: Progress) -> list[Failure]:
-    outcomes = []
-    if workers == 1:
-        for job in jobs:
-            outcomes.append(progress.done(run_job(job)))
-        return [outcome for outcome in outcomes if isinstance(outcome, Failure)]
-    with get_context("spawn").Pool(workers) as pool:  # leaving the block terminates the workers
-        for outcome in pool.imap_unordered(run_job, jobs):
-            outcomes.append(progress.done(outcome))
-    return [outcome for outcome in outcomes if isinstance(outcome, Failure)]
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            outcomes = map(run_job, jobs)
+        else:  # leaving the block terminates the workers
+            outcomes = stack.enter_context(get_context("spawn").Pool(workers)).imap_unordered(run_job, jobs)
+        return [outcome for outcome in map(progress.done, outcomes) if isinstance(outcome, Failure)]
 
 
 def _run_on_ray(jobs: Sequence[Job], workers: int, address: str | None, cpus: int, progress: Progress,

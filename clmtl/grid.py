@@ -75,22 +75,21 @@ def run_grid(config_file: Path | None, overrides: Sequence[str], strategies: Seq
     threads = 1 if engine.jobs > 1 or engine.name == "ray" else None
     common = (config_file, list(overrides))
     baselines = {seed: out / f"seed{seed}" / "baselines.json" for seed in seeds}
-    phases = [
-        [Job(f"baselines seed {seed}", train_baselines, (*common, seed, threads, list(strategy_files), path))
-         for seed, path in baselines.items() if not path.exists()],
-        [Job(f"{strategy} seed {seed}", train_strategy, (*common, seed, threads, list(strategy_files), strategy,
-                                                         run_dir(out, seed, strategy), baselines[seed]))
-         for seed in seeds for strategy in strategies if not (run_dir(out, seed, strategy) / "results.json").exists()],
-    ]
-    skipped = len(seeds) * len(strategies) - len(phases[1])
+    missing = [(seed, strategy) for seed in seeds for strategy in strategies
+               if not (run_dir(out, seed, strategy) / "results.json").exists()]
+    skipped = len(seeds) * len(strategies) - len(missing)
     if skipped:
         print(f"resuming: {skipped} finished run(s) in {out} are reused")
     for path in baselines.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    failures = run_jobs(phases[0], engine, threads or 1)
-    failed_seeds = {seed for seed, path in baselines.items() if not path.exists()}
-    phases[1] = [job for job in phases[1] if job.arguments[2] not in failed_seeds]  # argument 2: the seed
-    failures += run_jobs(phases[1], engine, threads or 1)
+    failures = run_jobs([Job(f"baselines seed {seed}", train_baselines,
+                             (*common, seed, threads, list(strategy_files), path))
+                         for seed, path in baselines.items() if not path.exists()], engine, threads or 1)
+    failures += run_jobs([Job(f"{strategy} seed {seed}", train_strategy,
+                              (*common, seed, threads, list(strategy_files), strategy, run_dir(out, seed, strategy),
+                               baselines[seed]))
+                          for seed, strategy in missing if baselines[seed].exists()],  # not where baselines failed
+                         engine, threads or 1)
     write_failures(out / "failures.log", failures)
     finished = [run_dir(out, seed, s) / "results.json" for seed in seeds for s in strategies]
     return [json.loads(path.read_text()) for path in finished if path.exists()]
