@@ -84,16 +84,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad config, strategy or checkpoint: one line
         return _fail(error)
     from clmtl import distributed
-    from clmtl.checkpoint import ResumeError
+    from clmtl.checkpoint import ResumeError, StopRequest
     from clmtl.config import ConfigError
     from clmtl.data.images import DataError
     from clmtl.report import summary_markdown
     from clmtl.runner import run
 
-    from clmtl.checkpoint import StopRequest
-
     stop = StopRequest()
-    for name in (signal.SIGTERM, signal.SIGINT):  # a scheduler's SIGTERM, Ctrl-C: checkpoint, then stop
+    previous = {name: signal.getsignal(name) for name in (signal.SIGTERM, signal.SIGINT)}
+    for name in previous:  # a scheduler's SIGTERM, Ctrl-C: checkpoint, then stop
         signal.signal(name, functools.partial(_interrupt, stop))
     if distributed.launched_by_torchrun():
         from clmtl.devices import resolve_device
@@ -111,6 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         main_process = distributed.is_main_process()
         distributed.shutdown()
+        for name, handler in previous.items():  # as they were, for a caller of main() in its own process
+            signal.signal(name, handler)
     if not main_process:
         return 0
     print(summary_markdown(results))
@@ -189,7 +190,8 @@ def cmd_strategies(args: argparse.Namespace) -> int:
         settings = describe_settings(entry.settings)
         for s in settings:
             check = f", {s['check']}" if s["check"] else ""
-            print(f"  strategy.{name}.{s['key']} = {s['default']!r} ({s['type']}{check}): {s['help']}")
+            search = f"; --tune tries {', '.join(map(repr, s['search']))}" if s["search"] else ""
+            print(f"  strategy.{name}.{s['key']} = {s['default']!r} ({s['type']}{check}): {s['help']}{search}")
         if not settings:
             print("  no hyperparameters")
     return 0

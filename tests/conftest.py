@@ -20,6 +20,23 @@ def isolated_registry(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
+@pytest.fixture
+def clmtl_cli(capsys):
+    """``clmtl ARGS`` run in this process, returning what ``subprocess.run`` would (the command line's entry point,
+    ``python -m clmtl``, is tested in a subprocess once: tests/test_run.py)."""
+    import subprocess
+
+    from clmtl.cli import main
+
+    def command(*args):
+        capsys.readouterr()
+        returncode = main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, returncode, captured.out, captured.err)
+
+    return command
+
+
 class ProcessTree:
     """A command started in a subprocess and the multiprocessing workers it spawns; ``kill`` ends every one seen."""
 

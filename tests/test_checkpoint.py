@@ -47,13 +47,35 @@ def clmtl(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.fixture(scope="module")
+def killer_file(tmp_path_factory):
+    """The strategy file registering ``killer`` (one path per module, so runs that name it share a reference)."""
+    path = tmp_path_factory.mktemp("plugins") / "killer.py"
+    path.write_text(KILLER)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """``uninterrupted(*arguments)``: the folder of a finished ``clmtl run`` with those arguments, trained once per
+    module (the stopped-and-resumed runs of several tests compare with the same reference)."""
+    folders = {}
+
+    def reference(*arguments):
+        if arguments not in folders:
+            out = tmp_path_factory.mktemp("reference")
+            done = clmtl("run", *arguments, "--out", str(out))
+            assert done.returncode == 0, done.stderr[-3000:]
+            folders[arguments] = out
+        return folders[arguments]
+
+    return reference
+
+
 @pytest.mark.slow
-def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_path):
-    plugin_file = tmp_path / "killer.py"
-    plugin_file.write_text(KILLER)
-    common = ["--plugin-file", str(plugin_file)]
-    reference = clmtl("run", *common, "--strategy", STRATEGY, "--out", str(tmp_path / "ref"), *TINY)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_path, killer_file, uninterrupted):
+    common = ["--plugin-file", str(killer_file)]
+    reference = uninterrupted(*common, "--strategy", STRATEGY, *TINY)
 
     killed = clmtl("run", *common, "--strategy", STRATEGY, "--out", str(tmp_path / "run"), *TINY,
                    env={"KILL_FOR_TEST": "1"})
@@ -63,7 +85,7 @@ def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_p
 
     resumed = clmtl("run", *common, "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = json.loads((tmp_path / "ref" / "results.json").read_text())
+    expected = json.loads((reference / "results.json").read_text())
     got = json.loads((tmp_path / "run" / "results.json").read_text())
     assert got["matrix"] == expected["matrix"]  # bit for bit, not approximately
     replay = "MultiTaskReplayPlugin"  # what it stored and replayed (the EWC stats are timings, which vary)
@@ -75,19 +97,17 @@ def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("stopped_runs")  # on one worker, so the SIGKILL and SIGTERM cases share their reference
 @pytest.mark.parametrize("signal_name,expected_returncode,strategy", [
     ("SIGKILL", -9, STRATEGY), ("SIGTERM", 130, STRATEGY), ("SIGTERM", 130, "routing+killer")])
 def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path, signal_name, expected_returncode,
-                                                                      strategy):
+                                                                      strategy, killer_file, uninterrupted):
     """Periodic checkpoints every 3 iterations of 4-batch epochs: SIGKILL before iteration 5 of the second experience
     leaves the one after iteration 3 (inside the first epoch); SIGTERM checkpoints the iteration it interrupts
     (the 5th, inside the second epoch). Either way the resumed run ends bit for bit like an uninterrupted one."""
-    plugin_file = tmp_path / "killer.py"
-    plugin_file.write_text(KILLER)
     config = [*TINY, "data.train_size=16", "train.epochs=2", "output.checkpoint_every=3"]
-    common = ["--plugin-file", str(plugin_file), "--strategy", strategy, "--no-baselines", *config]
-    reference = clmtl("run", *common, "--out", str(tmp_path / "ref"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    common = ["--plugin-file", str(killer_file), "--strategy", strategy, "--no-baselines", *config]
+    reference = uninterrupted(*common)
 
     stopped = clmtl("run", *common, "--out", str(tmp_path / "run"),
                     env={"KILL_FOR_TEST": "1", "KILL_AT": "4", "KILL_SIGNAL": signal_name})
@@ -97,52 +117,49 @@ def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path
     expected = (0, 3) if signal_name == "SIGKILL" else (1, 1)
     assert (saved["partial"]["epoch"], saved["partial"]["iteration"]) == expected
 
-    resumed = clmtl("run", "--plugin-file", str(plugin_file), "--resume", str(tmp_path / "run"))
+    resumed = clmtl("run", "--plugin-file", str(killer_file), "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = json.loads((tmp_path / "ref" / "results.json").read_text())
+    expected = json.loads((reference / "results.json").read_text())
     got = json.loads((tmp_path / "run" / "results.json").read_text())
     assert got["matrix"] == expected["matrix"]
     assert got["train_seconds"]["det"] > saved["partial"]["seconds"] > 0  # the time before the stop still counts
     assert "resumed inside experience 1" in (tmp_path / "run" / "log.txt").read_text()
     assert not (tmp_path / "run" / "checkpoints" / "partial.pt").exists()  # replaced by the finished experience's
-    reference_model = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
+    reference_model = load_checkpoint(reference / "checkpoints" / "last.pt")["model"]
     for name, tensor in load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"].items():
         assert torch.equal(tensor, reference_model[name]), name
 
 
 @pytest.mark.slow
-def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_model(tmp_path):
+def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_model(tmp_path, killer_file,
+                                                                                  uninterrupted):
     """The classification head grows from 2 to 4 classes at the second experience; a SIGTERM inside it checkpoints
     the grown model, EWC's anchors of the smaller head, the replay memory and LwF's teacher (whose head is still
     the smaller one), and the resumed run ends bit for bit like an uninterrupted one."""
-    plugin_file = tmp_path / "killer.py"
-    plugin_file.write_text(KILLER)
     stream = ["scenario=class", "tasks=[{name: a, kind: cls, data: {classes: [heart, arrow]}}, "
               "{name: b, kind: cls, data: {classes: [semicircle, frame]}}]"]
     config = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16", "train.epochs=2",
               "output.checkpoint_every=3", *stream]
-    common = ["--plugin-file", str(plugin_file), "--strategy", "ewc+replay+lwf+killer", "--no-baselines", *config]
-    reference = clmtl("run", *common, "--out", str(tmp_path / "ref"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    common = ["--plugin-file", str(killer_file), "--strategy", "ewc+replay+lwf+killer", "--no-baselines", *config]
+    reference = uninterrupted(*common)
     stopped = clmtl("run", *common, "--out", str(tmp_path / "run"),
                     env={"KILL_FOR_TEST": "1", "KILL_AT": "4", "KILL_SIGNAL": "SIGTERM"})
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     saved = load_run_checkpoint(tmp_path / "run")
     assert "partial" in saved and saved["model"]["head.outputs.0.weight"].shape == (4, 64)
-    resumed = clmtl("run", "--plugin-file", str(plugin_file), "--resume", str(tmp_path / "run"))
+    resumed = clmtl("run", "--plugin-file", str(killer_file), "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = json.loads((tmp_path / "ref" / "results.json").read_text())
+    expected = json.loads((reference / "results.json").read_text())
     assert json.loads((tmp_path / "run" / "results.json").read_text())["matrix"] == expected["matrix"]
-    reference_model = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")["model"]
+    reference_model = load_checkpoint(reference / "checkpoints" / "last.pt")["model"]
     for name, tensor in load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"].items():
         assert torch.equal(tensor, reference_model[name]), name
 
 
-@pytest.mark.slow
-def test_resume_needs_the_runs_own_config(tmp_path):
-    result = clmtl("run", "--resume", str(tmp_path), "train.lr=0.1")
+def test_resume_needs_the_runs_own_config(tmp_path, clmtl_cli):
+    result = clmtl_cli("run", "--resume", str(tmp_path), "train.lr=0.1")
     assert result.returncode == 2 and "--resume continues a run with its own config" in result.stderr
-    result = clmtl("run", "--resume", str(tmp_path))
+    result = clmtl_cli("run", "--resume", str(tmp_path))
     assert result.returncode == 2 and "no checkpoints/last.pt to resume from" in result.stderr
 
 

@@ -69,6 +69,6 @@ def test_the_cli_lists_and_runs_a_strategy_from_a_file(tmp_path):
     assert written["strategy"] == "mas+bnfreeze" and written["config"]["strategy"]["mas"]["lambda"] == 5.0
 
 
-def test_a_missing_plugin_file_is_a_clear_error():
-    result = clmtl("strategies", "--plugin-file", "nowhere.py")
+def test_a_missing_plugin_file_is_a_clear_error(clmtl_cli):
+    result = clmtl_cli("strategies", "--plugin-file", "nowhere.py")
     assert result.returncode == 2 and "nowhere.py" in result.stderr and "Traceback" not in result.stderr

@@ -128,7 +128,7 @@ def test_no_tensor_is_made_on_a_hard_coded_cpu():
 
 
 @pytest.mark.slow
-def test_every_strategy_eval_export_and_resume_run_on_an_explicit_device(tmp_path):
+def test_every_strategy_eval_export_and_resume_run_on_an_explicit_device(tmp_path, clmtl_cli):
     """train.device=cpu given explicitly (cuda on a GPU machine): a run with every stateful strategy, its checkpoint
     evaluated, exported and resumed, all on that device."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,14 +142,12 @@ def test_every_strategy_eval_export_and_resume_run_on_an_explicit_device(tmp_pat
     assert results["device"].startswith(device) and results["config"]["train"]["device"] == device
     checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
     assert all(t.device.type == "cpu" for t in torch.load(checkpoint, weights_only=True)["model"].values())
-    evaluated = subprocess.run([*common, "eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "eval")],
-                               capture_output=True, text=True, timeout=600)
+    evaluated = clmtl_cli("eval", "--checkpoint", checkpoint, "--out", tmp_path / "eval")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {name: scores[m] for name, scores in metrics.items() for m in scores if m in ("mIoU", "mAP50_95", "top1")
             } == results["final"]
-    exported = subprocess.run([*common, "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.pt")],
-                              capture_output=True, text=True, timeout=600)
+    exported = clmtl_cli("export", "--checkpoint", checkpoint, "--out", tmp_path / "m.pt")
     assert exported.returncode == 0, exported.stderr[-3000:]
     (tmp_path / "run" / "results.json").unlink()
     (tmp_path / "run" / "checkpoints" / "exp2.pt").unlink()  # resume from the second experience's checkpoint

@@ -228,16 +228,12 @@ def test_bad_data_stops_the_run_before_it_touches_earlier_outputs(bundle, tmp_pa
     assert (out / "metrics.csv").read_text() == "metric,x,value\n"
 
 
-@pytest.mark.slow
-def test_the_cli_reports_bad_data_in_one_line(bundle, tmp_path):
+def test_the_cli_reports_bad_data_in_one_line(bundle, tmp_path, clmtl_cli):
     import shutil
-    import subprocess
-    import sys
 
     root = tmp_path / "bundle"
     shutil.copytree(bundle[0], root)
     (root / "mini_coco_det" / "annotations" / "instances_val.json").write_text("{not json")
-    result = subprocess.run([sys.executable, "-m", "clmtl", "run", "--out", str(tmp_path / "o"), f"data.root={root}",
-                             *TINY], capture_output=True, text=True, timeout=300)
+    result = clmtl_cli("run", "--out", tmp_path / "o", f"data.root={root}", *TINY)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "instances_val.json" in result.stderr and result.stderr.strip().count("\n") == 0
