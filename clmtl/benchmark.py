@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from clmtl.config import Config, ConfigError, SplitConfig, TaskConfig, kind_name, short_kind
 from clmtl.data.files import files_sources
+from clmtl.data.holdout import carve
 from clmtl.data.relabel import Relabelled
 from clmtl.data.sources import LoadOptions, load_task, source_classes
 from clmtl.data.transforms import train_augmentation
@@ -38,6 +39,8 @@ class Benchmark:
     """What results call the stream (``benchmark_name``; ``avalanche`` for a user's Avalanche benchmark)."""
     scenario: str
     """``task``, ``class`` or ``domain``: how the tasks share the model's heads (``clmtl.scenario``)."""
+    held_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    """With ``data.holdout``: each task's training samples evaluated on instead of trained on (``val_sets``)."""
 
 
 def build_benchmark(config: Config) -> Benchmark:
@@ -50,9 +53,14 @@ def build_benchmark(config: Config) -> Benchmark:
     tasks = plan_stream([task_data.task for task_data in loaded], config.scenario, positional)
     train = [in_head_labels(task_data.train, task) for task_data, task in zip(loaded, tasks)]
     val = [in_head_labels(task_data.val, task) for task_data, task in zip(loaded, tasks)]
+    held_out = {}
+    if data.holdout:
+        train, val = map(list, zip(*(carve(dataset, data.holdout, config.seed, i) for i, dataset in enumerate(train))))
+        held_out = {task.name: part.indices for task, part in zip(tasks, val)}
     augmented = [train_augmentation(ds, t.kind, data.hflip, data.hue[t.kind]) for ds, t in zip(train, tasks)]
     epochs = [entry.epochs if entry.epochs is not None else config.train.epochs[entry.kind] for entry in entries]
-    return Benchmark(tasks, build_stream(tasks, augmented, val), val, epochs, benchmark_name(config), config.scenario)
+    return Benchmark(tasks, build_stream(tasks, augmented, val), val, epochs, benchmark_name(config), config.scenario,
+                     held_out)
 
 
 def in_head_labels(dataset: Dataset, task: TaskSpec) -> Dataset:

@@ -75,10 +75,13 @@ _TASK_KIND = rule(lambda v: v in TASK_KINDS.values() or v in TASK_KINDS,
                   "must be one of " + ", ".join(TASK_KINDS.values()) + " (or " + ", ".join(TASK_KINDS) + ")")
 
 
-def setting(default: Any, check: dict[str, Any] | None = None, key: str | None = None, help: str = "") -> Any:
+def setting(default: Any, check: dict[str, Any] | None = None, key: str | None = None, help: str = "",
+            search: Sequence[Any] = ()) -> Any:
     """A field of a settings dataclass (a strategy's hyperparameters): its default, its ``rule`` / ``one_of``
-    check, the config key when it is not the field's name (``lambda`` is a Python keyword), and a one-line help."""
-    return field(default=default, metadata={**(check or {}), **({"key": key} if key else {}), "help": help})
+    check, the config key when it is not the field's name (``lambda`` is a Python keyword), a one-line help, and the
+    values hyperparameter selection tries (``search``; empty: the default is kept, ``clmtl.tune``)."""
+    return field(default=default, metadata={**(check or {}), **({"key": key} if key else {}), "help": help,
+                                            "search": tuple(search)})
 
 
 @dataclass
@@ -240,6 +243,7 @@ class DataConfig:
     hue: HueConfig = field(default_factory=HueConfig)
     root: str | None = None
     on_bad_sample: str = field(default="error", metadata=one_of("error", "skip"))
+    holdout: float = field(default=0.0, metadata=rule(lambda v: 0 <= v < 1, "must be >= 0 and < 1"))
     seg: RootFilesConfig = field(default_factory=RootFilesConfig)
     det: DetFilesConfig = field(default_factory=DetFilesConfig)
     cls: RootFilesConfig = field(default_factory=RootFilesConfig)
@@ -531,13 +535,19 @@ def make_settings(schema: type | None, params: Mapping[str, Any] | None, path: s
 
 
 def describe_settings(schema: type | None) -> list[dict[str, Any]]:
-    """Each setting's key, type, default, check and help, for ``clmtl strategies``."""
+    """Each setting's key, type, default, check, help and search values, for ``clmtl strategies``."""
     if schema is None:
         return []
     hints = typing.get_type_hints(schema)
     return [{"key": key, "type": _type_name(hints[f.name]), "default": f.default,
-             "check": f.metadata["rule"][1] if "rule" in f.metadata else "", "help": f.metadata.get("help", "")}
+             "check": f.metadata["rule"][1] if "rule" in f.metadata else "", "help": f.metadata.get("help", ""),
+             "search": f.metadata.get("search", ())}
             for key, f in _fields_by_key(schema).items()]
+
+
+def search_space(schema: type | None) -> dict[str, tuple[Any, ...]]:
+    """The values hyperparameter selection tries, by config key, for the settings that declare some."""
+    return {s["key"]: s["search"] for s in describe_settings(schema) if s["search"]}
 
 
 def _type_name(hint: Any) -> str:

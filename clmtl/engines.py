@@ -64,6 +64,32 @@ class Engine:
         if self.address is not None and self.name != "ray":
             raise ValueError("--address joins a Ray cluster: it needs --engine ray")
 
+    @contextlib.contextmanager
+    def session(self, cpus: int = 1):
+        """Keep Ray up for every ``run_jobs`` inside the block (a grid runs several), so it starts once and its
+        workers, with their imports done, are reused; nothing for the local pool. Stopped at the end of the block
+        when it started Ray."""
+        if self.name != "ray":
+            yield
+            return
+        ray = _import_ray()
+        if ray.is_initialized():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        options: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
+        if self.address is None:  # this machine: as wide as the local pool, its workers importing what this can
+            options["num_cpus"] = self.jobs * cpus
+            options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+        ray.init(address=self.address or "local", **options)  # "local": a new instance, never one already running
+        # Ray's driver installs its own SIGTERM handler: exit through `finally` blocks instead (run_jobs' own, if set)
+        signal.signal(signal.SIGTERM, previous if isinstance(previous, ExitOnSigterm) else ExitOnSigterm())
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            signal.signal(signal.SIGTERM, previous)
+
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> Engine:
         """The engine ``add_engine_arguments``' options chose; a bad combination is a one-line error."""
@@ -94,7 +120,8 @@ def run_jobs(jobs: Sequence[Job], engine: Engine = Engine(), cpus: int = 1) -> l
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         if engine.name == "ray":
-            return _run_on_ray(jobs, engine.jobs, engine.address, cpus, progress, on_sigterm)
+            with engine.session(cpus):
+                return _run_on_ray(jobs, cpus, progress)
         return _run_locally(jobs, engine.jobs, progress)
     except SystemExit:
         if on_sigterm.received:  # Ray turns the interrupted wait into SystemExit(1): exit as SIGTERM'd instead
@@ -113,22 +140,17 @@ def _run_locally(jobs: Sequence[Job], workers: int, progress: Progress) -> list[
         return [outcome for outcome in map(progress.done, outcomes) if isinstance(outcome, Failure)]
 
 
-def _run_on_ray(jobs: Sequence[Job], workers: int, address: str | None, cpus: int, progress: Progress,
-                on_sigterm: ExitOnSigterm) -> list[Failure]:
+def _import_ray():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read when Ray starts
     try:
         import ray
     except ImportError as error:
         raise SystemExit("engine ray: Ray is not installed; pip install -e '.[ray]'") from error
+    return ray
 
-    started = not ray.is_initialized()  # by this call: it disconnects (and stops a Ray it started) at the end
-    if started:
-        options: dict[str, Any] = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": False}
-        if address is None:  # this machine: as wide as the local pool, its workers importing what this process can
-            options["num_cpus"] = workers * cpus
-            options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
-        ray.init(address=address or "local", **options)  # "local": a new instance, never one already running
-        signal.signal(signal.SIGTERM, on_sigterm)  # Ray's driver installs its own
+
+def _run_on_ray(jobs: Sequence[Job], cpus: int, progress: Progress) -> list[Failure]:
+    ray = _import_ray()
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(run_job)
     pending = {task.remote(job): job for job in jobs}
@@ -147,8 +169,6 @@ def _run_on_ray(jobs: Sequence[Job], workers: int, address: str | None, cpus: in
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
-        if started:
-            ray.shutdown()
     return failures
 
 

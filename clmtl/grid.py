@@ -11,6 +11,7 @@ process that planned the grid.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +24,10 @@ EARLIER_NUMERICS = ("train.precision=fp32", "train.channels_last=false", "train.
 NCHW, and the stream on all of ``train.threads``. Pinned where a published table must reproduce digit for digit."""
 SHIPPED_BUDGET = ("data.image_size=96", "train.epochs.seg=6", "train.epochs.det=15", "train.epochs.cls=15",
                   "train.warmup=0", "train.ema=0", *EARLIER_NUMERICS)
-"""The recipe of the shipped strategy-comparison and backbone tables (docs/benchmarks.md): smaller images and
-shorter training than ``clmtl run``'s default (128 px, 15 / 25 / 60 epochs), a constant rate without warmup and
-without weight averaging, in float32, so ten strategies x three seeds fit in an hour on 2 CPU cores."""
+"""The recipe of the shipped backbone study (``--recipe reduced`` of the strategy comparison; docs/benchmarks.md):
+smaller images and shorter training than ``clmtl run``'s default (128 px, 15 / 25 / 60 epochs), a constant rate
+without warmup and without weight averaging, in float32, so three backbones x strategies x seeds fit on 2 CPU
+cores."""
 
 def run_dir(out: Path, seed: int, strategy: str) -> Path:
     return out / f"seed{seed}" / strategy.replace("+", "-")
@@ -75,6 +77,10 @@ def run_grid(config_file: Path | None, overrides: Sequence[str], strategies: Seq
     threads = 1 if engine.jobs > 1 or engine.name == "ray" else None
     common = (config_file, list(overrides))
     baselines = {seed: out / f"seed{seed}" / "baselines.json" for seed in seeds}
+    for seed in seeds:
+        planned = seed_config(config_file, overrides, seed, None, strategy_files)
+        for strategy in strategies:
+            check_reused(run_dir(out, seed, strategy) / "results.json", strategy, planned)
     missing = [(seed, strategy) for seed in seeds for strategy in strategies
                if not (run_dir(out, seed, strategy) / "results.json").exists()]
     skipped = len(seeds) * len(strategies) - len(missing)
@@ -82,17 +88,51 @@ def run_grid(config_file: Path | None, overrides: Sequence[str], strategies: Seq
         print(f"resuming: {skipped} finished run(s) in {out} are reused")
     for path in baselines.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    failures = run_jobs([Job(f"baselines seed {seed}", train_baselines,
-                             (*common, seed, threads, list(strategy_files), path))
-                         for seed, path in baselines.items() if not path.exists()], engine, threads or 1)
-    failures += run_jobs([Job(f"{strategy} seed {seed}", train_strategy,
-                              (*common, seed, threads, list(strategy_files), strategy, run_dir(out, seed, strategy),
-                               baselines[seed]))
-                          for seed, strategy in missing if baselines[seed].exists()],  # not where baselines failed
-                         engine, threads or 1)
+    work = missing or not all(path.exists() for path in baselines.values())
+    with engine.session(threads or 1) if work else contextlib.nullcontext():  # one Ray for both waves, if any
+        failures = run_jobs([Job(f"baselines seed {seed}", train_baselines,
+                                 (*common, seed, threads, list(strategy_files), path))
+                             for seed, path in baselines.items() if not path.exists()], engine, threads or 1)
+        failures += run_jobs([Job(f"{strategy} seed {seed}", train_strategy,
+                                  (*common, seed, threads, list(strategy_files), strategy,
+                                   run_dir(out, seed, strategy), baselines[seed]))
+                              for seed, strategy in missing if baselines[seed].exists()],  # not where baselines failed
+                             engine, threads or 1)
     write_failures(out / "failures.log", failures)
     finished = [run_dir(out, seed, s) / "results.json" for seed in seeds for s in strategies]
     return [json.loads(path.read_text()) for path in finished if path.exists()]
+
+
+def check_reused(path: Path, strategy: str, planned: Any) -> None:
+    """Refuse to reuse the finished run ``path`` (its results.json; nothing to check where it does not exist) when it
+    was trained with another config than ``planned`` (other overrides, or ``--tune`` selected other values): its
+    folder name alone cannot tell. Thread counts may differ, keys one side lacks are skipped (a run of an earlier
+    clmtl), and of the ``strategy`` section only the run's own components count, with their defaults filled in."""
+    from clmtl.registry import available, parse_strategy
+
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())["config"]
+    asked = planned.to_dict()
+    trained = {key: value for key, value in flatten(recorded).items() if not key.startswith("strategy.")}
+    wanted = {key: value for key, value in flatten(asked).items() if not key.startswith("strategy.")}
+    for name in parse_strategy(strategy):
+        defaults = available()[name].defaults
+        trained |= flatten({"strategy": {name: {**defaults, **recorded.get("strategy", {}).get(name, {})}}})
+        wanted |= flatten({"strategy": {name: {**defaults, **asked["strategy"].get(name, {})}}})
+    differing = sorted(key for key in trained.keys() & wanted.keys()
+                       if key != "train.threads" and trained[key] != wanted[key])
+    if differing:
+        key = differing[0]
+        raise ValueError(f"{path}: trained with {key}={trained[key]!r}, but this grid asks for {wanted[key]!r}; "
+                         "use another --out (or remove the run)")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b": value}``."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {key: value for name, sub in tree.items() for key, value in flatten(sub, f"{prefix}{name}.").items()}
 
 
 def write_failures(path: Path, failures: Sequence[Failure]) -> None:

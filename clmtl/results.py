@@ -70,6 +70,7 @@ def assemble_results(config: Config, strategy: str, benchmark: Benchmark, matrix
         "bwt": bwt(matrix),
         "fwt": fwt(matrix, random_init),
         "average_accuracy": average_accuracy(matrix),
+        "held_out": benchmark.held_out,
         "drop_vs_baseline": drop_vs_baseline(final, baseline) if baseline else {},
         "params": sum(p.numel() for p in model.parameters()),
         **measured,
@@ -99,6 +100,8 @@ class Results:
     bwt: float | None
     fwt: float | None
     average_accuracy: float | None
+    held_out: dict[str, list[int]]
+    """With ``data.holdout``: each task's training samples evaluated on instead of its validation data."""
     drop_vs_baseline: dict[str, float | None]
     params: int
     train_seconds: dict[str, float]

@@ -246,7 +246,8 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
 class EWCSettings:
     """EWC's hyperparameters, ``strategy.ewc.<key>``."""
 
-    strength: float = setting(1000.0, NON_NEGATIVE, key="lambda", help="λ, the weight of the penalty")
+    strength: float = setting(1000.0, NON_NEGATIVE, key="lambda", help="λ, the weight of the penalty",
+                              search=(1e2, 1e3, 1e4, 1e5, 1e6))
     mode: str = setting("separate", one_of("separate", "online"),
                         help="separate: one anchor per experience; online: one anchor, importances accumulated")
     decay: float = setting(0.9, FRACTION, help="online mode: weight of the accumulated importances")

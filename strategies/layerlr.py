@@ -46,7 +46,8 @@ class LayerLearningRates(Plugin, supports_distributed=True):
 class LayerLRSettings:
     """layerlr's hyperparameters, ``strategy.layerlr.<key>``: a learning-rate multiplier per part."""
 
-    backbone: float = setting(0.1, NON_NEGATIVE, help="multiplier of the backbone's learning rate")
+    backbone: float = setting(0.1, NON_NEGATIVE, help="multiplier of the backbone's learning rate",
+                              search=(0.03, 0.1, 0.3))
     neck: float = setting(0.3, NON_NEGATIVE, help="multiplier of the neck's learning rate")
     head: float = setting(1.0, NON_NEGATIVE, help="multiplier of the head's learning rate")
     from_experience: int = setting(1, NON_NEGATIVE, help="first experience (0-based) the multipliers apply to")

@@ -194,8 +194,9 @@ class LwFPlugin(Plugin, supports_distributed=True):
 class LwFSettings:
     """LwF's hyperparameters, ``strategy.lwf.<key>``."""
 
-    alpha: float = setting(1.0, NON_NEGATIVE, help="weight of the distillation term")
-    temperature: float = setting(2.0, POSITIVE, help="softmax temperature T (segmentation, classification)")
+    alpha: float = setting(1.0, NON_NEGATIVE, help="weight of the distillation term", search=(0.5, 1.0, 2.0))
+    temperature: float = setting(2.0, POSITIVE, help="softmax temperature T (segmentation, classification)",
+                                 search=(1.0, 2.0))
     det_conf: float = setting(0.5, FRACTION, help="detection: teacher objectness above which boxes are distilled")
     feature_weight: float = setting(0.0, NON_NEGATIVE, help="weight of the FPN feature MSE (0: none)")
 

@@ -322,7 +322,7 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
 class ReplaySettings:
     """Replay's hyperparameters, ``strategy.replay.<key>`` (module docstring)."""
 
-    mem_size: int = setting(200, AT_LEAST_ONE, help="samples stored over all tasks")
+    mem_size: int = setting(200, AT_LEAST_ONE, help="samples stored over all tasks", search=(100, 200, 400))
     ratio: float = setting(0.5, POSITIVE, help="replayed samples per current sample in a step")
     split: str = setting("equal", one_of(*SPLITS), help="how the memory is shared between tasks")
     selection: str = setting("reservoir", one_of(*SELECTIONS), help="which samples of a task are kept")

@@ -27,7 +27,7 @@ def fake_results(strategy, seed, seg, cls, baseline=None, memory=0):
     base = baseline or {}
     return {"strategy": strategy, "seed": seed, "benchmark": "shapes", "tasks": TASKS, "matrix": matrix,
             "final": {"seg": seg, "cls": cls}, "baseline": base,
-            "forgetting": {"seg": 0.2, "cls": None}, "bwt": -0.2,
+            "forgetting": {"seg": 0.2, "cls": None}, "bwt": -0.2, "average_accuracy": (seg + cls) / 2,
             "drop_vs_baseline": {k: (v - {"seg": seg, "cls": cls}[k]) / v for k, v in base.items()},
             "train_seconds": {"seg": 10.0, "cls": 5.0 + seed}, "memory_bytes": memory}
 
@@ -53,11 +53,33 @@ def test_comparison_table_values_are_the_per_seed_means():
     assert float(rows["naive"]["train s mean"]) == pytest.approx(15.5)
     assert float(rows["ewc+replay"]["memory MB mean"]) == pytest.approx(1.0)
     assert rows["ewc+replay"]["seeds"] == "1"
+    assert float(rows["naive"]["seg mIoU ci95"]) == pytest.approx(12.7062 * np.std([0.2, 0.4], ddof=1) / np.sqrt(2),
+                                                                  rel=1e-4)  # t(0.975, 1) = 12.7062 from tables
     markdown = comparison.markdown()
-    assert "| single-task baseline | 2 | 0.500 ± 0.000 | 0.800 ± 0.000 |" in markdown
-    assert "| naive | 2 | 0.300 ± 0.141 |" in markdown
+    assert "| single-task baseline | 2 |  | 0.500 ± 0.000 | 0.800 ± 0.000 |" in markdown
+    assert "| naive | 2 | 0.500 ± 1.271 | 0.300 ± 1.271 |" in markdown  # avg accuracy 0.5 = mean of last rows
+    assert "| ewc+replay | 1 | 0.575 | 0.450 |" in markdown  # one seed: no interval
     assert "ewc+replay" in comparison.latex() and "\\pm" in comparison.latex() and "drop \\%" in comparison.latex()
     np.testing.assert_allclose(comparison.mean_matrix("naive"), [[0.5, 0.0], [0.3, 0.7]])
+
+
+def test_strategies_are_marked_where_they_differ_from_ewc_seed_by_seed():
+    seeds = range(6)
+    noise = [0.05, -0.03, 0.02, -0.04, 0.01, 0.0]
+    results = ([fake_results("ewc", s, 0.3 + noise[s], 0.5) for s in seeds]
+               + [fake_results("replay", s, 0.4 + noise[s], 0.5 + 0.01 * (-1) ** s) for s in seeds]
+               + [fake_results("naive", s, 0.3 + noise[(s + 1) % 6], 0.5) for s in seeds])
+    comparison = Comparison.from_results(["ewc", "replay", "naive"], results)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in comparison.markdown().splitlines()
+            if line.startswith("| ")}
+    assert rows["replay"][3].endswith("*")  # seg: +0.1 on every seed, although seeds vary by 0.09
+    assert not rows["replay"][4].endswith("*")  # cls: +-0.01 around 0
+    assert not rows["naive"][3].endswith("*")  # seg: the same values, paired with other seeds
+    assert not any(cell.endswith("*") for cell in rows["ewc"])
+    table = {row["strategy"]: row for row in csv.DictReader(io.StringIO(comparison.csv()))}
+    assert float(table["replay"]["seg mIoU p vs ewc"]) < 0.05 and table["ewc"]["seg mIoU p vs ewc"] == ""
+    assert "Minimum detectable difference vs ewc" in comparison.markdown()
+    assert "$^*$" in comparison.latex()
 
 
 def test_a_strategy_without_runs_is_an_error():
@@ -73,6 +95,23 @@ def test_check_reports_each_target_and_fails_outside_the_tolerance():
     lines = script.check_against(targets, [fake_results("naive", 0, 0.31, 0.6)], tolerance=0.02)
     assert [line[:4] for line in lines] == ["ok  ", "FAIL", "FAIL"]
     assert "missing" in lines[2]
+
+
+def test_targets_name_how_their_runs_were_trained(tmp_path):
+    script = load_script()
+    shipped = script.read_targets()
+    assert {row["strategy"] for row in shipped} >= {"naive", "ewc"} and shipped[0]["overrides"]
+    written = tmp_path / "written.csv"
+    runs = [fake_results("naive", 0, 0.25, 0.5), fake_results("naive", 1, 0.3, 0.6), fake_results("lwf", 0, 0.1, 0.2)]
+    script.write_targets(runs, ["data.val_size=200", "strategy.ewc.lambda=100.0"], written)
+    assert [(r["strategy"], r["task"], r["value"], r["overrides"]) for r in script.read_targets(written)] == [
+        ("naive", "seg", 0.25, ["data.val_size=200", "strategy.ewc.lambda=100.0"]),
+        ("naive", "cls", 0.5, ["data.val_size=200", "strategy.ewc.lambda=100.0"])]  # seed 0 of CHECKED only
+    mixed = tmp_path / "targets.csv"
+    mixed.write_text("strategy,seed,task,value,overrides\nnaive,0,seg,0.5,data.val_size=200\n"
+                     "ewc,0,seg,0.5,data.val_size=60\n")
+    with pytest.raises(SystemExit, match="every row must name the same overrides"):
+        script.read_targets(mixed)
 
 
 @pytest.mark.slow

@@ -155,8 +155,8 @@ def test_strategy_errors(override, message):
     ("train.epochs.seeg=1", "override 'train.epochs.seeg=1': train.epochs.seeg: unknown key; "
                             "did you mean 'train.epochs.seg'?"),
     ("data.zzz=1", "override 'data.zzz=1': data.zzz: unknown key; "
-                   "known keys: image_size, train_size, val_size, num_workers, hflip, hue, root, on_bad_sample, seg, "
-                   "det, cls"),
+                   "known keys: image_size, train_size, val_size, num_workers, hflip, hue, root, on_bad_sample, "
+                   "holdout, seg, det, cls"),
     ("data.det.val_anns=x", "override 'data.det.val_anns=x': data.det.val_anns: unknown key; "
                             "did you mean 'data.det.val_ann'?"),
     ("model.backbone=resnet50", "override 'model.backbone=resnet50': model.backbone: must be one of yolov8n, "

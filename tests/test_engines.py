@@ -65,12 +65,24 @@ def test_ray_runs_two_jobs_at_once_reports_a_failure_and_keeps_usage_stats_off(t
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
-def test_a_grid_on_ray_writes_what_the_local_engine_writes_and_resumes(tmp_path, capsys):
+def test_a_grid_on_ray_writes_what_the_local_engine_writes_and_resumes(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
     from clmtl.grid import run_grid
 
     tiny = ["data.train_size=6", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=3",
             "output.overlays=0", "output.checkpoints=false", "tasks=[cls]"]
-    on_ray = run_grid(None, tiny, ["naive"], [0], tmp_path / "ray", Engine("ray", 2))
+    starts = []
+    monkeypatch.setattr(ray, "init", lambda *a, _init=ray.init, **k: starts.append(1) or _init(*a, **k))
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" /
+                                                  "compare_strategies.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--engine", "ray", "--strategies", "naive", "--seeds", "0", "--reference", "naive",
+                        "--out", str(tmp_path / "ray"), *tiny]) == 0
+    assert len(starts) == 1  # one Ray for the baselines and the strategies: it starts once per comparison
+    assert json.loads((tmp_path / "ray" / "comparison.json").read_text())["engine"] == "ray"
+    on_ray = [json.loads((tmp_path / "ray" / "seed0" / "naive" / "results.json").read_text())]
     local = run_grid(None, tiny, ["naive"], [0], tmp_path / "local", Engine("local", 2))
     assert [r["matrix"] for r in on_ray] == [r["matrix"] for r in local]
     assert on_ray[0]["baseline"] == local[0]["baseline"]
@@ -79,6 +91,7 @@ def test_a_grid_on_ray_writes_what_the_local_engine_writes_and_resumes(tmp_path,
     capsys.readouterr()
     assert run_grid(None, tiny, ["naive"], [0], tmp_path / "ray", Engine("ray", 2)) == on_ray
     assert "resuming: 1 finished run(s)" in capsys.readouterr().out
+    assert len(starts) == 1  # nothing to train: Ray is not started
     assert written.stat().st_mtime_ns == before  # not trained again
     assert not (tmp_path / "ray" / "failures.log").exists()
 

@@ -188,31 +188,27 @@ def test_outputs_checkpoints_and_metric_log_are_written(tiny_run):
     assert "| seg | mIoU |" in (out / "summary.md").read_text()
 
 
-def clmtl(*args):
-    return subprocess.run([sys.executable, "-m", "clmtl", *args], capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.slow
-def test_a_config_typo_is_one_clear_line_with_a_suggestion():
-    result = clmtl("run", "train.lrr=0.1")
+def test_python_m_clmtl_reports_a_config_typo_in_one_clear_line_with_a_suggestion():
+    result = subprocess.run([sys.executable, "-m", "clmtl", "run", "train.lrr=0.1"], capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "did you mean 'train.lr'" in result.stderr
 
 
-@pytest.mark.slow
-def test_an_out_of_range_value_and_an_unknown_strategy_are_clear_errors():
-    result = clmtl("run", "train.lr=-1")
+def test_an_out_of_range_value_and_an_unknown_strategy_are_clear_errors(clmtl_cli):
+    result = clmtl_cli("run", "train.lr=-1")
     assert result.returncode == 2 and "train.lr" in result.stderr and "Traceback" not in result.stderr
-    result = clmtl("run", "--strategy", "ewc+replai")
+    result = clmtl_cli("run", "--strategy", "ewc+replai")
     assert result.returncode == 2 and "unknown strategy 'replai'" in result.stderr
 
 
-@pytest.mark.slow
-def test_strategies_lists_hyperparameters():
-    result = clmtl("strategies")
+def test_strategies_lists_hyperparameters_and_their_search_values(clmtl_cli):
+    result = clmtl_cli("strategies")
     assert result.returncode == 0
-    for line in ("strategy.ewc.lambda = 1000.0 (float, must be >= 0): λ, the weight of the penalty",
+    for line in ("strategy.ewc.lambda = 1000.0 (float, must be >= 0): λ, the weight of the penalty; --tune tries "
+                 "100.0, 1000.0, 10000.0, 100000.0, 1000000.0",
                  "strategy.ewc.mode = 'separate' (str, must be one of separate, online)",
                  "strategy.replay.per_task_cap = None (int | null, must be >= 1)"):
         assert line in result.stdout
@@ -220,9 +216,9 @@ def test_strategies_lists_hyperparameters():
 
 
 @pytest.mark.slow
-def test_clmtl_eval_reproduces_the_final_scores_and_writes_predictions(tiny_run, tmp_path):
+def test_clmtl_eval_reproduces_the_final_scores_and_writes_predictions(tiny_run, tmp_path, clmtl_cli):
     out, results = tiny_run
-    result = clmtl("eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--predictions", str(tmp_path),
+    result = clmtl_cli("eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--predictions", str(tmp_path),
                    "--out", str(tmp_path / "metrics"))
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
@@ -235,17 +231,25 @@ def test_clmtl_eval_reproduces_the_final_scores_and_writes_predictions(tiny_run,
     assert {d["image_id"] for d in json.loads((tmp_path / "det.json").read_text())} <= {1, 2, 3, 4}
 
 
-@pytest.mark.slow
-def test_clmtl_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+def test_clmtl_run_called_in_a_process_gives_back_its_signal_handlers(tmp_path, clmtl_cli):
+    import signal
+
+    before = [signal.getsignal(name) for name in (signal.SIGTERM, signal.SIGINT)]
+    result = clmtl_cli("run", "--no-baselines", "--out", tmp_path, *TINY, "output.overlays=0", "tasks=[cls]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [signal.getsignal(name) for name in (signal.SIGTERM, signal.SIGINT)] == before  # Ctrl-C works again
+
+
+def test_clmtl_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path, clmtl_cli):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
-    result = clmtl("eval", "--checkpoint", str(tmp_path / "last.pt"))
+    result = clmtl_cli("eval", "--checkpoint", str(tmp_path / "last.pt"))
     assert result.returncode == 2 and "last.pt" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
-def test_clmtl_export_writes_a_torchscript_model_of_the_checkpoint(tiny_run, tmp_path):
+def test_clmtl_export_writes_a_torchscript_model_of_the_checkpoint(tiny_run, tmp_path, clmtl_cli):
     out, _ = tiny_run
-    result = clmtl("export", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--out", str(tmp_path / "m.pt"))
+    result = clmtl_cli("export", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--out", str(tmp_path / "m.pt"))
     assert result.returncode == 0, result.stderr[-2000:]
     exported = torch.jit.load(str(tmp_path / "m.pt"))
     outputs = exported(torch.rand(1, 3, 64, 64))
