@@ -164,7 +164,7 @@ class Comparison:
                  f"paired by seed; {len(self.runs) - 1} comparisons, not corrected for multiplicity)."]
         others = [name for name in self.runs if name != self.reference]
         parts = []
-        for index, column in enumerate(self.columns):
+        for column in self.columns:
             if not column.is_score:
                 continue
             spreads, counts = [], []
