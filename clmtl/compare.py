@@ -161,7 +161,8 @@ class Comparison:
         if self.reference is None:
             return []
         lines = [f"`*`: differs from {self.reference} at the 5 % level (two-sided Wilcoxon signed-rank test, exact, "
-                 f"paired by seed; {len(self.runs) - 1} comparisons, not corrected for multiplicity)."]
+                 f"paired by seed; {len(self.runs) - 1} comparison{'s' if len(self.runs) != 2 else ''}, not "
+                 "corrected for multiplicity)."]
         others = [name for name in self.runs if name != self.reference]
         parts = []
         for column in self.columns:
