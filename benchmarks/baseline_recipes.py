@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for overrides in recipes.values():
         load_config(None, [*args.overrides, *overrides])  # a bad key fails now, not in a worker an hour later
     engine = Engine.from_arguments(args)
-    threads = 1 if engine.jobs > 1 or engine.name == "ray" else None
+    threads = engine.job_threads
     paths = {(name, seed): recipe_dir(args.out, name) / f"seed{seed}.json" for name in recipes for seed in seeds}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)

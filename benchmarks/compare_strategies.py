@@ -134,11 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  *(targets[0]["overrides"] if args.check else ()), *args.overrides]
     started = time.perf_counter()
     selected = []
-    try:
-        components = tunable_components(strategies, None if args.tune in (None, "all") else args.tune.split(","))
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
     if args.tune:
+        try:
+            components = tunable_components(strategies, None if args.tune == "all" else args.tune.split(","))
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         tune_seed = seeds[0] if args.tune_seed is None else args.tune_seed
         selected = tune(args.config, overrides, components, tune_seed, out, engine, args.plugin_file)
         print(f"selected on held-out training data (seed {tune_seed}): {' '.join(selected) or 'nothing'}; "

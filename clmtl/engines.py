@@ -64,6 +64,12 @@ class Engine:
         if self.address is not None and self.name != "ray":
             raise ValueError("--address joins a Ray cluster: it needs --engine ray")
 
+    @property
+    def job_threads(self) -> int | None:
+        """Threads each training gets: one where trainings share the machine (several at once, or Ray tasks that
+        ask for one CPU), None (the config's own ``train.threads``) where they run one after the other here."""
+        return 1 if self.jobs > 1 or self.name == "ray" else None
+
     @contextlib.contextmanager
     def session(self, cpus: int = 1):
         """Keep Ray up for every ``run_jobs`` inside the block (a grid runs several), so it starts once and its

@@ -74,7 +74,7 @@ def run_grid(config_file: Path | None, overrides: Sequence[str], strategies: Seq
              out: Path, engine: Engine = Engine(), strategy_files: Sequence[Path] = ()) -> list[dict[str, Any]]:
     """Run what is missing (baselines first) on ``engine`` (``clmtl.engines``), then return the results of every
     finished run, seed by seed in strategy order; failed trainings are listed in ``OUT/failures.log``."""
-    threads = 1 if engine.jobs > 1 or engine.name == "ray" else None
+    threads = engine.job_threads
     common = (config_file, list(overrides))
     baselines = {seed: out / f"seed{seed}" / "baselines.json" for seed in seeds}
     for seed in seeds:

@@ -78,7 +78,7 @@ def tune(config_file: Path | None, overrides: Sequence[str], components: Sequenc
     from clmtl.grid import check_reused, seed_config, train_strategy, write_failures
     from clmtl.io import atomic_write_json
 
-    threads = 1 if engine.jobs > 1 or engine.name == "ray" else None
+    threads = engine.job_threads
     common = [*overrides, f"data.holdout={holdout}"]
     planned = [(candidate, out / "tune" / component / candidate.label.replace("=", "_"))
                for component in components for candidate in candidates(component)]
