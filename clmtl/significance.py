@@ -5,11 +5,11 @@ seeds can resolve.
   deviation over seeds).
 - **Paired test**: two strategies trained with the same seeds share each seed's data, initial weights and baselines,
   so they are compared seed by seed, with the exact two-sided **Wilcoxon signed-rank test** of the seeds'
-  differences (zero differences dropped, tied magnitudes given their mean rank, the p-value counted over all 2^n
-  sign patterns; the normal approximation beyond 20 seeds). It assumes no distribution, but n seeds cannot give a
-  p-value below 2 / 2^n: at the 5 % level it needs at least ``MIN_SEEDS`` (6) seeds. A paired bootstrap, the other
-  usual choice, has no such floor because it is too liberal at a few seeds: with 4 seeds every difference of one sign
-  on all of them would count as significant, which happens by chance one time in eight.
+  differences (zero differences dropped, tied magnitudes given their mean rank, the p-value the exact share of the
+  2^n sign patterns at least as extreme; the normal approximation beyond 20 seeds). It assumes no distribution, but
+  n seeds cannot give a p-value below 2 / 2^n: at the 5 % level it needs at least ``MIN_SEEDS`` (6) seeds. A paired
+  bootstrap, the other usual choice, has no such floor because it is too liberal at a few seeds: with 4 seeds every
+  difference of one sign on all of them would count as significant, which happens by chance one time in eight.
 - **Minimum detectable difference**: the mean paired difference the test detects at level α with probability
   ``power`` when the seeds' differences are normal with standard deviation s_d, found by simulating the test (so it is
   infinite below ``MIN_SEEDS`` seeds); ``seeds_to_resolve`` inverts it.
@@ -52,6 +52,19 @@ class PairedDifference:
         return self.p_value < ALPHA
 
 
+def two_sided_tails(doubled_ranks: Sequence[int]) -> np.ndarray:
+    """For every value ``k`` of twice the sum of the positive ranks, the probability, with each rank's sign a fair
+    coin, of a sum at least as far from the centre as ``k``: the exact null distribution over all 2^n sign patterns,
+    counted by subset sums (ranks doubled, so mean ranks of ties are integers)."""
+    counts = np.zeros(sum(doubled_ranks) + 1)
+    counts[0] = 1
+    for rank in doubled_ranks:
+        counts[rank:] = counts[rank:] + counts[:-rank].copy()
+    probabilities = counts / counts.sum()
+    distance = np.abs(np.arange(counts.size) - (counts.size - 1) / 2)
+    return np.array([probabilities[distance >= d - 1e-9].sum() for d in distance])
+
+
 def signed_rank_p(differences: Sequence[float]) -> float:
     """Two-sided p-value of the Wilcoxon signed-rank test of ``differences`` (module docstring)."""
     d = np.asarray([x for x in differences if x != 0], dtype=float)
@@ -59,12 +72,8 @@ def signed_rank_p(differences: Sequence[float]) -> float:
         return 1.0
     if d.size > EXACT_UP_TO:
         return float(stats.wilcoxon(d, method="asymptotic").pvalue)
-    ranks = stats.rankdata(np.abs(d))
-    center = ranks.sum() / 2
-    observed = abs(ranks[d > 0].sum() - center)
-    signs = (np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1  # every sign pattern as 0/1 rows
-    positive_sums = signs @ ranks
-    return float(np.mean(np.abs(positive_sums - center) >= observed - 1e-9))
+    doubled = np.rint(2 * stats.rankdata(np.abs(d))).astype(int)
+    return float(two_sided_tails(tuple(doubled))[doubled[d > 0].sum()])
 
 
 def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedDifference:
@@ -76,16 +85,9 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> PairedDifference:
 
 
 @lru_cache(maxsize=None)
-def _null_tail(seeds: int) -> np.ndarray:
-    """P(|W+ - center| >= k - center) under the null for untied ranks 1..seeds, indexed by W+ (exact counts)."""
-    counts = np.zeros(seeds * (seeds + 1) // 2 + 1)
-    counts[0] = 1
-    for rank in range(1, seeds + 1):  # subsets of {1..seeds} by their sum
-        counts[rank:] = counts[rank:] + counts[:-rank].copy()
-    probabilities = counts / counts.sum()
-    center = seeds * (seeds + 1) / 4
-    distance = np.abs(np.arange(counts.size) - center)
-    return np.array([probabilities[distance >= d - 1e-9].sum() for d in distance])
+def _untied_tails(seeds: int) -> np.ndarray:
+    """``two_sided_tails`` of the ranks 1..seeds (continuous differences have no ties)."""
+    return two_sided_tails(tuple(range(2, 2 * seeds + 1, 2)))
 
 
 def detection_power(effect: float, seeds: int, alpha: float = ALPHA, draws: int = 4000) -> float:
@@ -94,7 +96,7 @@ def detection_power(effect: float, seeds: int, alpha: float = ALPHA, draws: int 
     differences = np.random.default_rng(0).normal(effect, 1.0, size=(draws, seeds))
     ranks = stats.rankdata(np.abs(differences), axis=1)
     positive_sums = np.where(differences > 0, ranks, 0).sum(axis=1).astype(int)
-    return float(np.mean(_null_tail(seeds)[positive_sums] < alpha))
+    return float(np.mean(_untied_tails(seeds)[2 * positive_sums] < alpha))
 
 
 def minimum_detectable_difference(sd: float, seeds: int, alpha: float = ALPHA, power: float = POWER) -> float:
