@@ -411,18 +411,25 @@ def test_csv_logger_skips_non_numbers_and_appends(tmp_path):
 # ------------------------------------------------------------------------------------------------------------ io
 
 class ExplodingPickle:
-    """Fails halfway through torch.save, after part of the file has been written."""
+    """Fails halfway through torch.save, after part of the file has been written; counts the attempts."""
+
+    attempts = 0
 
     def __reduce__(self):
+        ExplodingPickle.attempts += 1
         raise RuntimeError("boom")
 
 
 @pytest.mark.slow
-def test_atomic_torch_save_failure_keeps_previous_file(tmp_path):
+def test_atomic_torch_save_failure_keeps_previous_file(tmp_path, monkeypatch):
+    import clmtl.ultralytics_shim  # noqa: F401 - as a run imports it: ultralytics' retrying torch.save stays out
+
     path = tmp_path / "last.pt"
     atomic_torch_save({"step": 1, "w": torch.ones(2)}, path)
+    monkeypatch.setattr(ExplodingPickle, "attempts", 0)
     with pytest.raises(RuntimeError, match="boom"):
         atomic_torch_save({"big": torch.zeros(10_000), "bad": ExplodingPickle()}, path)
+    assert ExplodingPickle.attempts == 1  # failed once, not written again into the half-written file
     assert load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]  # the temporary file is gone
 
