@@ -1,4 +1,6 @@
-"""Test-wide settings: no network for ultralytics, its settings file in a temporary folder, 2 threads."""
+"""Test-wide settings: no network for ultralytics, its settings file in a temporary folder, 1 thread; the order and
+grouping of tests on pytest-xdist's workers."""
+import collections
 import os
 import tempfile
 
@@ -11,30 +13,58 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    _end_to_end_modules_first(items)
+    _fail_ignored_groups(config, items)
+
+
+def _end_to_end_modules_first(items) -> None:
+    """Modules with more ``slow`` tests first, each module's tests together and in order: the two workers start on
+    the long end-to-end runs and finish on short unit tests, instead of one worker finishing a long run alone."""
+    slow = collections.Counter(item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
+
+
+def _fail_ignored_groups(config, items) -> None:
+    """Fail the tests of an ``xdist_group``, rather than run them slower, when pytest-xdist's loadgroup no longer keeps
+    the group on one worker: it tags the group onto each node id, which pytest 9.2 stopped taking
+    (pytest-dev/pytest-xdist#1386), and the fixtures a group shares would then be set up once per worker."""
+    if getattr(config.option, "loadgroup", False):  # set in xdist's workers under --dist loadgroup
+        for item in items:
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+                item.fixturenames.insert(0, "xdist_group_ignored")
+
+
+@pytest.fixture
+def xdist_group_ignored():
+    pytest.fail(f"this test's xdist_group is ignored: pytest-xdist's loadgroup does not work with pytest "
+                f"{pytest.__version__} (setup.cfg pins a pytest it works with)", pytrace=False)
+
+
 @pytest.fixture
 def isolated_registry(monkeypatch):
-    """Strategies a test registers disappear after it."""
+    """Strategies a test registers, and the strategy files it loads (each is loaded once per process), disappear
+    after it."""
+    import sys
+
     import clmtl.registry as registry
 
     registry.available()  # discover the built-ins first, so the copy holds them
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    modules = set(sys.modules)
+    yield
+    for name in set(sys.modules) - modules:
+        if name.startswith("clmtl_strategy_file_"):
+            del sys.modules[name]
 
 
 @pytest.fixture
-def clmtl_cli(capsys):
-    """``clmtl ARGS`` run in this process, returning what ``subprocess.run`` would (the command line's entry point,
-    ``python -m clmtl``, is tested in a subprocess once: tests/test_run.py)."""
-    import subprocess
+def clmtl_cli():
+    """``clmtl ARGS`` run in this process (tests/inprocess.py)."""
+    from inprocess import clmtl_here
 
-    from clmtl.cli import main
-
-    def command(*args):
-        capsys.readouterr()
-        returncode = main([str(arg) for arg in args])
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, returncode, captured.out, captured.err)
-
-    return command
+    return clmtl_here
 
 
 class ProcessTree:

@@ -1,16 +1,23 @@
 """One evaluation, one training step and two trained experiences, run by tests/test_distributed.py under torchrun
 and as a single process.
 
-It loads the model of a run checkpoint, then writes (rank 0 only) what the test compares: the metrics of every
+``main`` loads the model of a run checkpoint, then writes (rank 0 only) what the test compares: the metrics of every
 task's whole validation set, the parameter gradients after one backward pass on a fixed global batch of
 classification samples, every process's weights after an experience trained with weight averaging (which each
 process must end with alike), and every process's weights after the classification experience trained from the
 checkpoint again with BatchNorm frozen (on its running statistics). Frozen, nothing depends on how a global batch is
-split any more, so N processes must end where one process does, step for step. ``python
-tests/distributed_worker.py CHECKPOINT OUT [EXPERIENCE]``: the experience trained with weight averaging (default:
-the classification task's) may grow a head (class scenario); the frozen run is made for the default only.
+split any more, so N processes must end where one process does, step for step. The experience trained with weight
+averaging (default: the classification task's) may grow a head (class scenario); the frozen run is made for the
+default only.
+
+``python tests/distributed_worker.py PLAN.json`` makes the plan's ``main`` calls (``"workers"``: ``[CHECKPOINT, OUT,
+EXPERIENCE or null]``), then runs its ``clmtl run`` command lines (``"runs"``), in one process; under torchrun, in
+each process. One torchrun start (each of its processes first imports torch, torchvision and Avalanche) then serves
+every test.
 """
+import json
 import sys
+from pathlib import Path
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
@@ -34,8 +41,6 @@ class FrozenBatchNorm(SupervisedPlugin):
 
 
 def main(checkpoint: str, out: str, experience: int | None = None) -> None:
-    if distributed.launched_by_torchrun():
-        distributed.init_from_environment(0, torch.device("cpu"))
     torch.set_num_threads(1)
     saved = load_model_checkpoint(checkpoint)
     config = checkpoint_config(saved, checkpoint)
@@ -57,6 +62,9 @@ def main(checkpoint: str, out: str, experience: int | None = None) -> None:
 
     template = make_template(config, model, benchmark.tasks, plugins=[WeightAveraging(0.9, 2.0)], loggers=[])
     template.train_epochs = 1
+    # each process's global generator in a state of its own, as augmenting its own share of the batches leaves it:
+    # what the processes train, and the rows a head grows, must not depend on it
+    torch.manual_seed(100 + distributed.rank())
     template.train(benchmark.stream.train_stream[label if experience is None else experience])
     averaged = distributed.gather(model.state_dict()) if distributed.is_distributed() else [model.state_dict()]
 
@@ -73,8 +81,23 @@ def main(checkpoint: str, out: str, experience: int | None = None) -> None:
     if distributed.is_main_process():
         torch.save({"scores": scores, "gradients": gradients, "averaged": averaged, "frozen": frozen,
                     "processes": distributed.world_size()}, out)
+
+
+def run_plan(path: str) -> None:
+    """The plan's ``main`` calls, then its runs, in one process group: joined once (seed 0) and left by the last
+    run (``clmtl run`` uses a group already there). Leaving and joining again hangs gloo at times."""
+    from clmtl.cli import main as clmtl
+
+    plan = json.loads(Path(path).read_text())
+    if distributed.launched_by_torchrun():
+        distributed.init_from_environment(0, torch.device("cpu"))
+    for checkpoint, out, experience in plan.get("workers", []):
+        main(checkpoint, out, experience)
+    for arguments in plan.get("runs", []):
+        if clmtl(["run", *arguments]) != 0:
+            raise SystemExit(f"clmtl run {' '.join(arguments)} failed")
     distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *(int(arg) for arg in sys.argv[3:]))
+    run_plan(sys.argv[1])

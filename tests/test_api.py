@@ -62,11 +62,11 @@ def test_the_step_by_step_example_of_the_api_docs_runs_and_scores_every_task(cap
 
 
 @pytest.mark.slow
-def test_the_api_returns_the_matrix_the_command_line_writes(tmp_path):
+def test_the_api_returns_the_matrix_the_command_line_writes(tmp_path, clmtl_cli):
     """The same config and seed through ``clmtl.run`` and ``clmtl run`` (one thread each): the same numbers."""
-    command = [sys.executable, "-m", "clmtl", "run", "--strategy", "ewc", "--seed", "3", "--no-baselines",
-               "--out", str(tmp_path / "cli"), *TINY_OVERRIDES, "train.threads=1", "train.parallel_baselines=false"]
-    subprocess.run(command, check=True, capture_output=True)
+    done = clmtl_cli("run", "--strategy", "ewc", "--seed", "3", "--no-baselines", "--out", tmp_path / "cli",
+                     *TINY_OVERRIDES, "train.threads=1", "train.parallel_baselines=false")
+    assert done.returncode == 0, done.stderr[-3000:]
     from_cli = json.loads((tmp_path / "cli" / "results.json").read_text())
 
     threads_before = torch.get_num_threads()
@@ -160,14 +160,16 @@ def test_task_labels_that_repeat_partly_are_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ewc+replay", "avalanche.SynapticIntelligence"])
-def test_an_avalanche_benchmark_trains_and_writes_what_clmtl_run_writes(tmp_path, strategy):
+@pytest.mark.parametrize("strategy, baselines", [("ewc+replay", True), ("avalanche.SynapticIntelligence", False)])
+def test_an_avalanche_benchmark_trains_and_writes_what_clmtl_run_writes(tmp_path, strategy, baselines):
     """``SplitMNIST``-like: a class-incremental Avalanche benchmark through template, strategy, metrics and report.
-    64 images of each experience in batches of 8 for 8 epochs: enough steps for BatchNorm's running statistics."""
+    32 images of each experience in batches of 8 for 8 epochs: enough steps for BatchNorm's running statistics
+    (6 epochs are not)."""
     config = clmtl.load_config(TINY, ["train.epochs=8", "train.warmup=0", "train.batch_size=8",
                                       "strategy.replay.mem_size=8"])
-    benchmark = clmtl.from_avalanche(tensors_benchmark(False, train_images=128), config)
-    results = clmtl.run(config, strategy=strategy, out=tmp_path, benchmark=benchmark, baselines=True)
+    benchmark = clmtl.from_avalanche(tensors_benchmark(False, train_images=64), config)
+    results = clmtl.run(config, strategy=strategy, out=tmp_path, benchmark=benchmark, baselines=baselines)
+    assert bool(results.baseline) == baselines
     assert results.benchmark == "avalanche" and results.scenario == "class"
     assert [t["name"] for t in results.tasks] == ["cls1", "cls2"]
     assert len(results.matrix) == 2 and all(len(row) == 2 for row in results.matrix)

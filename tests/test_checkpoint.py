@@ -3,56 +3,36 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from inprocess import clmtl_here
 
 from clmtl.checkpoint import (ResumeError, load_run_checkpoint, restore_plugins, rng_state, save_run_checkpoint,
                               set_rng_state)
 from clmtl.io import load_checkpoint
 
-KILLER = textwrap.dedent('''
-    """Sends its own process KILL_SIGNAL (default SIGKILL: no clean-up) before iteration KILL_AT (default 1) of the
-    second experience."""
-    import os
-    import signal
-
-    from clmtl.plugin import Plugin
-    from clmtl.registry import register
-
-
-    class KillDuringSecondExperience(Plugin):  # keeps no state: Plugin's defaults make it resumable
-        def before_training_iteration(self, strategy, **kwargs):
-            clock = strategy.clock
-            at = int(os.environ.get("KILL_AT", "1"))
-            if os.environ.get("KILL_FOR_TEST") and clock.train_exp_counter == 1 and clock.train_exp_iterations == at:
-                os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
-
-
-    @register("killer")
-    def killer(params):
-        """Test helper."""
-        return KillDuringSecondExperience()
-''')
+KILLER = Path(__file__).with_name("stopping_strategies.py")  # registers the strategy "killer"
 STRATEGY = "ewc+replay+lwf+bnfreeze+layerlr+killer"
 TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
         "output.overlays=0", "train.threads=1", "strategy.bnfreeze.mode=per_task", "strategy.replay.mem_size=6",
         "train.ema=0.9", "train.ema_tau=2"]  # the moving average, too, continues where it stopped
 
 
-def clmtl(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "clmtl", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def killer_file(tmp_path_factory):
-    """The strategy file registering ``killer`` (one path per module, so runs that name it share a reference)."""
-    path = tmp_path_factory.mktemp("plugins") / "killer.py"
-    path.write_text(KILLER)
-    return path
+def stopped_run(*args, signal_name: str = "SIGKILL", at: int = 1) -> subprocess.CompletedProcess:
+    """``clmtl run ARGS`` that the killer strategy stops with ``signal_name`` before iteration ``at`` of the second
+    experience. SIGKILL leaves nothing to clean up, so that run has a process of its own; ``clmtl run`` handles
+    SIGTERM (it checkpoints and returns 130), so that one runs here like the rest."""
+    env = {"KILL_FOR_TEST": "1", "KILL_AT": str(at), "KILL_SIGNAL": signal_name}
+    if signal_name == "SIGKILL":
+        return subprocess.run([sys.executable, "-m", "clmtl", "run", *args], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, **env})
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return clmtl_here("run", *args)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +44,7 @@ def uninterrupted(tmp_path_factory):
     def reference(*arguments):
         if arguments not in folders:
             out = tmp_path_factory.mktemp("reference")
-            done = clmtl("run", *arguments, "--out", str(out))
+            done = clmtl_here("run", *arguments, "--out", out)
             assert done.returncode == 0, done.stderr[-3000:]
             folders[arguments] = out
         return folders[arguments]
@@ -73,17 +53,16 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_path, killer_file, uninterrupted):
-    common = ["--plugin-file", str(killer_file)]
+def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_path, uninterrupted):
+    common = ["--plugin-file", str(KILLER)]
     reference = uninterrupted(*common, "--strategy", STRATEGY, *TINY)
 
-    killed = clmtl("run", *common, "--strategy", STRATEGY, "--out", str(tmp_path / "run"), *TINY,
-                   env={"KILL_FOR_TEST": "1"})
+    killed = stopped_run(*common, "--strategy", STRATEGY, "--out", str(tmp_path / "run"), *TINY)
     assert killed.returncode == -9  # SIGKILL: no handler ran, nothing was flushed
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == ["exp0.pt", "last.pt"] and not (tmp_path / "run" / "results.json").exists()
 
-    resumed = clmtl("run", *common, "--resume", str(tmp_path / "run"))
+    resumed = clmtl_here("run", *common, "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((reference / "results.json").read_text())
     got = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -101,23 +80,22 @@ def test_a_run_killed_in_the_second_experience_resumes_to_the_same_results(tmp_p
 @pytest.mark.parametrize("signal_name,expected_returncode,strategy", [
     ("SIGKILL", -9, STRATEGY), ("SIGTERM", 130, STRATEGY), ("SIGTERM", 130, "routing+killer")])
 def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path, signal_name, expected_returncode,
-                                                                      strategy, killer_file, uninterrupted):
+                                                                      strategy, uninterrupted):
     """Periodic checkpoints every 3 iterations of 4-batch epochs: SIGKILL before iteration 5 of the second experience
     leaves the one after iteration 3 (inside the first epoch); SIGTERM checkpoints the iteration it interrupts
     (the 5th, inside the second epoch). Either way the resumed run ends bit for bit like an uninterrupted one."""
     config = [*TINY, "data.train_size=16", "train.epochs=2", "output.checkpoint_every=3"]
-    common = ["--plugin-file", str(killer_file), "--strategy", strategy, "--no-baselines", *config]
+    common = ["--plugin-file", str(KILLER), "--strategy", strategy, "--no-baselines", *config]
     reference = uninterrupted(*common)
 
-    stopped = clmtl("run", *common, "--out", str(tmp_path / "run"),
-                    env={"KILL_FOR_TEST": "1", "KILL_AT": "4", "KILL_SIGNAL": signal_name})
+    stopped = stopped_run(*common, "--out", str(tmp_path / "run"), signal_name=signal_name, at=4)
     assert stopped.returncode == expected_returncode, stopped.stderr[-3000:]
     saved = load_run_checkpoint(tmp_path / "run")
     assert saved["experience"] == 0
     expected = (0, 3) if signal_name == "SIGKILL" else (1, 1)
     assert (saved["partial"]["epoch"], saved["partial"]["iteration"]) == expected
 
-    resumed = clmtl("run", "--plugin-file", str(killer_file), "--resume", str(tmp_path / "run"))
+    resumed = clmtl_here("run", "--plugin-file", str(KILLER), "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((reference / "results.json").read_text())
     got = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -131,8 +109,7 @@ def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path
 
 
 @pytest.mark.slow
-def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_model(tmp_path, killer_file,
-                                                                                  uninterrupted):
+def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_model(tmp_path, uninterrupted):
     """The classification head grows from 2 to 4 classes at the second experience; a SIGTERM inside it checkpoints
     the grown model, EWC's anchors of the smaller head, the replay memory and LwF's teacher (whose head is still
     the smaller one), and the resumed run ends bit for bit like an uninterrupted one."""
@@ -140,14 +117,13 @@ def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_mo
               "{name: b, kind: cls, data: {classes: [semicircle, frame]}}]"]
     config = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16", "train.epochs=2",
               "output.checkpoint_every=3", *stream]
-    common = ["--plugin-file", str(killer_file), "--strategy", "ewc+replay+lwf+killer", "--no-baselines", *config]
+    common = ["--plugin-file", str(KILLER), "--strategy", "ewc+replay+lwf+killer", "--no-baselines", *config]
     reference = uninterrupted(*common)
-    stopped = clmtl("run", *common, "--out", str(tmp_path / "run"),
-                    env={"KILL_FOR_TEST": "1", "KILL_AT": "4", "KILL_SIGNAL": "SIGTERM"})
+    stopped = stopped_run(*common, "--out", str(tmp_path / "run"), signal_name="SIGTERM", at=4)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     saved = load_run_checkpoint(tmp_path / "run")
     assert "partial" in saved and saved["model"]["head.outputs.0.weight"].shape == (4, 64)
-    resumed = clmtl("run", "--plugin-file", str(killer_file), "--resume", str(tmp_path / "run"))
+    resumed = clmtl_here("run", "--plugin-file", str(KILLER), "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((reference / "results.json").read_text())
     assert json.loads((tmp_path / "run" / "results.json").read_text())["matrix"] == expected["matrix"]

@@ -1,7 +1,5 @@
 """examples/custom_strategy.py: a strategy in one short file, registered from a path and run by name."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,17 +48,13 @@ def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm(isolate
     torch.testing.assert_close(saved["linear.weight"], linear.weight.detach())
 
 
-def clmtl(*args):
-    return subprocess.run([sys.executable, "-m", "clmtl", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.slow
-def test_the_cli_lists_and_runs_a_strategy_from_a_file(tmp_path):
-    listed = clmtl("strategies", "--plugin-file", str(EXAMPLE))
+def test_the_cli_lists_and_runs_a_strategy_from_a_file(tmp_path, isolated_registry, clmtl_cli):
+    listed = clmtl_cli("strategies", "--plugin-file", str(EXAMPLE))
     assert listed.returncode == 0 and "strategy.mas.lambda = 1.0 (float, must be >= 0)" in listed.stdout
     assert "strategy.mas.batch_size = 16 (int, must be >= 1)" in listed.stdout
 
-    result = clmtl("run", "--plugin-file", str(EXAMPLE), "--strategy", "mas+bnfreeze", "--no-baselines",
+    result = clmtl_cli("run", "--plugin-file", str(EXAMPLE), "--strategy", "mas+bnfreeze", "--no-baselines",
                    "--out", str(tmp_path), "data.train_size=6", "data.val_size=3", "data.image_size=64",
                    "train.epochs=1", "train.batch_size=3", "output.overlays=0", "train.threads=1",
                    "strategy.mas.lambda=5.0")

@@ -65,13 +65,15 @@ def test_auto_threads_are_the_usable_cores_shared_by_the_local_processes(monkeyp
     assert resolve_threads(5) == 5
 
 
-def test_importing_ultralytics_through_clmtl_leaves_the_thread_setting_alone():
-    """ultralytics sets OMP_NUM_THREADS=1 when it is unset; 'auto' would then read 1 as the user's choice."""
-    code = ("import os; import clmtl.ultralytics_shim, ultralytics; from clmtl.devices import resolve_threads, "
-            "usable_cores; print(os.environ.get('OMP_NUM_THREADS'), resolve_threads('auto') == usable_cores())")
+def test_importing_ultralytics_through_clmtl_leaves_the_thread_setting_and_torch_save_alone():
+    """ultralytics sets OMP_NUM_THREADS=1 when it is unset ('auto' would then read 1 as the user's choice) and
+    replaces torch.save with a wrapper that retries failures."""
+    code = ("import os, torch; import clmtl.ultralytics_shim, ultralytics; from clmtl.devices import resolve_threads, "
+            "usable_cores; print(os.environ.get('OMP_NUM_THREADS'), resolve_threads('auto') == usable_cores(), "
+            "torch.save.__module__)")
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.stdout.split() == ["None", "True"], done.stderr[-2000:]
+    assert done.stdout.split() == ["None", "True", "torch.serialization"], done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
@@ -133,10 +135,8 @@ def test_every_strategy_eval_export_and_resume_run_on_an_explicit_device(tmp_pat
     evaluated, exported and resumed, all on that device."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     strategy = "ewc+replay+lwf+layerlr+bnfreeze"
-    common = [sys.executable, "-m", "clmtl"]
     config = [f"train.device={device}", *TINY, "output.checkpoint_every=1"]
-    run = subprocess.run([*common, "run", "--strategy", strategy, "--out", str(tmp_path / "run"), *config],
-                         capture_output=True, text=True, timeout=900)
+    run = clmtl_cli("run", "--strategy", strategy, "--out", tmp_path / "run", *config)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["device"].startswith(device) and results["config"]["train"]["device"] == device
@@ -153,8 +153,7 @@ def test_every_strategy_eval_export_and_resume_run_on_an_explicit_device(tmp_pat
     (tmp_path / "run" / "checkpoints" / "exp2.pt").unlink()  # resume from the second experience's checkpoint
     (tmp_path / "run" / "checkpoints" / "last.pt").unlink()
     (tmp_path / "run" / "checkpoints" / "last.pt").hardlink_to(tmp_path / "run" / "checkpoints" / "exp1.pt")
-    resumed = subprocess.run([*common, "run", "--resume", str(tmp_path / "run")], capture_output=True, text=True,
-                             timeout=900)
+    resumed = clmtl_cli("run", "--resume", tmp_path / "run")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["matrix"] == results["matrix"]
 

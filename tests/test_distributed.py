@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from clmtl.distributed import shard_bounds
+from distributed_worker import main as run_worker
+from inprocess import clmtl_here
 from clmtl.metrics.scores import CocoMAP, MeanIoU, Top1
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -85,17 +87,35 @@ def test_merging_detection_scores_of_the_same_images_is_refused():
         a.merge(b)
 
 
+CLASS_STREAM = ["scenario=class", "tasks=[{name: a, kind: cls, data: {classes: [heart, arrow]}}, "
+                "{name: b, kind: cls, data: {classes: [semicircle, frame]}}]"]
+
+
 @pytest.fixture(scope="module")
-def one_and_two_processes(tmp_path_factory):
+def runs(tmp_path_factory):
+    """What the module's tests compare, with one torchrun start (tests/distributed_worker.py): ``clmtl run`` as one
+    process (``one``) and as two (``two``); the worker from the one-process run's last checkpoint as one process
+    (``worker_one.pt``) and as two (``worker_two.pt``); and as two from a class-scenario run's first checkpoint,
+    training the experience whose head grows (``grown_two.pt``)."""
     root = tmp_path_factory.mktemp("distributed")
-    run_ok([sys.executable, "-m", "clmtl", "run", "--no-baselines", "--out", str(root / "one"), *RUN])
-    run_ok(torchrun("-m", "clmtl", "run", "--no-baselines", "--out", str(root / "two"), *RUN))
-    return root / "one", root / "two"
+    first_task_only = ["train.epochs=1", *CLASS_STREAM]  # exp0.pt only gives the worker a model to grow
+    for out, overrides in ((root / "one", RUN), (root / "grown", [*RUN, *first_task_only])):
+        done = clmtl_here("run", "--no-baselines", "--out", out, *overrides)
+        assert done.returncode == 0, done.stderr[-3000:]
+    last = str(root / "one" / "checkpoints" / "last.pt")
+    run_worker(last, str(root / "worker_one.pt"))
+    plan = {"runs": [["--no-baselines", "--out", str(root / "two"), *RUN]],
+            "workers": [[last, str(root / "worker_two.pt"), None],
+                        [str(root / "grown" / "checkpoints" / "exp0.pt"), str(root / "grown_two.pt"), 1]]}
+    (root / "plan.json").write_text(json.dumps(plan))
+    run_ok(torchrun(str(WORKER), str(root / "plan.json")))
+    return root
 
 
 @pytest.mark.slow
-def test_two_processes_write_one_set_of_outputs(one_and_two_processes):
-    one, two = one_and_two_processes
+@pytest.mark.xdist_group("torchrun")  # one worker trains the module's runs once
+def test_two_processes_write_one_set_of_outputs(runs):
+    one, two = runs / "one", runs / "two"
     results = json.loads((two / "results.json").read_text())
     assert results["processes"] == 2
     assert (two / "log.txt").read_text().count("== sequential training") == 1
@@ -105,17 +125,15 @@ def test_two_processes_write_one_set_of_outputs(one_and_two_processes):
 
 
 @pytest.fixture(scope="module")
-def worker(one_and_two_processes, tmp_path_factory):
-    """The one-process run's last checkpoint, and what tests/distributed_worker.py wrote from it as one process
-    and as two."""
-    checkpoint = one_and_two_processes[0] / "checkpoints" / "last.pt"
-    root = tmp_path_factory.mktemp("worker")
-    run_ok([sys.executable, str(WORKER), str(checkpoint), str(root / "one.pt")])
-    run_ok(torchrun(str(WORKER), str(checkpoint), str(root / "two.pt")))
-    return checkpoint, *(torch.load(root / name, weights_only=True) for name in ("one.pt", "two.pt"))
+def worker(runs):
+    """The one-process run's last checkpoint, and what tests/distributed_worker.py wrote from it as one process and
+    as two."""
+    checkpoint = runs / "one" / "checkpoints" / "last.pt"
+    return checkpoint, *(torch.load(runs / name, weights_only=True) for name in ("worker_one.pt", "worker_two.pt"))
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # one worker trains the module's runs once
 def test_two_processes_train_the_weights_of_one_process_when_batchnorm_is_frozen(worker):
     """Two epochs of the classification experience through the whole training loop (sharded global batches,
     averaged gradients, Adam, the warmup schedule): with BatchNorm on its running statistics, nothing depends on
@@ -134,6 +152,7 @@ def test_two_processes_train_the_weights_of_one_process_when_batchnorm_is_frozen
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # one worker trains the module's runs once
 def test_sharded_evaluation_and_averaged_gradients_equal_one_process(worker):
     _, one, two = worker
     assert one["processes"] == 1 and two["processes"] == 2
@@ -150,16 +169,13 @@ def test_sharded_evaluation_and_averaged_gradients_equal_one_process(worker):
 
 
 @pytest.mark.slow
-def test_a_head_grown_under_torchrun_is_the_same_on_every_process(tmp_path):
+@pytest.mark.xdist_group("torchrun")  # one worker trains the module's runs once
+def test_a_head_grown_under_torchrun_is_the_same_on_every_process(runs):
     """Class scenario: the classification head grows from 2 to 4 classes when the second task starts. Its new rows
     come from the model's own seeded generator, not from the global one (which each process's share of the
-    augmentation has moved differently), so both processes grow the same rows and stay one model."""
-    stream = ["scenario=class", "tasks=[{name: a, kind: cls, data: {classes: [heart, arrow]}}, "
-              "{name: b, kind: cls, data: {classes: [semicircle, frame]}}]"]
-    run_ok([sys.executable, "-m", "clmtl", "run", "--no-baselines", "--out", str(tmp_path / "run"), *RUN, *stream])
-    checkpoint = str(tmp_path / "run" / "checkpoints" / "exp0.pt")
-    run_ok(torchrun(str(WORKER), checkpoint, str(tmp_path / "two.pt"), "1"))
-    first, second = torch.load(tmp_path / "two.pt", weights_only=True)["averaged"]
+    augmentation moves differently; the worker sets it differently on each), so both processes grow the same rows
+    and stay one model."""
+    first, second = torch.load(runs / "grown_two.pt", weights_only=True)["averaged"]
     assert first["head.outputs.0.weight"].shape == (4, 64)
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]), name

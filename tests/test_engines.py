@@ -71,19 +71,20 @@ def test_a_grid_on_ray_writes_what_the_local_engine_writes_and_resumes(tmp_path,
     from clmtl.grid import run_grid
 
     tiny = ["data.train_size=6", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=3",
-            "output.overlays=0", "output.checkpoints=false", "tasks=[cls]"]
+            "output.overlays=0", "output.checkpoints=false", "tasks=[cls]", "train.threads=1"]
     starts = []
     monkeypatch.setattr(ray, "init", lambda *a, _init=ray.init, **k: starts.append(1) or _init(*a, **k))
     spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" /
                                                   "compare_strategies.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.main(["--engine", "ray", "--strategies", "naive", "--seeds", "0", "--reference", "naive",
-                        "--out", str(tmp_path / "ray"), *tiny]) == 0
+    one_worker = ["--jobs", "1"]  # its imports done once for the baselines and the strategy
+    assert script.main(["--engine", "ray", *one_worker, "--strategies", "naive", "--seeds", "0", "--reference",
+                        "naive", "--out", str(tmp_path / "ray"), *tiny]) == 0
     assert len(starts) == 1  # one Ray for the baselines and the strategies: it starts once per comparison
     assert json.loads((tmp_path / "ray" / "comparison.json").read_text())["engine"] == "ray"
     on_ray = [json.loads((tmp_path / "ray" / "seed0" / "naive" / "results.json").read_text())]
-    local = run_grid(None, tiny, ["naive"], [0], tmp_path / "local", Engine("local", 2))
+    local = run_grid(None, tiny, ["naive"], [0], tmp_path / "local", Engine("local", 1))  # here, on one thread
     assert [r["matrix"] for r in on_ray] == [r["matrix"] for r in local]
     assert on_ray[0]["baseline"] == local[0]["baseline"]
     written = tmp_path / "ray" / "seed0" / "naive" / "results.json"

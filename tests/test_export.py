@@ -41,6 +41,7 @@ def test_torchscript_round_trip_gives_the_eager_outputs(model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("onnx")  # one worker pays the ONNX exporter's first-call cost once
 def test_onnx_round_trip_in_onnxruntime_gives_the_eager_outputs(model, tmp_path):
     import onnxruntime
 

@@ -167,6 +167,7 @@ def test_a_routing_state_dict_loads_into_a_freshly_built_model_and_exports(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("onnx")  # one worker pays the ONNX exporter's first-call cost once
 def test_the_onnx_export_of_a_routed_model_takes_each_tasks_route(tmp_path):
     import onnxruntime
 

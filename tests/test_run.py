@@ -3,6 +3,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,9 @@ RECORDER = CallbackRecorder()
 register("recorder_for_run_test")(lambda params: RECORDER)
 
 
+ON_ONE_WORKER = pytest.mark.xdist_group("tiny_run")  # the tests of one run, trained once
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -60,12 +64,14 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@ON_ONE_WORKER
 def test_every_avalanche_callback_fires_on_the_mixed_stream(tiny_run):
     assert set(CALLBACKS) - RECORDER.fired == set()
     assert RECORDER.target_types == {0: "Tensor", 1: "list", 2: "Tensor"}
 
 
 @pytest.mark.slow
+@ON_ONE_WORKER
 def test_results_json_matches_the_contract(tiny_run):
     out, results = tiny_run
     written = json.loads((out / "results.json").read_text())
@@ -155,14 +161,16 @@ def test_a_stopped_or_killed_run_leaves_no_baselines_process_behind(tmp_path, st
 
     import psutil
 
-    run_process = process_tree.start([sys.executable, "-m", "clmtl", "run", "--out", str(tmp_path), *TINY,
-                                      "train.threads=2", "train.epochs=500"])
+    idle = ["--plugin-file", str(Path(__file__).with_name("stopping_strategies.py")), "--strategy", "idle"]
+    run_process = process_tree.start([sys.executable, "-m", "clmtl", "run", *idle, "--out", str(tmp_path), *TINY,
+                                      "train.threads=2", "train.epochs=500"])  # the stream waits for the signal
     deadline, workers = time.monotonic() + 120, []
     while not workers and time.monotonic() < deadline:
         time.sleep(0.2)
         workers = process_tree.workers()
     assert workers, "the baselines' process did not start"
-    while sum(workers[0].cpu_times()[:2]) < 15 and time.monotonic() < deadline:  # past start-up, training
+    # past its imports (about 5 s of CPU here), into the baselines' training
+    while sum(workers[0].cpu_times()[:2]) < 6.5 and time.monotonic() < deadline:
         time.sleep(0.5)
     run_process.send_signal(getattr(signal, stop))
     run_process.wait(timeout=60)
@@ -171,6 +179,7 @@ def test_a_stopped_or_killed_run_leaves_no_baselines_process_behind(tmp_path, st
 
 
 @pytest.mark.slow
+@ON_ONE_WORKER
 def test_outputs_checkpoints_and_metric_log_are_written(tiny_run):
     out, results = tiny_run
     for name in ("summary.md", "plots/accuracy_matrix.png", "plots/task_curves.png", "plots/predictions_seg.png",
@@ -216,6 +225,7 @@ def test_strategies_lists_hyperparameters_and_their_search_values(clmtl_cli):
 
 
 @pytest.mark.slow
+@ON_ONE_WORKER
 def test_clmtl_eval_reproduces_the_final_scores_and_writes_predictions(tiny_run, tmp_path, clmtl_cli):
     out, results = tiny_run
     result = clmtl_cli("eval", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--predictions", str(tmp_path),
@@ -247,6 +257,7 @@ def test_clmtl_eval_refuses_a_file_that_is_not_a_checkpoint(tmp_path, clmtl_cli)
 
 
 @pytest.mark.slow
+@ON_ONE_WORKER
 def test_clmtl_export_writes_a_torchscript_model_of_the_checkpoint(tiny_run, tmp_path, clmtl_cli):
     out, _ = tiny_run
     result = clmtl_cli("export", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--out", str(tmp_path / "m.pt"))
