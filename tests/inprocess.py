@@ -1,8 +1,8 @@
 """``clmtl ARGS`` run in the test process, returning what ``subprocess.run`` of the command line would.
 
 A new Python process pays about 5 s of CPU importing torch, torchvision and Avalanche before it does anything; the
-entry point itself (``python -m clmtl``) is tested in a subprocess once (tests/test_run.py), and the tests that stop
-or kill a run keep a process of their own."""
+entry point itself (``python -m clmtl``) is tested in a subprocess once (tests/test_run.py), and the tests that kill
+a run (SIGKILL) or watch its baselines' process keep a process of their own."""
 import contextlib
 import io
 import subprocess
