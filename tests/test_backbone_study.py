@@ -1,19 +1,14 @@
 """benchmarks/backbone_study.py: per backbone, its cost and each strategy's drop, from real (tiny) runs."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "backbone_study.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.mark.slow
 def test_study_table_holds_each_backbones_cost_and_the_runs_drops(tmp_path):
-    spec = importlib.util.spec_from_file_location("backbone_study", SCRIPT)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_benchmark("backbone_study")
     tiny = ["data.train_size=4", "data.val_size=2", "data.image_size=64", "train.epochs=1", "train.batch_size=2",
             "output.overlays=0", "output.checkpoints=false", "train.threads=1"]
     argv = ["--backbones", "yolov8n,mobilenet_v3_small", "--strategies", "naive", "--seeds", "0,1", "--jobs", "1",

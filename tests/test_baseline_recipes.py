@@ -1,30 +1,21 @@
 """benchmarks/baseline_recipes.py: baselines per recipe and seed, the same numbers `clmtl run` gets, in one table."""
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 from clmtl.config import load_config
 from clmtl.runner import run
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "baseline_recipes.py"
 TINY = ["data.train_size=4", "data.val_size=2", "data.image_size=64", "train.epochs=2", "train.batch_size=2",
         "output.overlays=0", "output.checkpoints=false", "train.threads=1"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("baseline_recipes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_recipes_table_holds_the_baselines_clmtl_run_trains(tmp_path):
-    recipes = load_script()
+    recipes = load_benchmark("baseline_recipes")
     argv = ["--tasks", "seg,cls", "--seeds", "0,1", "--jobs", "1", "--out", str(tmp_path / "study"),
             "--recipe", "plain=", "--recipe", "warm=train.warmup=0.5 train.lr=0.004", *TINY]
     assert recipes.main(argv) == 0
@@ -45,7 +36,7 @@ def test_recipes_table_holds_the_baselines_clmtl_run_trains(tmp_path):
 
 
 def test_finished_runs_are_reused(tmp_path, monkeypatch):
-    recipes = load_script()
+    recipes = load_benchmark("baseline_recipes")
     path = tmp_path / "only" / "seed0.json"
     path.parent.mkdir()
     path.write_text(json.dumps({"scores": {"cls": {"top1": 0.5}}, "seconds": {"cls": 3.0},
@@ -56,7 +47,7 @@ def test_finished_runs_are_reused(tmp_path, monkeypatch):
 
 
 def test_bad_recipes_and_tasks_are_clear_errors(capsys):
-    recipes = load_script()
+    recipes = load_benchmark("baseline_recipes")
     with pytest.raises(argparse.ArgumentTypeError, match="expected NAME=KEY=VALUE"):
         recipes.parse_recipe("train.warmup")
     assert recipes.parse_recipe("w=train.warmup=3 train.lr=0.001") == ("w", ("train.warmup=3", "train.lr=0.001"))

@@ -1,25 +1,16 @@
 """Strategy comparison: aggregation over seeds, table formats, resumable runs and the reproducibility check."""
 import csv
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 from clmtl.compare import Comparison, Stat
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "compare_strategies.py"
 TASKS = [{"name": "seg", "kind": "segmentation", "metric": "mIoU"},
          {"name": "cls", "kind": "classification", "metric": "top1"}]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_strategies", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_results(strategy, seed, seg, cls, baseline=None, memory=0):
@@ -88,7 +79,7 @@ def test_a_strategy_without_runs_is_an_error():
 
 
 def test_check_reports_each_target_and_fails_outside_the_tolerance():
-    script = load_script()
+    script = load_benchmark("compare_strategies")
     targets = [{"strategy": "naive", "seed": 0, "task": "seg", "value": 0.30},
                {"strategy": "naive", "seed": 0, "task": "cls", "value": 0.50},
                {"strategy": "ewc", "seed": 0, "task": "seg", "value": 0.30}]
@@ -98,7 +89,7 @@ def test_check_reports_each_target_and_fails_outside_the_tolerance():
 
 
 def test_targets_name_how_their_runs_were_trained(tmp_path):
-    script = load_script()
+    script = load_benchmark("compare_strategies")
     shipped = script.read_targets()
     assert {row["strategy"] for row in shipped} >= {"naive", "ewc"} and shipped[0]["overrides"]
     written = tmp_path / "written.csv"
@@ -116,7 +107,7 @@ def test_targets_name_how_their_runs_were_trained(tmp_path):
 
 @pytest.mark.slow
 def test_script_runs_resumes_and_writes_the_table(tmp_path, monkeypatch):
-    script = load_script()
+    script = load_benchmark("compare_strategies")
     tiny = ["data.train_size=6", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=3",
             "output.overlays=0", "output.checkpoints=false", "train.threads=1"]
     argv = ["--strategies", "naive,ewc", "--seeds", "0,1", "--out", str(tmp_path), "--jobs", "1", *tiny]

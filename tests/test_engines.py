@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from clmtl.engines import Engine, Failure, Job, run_jobs
 
@@ -66,18 +67,13 @@ def test_ray_runs_two_jobs_at_once_reports_a_failure_and_keeps_usage_stats_off(t
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
 def test_a_grid_on_ray_writes_what_the_local_engine_writes_and_resumes(tmp_path, capsys, monkeypatch):
-    import importlib.util
-
     from clmtl.grid import run_grid
 
     tiny = ["data.train_size=6", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=3",
             "output.overlays=0", "output.checkpoints=false", "tasks=[cls]", "train.threads=1"]
     starts = []
     monkeypatch.setattr(ray, "init", lambda *a, _init=ray.init, **k: starts.append(1) or _init(*a, **k))
-    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" /
-                                                  "compare_strategies.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("compare_strategies")
     one_worker = ["--jobs", "1"]  # its imports done once for the baselines and the strategy
     assert script.main(["--engine", "ray", *one_worker, "--strategies", "naive", "--seeds", "0", "--reference",
                         "naive", "--out", str(tmp_path / "ray"), *tiny]) == 0

@@ -1,22 +1,15 @@
 """benchmarks/seed_protocol.py: the seed's Table 1 and efficiency section from one protocol run."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from clmtl.config import load_config
 from clmtl.registry import strategy_schemas
 from clmtl.tasks import DETECTION, TaskSpec
 
 ROOT = Path(__file__).parents[1]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_task_descriptions_round_trip_through_results_json():
@@ -33,7 +26,7 @@ def test_the_real_data_example_config_is_valid():
 
 @pytest.mark.slow
 def test_protocol_writes_table_one_and_efficiency_from_its_run(tmp_path):
-    script = load_script("seed_protocol")
+    script = load_benchmark("seed_protocol")
     tiny = ["data.train_size=6", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=3",
             "output.overlays=0", "output.checkpoints=false", "train.threads=1", "train.optimizer=sgd"]
     assert script.main(["--out", str(tmp_path), "--repeats", "2", *tiny]) == 0

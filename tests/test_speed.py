@@ -1,21 +1,15 @@
 """benchmarks/speed.py: its timing helpers, and one tiny end-to-end run (no speed is asserted here)."""
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "speed.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("speed_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("speed")
 
 
 @pytest.mark.slow

@@ -1,16 +1,14 @@
 """Hyperparameter selection: the carved validation split, the candidates, and ``--tune`` end to end."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from clmtl.benchmark import build_benchmark
 from clmtl.config import load_config, search_space
 from clmtl.registry import available, strategy_schemas
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "compare_strategies.py"
 TINY = ["data.train_size=8", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
         "output.overlays=0", "output.checkpoints=false", "train.threads=1", "train.warmup=0", "train.ema=0"]
 
@@ -85,9 +83,7 @@ def test_grid_refuses_a_finished_run_trained_with_other_hyperparameters(tmp_path
 
 @pytest.mark.slow
 def test_tune_selects_ewc_lambda_on_held_out_data_and_the_table_uses_it(tmp_path):
-    spec = importlib.util.spec_from_file_location("compare_strategies", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("compare_strategies")
     argv = ["--tune", "ewc", "--strategies", "ewc", "--seeds", "0", "--tune-seed", "5", "--recipe", "config",
             "--out", str(tmp_path), "--jobs", "1", *TINY]
     assert script.main(argv) == 0
