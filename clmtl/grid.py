@@ -112,14 +112,15 @@ def check_reused(path: Path, strategy: str, planned: Any) -> None:
 
     if not path.exists():
         return
-    recorded = json.loads(path.read_text())["config"]
-    asked = planned.to_dict()
-    trained = {key: value for key, value in flatten(recorded).items() if not key.startswith("strategy.")}
-    wanted = {key: value for key, value in flatten(asked).items() if not key.startswith("strategy.")}
-    for name in parse_strategy(strategy):
-        defaults = available()[name].defaults
-        trained |= flatten({"strategy": {name: {**defaults, **recorded.get("strategy", {}).get(name, {})}}})
-        wanted |= flatten({"strategy": {name: {**defaults, **asked["strategy"].get(name, {})}}})
+
+    def compared(config: dict[str, Any]) -> dict[str, Any]:
+        keys = {key: value for key, value in flatten(config).items() if not key.startswith("strategy.")}
+        for name in parse_strategy(strategy):
+            settings = {**available()[name].defaults, **config.get("strategy", {}).get(name, {})}
+            keys |= flatten({"strategy": {name: settings}})
+        return keys
+
+    trained, wanted = compared(json.loads(path.read_text())["config"]), compared(planned.to_dict())
     differing = sorted(key for key in trained.keys() & wanted.keys()
                        if key != "train.threads" and trained[key] != wanted[key])
     if differing:
