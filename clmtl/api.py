@@ -39,11 +39,14 @@ def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> C
 
 def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | None = None, *,
         overrides: Sequence[str] = (), benchmark: Benchmark | None = None, baselines: bool = False,
-        threads: int | None = None, baselines_beside: bool = False) -> Results:
+        threads: int | None = None, baselines_beside: bool = False, model: Any = None) -> Results:
     """Train ``strategy`` (a name or a hybrid, ``ewc+replay``) on the config's stream, or on ``benchmark``, and
     return what results.json holds.
 
     ``out``: the folder of results.json, summary.md, plots, checkpoints and logs (None: nothing is written).
+    ``model``: a ``torch.nn.Module`` of your own instead of the config's model, for classification streams: a plain
+    classifier (``x -> logits``, one output per class of the stream) for the class and domain scenarios, or an
+    Avalanche ``MultiTaskModule`` for the task scenario. It is copied, so the module you pass stays as it was.
     ``baselines``: also train each task alone, the reference of the drops (``baselines_beside``: in a second
     process, beside the stream, on half of ``threads``). ``threads``: torch threads for the run (None: as they are).
     """
@@ -53,7 +56,7 @@ def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | No
     config = load_config(config, overrides)
     parse_strategy(strategy)
     results = run_stream(config, strategy, out, baselines=baselines, benchmark=benchmark, threads=threads,
-                         baselines_beside=baselines_beside)
+                         baselines_beside=baselines_beside, model=model)
     return Results.from_dict(results)
 
 

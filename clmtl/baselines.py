@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -24,6 +22,7 @@ from clmtl.builders import build_model, make_template, recipe_plugins, seed_ever
 from clmtl.config import Config
 from clmtl.devices import resolve_threads
 from clmtl.metrics.plugin import task_scores
+from clmtl.orphans import exit_with_parent
 from clmtl.tasks import TaskSpec
 
 
@@ -36,17 +35,18 @@ class Baselines:
 
 
 def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list,
-                          only: Sequence[str] | None = None, progress: bool = True) -> Baselines:
+                          only: Sequence[str] | None = None, progress: bool = True,
+                          module: torch.nn.Module | None = None) -> Baselines:
     """Each task (or those named in ``only``) trained alone from the same initial weights with the same budget: the
-    reference for drops."""
+    reference for drops (``module``: a user's own model, ``clmtl.builders.build_model``)."""
     scores, seconds = {}, {}
     for label, task in enumerate(benchmark.tasks):
         if only is not None and task.name not in only:
             continue
-        model = build_model(config, benchmark.tasks)
+        model = build_model(config, benchmark.tasks, module=module)
         template = make_template(config, model, benchmark.tasks, recipe_plugins(config), loggers, label="baseline ",
                                  progress=progress)
-        seconds[task.name] = template.train_for(benchmark.stream.train_stream[label], benchmark.epochs[label],
+        seconds[task.name] = template.train_for(benchmark.stream.train_stream[label], *benchmark.budget(label),
                                                 config.data.num_workers)
         metrics = template.eval([benchmark.stream.test_stream[label]])
         scores[task.name] = task_scores(metrics, benchmark.tasks)[label]
@@ -67,19 +67,10 @@ def baselines_alone(config: Config, log: TextIO, only: Sequence[str] | None = No
 
 
 def _baselines_beside(config: Config) -> tuple[Baselines, str]:
-    """``baselines_alone`` in ``BackgroundBaselines``'s process, ended with its parent; returns them and their log."""
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    """``baselines_alone`` in ``BackgroundBaselines``'s process; returns them and their log."""
     log = io.StringIO()
     baselines, _ = baselines_alone(config, log, progress=False)
     return baselines, log.getvalue()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """End this process once ``parent`` is gone: a run killed outright (SIGKILL) runs no cleanup that would stop it,
-    and orphaned baselines would only waste the cores."""
-    while os.getppid() == parent:
-        time.sleep(1)
-    os._exit(1)
 
 
 def baseline_threads(total_threads: int, beside: bool) -> int:
@@ -98,11 +89,12 @@ def baseline_threads(total_threads: int, beside: bool) -> int:
 class BackgroundBaselines:
     """The single-task baselines, trained in a spawned process while this one trains the stream.
 
-    ``close`` stops that process: an error or a stop in the stream must not leave it running.
+    ``close`` stops that process: an error or a stop in the stream must not leave it running. A run killed outright
+    stops nothing: the process ends itself then (``exit_with_parent``, set up before its seconds of imports).
     """
 
     def __init__(self, config: Config, threads: int) -> None:
-        self._pool = get_context("spawn").Pool(1)
+        self._pool = get_context("spawn").Pool(1, initializer=exit_with_parent, initargs=(os.getpid(),))
         own_threads = dataclasses.replace(config, train=dataclasses.replace(config.train, threads=threads))
         self._job = self._pool.apply_async(_baselines_beside, (own_threads,))
 

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from clmtl.config import Config, ConfigError, SplitConfig, TaskConfig, kind_name, short_kind
+from clmtl.config import (Config, ConfigError, DomainsConfig, SplitConfig, TaskConfig, TransformConfig, kind_name,
+                          short_kind)
+from clmtl.data.domains import DomainShifted
 from clmtl.data.files import files_sources
 from clmtl.data.holdout import carve
 from clmtl.data.relabel import Relabelled
-from clmtl.data.sources import LoadOptions, load_task, source_classes
+from clmtl.data.sources import LoadOptions, TaskData, load_task, source_classes
 from clmtl.data.transforms import train_augmentation
 from clmtl.scenario import plan_stream
 from clmtl.stream import build_stream
@@ -41,14 +43,23 @@ class Benchmark:
     """``task``, ``class`` or ``domain``: how the tasks share the model's heads (``clmtl.scenario``)."""
     held_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     """With ``data.holdout``: each task's training samples evaluated on instead of trained on (``val_sets``)."""
+    iterations: list[int | None] = dataclasses.field(default_factory=list)
+    """Training iterations of each task, where its budget counts them instead of epochs (``Benchmark.budget``)."""
+
+    def budget(self, label: int) -> tuple[int, int | None]:
+        """Task ``label``'s training budget as ``MultiTaskTemplate.train_for`` takes it: (epochs, iterations)."""
+        iterations = self.iterations[label] if label < len(self.iterations) else None
+        return self.epochs[label], iterations
 
 
 def build_benchmark(config: Config) -> Benchmark:
     """The configured stream as one Avalanche benchmark; the same config and seed always give the same data."""
     entries = task_entries(config)
     data = config.data
-    options = LoadOptions(data.image_size, config.seed, data.on_bad_sample, data.train_size, data.val_size)
-    loaded = [load_task(entry.name, kind_name(entry.kind), entry.data, options) for entry in entries]
+    options = LoadOptions(data.image_size, config.seed, data.on_bad_sample, data.channels, data.train_size,
+                          data.val_size)
+    loaded = [shifted(load_task(entry.name, kind_name(entry.kind), entry.data, options), entry, config.seed)
+              for entry in entries]
     positional = config.split is not None and config.scenario == "domain"
     tasks = plan_stream([task_data.task for task_data in loaded], config.scenario, positional)
     train = [in_head_labels(task_data.train, task) for task_data, task in zip(loaded, tasks)]
@@ -58,9 +69,31 @@ def build_benchmark(config: Config) -> Benchmark:
         train, val = map(list, zip(*(carve(dataset, data.holdout, config.seed, i) for i, dataset in enumerate(train))))
         held_out = {task.name: part.indices for task, part in zip(tasks, val)}
     augmented = [train_augmentation(ds, t.kind, data.hflip, data.hue[t.kind]) for ds, t in zip(train, tasks)]
-    epochs = [entry.epochs if entry.epochs is not None else config.train.epochs[entry.kind] for entry in entries]
-    return Benchmark(tasks, build_stream(tasks, augmented, val), val, epochs, benchmark_name(config), config.scenario,
-                     held_out)
+    epochs, iterations = zip(*(task_budget(entry, config) for entry in entries))
+    return Benchmark(tasks, build_stream(tasks, augmented, val), val, list(epochs), benchmark_name(config),
+                     config.scenario, held_out, list(iterations))
+
+
+def task_budget(entry: TaskConfig, config: Config) -> tuple[int, int | None]:
+    """(epochs, iterations) of a task: its entry's epochs or iterations, else ``train.iterations``, else
+    ``train.epochs`` of its kind; iterations, where set, end the training (the epochs then only bound it)."""
+    if entry.epochs is not None:
+        return entry.epochs, None
+    iterations = entry.iterations if entry.iterations is not None else config.train.iterations
+    return config.train.epochs[entry.kind], iterations
+
+
+def shifted(task_data: TaskData, entry: TaskConfig, seed: int) -> TaskData:
+    """The task with its entry's domain shift (``transform``) applied to every image, and recorded in its spec."""
+    transform = entry.transform
+    if transform is None:
+        return task_data
+    if transform.permute is not None:
+        shift, record = {"permute": transform.permute}, {"permute": transform.permute, "seed": seed}
+    else:
+        shift = record = {"rotate": transform.rotate}
+    return TaskData(dataclasses.replace(task_data.task, transform=record),
+                    DomainShifted(task_data.train, seed, **shift), DomainShifted(task_data.val, seed, **shift))
 
 
 def in_head_labels(dataset: Dataset, task: TaskSpec) -> Dataset:
@@ -75,6 +108,8 @@ def task_entries(config: Config) -> list[TaskConfig]:
     tasks a ``split:`` deals."""
     if config.split is not None:
         return split_entries(config.split, config.seed)
+    if config.domains is not None:
+        return domain_entries(config.domains)
     sources = files_sources(config.data) if config.benchmark == "files" else None
     entries = []
     for entry in config.tasks:
@@ -108,10 +143,22 @@ def split_entries(split: SplitConfig, seed: int) -> list[TaskConfig]:
             for i, (start, size) in enumerate(zip(starts, sizes))]
 
 
+def domain_entries(domains: DomainsConfig) -> list[TaskConfig]:
+    """The tasks of a ``domains:`` stream: the same data and classes, a transform each (``perm1`` the identity, then
+    ``perm2`` ...; or ``rot<angle>``)."""
+    kind = kind_name(domains.kind)
+    if domains.permute is not None:
+        return [TaskConfig(name=f"perm{index + 1}", kind=kind, data=domains.data,
+                           transform=TransformConfig(permute=index)) for index in range(domains.permute)]
+    return [TaskConfig(name=f"rot{angle:g}", kind=kind, data=domains.data, transform=TransformConfig(rotate=angle))
+            for angle in domains.rotate]
+
+
 def benchmark_name(config: Config) -> str:
     """What results and default output folders call the stream: ``shapes`` or ``files`` for the built-in tasks,
     else the data formats it reads (``folder``, ``shapes+torchvision``...)."""
-    entries = config.tasks if config.split is None else [config.split]
+    generated = config.split or config.domains
+    entries = config.tasks if generated is None else [generated]
     if all(isinstance(entry, str) for entry in entries):
         return config.benchmark
     formats = dict.fromkeys("shapes" if isinstance(e, str) and config.benchmark == "shapes" else

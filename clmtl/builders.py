@@ -5,6 +5,7 @@ The benchmark (the stream) is built by ``clmtl.benchmark``; ``clmtl.runner`` put
 """
 from __future__ import annotations
 
+import copy
 import functools
 import random
 from collections.abc import Sequence
@@ -17,12 +18,13 @@ import torch
 from clmtl import distributed
 from clmtl.averaging import WeightAveraging
 from clmtl.benchmark import Benchmark
-from clmtl.config import Config
+from clmtl.config import CLASSIFIER_NAMES, Config, ConfigError
 from clmtl.decode import decode_detections
 from clmtl.devices import resolve_device
 from clmtl.losses import MultiTaskLoss
 from clmtl.metrics.plugin import task_metrics
 from clmtl.models import UnifiedModel
+from clmtl.models.heads import HeadedModel
 from clmtl.plugin import Plugin
 from clmtl.precision import resolve_precision
 from clmtl.progress import ProgressBar
@@ -39,26 +41,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(config: Config, tasks: Sequence[TaskSpec], initial_weights: bool = True) -> UnifiedModel:
+def build_model(config: Config, tasks: Sequence[TaskSpec], initial_weights: bool = True,
+                module: torch.nn.Module | None = None) -> HeadedModel:
     """A freshly initialised model; the same seed gives the same initial weights for baselines and the stream.
 
-    ``initial_weights=False`` skips ``model.weights`` (a model about to receive a checkpoint's state: the file may
-    have moved since training, and reading it would be wasted).
+    ``model.backbone`` picks the unified model (yolov8n ...) or one of the papers' classifiers (mlp,
+    reduced_resnet18, ``clmtl.models.classifier``); ``module``, a user's own module, replaces both: a copy of it is
+    the model, as initialised (``clmtl.models.user``). ``initial_weights=False`` skips ``model.weights`` (a model
+    about to receive a checkpoint's state: the file may have moved since training, and reading it would be wasted).
     """
     torch.manual_seed(config.seed)
-    model = UnifiedModel(
-        tasks,
-        fpn_channels=config.model.fpn_channels,
-        fpn_smooth=config.model.fpn_smooth,
-        image_size=config.data.image_size,
-        weights=config.model.weights if initial_weights else None,
-        backbone=config.model.backbone,
-    )
+    if module is not None:
+        from clmtl.models.user import UserModelError, user_model
+
+        try:
+            model = user_model(copy.deepcopy(module), tasks)
+        except UserModelError as error:
+            raise ConfigError(str(error)) from None
+    elif config.model.backbone in CLASSIFIER_NAMES:
+        from clmtl.models.classifier import build_classifier
+
+        try:
+            model = build_classifier(tasks, config.model.backbone, config.data.channels, config.data.image_size,
+                                     config.model.hidden)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    else:
+        model = UnifiedModel(
+            tasks,
+            fpn_channels=config.model.fpn_channels,
+            fpn_smooth=config.model.fpn_smooth,
+            image_size=config.data.image_size,
+            weights=config.model.weights if initial_weights else None,
+            backbone=config.model.backbone,
+        )
     # NHWC conv weights: the convs then return NHWC maps for NCHW images too, so inputs need no conversion
     return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
 
 
-def make_optimizer(config: Config, model: UnifiedModel) -> torch.optim.Optimizer:
+def make_optimizer(config: Config, model: HeadedModel) -> torch.optim.Optimizer:
     """The configured optimizer with one named parameter group per model part (backbone, neck, head).
 
     All groups start at ``train.lr``; the groups let plugins (``layerlr``) give each part its own rate. Rows a head
@@ -110,7 +131,7 @@ def make_schedule(config: Config) -> LRSchedule | None:
     return LRSchedule(cosine=train.schedule == "cosine", warmup_epochs=train.warmup)
 
 
-def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec], plugins: Sequence = (),
+def make_template(config: Config, model: HeadedModel, tasks: Sequence[TaskSpec], plugins: Sequence = (),
                   loggers: Sequence = (), label: str = "", progress: bool = True,
                   **checkpointing: Any) -> MultiTaskTemplate:
     """The Avalanche template with our criterion, metrics and (``progress``, on the main process) progress bar;
@@ -135,6 +156,7 @@ def make_template(config: Config, model: UnifiedModel, tasks: Sequence[TaskSpec]
         evaluator=evaluator,
         precision=resolve_precision(config.train.precision, resolve_device(config.train.device)),
         clip_grad_norm=config.train.clip_grad_norm,
+        reset_optimizer=config.train.reset_optimizer,
         **checkpointing,
     )
 

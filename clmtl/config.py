@@ -28,6 +28,10 @@ SCENARIOS = ("task", "class", "domain")
 """van de Ven & Tolias (2019): task labels at test time (task), none and one growing output space per kind
 (class), none and the same classes in every task (domain)."""
 
+STREAM_KEYS = ("tasks", "split", "domains")
+"""The three ways to describe a stream; a config uses one (a saved config lists the default tasks beside the others)."""
+DEFAULT_TASKS = list(TASK_KINDS)
+
 DATA_FORMATS = ("shapes", "coco", "voc", "folder", "torchvision")
 FORMAT_KINDS = {"coco": ("detection",), "voc": ("segmentation",), "folder": ("classification",),
                 "torchvision": ("classification",), "shapes": tuple(TASK_KINDS.values())}
@@ -46,6 +50,8 @@ FORMAT_REQUIRED = {"shapes": (), "coco": ("train_images", "train_ann", "val_imag
 BACKBONE_NAMES = ("yolov8n", "mobilenet_v3_small", "efficientnet_b0")
 """The keys of ``clmtl.models.backbone.BACKBONES`` (a test keeps them equal): listed here so that checking a config
 does not import torchvision and ultralytics (5 s) before the first error can be shown."""
+CLASSIFIER_NAMES = ("mlp", "reduced_resnet18")
+"""``clmtl.models.classifier.CLASSIFIER_BACKBONES``: the papers' classifiers, for classification streams."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """``train.precision``: resolved by ``clmtl.precision`` (listed here so that a config is checked without torch)."""
@@ -70,7 +76,10 @@ POSITIVE = rule(lambda v: v > 0, "must be > 0")
 AT_LEAST_ONE = rule(lambda v: v >= 1, "must be >= 1")
 NON_NEGATIVE = rule(lambda v: v >= 0, "must be >= 0")
 FRACTION = rule(lambda v: 0 <= v <= 1, "must be between 0 and 1")
-_IMAGE_SIZE = rule(lambda v: v >= 64 and v % 32 == 0, "must be a multiple of 32 and >= 64")
+PER_EXPERIENCE = rule(lambda v: all(x >= 0 for x in (v if isinstance(v, list) else [v])),
+                     "must be >= 0 (a number, or a list of numbers: one per experience)")
+_UNIFIED_IMAGE_SIZE = rule(lambda v: v >= 64 and v % 32 == 0, "must be a multiple of 32 and >= 64")
+"""The unified model's backbones need three pyramid levels of strides 8 / 16 / 32."""
 _TASK_KIND = rule(lambda v: v in TASK_KINDS.values() or v in TASK_KINDS,
                   "must be one of " + ", ".join(TASK_KINDS.values()) + " (or " + ", ".join(TASK_KINDS) + ")")
 
@@ -191,19 +200,44 @@ class DataSourceConfig:
 
 
 @dataclass
+class TransformConfig:
+    """A fixed change of every image of a task, training and validation alike: the domain of a domain-shift stream.
+
+    ``permute: N`` shuffles the pixels by the N-th permutation drawn from the run's seed (0: the identity), as
+    Permuted MNIST does; ``rotate: DEGREES`` turns the images counter-clockwise (Rotated MNIST).
+    """
+
+    permute: int | None = field(default=None, metadata=NON_NEGATIVE)
+    rotate: float | None = None
+
+    @staticmethod
+    def check_keys(data: Mapping[str, Any]) -> str | None:
+        if sum(data.get(key) is not None for key in ("permute", "rotate")) != 1:
+            return "a transform is one of permute: N or rotate: DEGREES"
+        return None
+
+
+@dataclass
 class TaskConfig:
-    """One task of the stream: a unique name, its kind and its data (embedded shapes unless ``data`` says)."""
+    """One task of the stream: a unique name, its kind and its data (embedded shapes unless ``data`` says).
+
+    Its training budget is ``epochs`` or ``iterations`` (else ``train.iterations``, else ``train.epochs`` of its kind).
+    """
 
     name: str = ""
     kind: str = field(default="", metadata=_TASK_KIND)
     data: DataSourceConfig = field(default_factory=DataSourceConfig)
     epochs: int | None = field(default=None, metadata=NON_NEGATIVE)
+    iterations: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    transform: TransformConfig | None = None
 
     @staticmethod
     def check_keys(data: Mapping[str, Any]) -> str | None:
         missing = [key for key in ("name", "kind") if not data.get(key)]
         if missing:
             return f"a task needs {' and '.join(missing)}"
+        if data.get("epochs") is not None and data.get("iterations") is not None:
+            return "a task's budget is epochs or iterations, not both"
         fmt = (data.get("data") or {}).get("format", "shapes") if isinstance(data.get("data"), Mapping) else None
         if fmt in FORMAT_KINDS and kind_name(str(data["kind"])) not in FORMAT_KINDS[fmt]:
             return f"format {fmt} holds {' or '.join(FORMAT_KINDS[fmt])} data, not {data['kind']}"
@@ -234,8 +268,28 @@ class SplitConfig:
 
 
 @dataclass
+class DomainsConfig:
+    """A domain-shift stream generated from one dataset: the same classes in every task, each task's images under its
+    own transform (``TransformConfig``). ``permute: N``: N tasks ``perm1`` ... ``permN``, the first one the identity
+    and the others pixel permutations drawn from the run's seed (Permuted MNIST); ``rotate: [DEGREES, ...]``: a task
+    per angle, ``rot<angle>`` (Rotated MNIST)."""
+
+    kind: str = field(default="classification", metadata=_TASK_KIND)
+    data: DataSourceConfig = field(default_factory=DataSourceConfig)
+    permute: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    rotate: list[float] | None = field(default=None, metadata=rule(lambda v: len(v) >= 1, "must list an angle"))
+
+    @staticmethod
+    def check_keys(data: Mapping[str, Any]) -> str | None:
+        if all(data.get(key) is not None for key in ("permute", "rotate")):
+            return "domains take permute: N or rotate: [DEGREES, ...], not both"
+        return TaskConfig.check_keys({"name": "domains", "kind": "classification", **data})
+
+
+@dataclass
 class DataConfig:
-    image_size: int = field(default=128, metadata=_IMAGE_SIZE)
+    image_size: int = field(default=128, metadata=rule(lambda v: v >= 8, "must be >= 8"))
+    channels: int = field(default=3, metadata=rule(lambda v: v in (1, 3), "must be 1 (grey) or 3 (RGB)"))
     train_size: int = field(default=240, metadata=AT_LEAST_ONE)
     val_size: int = field(default=60, metadata=AT_LEAST_ONE)
     num_workers: int = field(default=0, metadata=NON_NEGATIVE)
@@ -251,7 +305,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = field(default="yolov8n", metadata=one_of(*BACKBONE_NAMES))
+    backbone: str = field(default="yolov8n", metadata=one_of(*BACKBONE_NAMES, *CLASSIFIER_NAMES))
+    hidden: list[int] = field(default_factory=lambda: [400, 400], metadata=rule(
+        lambda v: all(size >= 1 for size in v), "must list hidden layer sizes >= 1"))
     fpn_channels: int = field(default=64, metadata=AT_LEAST_ONE)
     fpn_smooth: bool = True
     weights: str | None = None
@@ -270,6 +326,8 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata=AT_LEAST_ONE)
     eval_batch_size: int = field(default=32, metadata=AT_LEAST_ONE)
     epochs: EpochsConfig = field(default_factory=EpochsConfig)
+    iterations: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    reset_optimizer: bool = True
     threads: int | str = field(default="auto", metadata=rule(
         lambda v: v == "auto" or (isinstance(v, int) and v >= 1), "must be auto or a number >= 1"))
     device: str = field(default="auto", metadata=rule(
@@ -302,9 +360,10 @@ class Config:
     benchmark: str = field(default="shapes", metadata=one_of("shapes", "files"))
     seed: int = field(default=0, metadata=NON_NEGATIVE)
     scenario: str = field(default="task", metadata=one_of(*SCENARIOS))
-    tasks: list[str | TaskConfig] = field(default_factory=lambda: list(TASK_KINDS), metadata=rule(
+    tasks: list[str | TaskConfig] = field(default_factory=lambda: list(DEFAULT_TASKS), metadata=rule(
         lambda v: len(v) >= 1, "must list at least one task"))
     split: SplitConfig | None = None
+    domains: DomainsConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -355,16 +414,36 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (),
         checked = _check_section(data, Config, "", source, strategies)
         _deep_merge(merged, checked)
         if source != DEFAULTS_SOURCE:
-            stream_source.update({key: source for key in ("tasks", "split") if checked.get(key) is not None})
-    if len(stream_source) == 2 and merged.get("split") is not None:
-        raise ConfigError(f"{stream_source['split']}: split: a stream comes from tasks or from split, not both "
-                          f"(tasks set in {stream_source['tasks']})")
+            stream_source.update({key: source for key in STREAM_KEYS
+                                  if checked.get(key) not in (None, DEFAULT_TASKS)})
+    generated = [key for key in STREAM_KEYS[1:] if merged.get(key) is not None]
+    if len(stream_source) > 1 and generated:
+        others = [f"{key} set in {source}" for key, source in stream_source.items() if key != generated[-1]]
+        raise ConfigError(f"{stream_source[generated[-1]]}: {generated[-1]}: a stream comes from one of "
+                          f"{', '.join(STREAM_KEYS)}, not several ({'; '.join(others)})")
     chosen = merged.get("strategy", {})
     merged["strategy"] = {name: {**schema_defaults(strategies[name]), **params} for name, params in chosen.items()}
     config = _build(Config, merged)
     if config.data.root is not None:
         config.benchmark = "files"  # the three-dataset bundle is on disk: data.root alone is enough
+    if config.domains is not None and config.domains.permute is None and config.domains.rotate is None:
+        raise ConfigError("config: domains: needs permute: N (tasks) or rotate: [DEGREES, ...]")
     return config
+
+
+
+def check_model_input(config: Config) -> None:
+    """The unified model's backbones need RGB images whose side is a multiple of 32 (>= 64): checked before a run
+    loads its data, unless the run trains a model of the user's own."""
+    if config.model.backbone in CLASSIFIER_NAMES:
+        return
+    size_rule = _UNIFIED_IMAGE_SIZE["rule"]
+    if not size_rule[0](config.data.image_size):
+        raise ConfigError(f"config: data.image_size: {size_rule[1]} for model.backbone {config.model.backbone}, "
+                          f"got {config.data.image_size} (mlp and reduced_resnet18 take any size)")
+    if config.data.channels != 3:
+        raise ConfigError(f"config: data.channels: model.backbone {config.model.backbone} takes RGB images "
+                          "(channels 3); grey images (1) are for mlp and reduced_resnet18")
 
 
 # ----------------------------------------------------------------------------------------------- reading YAML

@@ -23,7 +23,7 @@ from torch import nn
 
 from clmtl.config import short_kind
 from clmtl.fuse import fuse_batchnorm
-from clmtl.models.unified import UnifiedModel
+from clmtl.models.heads import HeadedModel
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 
 FORMATS = ("torchscript", "onnx")
@@ -44,7 +44,7 @@ def head_names(tasks) -> dict[int, str]:
 class AllTasks(nn.Module):
     """``forward_all`` as a flat tuple of tensors: the heads by kind in ``OUTPUT_ORDER``, detection levels last."""
 
-    def __init__(self, model: UnifiedModel) -> None:
+    def __init__(self, model: HeadedModel) -> None:
         super().__init__()
         self.model = model
         kinds = model.head_kinds
@@ -70,30 +70,33 @@ class AllTasks(nn.Module):
         return names
 
 
-def export_metadata(wrapper: AllTasks, image_size: int) -> dict:
-    """What a consumer of the exported file needs to read its outputs."""
+def export_metadata(wrapper: AllTasks, image_size: int, channels: int = 3) -> dict:
+    """What a consumer of the exported file needs to read its outputs (no anchors for a classifier)."""
     model = wrapper.model
+    layout = model.anchor_layout
     return {
-        "input": {"name": "images", "shape": [1, 3, image_size, image_size], "range": [0.0, 1.0]},
+        "input": {"name": "images", "shape": [1, channels, image_size, image_size], "range": [0.0, 1.0]},
         "outputs": wrapper.output_names(),
         "tasks": [task.as_dict() for task in model.tasks],
         "heads": [{"name": wrapper.names[head], "kind": space.kind, "classes": list(space.classes)}
                   for head, space in enumerate(model.spaces)],
-        "anchor_layout": dataclasses.asdict(model.anchor_layout),
+        "anchor_layout": None if layout is None else dataclasses.asdict(layout),
     }
 
 
-def export_model(model: UnifiedModel, path: str | Path, format: str = "torchscript", *, image_size: int) -> Path:
-    """Write ``model``'s BatchNorm-folded ``forward_all`` to ``path`` for ``image_size``-pixel square inputs.
+def export_model(model: HeadedModel, path: str | Path, format: str = "torchscript", *, image_size: int,
+                 channels: int = 3) -> Path:
+    """Write ``model``'s BatchNorm-folded ``forward_all`` to ``path`` for ``image_size``-pixel square inputs of
+    ``channels`` channels.
 
     ``format`` is ``torchscript`` (``torch.jit.trace``; load with ``torch.jit.load``) or ``onnx`` (needs the
     ``onnx`` and ``onnxscript`` packages; a clear ``ModuleNotFoundError`` names the missing ones). The graph is
     traced on one ``image_size`` image; TorchScript records shapes symbolically, so other batch sizes and sides
-    (multiples of 32) run too. ``model`` itself is not modified. Returns ``path``.
+    (multiples of 32 for the unified model) run too. ``model`` itself is not modified. Returns ``path``.
     """
     if format not in FORMATS:
         raise ValueError(f"export format must be one of {FORMATS}, got {format!r}")
-    if image_size < 64 or image_size % 32:
+    if model.anchor_layout is not None and (image_size < 64 or image_size % 32):
         raise ValueError(f"image_size must be a multiple of 32 (the coarsest stride) and at least 64, got {image_size}")
     if format == "onnx":
         missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
@@ -105,8 +108,8 @@ def export_model(model: UnifiedModel, path: str | Path, format: str = "torchscri
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = AllTasks(fuse_batchnorm(model)).eval()
-    example = torch.rand(1, 3, image_size, image_size)
-    metadata = export_metadata(wrapper, image_size)
+    example = torch.rand(1, channels, image_size, image_size)
+    metadata = export_metadata(wrapper, image_size, channels)
     if format == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(wrapper, example)
@@ -151,7 +154,8 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, format: str = "t
         model.load_state_dict(saved["model"])
     except RuntimeError as error:
         raise ValueError(f"{checkpoint}: its weights do not fit the model its config describes: {error}") from None
-    return export_model(model.eval(), path, format, image_size=image_size or config.data.image_size)
+    return export_model(model.eval(), path, format, image_size=image_size or config.data.image_size,
+                        channels=config.data.channels)
 
 
 def load_metadata(path: str | Path) -> dict:

@@ -15,7 +15,7 @@ class ProgressBar(SupervisedPlugin, supports_distributed=True):
         self._bar: tqdm | None = None
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        total = strategy.train_epochs * len(strategy.dataloader)
+        total = strategy.planned_iterations
         task = strategy.experience.task_label
         self._bar = tqdm(total=total, desc=f"{self.label}task {task}", unit="it", leave=False, disable=self.disable)
 

@@ -49,6 +49,23 @@ step (GEM's projection)."""
 EXCLUSIVE_ACTIONS = frozenset({"optimizer", "data", "gradient"})
 """Actions at most one component of a hybrid may hold."""
 
+def _has_task_routes(model: Any) -> bool:
+    return hasattr(model, "enable_routing")
+
+
+def _has_batchnorm(model: Any) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(module, _BatchNorm) for module in model.modules())
+
+
+MODEL_NEEDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "task_routes": (_has_task_routes, "per-task channel gates on its shared layers (the unified model: "
+                                      "model.backbone yolov8n, mobilenet_v3_small or efficientnet_b0)"),
+    "batchnorm": (_has_batchnorm, "BatchNorm layers"),
+}
+"""What a strategy may need of the model beyond a ``torch.nn.Module``: a test of the model, and what it names."""
+
 PluginFactory = Callable[[Any], Any]
 """Takes the strategy's settings (an instance of its settings dataclass, None without one), returns one Avalanche
 plugin or ``None`` (no plugin)."""
@@ -66,6 +83,8 @@ class StrategyEntry:
     """The task kinds it handles (full names); a stream with a task of another kind is refused (``check_stream``)."""
     check: Callable[[str, Sequence[Any]], None] | None = None
     """A further condition on the stream, ``check(name, tasks)`` raising ``ConfigError`` (``check_stream``)."""
+    needs: tuple[str, ...] = ()
+    """What it needs of the model beyond a ``torch.nn.Module`` (keys of ``MODEL_NEEDS``; ``check_model``)."""
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -83,7 +102,8 @@ _discovered = False
 
 
 def register(name: str, settings: type | None = None, acts_on: tuple[str, ...] = (), kinds: Sequence[str] = KINDS,
-             check: Callable[[str, Sequence[Any]], None] | None = None) -> Callable[[PluginFactory], PluginFactory]:
+             check: Callable[[str, Sequence[Any]], None] | None = None,
+             needs: Sequence[str] = ()) -> Callable[[PluginFactory], PluginFactory]:
     """Decorator registering ``factory`` under ``name``.
 
     ``settings`` is the dataclass of its hyperparameters (config keys ``strategy.<name>.<key>``, each a
@@ -91,7 +111,9 @@ def register(name: str, settings: type | None = None, acts_on: tuple[str, ...] =
     ``acts_on`` lists what its plugin changes, a subset of ``ACTIONS``; ``kinds`` the task kinds it handles (full or
     short names, ``("classification",)`` or ``("cls",)``; default every kind); ``check(name, tasks)`` any further
     condition on the stream's tasks (``clmtl.tasks.TaskSpec``, placed in heads), raising a one-line ``ConfigError``
-    (``clmtl.scenario.require_own_heads`` is one). Both are checked before training (``check_stream``).
+    (``clmtl.scenario.require_own_heads`` is one). Both are checked before training (``check_stream``). ``needs``
+    names what its plugin reads of the model beyond a ``torch.nn.Module`` (keys of ``MODEL_NEEDS``), checked once
+    the model is built (``check_model``): a strategy reads nothing else of it.
     """
     if settings is not None and not dataclasses.is_dataclass(settings):
         raise TypeError(f"strategy {name!r}: settings must be a dataclass, got {settings!r}")
@@ -104,13 +126,16 @@ def register(name: str, settings: type | None = None, acts_on: tuple[str, ...] =
     unknown = sorted(set(handled) - set(KINDS))
     if unknown or not handled:
         raise ValueError(f"strategy {name!r}: kinds must be some of {KINDS}, got {list(kinds)}")
+    unknown = sorted(set(needs) - set(MODEL_NEEDS))
+    if unknown:
+        raise ValueError(f"strategy {name!r}: unknown needs {unknown}; expected some of {list(MODEL_NEEDS)}")
 
     def decorator(factory: PluginFactory) -> PluginFactory:
         if name in _REGISTRY and _REGISTRY[name].factory is not factory:
             raise ValueError(f"strategy {name!r} is registered twice")
         summary = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
         _REGISTRY[name] = StrategyEntry(name, factory, settings, summary, tuple(acts_on),
-                                        tuple(kind for kind in KINDS if kind in handled), check)
+                                        tuple(kind for kind in KINDS if kind in handled), check, tuple(needs))
         return factory
 
     return decorator
@@ -213,3 +238,14 @@ def check_stream(spec: str, tasks: Sequence[Any]) -> None:
                                   f"is {task.kind}")
         if entry.check is not None:
             entry.check(name, tasks)
+
+
+def check_model(spec: str, model: Any) -> None:
+    """Refuse (one-line ``ConfigError``) a strategy with a component that needs something the model lacks."""
+    registry = available()
+    for name in parse_strategy(spec):
+        for need in registry[name].needs:
+            test, what = MODEL_NEEDS[need]
+            if not test(model):
+                model_name = getattr(model, "backbone_name", type(model).__name__)
+                raise ConfigError(f"strategy {name} needs a model with {what}; this model ({model_name}) has none")

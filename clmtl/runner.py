@@ -21,26 +21,30 @@ from clmtl.builders import (build_model, build_strategy, make_decoder, make_logg
 from clmtl.checkpoint import (ResumeError, StopRequest, clock_state, load_run_checkpoint, plugin_states,
                               restore_plugins, rng_state, save_run_checkpoint, set_clock_state, set_rng_state,
                               task_model_states)
-from clmtl.config import Config, ConfigError
+from clmtl.config import Config, ConfigError, check_model_input
 from clmtl.decode import predict
 from clmtl.devices import device_name, resolve_device, resolve_threads
 from clmtl.metrics.plugin import task_scores
 from clmtl.models import UnifiedModel
 from clmtl.plugin import Plugin
+from clmtl.registry import check_model
 from clmtl.report import prediction_overlays, write_report
 from clmtl.results import assemble_results
 
 
 def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bool | Baselines = True,
         resume: bool = False, stop: StopRequest | None = None, *, benchmark: Benchmark | None = None,
-        threads: int | str | None = "config", baselines_beside: bool | None = None) -> dict:
+        threads: int | str | None = "config", baselines_beside: bool | None = None,
+        model: torch.nn.Module | None = None) -> dict:
     """Baselines, then the stream with ``strategy``; writes the report into ``out_dir`` (None: writes nothing) and
     returns results.
 
     ``baselines``: True trains them, False skips them, a ``Baselines`` reuses ones trained before with the same
     config and seed (benchmark scripts share them between strategies). ``resume`` continues the interrupted run in
     ``out_dir`` after its last finished experience (``clmtl.checkpoint``); config and strategy must be the run's.
-    ``benchmark``: the stream to train on (``clmtl.from_avalanche``); None builds the config's.
+    ``benchmark``: the stream to train on (``clmtl.from_avalanche``); None builds the config's. ``model``: a module of
+    the user's own to train instead of the config's model (``clmtl.models.user``; a copy, as given, for each
+    training).
 
     ``threads``: ``"config"`` (what ``clmtl run`` does) sets torch's thread count from ``train.threads``, a number
     sets that count, None leaves it as it is; the caller's count is put back at the end. ``baselines_beside`` trains
@@ -57,9 +61,10 @@ def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bo
     writes = distributed.is_main_process() and out_dir is not None
     out_dir = Path(out_dir) if out_dir is not None else None
     beside = config.train.parallel_baselines if baselines_beside is None else baselines_beside
-    if beside and benchmark is not None and baselines is True:
-        raise ConfigError("baselines beside the stream rebuild the stream from the config in a second process; a "
-                          "benchmark given as an object trains its baselines in this process (baselines_beside=False)")
+    if beside and (benchmark is not None or model is not None) and baselines is True:
+        raise ConfigError("baselines beside the stream rebuild the stream and model from the config in a second "
+                          "process; a benchmark or model given as an object trains its baselines in this process "
+                          "(baselines_beside=False)")
     if resume and out_dir is None:
         raise ConfigError("resume continues the run in out_dir: give its folder")
     processes = distributed.world_size()
@@ -67,6 +72,8 @@ def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bo
         raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of the {processes} "
                           "processes: each process takes an equal share of every batch")
     resolve_device(config.train.device)  # an absent device stops the run before it writes anything
+    if model is None:
+        check_model_input(config)
     saved = _resumable_checkpoint(out_dir, config, strategy) if resume else None
     callers_threads = torch.get_num_threads()
     total_threads = resolve_threads(config.train.threads) if threads == "config" else threads or callers_threads
@@ -97,13 +104,14 @@ def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bo
         elif baselines is True:
             threads["baselines"] = total_threads
             log_file.write("== single-task baselines ==\n")
-            baselines = single_task_baselines(config, benchmark, [TextLogger(log_file)])
+            baselines = single_task_baselines(config, benchmark, [TextLogger(log_file)], module=model)
         else:
             baselines = baselines or Baselines({}, {})
         log_file.write(f"== sequential training, strategy {strategy} ==\n")
         torch.set_num_threads(threads["stream"])
         seed_everything(config.seed)
-        model = build_model(config, tasks)
+        model = build_model(config, tasks, module=model)
+        check_model(strategy, model)
         if saved is not None:  # before the optimizer is made: heads take the checkpoint's (grown) shapes
             model.load_state_dict(saved["model"])
         loggers = make_loggers(config, out_dir, log_file) if writes else []
@@ -152,7 +160,7 @@ def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bo
             if label <= finished:
                 continue
             task = tasks[label]
-            train_seconds[task.name] = template.train_for(experience, benchmark.epochs[label],
+            train_seconds[task.name] = template.train_for(experience, *benchmark.budget(label),
                                                           config.data.num_workers, resume_point)
             resume_point = None
             if distributed.is_distributed():

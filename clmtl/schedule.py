@@ -34,7 +34,7 @@ class LRSchedule(SupervisedPlugin, supports_distributed=True):
     def before_training_exp(self, strategy, **kwargs) -> None:
         groups = strategy.optimizer.param_groups
         self._base = [group["lr"] for group in groups]
-        self._total = max(1, strategy.train_epochs * len(strategy.dataloader))
+        self._total = max(1, strategy.planned_iterations)
         self._warmup = self.warmup_epochs * len(strategy.dataloader)
         self._apply(strategy, 0)
 

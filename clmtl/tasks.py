@@ -5,7 +5,7 @@ that differs between tasks — the kind of target, its classes and the metric th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SEGMENTATION = "segmentation"
 DETECTION = "detection"
@@ -42,6 +42,9 @@ class TaskSpec:
     category_ids: tuple[int, ...] | None = None
     head: int | None = None
     labels: tuple[int, ...] | None = None
+    transform: dict | None = field(default=None, compare=False, hash=False)
+    """The task's domain shift, as ``clmtl.data.domains`` applies it: ``{"permute": index, "seed": seed}`` or
+    ``{"rotate": degrees}``; None for the data as it is."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -79,6 +82,8 @@ class TaskSpec:
             entry["category_ids"] = list(self.category_ids)
         entry["head"] = self.head
         entry["labels"] = list(self.labels)
+        if self.transform is not None:
+            entry["transform"] = dict(self.transform)
         return entry
 
     @classmethod
@@ -86,4 +91,4 @@ class TaskSpec:
         """The task an ``as_dict`` entry describes; an entry of clmtl 0.1 (no ``head``) gets the head ``position``."""
         ids, labels = entry.get("category_ids"), entry.get("labels")
         return cls(entry["name"], entry["kind"], tuple(entry["classes"]), None if ids is None else tuple(ids),
-                   entry.get("head", position), None if labels is None else tuple(labels))
+                   entry.get("head", position), None if labels is None else tuple(labels), entry.get("transform"))

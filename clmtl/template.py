@@ -19,6 +19,7 @@ experience.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -38,14 +39,15 @@ from clmtl.precision import GradientScaler, autocast, to_float
 class MultiTaskTemplate(SupervisedTemplate):
     """SupervisedTemplate whose minibatches may hold targets of any kind (label maps, box lists, class ids)."""
 
-    def __init__(self, *, precision: str = "fp32", clip_grad_norm: float = 0.0, checkpoint_every: int = 0,
-                 on_checkpoint: Callable[[dict], None] | None = None, stop: StopRequest | None = None,
-                 **kwargs) -> None:
+    def __init__(self, *, precision: str = "fp32", clip_grad_norm: float = 0.0, reset_optimizer: bool = True,
+                 checkpoint_every: int = 0, on_checkpoint: Callable[[dict], None] | None = None,
+                 stop: StopRequest | None = None, **kwargs) -> None:
         """Avalanche's ``SupervisedTemplate`` arguments, plus:
 
         - ``precision``: ``fp32``, ``bf16`` or ``fp16`` (training forwards under autocast, ``clmtl.precision``; fp16
           with a gradient scaler);
         - ``clip_grad_norm``: rescale the gradients to at most this total norm before each update (0: never);
+        - ``reset_optimizer``: start every experience with a fresh optimizer state (False: one state for the stream);
         - ``on_checkpoint``: receives the training position (``position()``) every ``checkpoint_every`` training
           iterations of an experience (0: never), and when ``stop`` is requested, before training stops.
         """
@@ -53,11 +55,14 @@ class MultiTaskTemplate(SupervisedTemplate):
         self.precision = precision
         self.scaler = GradientScaler(precision, self.device)
         self.clip_grad_norm = clip_grad_norm
+        self.reset_optimizer = reset_optimizer
         self.checkpoint_every = checkpoint_every
         self.on_checkpoint = on_checkpoint
         self.stop = stop or StopRequest()
         self.resume_point: dict | None = None
         """What ``train_for(resume=...)`` continues: set for that call only."""
+        self.iteration_limit: int | None = None
+        """The experience's budget in iterations, when it is counted so (``train_for``)."""
 
     def forward(self):
         return self.task_output(self.mb_x, self.mb_task_id)
@@ -69,14 +74,19 @@ class MultiTaskTemplate(SupervisedTemplate):
             return torch.zeros((), device=self.device)
         return super().criterion()
 
-    def train_for(self, experience, epochs: int, num_workers: int = 0, resume: dict | None = None) -> float:
-        """Train on one experience for ``epochs`` epochs with a fresh optimizer state; returns wall-clock seconds.
+    def train_for(self, experience, epochs: int, iterations: int | None = None, num_workers: int = 0,
+                  resume: dict | None = None) -> float:
+        """Train on one experience for ``epochs`` epochs (a fresh optimizer state unless ``reset_optimizer`` is False);
+        returns wall-clock seconds.
 
-        ``resume``: a ``position()`` saved earlier plus ``"restore"``, a callable that puts the plugins' states
-        back; the experience then continues from there instead of starting."""
+        ``iterations``: train for exactly that many iterations (mini-batches) instead, across as many epochs as it
+        takes, the last one cut short (the papers' budget). ``resume``: a ``position()`` saved earlier plus
+        ``"restore"``, a callable that puts the plugins' states back; the experience then continues from there
+        instead of starting."""
         self.train_epochs = epochs
+        self.iteration_limit = iterations
         self.resume_point = resume
-        self.train(experience, num_workers=num_workers, reset_optimizer_state=True)
+        self.train(experience, num_workers=num_workers, reset_optimizer_state=self.reset_optimizer)
         return self.experience_seconds
 
     def task_output(self, x: torch.Tensor, task_label: int):
@@ -94,6 +104,13 @@ class MultiTaskTemplate(SupervisedTemplate):
         if self.resume_point is not None:  # plugins set up the experience by its index (layerlr's rates, schedules)
             set_clock_state(self.clock, self.resume_point["clock"])
         super()._before_training_exp(**kwargs)
+        if self.iteration_limit:  # the loader as the plugins left it (replay's are longer)
+            self.train_epochs = math.ceil(self.iteration_limit / max(1, len(self.dataloader)))
+
+    @property
+    def planned_iterations(self) -> int:
+        """Training iterations this experience takes in all (schedules and progress read it)."""
+        return self.iteration_limit or self.train_epochs * len(self.dataloader)
 
     @property
     def experience_seconds(self) -> float:
@@ -111,6 +128,8 @@ class MultiTaskTemplate(SupervisedTemplate):
             self.on_checkpoint(self.position())
         if self.stop.requested:
             raise StopRequested("stopped by a signal after a training iteration")
+        if self.iteration_limit and self.clock.train_exp_iterations >= self.iteration_limit:
+            self.stop_training()
 
     def position(self) -> dict[str, Any]:
         """Where training is inside the experience, with what continuing from here needs."""

@@ -47,7 +47,7 @@ from avalanche.training.plugins import (AGEMPlugin, GDumbPlugin, GEMPlugin, MASP
                                         SynapticIntelligencePlugin)
 from torch import nn
 
-from clmtl.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, rule, setting
+from clmtl.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, ConfigError, setting
 from clmtl.plugin import evaluating
 from clmtl.registry import register
 from clmtl.scenario import placed
@@ -206,16 +206,12 @@ def require_one_head(strategy: str, tasks: Sequence[TaskSpec]) -> None:
 
 # ---------------------------------------------------------------------------------------------- the settings
 
-_LAMBDAS = rule(lambda v: all(x >= 0 for x in (v if isinstance(v, list) else [v])),
-                "must be >= 0 (a number, or a list of numbers: one per experience)")
-
-
 @dataclass(frozen=True)
 class SynapticIntelligenceSettings:
     """``SynapticIntelligencePlugin``'s parameters, ``strategy.avalanche.SynapticIntelligence.<key>``."""
 
-    si_lambda: float | list[float] = setting(1.0, _LAMBDAS, help="weight of the penalty; a list: one per experience, "
-                                                                  "the last for the rest (Avalanche: no default)")
+    si_lambda: float | list[float] = setting(1.0, PER_EXPERIENCE, help="weight of the penalty; a list: one per "
+                                             "experience, the last for the rest (Avalanche: no default)")
     eps: float = setting(1e-7, POSITIVE, help="damping added to each parameter's squared move")
     excluded_parameters: list[str] | None = setting(None, help="parameter name patterns left out (BatchNorm always is)")
     device: str = setting("as_strategy", help="where the penalty is computed (as_strategy: the run's device)")

@@ -132,7 +132,7 @@ class BatchNormSettings:
     mode: str = setting("freeze", one_of(*MODES), help="freeze after the first experience, or keep per task")
 
 
-@register("bnfreeze", settings=BatchNormSettings, acts_on=("model",))
+@register("bnfreeze", settings=BatchNormSettings, acts_on=("model",), needs=("batchnorm",))
 def bnfreeze(settings: BatchNormSettings) -> BatchNormFreeze | PerTaskBatchNorm:
     """BatchNorm frozen after the first experience (mode freeze) or kept per task (mode per_task)."""
     return BatchNormFreeze() if settings.mode == "freeze" else PerTaskBatchNorm()

@@ -10,6 +10,8 @@ loss (``strategy._criterion``) with the model in eval mode:
 - ``batch``: the squared gradient of each mini-batch's mean loss, averaged over batches — Avalanche's
   estimator (tested equal to it). Averaging gradients before squaring cancels their noise, so it is
   smaller than ``empirical`` by up to the batch size, and a λ tuned for one does not fit the other;
+- ``predicted``: as ``empirical``, with the label the model predicts (its argmax per sample or pixel) in place of the
+  observed one: van de Ven & Tolias's (2019) estimator. Detection has no single predicted labeling and refuses it;
 - ``exact``: the true Fisher, an expectation over the model's OWN predictive distribution p(y|x) rather than the
   observed labels: Σ_y p(y|x) (∇ log p(y|x))², averaged over samples. For classification it is computed exactly,
   summing over all C classes (one forward and C backward passes per sample; ``fisher_labels='all'`` in van de
@@ -112,7 +114,15 @@ def ewc_penalty(model: torch.nn.Module, anchor: Anchor) -> torch.Tensor:
     return _QuadraticPenalty.apply(sqrt_weight, center, *params) + anchor.constant
 
 
-FISHER_ESTIMATORS = ("empirical", "batch", "exact")
+FISHER_ESTIMATORS = ("empirical", "batch", "predicted", "exact")
+
+
+def predicted_labels(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """The model's own most likely labels: a class per sample (classification) or per pixel (segmentation)."""
+    if isinstance(output, (list, tuple)):
+        raise ValueError("strategy.ewc.fisher=predicted: detection outputs have no single predicted labeling; use "
+                         "empirical, batch or exact")
+    return output.detach().argmax(1)
 
 
 def sampled_nll(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -226,6 +236,8 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
             output = avalanche_forward(model, x, task_labels)
             if self.fisher == "exact":
                 terms = fisher_terms(output, self.fisher_samples)
+            elif self.fisher == "predicted":
+                terms = [(1.0, criterion(output, predicted_labels(output)))]
             else:
                 terms = [(1.0, criterion(output, y))]
             for index, (weight, loss) in enumerate(terms):
@@ -258,7 +270,7 @@ class EWCSettings:
 
 @register("ewc", settings=EWCSettings, acts_on=("loss",))
 def ewc(settings: EWCSettings) -> MultiTaskEWCPlugin:
-    """EWC: Fisher-weighted quadratic penalty (mode separate | online; fisher empirical | batch | exact)."""
+    """EWC: Fisher-weighted quadratic penalty (mode separate | online; fisher empirical | batch | predicted | exact)."""
     decay = settings.decay if settings.mode == "online" else None
     return MultiTaskEWCPlugin(settings.strength, mode=settings.mode, decay_factor=decay, fisher=settings.fisher,
                               fisher_samples=settings.fisher_samples)

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clmtl.config import FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, setting
 from clmtl.losses import output_kind
 from clmtl.plugin import Plugin, kept_statistics
-from clmtl.config import FRACTION, NON_NEGATIVE, POSITIVE, setting
 from clmtl.registry import register
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 
@@ -127,10 +127,13 @@ def outputs_and_features(model: nn.Module, x: torch.Tensor, labels: Sequence[int
 class LwFPlugin(Plugin, supports_distributed=True):
     """Distils every head trained before, from the model as it was after the previous experience, on current inputs."""
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 2.0, det_conf: float = 0.5,
+    def __init__(self, alpha: float | Sequence[float] = 1.0, temperature: float = 2.0, det_conf: float = 0.5,
                  feature_weight: float = 0.0) -> None:
         super().__init__()
-        self.alpha, self.temperature, self.det_conf, self.feature_weight = alpha, temperature, det_conf, feature_weight
+        self.alphas = list(alpha) if isinstance(alpha, Sequence) else [alpha]
+        """The distillation weight per experience, the last one for the rest."""
+        self.alpha = self.alphas[0]
+        self.temperature, self.det_conf, self.feature_weight = temperature, det_conf, feature_weight
         self.teacher: nn.Module | None = None
         self.old_labels: list[int] = []
 
@@ -158,6 +161,9 @@ class LwFPlugin(Plugin, supports_distributed=True):
         if label not in self.old_labels:
             self.old_labels.append(label)
         self.teacher = frozen_copy(strategy.model)
+
+    def before_training_exp(self, strategy, **kwargs) -> None:
+        self.alpha = self.alphas[min(strategy.clock.train_exp_counter, len(self.alphas) - 1)]
 
     def before_backward(self, strategy, **kwargs) -> None:
         if self.teacher is None or not self.old_labels:
@@ -194,7 +200,9 @@ class LwFPlugin(Plugin, supports_distributed=True):
 class LwFSettings:
     """LwF's hyperparameters, ``strategy.lwf.<key>``."""
 
-    alpha: float = setting(1.0, NON_NEGATIVE, help="weight of the distillation term", search=(0.5, 1.0, 2.0))
+    alpha: float | list[float] = setting(1.0, PER_EXPERIENCE, search=(0.5, 1.0, 2.0),
+                                         help="weight of the distillation term; a list: one per experience, the last "
+                                              "for the rest")
     temperature: float = setting(2.0, POSITIVE, help="softmax temperature T (segmentation, classification)",
                                  search=(1.0, 2.0))
     det_conf: float = setting(0.5, FRACTION, help="detection: teacher objectness above which boxes are distilled")

@@ -148,7 +148,7 @@ class RoutingPlugin(Plugin, supports_distributed=True):
         routes: TaskRoutes = model.routes
         self._task = strategy.experience.task_label
         routes.training_task = self._task
-        self._iterations = max(1, strategy.train_epochs * len(strategy.dataloader))
+        self._iterations = max(1, strategy.planned_iterations)
         self._frozen = protected_entries(model, self._task)
         self.snapshot_bytes = max(self.snapshot_bytes, _bytes(e.values for e in self._frozen))
         used = routes.used(exclude=self._task)
@@ -204,7 +204,7 @@ class RoutingSettings:
     bound: float = setting(6.0, POSITIVE, help="embeddings are clamped to ±bound")
 
 
-@register("routing", settings=RoutingSettings, acts_on=("model", "loss"))
+@register("routing", settings=RoutingSettings, acts_on=("model", "loss"), needs=("task_routes",))
 def routing(settings: RoutingSettings) -> RoutingPlugin:
     """Dynamic routing (HAT): learned per-task channel gates; channels of finished tasks frozen."""
     return RoutingPlugin(settings.sparsity, settings.s_max, settings.lr, settings.bound)

@@ -8,7 +8,7 @@ from importlib import resources
 import pytest
 import yaml
 
-from clmtl.config import Config, ConfigError, load_config, setting
+from clmtl.config import Config, ConfigError, check_model_input, load_config, setting
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,12 @@ def test_strategy_errors(override, message):
     ("train.epochs.seeg=1", "override 'train.epochs.seeg=1': train.epochs.seeg: unknown key; "
                             "did you mean 'train.epochs.seg'?"),
     ("data.zzz=1", "override 'data.zzz=1': data.zzz: unknown key; "
-                   "known keys: image_size, train_size, val_size, num_workers, hflip, hue, root, on_bad_sample, "
-                   "holdout, seg, det, cls"),
+                   "known keys: image_size, channels, train_size, val_size, num_workers, hflip, hue, root, "
+                   "on_bad_sample, holdout, seg, det, cls"),
     ("data.det.val_anns=x", "override 'data.det.val_anns=x': data.det.val_anns: unknown key; "
                             "did you mean 'data.det.val_ann'?"),
     ("model.backbone=resnet50", "override 'model.backbone=resnet50': model.backbone: must be one of yolov8n, "
-                                "mobilenet_v3_small, efficientnet_b0, got \"resnet50\""),
+                                "mobilenet_v3_small, efficientnet_b0, mlp, reduced_resnet18, got \"resnet50\""),
     ("data.cls.train_size=0", "override 'data.cls.train_size=0': data.cls.train_size: must be >= 1, got 0"),
     ("train.lr=true", "override 'train.lr=true': train.lr: expected a number, got boolean true"),
     ("train.batch_size=true", "override 'train.batch_size=true': train.batch_size: expected an integer, "
@@ -176,10 +176,10 @@ def test_strategy_errors(override, message):
     ("tasks=[seg, 1, cls]", "override 'tasks=[seg, 1, cls]': tasks[1]: expected a string, got integer 1"),
     ("train.lr=0", "override 'train.lr=0': train.lr: must be > 0, got 0.0"),
     ("train.weight_decay=-1e-4", "override 'train.weight_decay=-1e-4': train.weight_decay: must be >= 0, got -0.0001"),
-    ("data.image_size=100", "override 'data.image_size=100': data.image_size: must be a multiple of 32 and >= 64, "
-                            "got 100"),
-    ("data.image_size=32", "override 'data.image_size=32': data.image_size: must be a multiple of 32 and >= 64, "
-                           "got 32"),
+    ("data.image_size=4", "override 'data.image_size=4': data.image_size: must be >= 8, got 4"),
+    ("data.channels=2", "override 'data.channels=2': data.channels: must be 1 (grey) or 3 (RGB), got 2"),
+    ("train.iterations=0", "override 'train.iterations=0': train.iterations: must be >= 1, got 0"),
+    ("domains.kind=cls", "config: domains: needs permute: N (tasks) or rotate: [DEGREES, ...]"),
     ("data.train_size=0", "override 'data.train_size=0': data.train_size: must be >= 1, got 0"),
     ("train.epochs.det=-1", "override 'train.epochs.det=-1': train.epochs.det: must be >= 0, got -1"),
     ("train.epochs=-2", "override 'train.epochs=-2': train.epochs.seg: must be >= 0, got -2"),
@@ -194,6 +194,25 @@ def test_strategy_errors(override, message):
 ])
 def test_override_errors_are_one_clear_line(override, message):
     assert error_of(overrides=[override]) == message
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.image_size=100"], "config: data.image_size: must be a multiple of 32 and >= 64 for model.backbone yolov8n, "
+                              "got 100 (mlp and reduced_resnet18 take any size)"),
+    (["data.image_size=32"], "config: data.image_size: must be a multiple of 32 and >= 64 for model.backbone yolov8n, "
+                             "got 32 (mlp and reduced_resnet18 take any size)"),
+    (["data.channels=1"], "config: data.channels: model.backbone yolov8n takes RGB images (channels 3); grey images "
+                          "(1) are for mlp and reduced_resnet18"),
+    (["data.image_size=28", "data.channels=1", "model.backbone=mlp"], None),
+])
+def test_the_unified_model_needs_rgb_images_of_a_multiple_of_32(overrides, message):
+    config = load_config(None, overrides)
+    if message is None:
+        check_model_input(config)
+        return
+    with pytest.raises(ConfigError) as error:
+        check_model_input(config)
+    assert str(error.value) == message
 
 
 def test_zero_epochs_are_allowed():

@@ -99,6 +99,23 @@ def test_fisher_equals_an_independent_per_sample_computation(estimator):
     assert not all(torch.allclose(other[name], value, rtol=1e-2) for name, value in expected.items())
 
 
+def test_predicted_fisher_is_the_empirical_one_at_the_models_own_labels():
+    data, model = classification_data(n=7, dtype=torch.float64), classifier_with_batchnorm()
+    ours = MultiTaskEWCPlugin(1.0, fisher="predicted").compute_importances(
+        model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), data, "cpu", 4
+    )
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.stack([data[i][1] for i in range(len(data))])
+    model.eval()
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    model.train()
+    assert not torch.equal(predicted, y)  # otherwise this would not tell the estimators apart
+    expected = fisher_by_torch_func(model, x, predicted, "empirical")
+    for name, value in expected.items():
+        torch.testing.assert_close(ours[name].data, value, rtol=1e-6, atol=0.0)
+
+
 def test_batch_fisher_is_smaller_than_empirical():
     """Averaging a mini-batch's gradients before squaring cancels their noise."""
     data, model = classification_data(n=12), mlp()

@@ -20,7 +20,7 @@ class Parts(torch.nn.Module):
 
 
 def strategy_at(experience, optimizer):
-    return SimpleNamespace(optimizer=optimizer, train_epochs=1, dataloader=[None] * 4,
+    return SimpleNamespace(optimizer=optimizer, planned_iterations=4, dataloader=[None] * 4,
                            clock=SimpleNamespace(train_exp_counter=experience, train_exp_iterations=0))
 
 

@@ -292,3 +292,13 @@ def test_a_tiny_run_with_lwf_writes_results_and_keeps_a_teacher(tmp_path, monkey
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["strategy"] == "lwf" and len(written["matrix"]) == 3
     assert written["config"]["strategy"]["lwf"]["alpha"] == 0.5
+
+
+def test_a_list_of_alphas_weighs_each_experience_the_last_for_the_rest():
+    plugin = LwFPlugin(alpha=[0.0, 1.0, 2.5])
+    weights = []
+    for experience in range(5):
+        plugin.before_training_exp(SimpleNamespace(clock=SimpleNamespace(train_exp_counter=experience)))
+        weights.append(plugin.alpha)
+    assert weights == [0.0, 1.0, 2.5, 2.5, 2.5]
+    assert lwf(LwFSettings(alpha=[0.5, 3.0])).alphas == [0.5, 3.0]

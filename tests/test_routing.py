@@ -196,7 +196,7 @@ def train_task(model, task, plugin, steps, lr):
     """One experience of ``steps`` Adam steps, with the plugin's callbacks where the template calls them."""
     optimizer = torch.optim.Adam([{"params": p, "name": n} for n, p in model.parameter_groups().items()], lr=lr)
     strategy = SimpleNamespace(model=model, optimizer=optimizer, experience=SimpleNamespace(task_label=task),
-                               train_epochs=1, dataloader=range(steps), clock=SimpleNamespace(train_exp_iterations=0))
+                               planned_iterations=steps, clock=SimpleNamespace(train_exp_iterations=0))
     generator = torch.Generator().manual_seed(task)
     if plugin:
         plugin.before_training(strategy)
@@ -255,7 +255,7 @@ def test_a_protected_channel_normalises_with_its_frozen_statistics_in_training()
     bn = point.bn
     mean, var = bn.running_mean.clone(), bn.running_var.clone()
     strategy = SimpleNamespace(model=model, optimizer=make_optimizer(load_config(None, []), model),
-                               experience=SimpleNamespace(task_label=1), train_epochs=1, dataloader=range(1),
+                               experience=SimpleNamespace(task_label=1), planned_iterations=1,
                                clock=SimpleNamespace(train_exp_iterations=0))
     plugin.before_training(strategy)
     plugin.before_training_exp(strategy)

@@ -16,7 +16,8 @@ def run_experience(plugin: LRSchedule, epochs: int = 2, batches: int = 5, lr: fl
     ``Clock``, which the template keeps last; and the lr after the experience."""
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     clock = Clock()
-    strategy = SimpleNamespace(optimizer=optimizer, train_epochs=epochs, dataloader=[None] * batches, clock=clock)
+    strategy = SimpleNamespace(optimizer=optimizer, planned_iterations=epochs * batches, dataloader=[None] * batches,
+                               clock=clock)
     plugin.before_training_exp(strategy)
     clock.before_training_exp(strategy)
     seen = []

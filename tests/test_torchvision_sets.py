@@ -247,10 +247,31 @@ def test_labels_outside_the_classes_or_counts_that_differ(tmp_path):
         TorchvisionClassification("MNIST", tmp_path, "train", 64)
 
 
-@pytest.mark.parametrize("size", [32, 48, 80, 100])
-def test_image_size_must_be_a_multiple_of_32_and_at_least_64(mnist, size):
-    with pytest.raises(ValueError, match="multiple of 32"):
-        TorchvisionClassification("MNIST", mnist, "train", size)
+def test_mnist_at_its_own_size_in_grey_is_the_raw_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    write_mnist(tmp_path, train=(pixels, [0, 1, 2, 3]), test=(pixels[:1], [0]))
+    grey = TorchvisionClassification("MNIST", tmp_path, "train", 28, channels=1)
+    assert grey.images.shape == (4, 1, 28, 28)
+    assert torch.equal(grey.images[:, 0], torch.from_numpy(pixels))  # no resize, no interpolation
+    assert torch.equal(grey[2][0], torch.from_numpy(pixels[2]).float().div(255)[None])
+    rgb = TorchvisionClassification("MNIST", tmp_path, "train", 32, channels=3)
+    assert rgb.images.shape == (4, 3, 32, 32) and torch.equal(rgb.images[:, 0], rgb.images[:, 2])
+
+
+def test_colour_images_made_grey_are_their_luminance(tmp_path, monkeypatch):
+    images = np.random.default_rng(1).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
+    write_cifar10(tmp_path, monkeypatch, [(images, [0, 1])] * 5, (images, [0, 1]))
+    grey = TorchvisionClassification("CIFAR10", tmp_path, "val", 32, channels=1)
+    expected = (0.2989 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2])  # ITU-R 601-2, as PIL
+    assert grey.images.shape == (2, 1, 32, 32)
+    assert np.abs(grey.images[:, 0].numpy().astype(float) - expected).max() <= 1.0
+
+
+@pytest.mark.parametrize("size, channels", [(0, 1), (28, 2)])
+def test_a_size_below_1_or_channels_other_than_1_or_3_are_refused(mnist, size, channels):
+    with pytest.raises(ValueError, match="channels 1 or 3"):
+        TorchvisionClassification("MNIST", mnist, "train", size, channels=channels)
 
 
 def test_split_must_be_train_or_val(mnist):

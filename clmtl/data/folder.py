@@ -12,6 +12,7 @@ from pathlib import Path
 from clmtl.data.images import (CachedImageDataset, DataError, Loaded, check_class_names, is_image_file,
                                load_letterboxed)
 from clmtl.tasks import CLASSIFICATION
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 SPLITS = ("train", "val")
 IMAGENETTE_NAMES = {
@@ -25,14 +26,17 @@ class ImageFolderDataset(CachedImageDataset):
     """Classification samples of one split; target the class index. ``folders[label]`` is the class's folder.
 
     ``classes`` keeps only those classes, in that label order, each named by its folder or its readable name.
+    ``channels`` 1 makes the images grey.
     """
 
     kind = CLASSIFICATION
 
     def __init__(self, root: str | Path, split: str, image_size: int, on_bad_sample: str = "error",
-                 subset: int | None = None, seed: int = 0, classes: Sequence[str] | None = None) -> None:
+                 subset: int | None = None, seed: int = 0, classes: Sequence[str] | None = None,
+                 channels: int = 3) -> None:
         self.root = Path(root)
         self.image_size = image_size
+        self.channels = channels
         self.folders = _class_folders(self.root, split)
         if classes is not None:
             self.folders = _pick(self.folders, classes, self.root / split)
@@ -48,7 +52,7 @@ class ImageFolderDataset(CachedImageDataset):
     def _load(self, sample: tuple[str, int]) -> Loaded:
         path, label = sample
         image, meta = load_letterboxed(path, self.root, self.image_size)
-        return image, label, meta
+        return (rgb_to_grayscale(image) if self.channels == 1 else image), label, meta
 
 
 def class_names(root: Path, split: str) -> tuple[str, ...]:

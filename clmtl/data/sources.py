@@ -37,6 +37,7 @@ class LoadOptions:
     image_size: int
     seed: int
     on_bad_sample: str = "error"
+    channels: int = 3
     shapes_train_size: int = 240
     shapes_val_size: int = 60
 
@@ -147,7 +148,7 @@ def _folder(kind: str, source: DataSourceConfig, options: LoadOptions):
 
     root = _existing(source.root, "root")
     splits = [ImageFolderDataset(root, split, options.image_size, options.on_bad_sample, _sizes(source)[split],
-                                 options.seed, source.classes) for split in SPLITS]
+                                 options.seed, source.classes, options.channels) for split in SPLITS]
     return *splits, splits[0].classes, None
 
 
@@ -156,7 +157,7 @@ def _torchvision(kind: str, source: DataSourceConfig, options: LoadOptions):
 
     root = Path(source.root).expanduser()
     splits = [TorchvisionClassification(source.dataset, root, split, options.image_size, source.classes,
-                                        _sizes(source)[split], options.seed, source.download)
+                                        _sizes(source)[split], options.seed, source.download, options.channels)
               for split in SPLITS]
     return *splits, splits[0].classes, None
 

@@ -2,9 +2,10 @@
 
 Files are read by torchvision's own dataset classes, so their formats and checks (CIFAR's and SVHN's md5 sums) are
 torchvision's; this module only turns what they hold into clmtl's real-format classification samples: uint8
-``[N, 3, S, S]`` decoded once (grey made 3 identical channels, resized bilinear with antialias, rounded), served as
-float in [0, 1], with labels in the task's own order. Resizing works in batches on the raw arrays the torchvision
-dataset holds, not through its per-sample PIL conversion, so 60,000 MNIST images load in seconds.
+``[N, C, S, S]`` decoded once (``C`` = 3: grey made 3 identical channels; ``C`` = 1: colour made grey; resized
+bilinear with antialias and rounded unless already ``S`` px), served as float in [0, 1], with labels in the task's own
+order. Resizing works in batches on the raw arrays the torchvision dataset holds, not through its per-sample PIL
+conversion, so 60,000 MNIST images load in seconds.
 
 ``root`` is what torchvision calls root, and each dataset keeps its own layout under it: ``MNIST/raw/`` and
 ``FashionMNIST/raw/`` (the four uncompressed idx files), ``cifar-10-batches-py/``, ``cifar-100-python/``, and SVHN's
@@ -75,14 +76,14 @@ class TorchvisionClassification(Dataset):
 
     def __init__(self, name: str, root: str | Path, split: str, image_size: int,
                  classes: Sequence[str] | None = None, subset: int | None = None, seed: int = 0,
-                 download: bool = False) -> None:
+                 download: bool = False, channels: int = 3) -> None:
         self.root = Path(root).expanduser()
         self.name = name
         _dataset_class(name, self.root)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if image_size < 64 or image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32 and at least 64, got {image_size}")
+        if image_size < 1 or channels not in (1, 3):
+            raise ValueError(f"image_size must be >= 1 and channels 1 or 3, got {image_size} and {channels}")
         self.image_size = image_size
         source = f"{self.root} ({name} {split})"
         dataset = _open(name, self.root, split, download)
@@ -102,7 +103,7 @@ class TorchvisionClassification(Dataset):
                                 + ("" if classes is None else f" of classes {list(self.classes)}"))
             drawn = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:subset]
             indices = indices[drawn.sort().values]
-        self.images = _resized(pixels, indices, image_size)
+        self.images = _resized(pixels, indices, image_size, channels)
         self.targets: list[int] = new_labels[indices].tolist()
 
     def __len__(self) -> int:
@@ -191,11 +192,15 @@ def _raw_arrays(name: str, dataset: Any, source: str) -> tuple[Tensor, Tensor]:
     return pixels, labels
 
 
-def _resized(pixels: Tensor, indices: Tensor, size: int) -> Tensor:
-    """uint8 ``[len(indices), 3, size, size]``: the chosen images resized in batches, grey repeated to 3 channels."""
-    out = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)
+def _resized(pixels: Tensor, indices: Tensor, size: int, channels: int = 3) -> Tensor:
+    """uint8 ``[len(indices), channels, size, size]``: the chosen images resized in batches (kept as they are at their
+    own size), grey repeated to 3 channels or colour made grey."""
+    out = torch.empty((len(indices), channels, size, size), dtype=torch.uint8)
     for start in range(0, len(indices), _BATCH):
-        batch = pixels[indices[start:start + _BATCH]].float()  # grey is resized once, then repeated
-        batch = F.resize(batch, [size, size], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
-        out[start:start + len(batch)] = batch.expand(-1, 3, -1, -1)
+        batch = pixels[indices[start:start + _BATCH]]
+        if channels == 1 and batch.shape[1] == 3:
+            batch = F.rgb_to_grayscale(batch)
+        if tuple(batch.shape[-2:]) != (size, size):  # grey is resized once, then repeated
+            batch = F.resize(batch.float(), [size, size], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+        out[start:start + len(batch)] = batch.expand(-1, channels, -1, -1)
     return out

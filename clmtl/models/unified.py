@@ -10,21 +10,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from avalanche.models import MultiTaskModule
 from torch import nn
 
 from clmtl.models.anchors import AnchorLayout
 from clmtl.models.backbone import TappedBackbone, build_backbone
 from clmtl.models.fpn import FPN
+from clmtl.models.heads import HeadedModel, Output
 from clmtl.models.routing import TaskRoutes, gate_points
-from clmtl.models.unified_head import UnifiedHead
-from clmtl.scenario import output_spaces, placed
+from clmtl.models.unified_head import ClassRows, UnifiedHead
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
 
-Output = torch.Tensor | list[torch.Tensor]
 
-
-class UnifiedModel(MultiTaskModule):
+class UnifiedModel(HeadedModel):
     """Backbone + FPN + one shared head; ``forward(x, task_label)`` returns the output of head ``task_label``.
 
     ``tasks`` are the stream's tasks placed in heads (``clmtl.scenario.plan_stream``; tasks not placed get one head
@@ -46,13 +43,7 @@ class UnifiedModel(MultiTaskModule):
         backbone: str = "yolov8n",
         fpn_smooth: bool = True,
     ) -> None:
-        super().__init__()
-        self.tasks = tuple(placed(tasks))
-        self.spaces = output_spaces(self.tasks)
-        self.growth_seed = torch.initial_seed()
-        """Seeds the rows heads grow (``grow``), so they do not depend on the global generator's state when growth
-        happens, nor on the process under torchrun."""
-
+        super().__init__(tasks)
         self.anchor_layout = anchor_layout or AnchorLayout.for_image_size(image_size)
         self.backbone_name = backbone
         self.backbone = build_backbone(backbone)
@@ -68,63 +59,13 @@ class UnifiedModel(MultiTaskModule):
         if weights is not None:
             self.load_weights(weights)
 
-    @property
-    def head_kinds(self) -> dict[int, str]:
-        """The kind of each head, by head index (task label)."""
-        return {head: space.kind for head, space in enumerate(self.spaces)}
-
-    def num_classes(self, head: int) -> int:
-        """Classes head ``head`` predicts now."""
-        return self.head.rows(head).num_classes
-
-    # -- Avalanche multi-task API -------------------------------------------------------------
-    def forward(self, x: torch.Tensor, task_labels: int | torch.Tensor | None) -> Output | dict[int, Output]:
-        """Dispatch on the task label: an int, a tensor of one repeated label, or None for all heads."""
-        if task_labels is None:
-            return self.forward_all(x)
-        if isinstance(task_labels, torch.Tensor):
-            labels = torch.unique(task_labels)
-            if labels.numel() != 1:
-                raise ValueError(
-                    f"a mini-batch must hold a single task; got task labels {labels.tolist()} "
-                    "(each task has its own output format, so batches cannot mix tasks)"
-                )
-            task_labels = int(labels.item())
-        return self.forward_single_task(x, int(task_labels))
-
-    def forward_all_tasks(self, x: torch.Tensor) -> dict[int, Output]:
-        """Avalanche's name for ``forward_all``."""
-        return self.forward_all(x)
-
-    def adaptation(self, experience) -> None:
-        """Grow the experience's head to the classes it brings (training only), and record its task label.
-
-        Avalanche calls this before every training and evaluation experience; like its ``IncrementalClassifier``
-        the head grows to ``max(classes_in_this_experience) + 1`` classes. Evaluation never grows a head: a task
-        not trained yet is scored with the classes known so far (in the class scenario its own are not among them).
-        """
-        labels = set(getattr(experience, "task_labels", ()))
-        unknown = sorted(labels - set(self.head_kinds))
-        if unknown:
-            raise ValueError(f"experience has task labels {unknown}; the model's heads are {sorted(self.head_kinds)}")
-        if not self.training:
-            return
-        self.known_train_tasks_labels = self.known_train_tasks_labels | labels
-        classes = getattr(experience, "classes_in_this_experience", None)
-        if classes and len(labels) == 1:
-            self.grow(labels.pop(), max(classes) + 1)
-
-    def grow(self, head: int, num_classes: int) -> None:
-        """Give ``head`` ``num_classes`` classes (no change if it has as many), trained rows kept bit for bit."""
-        rows = self.head.rows(head)
-        if num_classes > rows.num_classes:
-            seed = hash((self.growth_seed, head, rows.num_classes)) & (2**63 - 1)
-            rows.grow(num_classes, torch.Generator().manual_seed(seed))
+    def rows(self, head: int) -> ClassRows:
+        return self.head.rows(head)
 
     # -- forward passes ---------------------------------------------------------------------------
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> Output:
         """The output of head ``task_label``, computing only the pyramid levels and head rows it needs."""
-        kind = self._kind(task_label)
+        kind = self.head_kinds[task_label]
         if self.routes is not None:
             self.routes.active = task_label
         feats = self.backbone(x)
@@ -171,11 +112,6 @@ class UnifiedModel(MultiTaskModule):
         # is ~3x slower on CPU; the low-resolution copy is tiny
         return F.interpolate(logits.contiguous(), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def _kind(self, task_label: int) -> str:
-        if task_label not in self.head_kinds:
-            raise ValueError(f"unknown task label {task_label}; the model's heads are {self.head_kinds}")
-        return self.head_kinds[task_label]
-
     # -- task routes --------------------------------------------------------------------------------
     def enable_routing(self) -> TaskRoutes:
         """Gate the channels of the shared layers per task (``clmtl.models.routing``); does nothing the second time.
@@ -193,9 +129,7 @@ class UnifiedModel(MultiTaskModule):
         routes if the state dict has them (a ``routing`` run's checkpoint)."""
         if self.routes is None and any(key.startswith("routes.") for key in state_dict):
             self.enable_routing()
-        for head in range(len(self.spaces)):
-            self.head.rows(head).resize_like(state_dict.get(f"head.outputs.{head}.weight"),
-                                             state_dict.get(f"head.outputs.{head}.bias"))
+        self.resize_heads(state_dict, "head.outputs.")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- parameters and weights -------------------------------------------------------------------
