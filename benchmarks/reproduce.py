@@ -122,26 +122,15 @@ def markdown(protocol, table: Sequence, command: str, minutes: float, images: st
 
 def plot(table: Sequence, path: Path) -> None:
     """One panel per scenario: our means with their 95 % intervals, the paper's means as black ticks."""
-    from matplotlib.figure import Figure
+    from clmtl.report import plot_against_published
 
-    scenarios = list(dict.fromkeys(cell.scenario for cell in table))
-    figure = Figure(figsize=(4 * len(scenarios), 4), layout="constrained")
-    axes = figure.subplots(1, len(scenarios), sharey=True, squeeze=False)[0]
-    for ax, scenario in zip(axes, scenarios):
+    panels = []
+    for scenario in dict.fromkeys(cell.scenario for cell in table):
         row = [cell for cell in table if cell.scenario == scenario]
-        means = [cell.mean for cell in row]
         errors = [[cell.mean - cell.interval[0] for cell in row], [cell.interval[1] - cell.mean for cell in row]]
-        ax.bar(range(len(row)), means, yerr=errors, capsize=3, color="tab:blue", label="ours (95 % CI)")
-        marks = [(i, cell.paper.mean) for i, cell in enumerate(row) if cell.paper is not None]
-        if marks:
-            ax.scatter(*zip(*marks), marker="_", s=400, color="black", label="paper")
-        ax.set_xticks(range(len(row)), [cell.strategy for cell in row], rotation=45, ha="right")
-        ax.set_title(f"{scenario}-incremental")
-        ax.set_ylim(0, 1)
-    axes[0].set_ylabel("average accuracy")
-    axes[0].legend(loc="lower left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+        panels.append((f"{scenario}-incremental", [cell.strategy for cell in row], [cell.mean for cell in row],
+                       errors, [None if cell.paper is None else cell.paper.mean for cell in row]))
+    plot_against_published(panels, path, ours="ours (95 % CI)")
 
 
 def describe_images(config: dict) -> str:

@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
         cells = []
         for strategy in STRATEGIES:
-            scores = [json.loads((f / "results.json").read_text())["average_accuracy"] for f in folders_of[row, strategy]]
+            scores = [json.loads((folder / "results.json").read_text())["average_accuracy"]
+                      for folder in folders_of[row, strategy]]
             cells.append(f"{sum(scores) / len(scores):.3f}")
         lines.append(f"| {row} | {' | '.join(cells)} |")
     text = "\n".join([

@@ -236,26 +236,15 @@ def markdown(rows: Sequence[dict], strategies: Sequence[str], selected: dict[str
 
 def plot(rows: Sequence[dict], strategies: Sequence[str], path: Path) -> None:
     """One group of bars per scenario (ours, ± SEM), the published 2019 numbers as black ticks."""
-    from matplotlib.figure import Figure
+    from clmtl.report import plot_against_published
 
     by_key = {(r["scenario"], r["strategy"]): r for r in rows}
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    axes = figure.subplots(1, len(SCENARIOS), sharey=True)
-    for column, (ax, scenario) in enumerate(zip(axes, SCENARIOS)):
-        means = [by_key[scenario, row]["mean"] for row in strategies]
-        sems = [by_key[scenario, row]["sem"] for row in strategies]
-        ax.bar(range(len(strategies)), means, yerr=sems, color="tab:blue", capsize=3, label="ours")
-        published = [(i, PUBLISHED["2019"][row][column]) for i, row in enumerate(strategies)]
-        marks = [(i, value / 100) for i, value in published if value is not None]
-        if marks:
-            ax.scatter(*zip(*marks), marker="_", s=400, color="black", label="2019 (Split MNIST)")
-        ax.set_xticks(range(len(strategies)), strategies, rotation=45, ha="right")
-        ax.set_title(f"{scenario}-incremental")
-        ax.set_ylim(0, 1)
-    axes[0].set_ylabel("average accuracy")
-    axes[0].legend(loc="lower left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    panels = [(f"{scenario}-incremental", list(strategies), [by_key[scenario, row]["mean"] for row in strategies],
+               [by_key[scenario, row]["sem"] for row in strategies],
+               [None if PUBLISHED["2019"][row][column] is None else PUBLISHED["2019"][row][column] / 100
+                for row in strategies])
+              for column, scenario in enumerate(SCENARIOS)]
+    plot_against_published(panels, path, published="2019 (Split MNIST)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

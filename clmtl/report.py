@@ -299,6 +299,27 @@ def task_curves_figure(results: Mapping[str, Any]) -> Figure:
     return fig
 
 
+def plot_against_published(panels: Sequence[tuple[str, Sequence[str], Sequence[float], Any,
+                                                   Sequence[float | None]]],
+                           path: str | Path, ours: str = "ours", published: str = "paper") -> None:
+    """One bar panel per ``(title, labels, means, errors, published means)``: our means with their error bars
+    (``errors`` as ``ax.bar``'s ``yerr`` takes them), the published means as black ticks (None: not published)."""
+    figure = Figure(figsize=(4 * len(panels), 4), layout="constrained")
+    axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (title, labels, means, errors, papers) in zip(axes, panels):
+        ax.bar(range(len(labels)), means, yerr=errors, capsize=3, color="tab:blue", label=ours)
+        marks = [(i, value) for i, value in enumerate(papers) if value is not None]
+        if marks:
+            ax.scatter(*zip(*marks), marker="_", s=400, color="black", label=published)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("average accuracy")
+    axes[0].legend(loc="lower left")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
 def prediction_overlays(images: Any, predictions: Sequence[Any], kind: str, classes: Sequence[str],
                         path: str | Path, targets: Sequence[Any] | None = None, min_score: float = 0.3) -> None:
     """Draw a few images with their predictions (and ground truth below, if given) to see what the model does.

@@ -172,6 +172,8 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
         self.fisher_samples = fisher_samples
         self.fisher_seconds: list[float] = []
         """Wall-clock seconds of each experience's Fisher pass, so its cost can be reported."""
+        self.fisher_means: list[float] = []
+        """Each experience's Fisher diagonal, averaged over every parameter entry."""
         self._anchor: Anchor | None = None
         """The merged anchors of the experience being trained (they change only between experiences)."""
 
@@ -181,7 +183,7 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
             return {exp: {name: p.data.clone() for name, p in params.items()} for exp, params in store.items()}
 
         return {"saved_params": tensors(self.saved_params), "importances": tensors(self.importances),
-                "fisher_seconds": list(self.fisher_seconds)}
+                "fisher_seconds": list(self.fisher_seconds), "fisher_means": list(self.fisher_means)}
 
     def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
         device = next(model.parameters()).device  # checkpoints hold CPU tensors
@@ -194,11 +196,13 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
         self.saved_params = params(state["saved_params"])
         self.importances = params(state["importances"])
         self.fisher_seconds = list(state["fisher_seconds"])
+        self.fisher_means = list(state.get("fisher_means", []))  # checkpoints of runs before it was recorded
         self._anchor = None
 
     def stats(self) -> dict[str, list[float]]:
-        """What results.json records of this plugin: the seconds of each experience's Fisher pass."""
-        return {"fisher_seconds": list(self.fisher_seconds)}
+        """What results.json records of this plugin: the seconds of each experience's Fisher pass, and the mean of its
+        Fisher diagonal over every parameter (the scale λ multiplies: it shrinks as a task's loss vanishes)."""
+        return {"fisher_seconds": list(self.fisher_seconds), "fisher_mean": list(self.fisher_means)}
 
     @property
     def memory_bytes(self) -> int:
@@ -251,6 +255,8 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
         optimizer.zero_grad()
         model.train()
         self.fisher_seconds.append(time.perf_counter() - start)
+        total = sum(float(importance.data.sum(dtype=torch.float64)) for importance in importances.values())
+        self.fisher_means.append(total / max(1, sum(importance.data.numel() for importance in importances.values())))
         return importances
 
 

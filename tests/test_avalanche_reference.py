@@ -1,6 +1,5 @@
-"""``clmtl.avalanche_reference``: Avalanche's stock strategies on a clmtl stream, on a tiny MNIST written here in
-the real idx format (4 classes dealt into 2 tasks; class ``c`` is a bright band of rows ``7c..7c+6`` over noise, so
-a small MLP learns it in a few iterations).
+"""``clmtl.avalanche_reference``: Avalanche's stock strategies on a clmtl stream, on a tiny MNIST in the real idx
+format (``tiny_mnist``: 4 classes dealt into 2 tasks, learnt in a few iterations).
 
 Training iterations are counted outside the code under test, as optimizer steps between evaluations; a hand-written
 torch loop over Avalanche's data loader is the independent reference for ``Naive`` (same weights, bit for bit).
@@ -8,7 +7,6 @@ torch loop over Avalanche's data loader is the independent reference for ``Naive
 import contextlib
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,26 +16,15 @@ import clmtl
 import clmtl.avalanche_reference as reference
 from clmtl.avalanche_reference import AVALANCHE_STRATEGIES, train_avalanche
 from clmtl.models.classifier import mlp
-from test_torchvision_sets import write_mnist
+from tiny_mnist import banded_mnist
 
 TRAIN_PER_CLASS, TEST_PER_CLASS, BATCH = 50, 10, 32
 BATCHES_PER_EPOCH = math.ceil(2 * TRAIN_PER_CLASS / BATCH)  # 4: 100 training images per task
 
 
-def banded_digits(per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
-    labels = np.tile(np.arange(4), per_class)
-    images = rng.integers(0, 60, (len(labels), 28, 28)).astype(np.uint8)
-    for image, label in zip(images, labels):
-        image[7 * label:7 * label + 7] = 255
-    return images, labels.tolist()
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist")
-    rng = np.random.default_rng(0)
-    write_mnist(root, train=banded_digits(TRAIN_PER_CLASS, rng), test=banded_digits(TEST_PER_CLASS, rng))
-    return root
+    return banded_mnist(tmp_path_factory.mktemp("mnist"), TRAIN_PER_CLASS, TEST_PER_CLASS)
 
 
 def make_config(root, scenario="task", iterations=7, epochs=None, seed=0, backbone="mlp"):

@@ -1,6 +1,5 @@
 """Training budgets: ``train.iterations`` counts optimizer steps across epoch boundaries (the papers' budget), a task
 entry's own epochs or iterations win, and ``train.reset_optimizer=false`` keeps one optimizer state for the stream."""
-import numpy as np
 import pytest
 from avalanche.training.plugins import SupervisedPlugin
 
@@ -8,8 +7,7 @@ import clmtl
 from clmtl.benchmark import build_benchmark, task_budget
 from clmtl.builders import build_model, make_template
 from clmtl.config import TaskConfig
-from test_avalanche_reference import banded_digits
-from test_torchvision_sets import write_mnist
+from tiny_mnist import banded_mnist
 
 TRAIN_PER_CLASS, BATCH = 5, 4  # 10 images per task: 3 batches per epoch
 
@@ -28,10 +26,7 @@ class StepCounter(SupervisedPlugin):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist")
-    rng = np.random.default_rng(0)
-    write_mnist(root, train=banded_digits(TRAIN_PER_CLASS, rng), test=banded_digits(2, rng))
-    return root
+    return banded_mnist(tmp_path_factory.mktemp("mnist"), TRAIN_PER_CLASS, 2)
 
 
 def config(root, **train):

@@ -101,9 +101,12 @@ def test_fisher_equals_an_independent_per_sample_computation(estimator):
 
 def test_predicted_fisher_is_the_empirical_one_at_the_models_own_labels():
     data, model = classification_data(n=7, dtype=torch.float64), classifier_with_batchnorm()
-    ours = MultiTaskEWCPlugin(1.0, fisher="predicted").compute_importances(
+    plugin = MultiTaskEWCPlugin(1.0, fisher="predicted")
+    ours = plugin.compute_importances(
         model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), data, "cpu", 4
     )
+    entries = torch.cat([importance.data.flatten() for importance in ours.values()])
+    assert plugin.stats()["fisher_mean"] == [pytest.approx(float(entries.mean()))]
     x = torch.stack([data[i][0] for i in range(len(data))])
     y = torch.stack([data[i][1] for i in range(len(data))])
     model.eval()

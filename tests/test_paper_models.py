@@ -3,7 +3,6 @@ passes against the layers computed by hand, heads that grow, and the refusals of
 serve."""
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +14,7 @@ from clmtl.config import ConfigError
 from clmtl.models.classifier import build_classifier
 from clmtl.models.user import SingleHeadModule, user_model
 from clmtl.tasks import CLASSIFICATION, SEGMENTATION, TaskSpec
-from test_avalanche_reference import banded_digits
-from test_torchvision_sets import write_mnist
+from tiny_mnist import banded_mnist
 
 
 def two_tasks() -> list[TaskSpec]:
@@ -69,10 +67,7 @@ def test_a_classifier_refuses_a_segmentation_task():
 
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist")
-    rng = np.random.default_rng(0)
-    write_mnist(root, train=banded_digits(40, rng), test=banded_digits(10, rng))
-    return root
+    return banded_mnist(tmp_path_factory.mktemp("mnist"), 40, 10)
 
 
 def mnist_config(root, scenario: str, **model) -> dict:

@@ -100,6 +100,7 @@ def test_results_json_matches_the_contract(tiny_run):
     # EWC keeps θ* and a Fisher diagonal (float32) per trained experience; the recorder stores nothing
     assert written["memory_bytes"] == 3 * 2 * 4 * written["params"]
     assert len(written["strategy_stats"]["MultiTaskEWCPlugin"]["fisher_seconds"]) == 3
+    assert len(written["strategy_stats"]["MultiTaskEWCPlugin"]["fisher_mean"]) == 3
 
 
 def test_given_baselines_are_reused_instead_of_trained(tmp_path):

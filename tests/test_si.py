@@ -3,7 +3,6 @@
 Avalanche's clamp at 0.001 the trainings part, which is why the two differ on the papers' protocols."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from avalanche.training.plugins import SynapticIntelligencePlugin
@@ -13,8 +12,7 @@ import clmtl
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, build_strategy, make_template
 from strategies.si import SynapticIntelligence
-from test_avalanche_reference import banded_digits
-from test_torchvision_sets import write_mnist
+from tiny_mnist import banded_mnist
 
 
 class FakeStrategy:
@@ -55,10 +53,7 @@ def test_the_importance_is_the_path_integral_over_the_squared_move_plus_damping(
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist")
-    rng = np.random.default_rng(0)
-    write_mnist(root, train=banded_digits(20, rng), test=banded_digits(5, rng))
-    return root
+    return banded_mnist(tmp_path_factory.mktemp("mnist"), 20, 5)
 
 
 def final_weights(root, strategy, overrides) -> list[torch.Tensor]:
