@@ -24,7 +24,7 @@ from clmtl.data.sources import LoadOptions, TaskData, load_task, source_classes
 from clmtl.data.transforms import train_augmentation
 from clmtl.scenario import plan_stream
 from clmtl.stream import build_stream
-from clmtl.tasks import TASK_KINDS, TaskSpec
+from clmtl.tasks import CLASSIFICATION, TASK_KINDS, TaskSpec
 
 
 @dataclass
@@ -88,6 +88,9 @@ def shifted(task_data: TaskData, entry: TaskConfig, seed: int) -> TaskData:
     transform = entry.transform
     if transform is None:
         return task_data
+    if task_data.task.kind != CLASSIFICATION:
+        raise ConfigError(f"task {entry.name!r}: transform applies to classification tasks; a {task_data.task.kind} "
+                          "task's label maps or boxes would need the same change")
     if transform.permute is not None:
         shift, record = {"permute": transform.permute}, {"permute": transform.permute, "seed": seed}
     else:

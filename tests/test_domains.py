@@ -88,3 +88,10 @@ def test_the_mnist_example_streams_are_valid_configs():
     assert (permuted.domains.permute, permuted.scenario, permuted.model.hidden) == (10, "domain", [1000, 1000])
     split = clmtl.load_config(examples / "split_mnist_mlp.yaml")
     assert (split.split.experiences, split.model.backbone, split.train.iterations) == (5, "mlp", 2000)
+
+
+def test_a_transform_of_a_segmentation_task_is_refused():
+    config = clmtl.load_config({"tasks": [{"name": "s", "kind": "seg", "transform": {"rotate": 90}}],
+                                "data": {"image_size": 64, "train_size": 4, "val_size": 2}})
+    with pytest.raises(clmtl.config.ConfigError, match="transform applies to classification tasks"):
+        clmtl.build_benchmark(config)
