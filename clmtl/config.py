@@ -184,8 +184,11 @@ class DataSourceConfig:
 
     @staticmethod
     def check_keys(data: Mapping[str, Any]) -> str | None:
-        """The keys another format reads, or a required key left out, as a problem (None if fine)."""
-        fmt = data.get("format", "shapes")
+        """The keys another format reads, or a required key left out, as a problem (None if fine). A layer without
+        ``format`` (an override of one key) is judged once merged (``load_config``)."""
+        if "format" not in data:
+            return None
+        fmt = data["format"]
         if fmt not in FORMAT_KEYS:
             return None  # the format's own check names it
         defaults = DataSourceConfig()
@@ -264,6 +267,8 @@ class SplitConfig:
 
     @staticmethod
     def check_keys(data: Mapping[str, Any]) -> str | None:
+        if "kind" not in data:  # an override of one key (split.data.root=DIR); the merged config must have a kind
+            return None
         return TaskConfig.check_keys({"name": "split", **data})
 
 
@@ -426,6 +431,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (),
     config = _build(Config, merged)
     if config.data.root is not None:
         config.benchmark = "files"  # the three-dataset bundle is on disk: data.root alone is enough
+    sources = [entry.data for entry in config.tasks if isinstance(entry, TaskConfig)]
+    sources += [generated.data for generated in (config.split, config.domains) if generated is not None]
+    for source in sources:
+        problem = DataSourceConfig.check_keys(dataclasses.asdict(source))
+        if problem:
+            raise ConfigError(f"config: {problem}")
+    if config.split is not None and not config.split.kind:
+        raise ConfigError("config: split: needs kind (classification, segmentation or detection)")
     if config.domains is not None and config.domains.permute is None and config.domains.rotate is None:
         raise ConfigError("config: domains: needs permute: N (tasks) or rotate: [DEGREES, ...]")
     return config

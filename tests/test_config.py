@@ -215,6 +215,14 @@ def test_the_unified_model_needs_rgb_images_of_a_multiple_of_32(overrides, messa
     assert str(error.value) == message
 
 
+def test_one_key_of_a_split_can_be_overridden_and_a_split_without_kind_is_refused(tmp_path):
+    path = tmp_path / "split.yaml"
+    path.write_text("split: {kind: classification, data: {format: folder, root: a}, experiences: 2}\n")
+    assert load_config(path, ["split.data.root=b"]).split.data.root == "b"
+    with pytest.raises(ConfigError, match="split: needs kind"):
+        load_config(None, ["split.experiences=2"])
+
+
 def test_zero_epochs_are_allowed():
     assert load_config(None, ["train.epochs.seg=0"]).train.epochs.seg == 0
 

@@ -33,6 +33,7 @@ def test_a_child_ends_within_seconds_of_its_parents_sigkill(watch):
     import psutil
 
     parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, watch], stdout=subprocess.PIPE, text=True)
+    child = None
     try:
         child = psutil.Process(int(parent.stdout.readline()))
         parent.send_signal(signal.SIGKILL)
@@ -44,7 +45,7 @@ def test_a_child_ends_within_seconds_of_its_parents_sigkill(watch):
     finally:
         parent.kill()
         parent.wait()
-        if _running(child):
+        if child is not None and _running(child):
             child.kill()
 
 
