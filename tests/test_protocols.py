@@ -112,3 +112,16 @@ def test_reproduce_writes_a_verdict_per_cell_on_mnist_files_with_avalanches_rows
     assert rows[0]["verdict"] == "reproduced" or rows[0]["verdict"].startswith("not reproduced (")
     assert "2 iterations per task instead of the paper's 2000" in (out / "table.md").read_text()
     assert (out / "plots" / "split_mnist_2019.png").exists()
+
+
+def test_check_compares_each_rerun_cell_with_its_shipped_mean(capsys):
+    from benchmark_scripts import load_benchmark
+
+    script = load_benchmark("reproduce")
+    shipped = script.read_targets("split_mnist_2019")
+    assert {(t["scenario"], t["strategy"]) for t in shipped} >= {("task", "naive"), ("task", "si")}
+    target = next(t for t in shipped if t["strategy"] == "si")
+    near = Cell("split_mnist_2019", "task", "si", (float(target["mean"]) + 0.01,), None)
+    far = Cell("split_mnist_2019", "task", "si", (float(target["mean"]) - 0.05,), None)
+    assert script.check([near], [target]) == 0 and capsys.readouterr().out.startswith("ok")
+    assert script.check([far], [target]) == 1 and capsys.readouterr().out.startswith("FAIL")
