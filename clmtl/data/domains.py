@@ -35,7 +35,7 @@ class DomainShifted(Dataset):
     def __init__(self, dataset: Dataset, seed: int, permute: int | None = None, rotate: float | None = None) -> None:
         if (permute is None) == (rotate is None):
             raise ValueError("a domain shift is a permutation or a rotation")
-        self.dataset, self.permute_index, self.angle = dataset, permute, rotate
+        self.dataset, self.angle = dataset, rotate
         self.permutation = None
         if permute is not None:
             height, width = dataset[0][0].shape[-2:]
