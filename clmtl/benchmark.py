@@ -45,6 +45,9 @@ class Benchmark:
     """With ``data.holdout``: each task's training samples evaluated on instead of trained on (``val_sets``)."""
     iterations: list[int | None] = dataclasses.field(default_factory=list)
     """Training iterations of each task, where its budget counts them instead of epochs (``Benchmark.budget``)."""
+    fixed_samples: bool = False
+    """Every training sample is the same each time it is read (classification, no random augmentation): training may
+    read an experience into memory once (``MultiTaskTemplate(preload=)``)."""
 
     def budget(self, label: int) -> tuple[int, int | None]:
         """Task ``label``'s training budget as ``MultiTaskTemplate.train_for`` takes it: (epochs, iterations)."""
@@ -70,8 +73,9 @@ def build_benchmark(config: Config) -> Benchmark:
         held_out = {task.name: part.indices for task, part in zip(tasks, val)}
     augmented = [train_augmentation(ds, t.kind, data.hflip, data.hue[t.kind]) for ds, t in zip(train, tasks)]
     epochs, iterations = zip(*(task_budget(entry, config) for entry in entries))
+    fixed = all(ds is plain for ds, plain in zip(augmented, train)) and all(t.kind == CLASSIFICATION for t in tasks)
     return Benchmark(tasks, build_stream(tasks, augmented, val), val, list(epochs), benchmark_name(config),
-                     config.scenario, held_out, list(iterations))
+                     config.scenario, held_out, list(iterations), fixed)
 
 
 def task_budget(entry: TaskConfig, config: Config) -> tuple[int, int | None]:

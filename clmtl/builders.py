@@ -132,10 +132,11 @@ def make_schedule(config: Config) -> LRSchedule | None:
 
 
 def make_template(config: Config, model: HeadedModel, tasks: Sequence[TaskSpec], plugins: Sequence = (),
-                  loggers: Sequence = (), label: str = "", progress: bool = True,
+                  loggers: Sequence = (), label: str = "", progress: bool = True, preload: bool = False,
                   **checkpointing: Any) -> MultiTaskTemplate:
     """The Avalanche template with our criterion, metrics and (``progress``, on the main process) progress bar;
-    ``checkpointing`` (``checkpoint_every``, ``on_checkpoint``, ``stop``) goes to ``MultiTaskTemplate``.
+    ``preload`` (the stream's ``Benchmark.fixed_samples``) and ``checkpointing`` (``checkpoint_every``,
+    ``on_checkpoint``, ``stop``) go to ``MultiTaskTemplate``.
 
     Training is Avalanche's: ``template.train_for(experience, epochs)`` trains one experience of the stream (its
     ``train_stream``), ``template.eval(test_stream)`` scores (``clmtl.metrics.plugin.task_scores`` reads them)."""
@@ -157,6 +158,7 @@ def make_template(config: Config, model: HeadedModel, tasks: Sequence[TaskSpec],
         precision=resolve_precision(config.train.precision, resolve_device(config.train.device)),
         clip_grad_norm=config.train.clip_grad_norm,
         reset_optimizer=config.train.reset_optimizer,
+        preload=preload,
         **checkpointing,
     )
 

@@ -120,7 +120,7 @@ def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bo
         def save_partial(position: dict) -> None:  # inside an experience: called by the template, after snapshot exists
             save_run_checkpoint({**snapshot(), "partial": position}, out_dir / "checkpoints", None)
 
-        template = make_template(config, model, tasks, plugins, loggers, stop=stop,
+        template = make_template(config, model, tasks, plugins, loggers, stop=stop, preload=benchmark.fixed_samples,
                                  checkpoint_every=config.output.checkpoint_every if checkpoints else 0,
                                  on_checkpoint=save_partial if checkpoints else None)
         matrix: list[list[float | None]] = []

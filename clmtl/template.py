@@ -32,6 +32,7 @@ from avalanche.training.templates import SupervisedTemplate
 from clmtl import distributed
 from clmtl.checkpoint import (StopRequest, StopRequested, clock_state, rng_state, set_clock_state,
                               set_rng_state)
+from clmtl.data.preload import PreloadedLoader, fits_in_memory
 from clmtl.plugin import to_device
 from clmtl.precision import GradientScaler, autocast, to_float
 
@@ -41,7 +42,7 @@ class MultiTaskTemplate(SupervisedTemplate):
 
     def __init__(self, *, precision: str = "fp32", clip_grad_norm: float = 0.0, reset_optimizer: bool = True,
                  checkpoint_every: int = 0, on_checkpoint: Callable[[dict], None] | None = None,
-                 stop: StopRequest | None = None, **kwargs) -> None:
+                 stop: StopRequest | None = None, preload: bool = False, **kwargs) -> None:
         """Avalanche's ``SupervisedTemplate`` arguments, plus:
 
         - ``precision``: ``fp32``, ``bf16`` or ``fp16`` (training forwards under autocast, ``clmtl.precision``; fp16
@@ -49,9 +50,12 @@ class MultiTaskTemplate(SupervisedTemplate):
         - ``clip_grad_norm``: rescale the gradients to at most this total norm before each update (0: never);
         - ``reset_optimizer``: start every experience with a fresh optimizer state (False: one state for the stream);
         - ``on_checkpoint``: receives the training position (``position()``) every ``checkpoint_every`` training
-          iterations of an experience (0: never), and when ``stop`` is requested, before training stops.
+          iterations of an experience (0: never), and when ``stop`` is requested, before training stops;
+        - ``preload``: the training samples never change (no random augmentation), so an experience of one task may be
+          read into memory once and batched by indexing (``clmtl.data.preload``).
         """
         super().__init__(**kwargs)
+        self.preload = preload
         self.precision = precision
         self.scaler = GradientScaler(precision, self.device)
         self.clip_grad_norm = clip_grad_norm
@@ -187,9 +191,12 @@ class MultiTaskTemplate(SupervisedTemplate):
 
     def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None, persistent_workers=False,
                               drop_last=False, **kwargs) -> None:
-        """Avalanche's loader (pinned memory on CUDA); under torchrun each process loads its share of every global
-        batch."""
+        """Avalanche's loader (pinned memory on CUDA), or with ``preload`` the experience read into memory; under
+        torchrun each process loads its share of every global batch."""
         pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        if shuffle and self._preloadable():
+            self.dataloader = PreloadedLoader(self.adapted_dataset, self.train_mb_size, self.adapted_dataset.collate_fn)
+            return None
         if not distributed.is_distributed():
             return super().make_train_dataloader(num_workers, shuffle, pin_memory, persistent_workers, drop_last,
                                                  **kwargs)
@@ -198,6 +205,13 @@ class MultiTaskTemplate(SupervisedTemplate):
             persistent_workers=persistent_workers, drop_last=drop_last)
         self.dataloader = _ShardedLoader(self.adapted_dataset, oversample_small_groups=True,
                                          distributed_sampling=False, **args)
+
+    def _preloadable(self) -> bool:
+        """Whether this experience's loader may be ``PreloadedLoader``: one task (Avalanche balances the batches of
+        several), one process, and room in memory."""
+        dataset = self.adapted_dataset
+        return (self.preload and not distributed.is_distributed() and len(dataset.targets_task_labels.uniques) == 1
+                and fits_in_memory(dataset))
 
     def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None, persistent_workers=False,
                              **kwargs) -> None:

@@ -105,7 +105,9 @@ def test_a_module_defined_here_trains_through_clmtl_run_as_the_class_scenarios_h
 
 def test_an_avalanche_multitask_module_trains_in_the_task_scenario(mnist_root):
     torch.manual_seed(0)
-    results = clmtl.run(mnist_config(mnist_root, "task"), "lwf", model=MTSimpleMLP(input_size=784, hidden_size=32))
+    module = MTSimpleMLP(input_size=784, hidden_size=32)
+    module.features[2].p = 0.0  # its dropout under LwF at this rate can empty the old head (chance on seed 0 of 5)
+    results = clmtl.run(mnist_config(mnist_root, "task"), "lwf", model=module)
     assert results.matrix[1] == [1.0, 1.0]
 
 
