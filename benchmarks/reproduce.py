@@ -41,13 +41,16 @@ TARGET_TOLERANCE = 0.02
 
 
 def plan(protocol, scenarios: Sequence[str], methods: Sequence[str], seeds: Sequence[int], data: dict,
-         iterations: int | None, out: Path, avalanche: bool) -> list[tuple[str, str, int, Path, Job]]:
-    """Every (scenario, row, seed, folder, job) of the table."""
+         iterations: int | None, out: Path, avalanche: bool,
+         changes: Sequence[str] = ()) -> list[tuple[str, str, int, Path, Job]]:
+    """Every (scenario, row, seed, folder, job) of the table; ``changes`` (``KEY=VALUE``) go to every clmtl cell, a
+    ``strategy.<name>.`` one only to the cells of that strategy."""
     runs = []
     for scenario in scenarios:
         config = protocol.config(scenario, data, iterations)
         for method in methods:
             strategy, overrides = protocol.strategy_for(method, scenario)
+            overrides = [*overrides, *(change for change in changes if applies(change, strategy))]
             for seed in seeds:
                 folder = out / scenario / f"seed{seed}" / method
                 runs.append((scenario, method, seed, folder,
@@ -62,6 +65,12 @@ def plan(protocol, scenarios: Sequence[str], methods: Sequence[str], seeds: Sequ
                                  Job(f"{scenario} avalanche:{name} seed {seed}", train_avalanche_cell,
                                      (config, name, hyper, seed, folder))))
     return runs
+
+
+def applies(change: str, strategy: str) -> bool:
+    """Whether override ``change`` concerns a cell of ``strategy`` (a ``strategy.<name>.`` key: only its own)."""
+    parts = change.split("=", 1)[0].split(".")
+    return parts[0] != "strategy" or len(parts) < 2 or parts[1] in strategy.split("+")
 
 
 def train_missing(runs, engine: Engine, out: Path) -> None:
@@ -164,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strategies", help="comma-separated methods of the protocol (default: all)")
     parser.add_argument("--scenarios", help="comma-separated scenarios of the protocol (default: all)")
     parser.add_argument("--iterations", type=int, help="iterations per task instead of the paper's (a quick look)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="changes",
+                        help="a config override for clmtl's cells, e.g. strategy.ewc.fisher_max_samples=1000 (a "
+                             "departure from the paper, recorded in protocol.yaml and table.md); repeatable")
     parser.add_argument("--avalanche", action="store_true", help="also train Avalanche's own strategies")
     parser.add_argument("--check", action="store_true",
                         help=f"rerun the cells of {TARGETS.name} for --protocol and compare with them")
@@ -214,8 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = {"format": "folder", "root": str(folders)}
     start = time.perf_counter()
     (out / "protocol.yaml").write_text(yaml.safe_dump({"protocol": protocol.name, "data": data,
-                                                       "iterations": args.iterations}, sort_keys=False))
-    runs = plan(protocol, scenarios, methods, seeds, data, args.iterations, out, args.avalanche)
+                                                       "iterations": args.iterations, "changes": args.changes},
+                                                      sort_keys=False))
+    runs = plan(protocol, scenarios, methods, seeds, data, args.iterations, out, args.avalanche, args.changes)
     train_missing(runs, Engine.from_arguments(args), out)
     table = cells(protocol, runs)
     with open(out / "table.csv", "w", newline="") as handle:
@@ -227,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         images += " — scikit-learn's 8x8 digits, NOT MNIST"
     if args.iterations:
         images += f"; {args.iterations} iterations per task instead of the paper's {protocol.iterations}"
+    if args.changes:
+        images += "; changed from the paper: " + ", ".join(args.changes)
     text = markdown(protocol, table, "python benchmarks/reproduce.py " + shlex.join(argv),
                     (time.perf_counter() - start) / 60, images)
     (out / "table.md").write_text(text)

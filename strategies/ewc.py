@@ -162,14 +162,23 @@ def fisher_terms(output: torch.Tensor | list[torch.Tensor],
     return [(1.0 / samples, sampled_nll(output)) for _ in range(samples)]
 
 
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)``: each part of a dataset (a sorted one's every class)
+    keeps its share, and no random draw moves the run's generators."""
+    return [index * total // count for index in range(count)]
+
+
 class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
     """EWC whose Fisher pass and penalty work with any target kind."""
 
     def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None,
-                 fisher: str = "empirical", fisher_samples: int = 1) -> None:
+                 fisher: str = "empirical", fisher_samples: int = 1, fisher_max_samples: int = 0) -> None:
         super().__init__(ewc_lambda, mode=mode, decay_factor=decay_factor)
         self.fisher = fisher
         self.fisher_samples = fisher_samples
+        self.fisher_max_samples = fisher_max_samples
+        """At most this many of the task's samples, evenly spaced, estimate its Fisher (0: all): with batch size 1
+        the pass costs about a training step per sample (van de Ven's code calls it ``fisher_n``)."""
         self.fisher_seconds: list[float] = []
         """Wall-clock seconds of each experience's Fisher pass, so its cost can be reported."""
         self.fisher_means: list[float] = []
@@ -232,6 +241,8 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
                             device=p.device)
             for name, p in model.named_parameters()
         }
+        if self.fisher_max_samples and len(dataset) > self.fisher_max_samples:
+            dataset = dataset.subset(evenly_spaced(len(dataset), self.fisher_max_samples))
         if self.fisher != "batch":
             batch_size = 1  # BN is in eval mode, so a one-sample batch gives that sample's own gradient
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn, num_workers=num_workers)
@@ -272,6 +283,8 @@ class EWCSettings:
     fisher: str = setting("empirical", one_of(*FISHER_ESTIMATORS), help="the Fisher estimator (module docstring)")
     fisher_samples: int = setting(1, AT_LEAST_ONE, help="exact, segmentation and detection only: labelings drawn "
                                   "per sample (classification sums over all classes exactly)")
+    fisher_max_samples: int = setting(0, NON_NEGATIVE, help="estimate the Fisher on at most this many of the "
+                                      "task's samples, evenly spaced (0: all of them)")
 
 
 @register("ewc", settings=EWCSettings, acts_on=("loss",))
@@ -279,4 +292,4 @@ def ewc(settings: EWCSettings) -> MultiTaskEWCPlugin:
     """EWC: Fisher-weighted quadratic penalty (mode separate | online; fisher empirical | batch | predicted | exact)."""
     decay = settings.decay if settings.mode == "online" else None
     return MultiTaskEWCPlugin(settings.strength, mode=settings.mode, decay_factor=decay, fisher=settings.fisher,
-                              fisher_samples=settings.fisher_samples)
+                              fisher_samples=settings.fisher_samples, fisher_max_samples=settings.fisher_max_samples)

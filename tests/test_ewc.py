@@ -79,6 +79,18 @@ def fisher_by_torch_func(model, x, y, estimator: str, *args) -> dict[str, torch.
     return fisher
 
 
+def test_a_capped_fisher_is_the_fisher_of_evenly_spaced_samples():
+    data, model = classification_data(n=7, dtype=torch.float64), classifier_with_batchnorm()
+    ours = MultiTaskEWCPlugin(1.0, fisher_max_samples=3).compute_importances(
+        model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), data, "cpu", 4
+    )
+    kept = [0, 2, 4]  # 3 of 7, evenly spaced
+    x = torch.stack([data[i][0] for i in kept])
+    y = torch.stack([data[i][1] for i in kept])
+    for name, value in fisher_by_torch_func(model, x, y, "empirical").items():
+        torch.testing.assert_close(ours[name].data, value, rtol=1e-6, atol=0.0)
+
+
 @pytest.mark.parametrize("estimator", ["empirical", "exact"])
 def test_fisher_equals_an_independent_per_sample_computation(estimator):
     data, model = classification_data(n=7, dtype=torch.float64), classifier_with_batchnorm()

@@ -1,5 +1,6 @@
 """Published experiments as data (``clmtl.protocols``, ``benchmarks/protocols/``): the verdict rule on hand-made
 cells, the translation of the papers' hyperparameters into clmtl's conventions, and bad protocol files."""
+import json
 from pathlib import Path
 
 import pytest
@@ -101,8 +102,13 @@ def test_reproduce_writes_a_verdict_per_cell_on_mnist_files_with_avalanches_rows
     assert script.main(["--list"]) == 0 and "split_mnist_2019:" in capsys.readouterr().out
     out = tmp_path / "out"
     code = script.main(["--protocol", "split_mnist_2019", "--root", str(root), "--out", str(out), "--seeds", "0,1",
-                        "--strategies", "naive,ewc", "--scenarios", "task", "--iterations", "2", "--avalanche"])
+                        "--strategies", "naive,ewc", "--scenarios", "task", "--iterations", "2", "--avalanche",
+                        "--set", "strategy.ewc.fisher_max_samples=5"])
     assert code == 0
+    recorded = {method: json.loads((out / "task" / "seed0" / method / "results.json").read_text())["config"]
+                for method in ("naive", "ewc")}
+    assert recorded["ewc"]["strategy"]["ewc"]["fisher_max_samples"] == 5
+    assert "ewc" not in recorded["naive"].get("strategy", {})  # a strategy's change reaches its own cells only
     with open(out / "table.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["protocol", "scenario", "strategy", "seeds", "mean", "low", "high", "paper", "verdict"]
@@ -111,6 +117,7 @@ def test_reproduce_writes_a_verdict_per_cell_on_mnist_files_with_avalanches_rows
     assert rows[0]["paper"] == "0.8719" and rows[1]["paper"] == ""
     assert rows[0]["verdict"] == "reproduced" or rows[0]["verdict"].startswith("not reproduced (")
     assert "2 iterations per task instead of the paper's 2000" in (out / "table.md").read_text()
+    assert "changed from the paper: strategy.ewc.fisher_max_samples=5" in (out / "table.md").read_text()
     assert (out / "plots" / "split_mnist_2019.png").exists()
 
 
