@@ -1,6 +1,7 @@
 """Strategy registry: a name -> a factory of Avalanche plugins, with its hyperparameters and defaults.
 
-Built-in strategies live in the top-level ``strategies`` package and register themselves on import;
+Built-in strategies live in the package ``clmtl.strategies`` (the folder ``strategies/`` at the repository's root,
+mapped by setup.cfg) and register themselves on import;
 third-party packages register theirs with the same ``register`` decorator, or through the entry point
 group ``clmtl.strategies`` (each entry point names a module to import). ``a+b`` composes strategies by
 concatenating their plugins, so hybrids need no code of their own.
@@ -147,10 +148,10 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    import strategies
+    import clmtl.strategies
 
-    for module in pkgutil.iter_modules(strategies.__path__):
-        importlib.import_module(f"strategies.{module.name}")
+    for module in pkgutil.iter_modules(clmtl.strategies.__path__):
+        importlib.import_module(f"clmtl.strategies.{module.name}")
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         entry_point.load()
 

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from clmtl.config import AT_LEAST_ONE, NON_NEGATIVE, setting
 from clmtl.plugin import Plugin, to_device
 from clmtl.registry import register
-from strategies.ewc import ewc_penalty, merge_anchors  # sum over anchors of importance * (theta - theta*)^2
+from clmtl.strategies.ewc import ewc_penalty, merge_anchors  # sum over anchors of importance * (theta - theta*)^2
 
 
 @dataclass(frozen=True)

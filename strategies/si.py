@@ -10,7 +10,7 @@ sum of squares.
 Avalanche's ``SynapticIntelligencePlugin`` (``avalanche.SynapticIntelligence`` here) computes the same path integral
 but clamps every importance at 0.001 and halves the penalty, so its ``si_lambda`` has another scale and its penalty a
 ceiling; this module follows the paper. A parameter that grows (a class-scenario head) keeps its importance on its
-old part; its new rows have none, as in EWC (``strategies.ewc.grown``).
+old part; its new rows have none, as in EWC (``clmtl.strategies.ewc.grown``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from clmtl.config import NON_NEGATIVE, POSITIVE, setting
 from clmtl.plugin import Plugin
 from clmtl.registry import register
-from strategies.ewc import Anchor, ewc_penalty, grown
+from clmtl.strategies.ewc import Anchor, ewc_penalty, grown
 
 
 class SynapticIntelligence(Plugin, supports_distributed=True):

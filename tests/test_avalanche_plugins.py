@@ -21,8 +21,8 @@ from clmtl.registry import available, build_plugins, check_stream, parse_strateg
 from clmtl.scenario import plan_stream
 from clmtl.stream import class_labels
 from clmtl.tasks import TaskSpec
-from strategies.avalanche_stock import AGEM, GDumb, GEM, MAS, RWalk
-from strategies.ewc import MultiTaskEWCPlugin
+from clmtl.strategies.avalanche_stock import AGEM, GDumb, GEM, MAS, RWalk
+from clmtl.strategies.ewc import MultiTaskEWCPlugin
 
 STOCK = {"avalanche.SynapticIntelligence": (avalanche_plugins.SynapticIntelligencePlugin, ("loss",)),
          "avalanche.MAS": (avalanche_plugins.MASPlugin, ("loss",)),

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from strategies.bnfreeze import BatchNormFreeze, PerTaskBatchNorm, batch_norms
+from clmtl.strategies.bnfreeze import BatchNormFreeze, PerTaskBatchNorm, batch_norms
 
 
 def net():

@@ -10,7 +10,7 @@ from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import copy_params_dict
 from torch.utils.data import TensorDataset
 
-from strategies.ewc import MultiTaskEWCPlugin, ewc_penalty, merge_anchors
+from clmtl.strategies.ewc import MultiTaskEWCPlugin, ewc_penalty, merge_anchors
 
 
 def classification_data(n=40, features=6, classes=3, seed=0, dtype=torch.float32):

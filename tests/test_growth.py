@@ -124,7 +124,7 @@ def test_ewc_penalty_on_grown_parameters_equals_avalanches(model):
     from avalanche.training.plugins import EWCPlugin
     from avalanche.training.utils import copy_params_dict
 
-    from strategies.ewc import MultiTaskEWCPlugin
+    from clmtl.strategies.ewc import MultiTaskEWCPlugin
 
     theirs, ours = EWCPlugin(100.0), MultiTaskEWCPlugin(100.0)
     generator = torch.Generator().manual_seed(1)

@@ -18,9 +18,9 @@ from clmtl.models import UnifiedModel
 from clmtl.plugin import kept_statistics
 from clmtl.registry import build_plugins, strategy_schemas
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
-from strategies.bnfreeze import batch_norms
-from strategies.ewc import MultiTaskEWCPlugin
-from strategies.lwf import LwFPlugin, LwFSettings, distillation_loss, frozen_copy, lwf
+from clmtl.strategies.bnfreeze import batch_norms
+from clmtl.strategies.ewc import MultiTaskEWCPlugin
+from clmtl.strategies.lwf import LwFPlugin, LwFSettings, distillation_loss, frozen_copy, lwf
 
 DEFAULTS = LwFSettings()
 

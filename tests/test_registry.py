@@ -5,7 +5,7 @@ import pytest
 
 from clmtl.config import ConfigError
 from clmtl.registry import available, build_plugins, parse_strategy, register, strategy_schemas
-from strategies.ewc import MultiTaskEWCPlugin
+from clmtl.strategies.ewc import MultiTaskEWCPlugin
 
 
 @pytest.fixture(autouse=True)

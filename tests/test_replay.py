@@ -22,7 +22,7 @@ from clmtl.models import UnifiedModel
 from clmtl.registry import available, build_plugins
 from clmtl.stream import build_stream, collate_for
 from clmtl.tasks import CLASSIFICATION, DETECTION, KINDS, SEGMENTATION
-from strategies.replay import MultiTaskReplayPlugin, TaskBuffer, class_balanced_order
+from clmtl.strategies.replay import MultiTaskReplayPlugin, TaskBuffer, class_balanced_order
 
 SIZE = 64  # make_shapes_dataset's smallest image size
 TASKS = [shapes_task(kind, name) for kind, name in zip(KINDS, ("seg", "det", "cls"))]

@@ -11,7 +11,7 @@ from torch import nn
 import clmtl
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, build_strategy, make_template
-from strategies.si import SynapticIntelligence
+from clmtl.strategies.si import SynapticIntelligence
 from tiny_mnist import banded_mnist
 
 
