@@ -32,7 +32,7 @@ from avalanche.training.templates import SupervisedTemplate
 from clmtl import distributed
 from clmtl.checkpoint import (StopRequest, StopRequested, clock_state, rng_state, set_clock_state,
                               set_rng_state)
-from clmtl.data.preload import PreloadedLoader, fits_in_memory
+from clmtl.data.preload import PRELOAD_LIMIT_BYTES, PreloadedLoader, image_bytes
 from clmtl.plugin import to_device
 from clmtl.precision import GradientScaler, autocast, to_float
 
@@ -51,11 +51,15 @@ class MultiTaskTemplate(SupervisedTemplate):
         - ``reset_optimizer``: start every experience with a fresh optimizer state (False: one state for the stream);
         - ``on_checkpoint``: receives the training position (``position()``) every ``checkpoint_every`` training
           iterations of an experience (0: never), and when ``stop`` is requested, before training stops;
-        - ``preload``: the training samples never change (no random augmentation), so an experience of one task may be
-          read into memory once and batched by indexing (``clmtl.data.preload``).
+        - ``preload``: the samples never change (no random augmentation), so an experience of one task may be read into
+          memory and batched by indexing (``clmtl.data.preload``): a training experience each time it trains, a test
+          experience once for every evaluation.
         """
         super().__init__(**kwargs)
         self.preload = preload
+        self._test_sets: dict[int, tuple[Any, PreloadedLoader]] = {}
+        """The test experiences read so far: ``id`` of the experience's dataset -> (that dataset, kept so the id stays
+        its own, and its loader)."""
         self.precision = precision
         self.scaler = GradientScaler(precision, self.device)
         self.clip_grad_norm = clip_grad_norm
@@ -194,7 +198,7 @@ class MultiTaskTemplate(SupervisedTemplate):
         """Avalanche's loader (pinned memory on CUDA), or with ``preload`` the experience read into memory; under
         torchrun each process loads its share of every global batch."""
         pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
-        if shuffle and self._preloadable():
+        if shuffle and self._preloadable(PRELOAD_LIMIT_BYTES):
             self.dataloader = PreloadedLoader(self.adapted_dataset, self.train_mb_size, self.adapted_dataset.collate_fn)
             return None
         if not distributed.is_distributed():
@@ -206,18 +210,29 @@ class MultiTaskTemplate(SupervisedTemplate):
         self.dataloader = _ShardedLoader(self.adapted_dataset, oversample_small_groups=True,
                                          distributed_sampling=False, **args)
 
-    def _preloadable(self) -> bool:
-        """Whether this experience's loader may be ``PreloadedLoader``: one task (Avalanche balances the batches of
-        several), one process, and room in memory."""
+    def _preloadable(self, room: int) -> bool:
+        """Whether this experience's loader may be a ``PreloadedLoader``: one task (Avalanche balances the batches of
+        several), one process, and ``room`` bytes for its images."""
         dataset = self.adapted_dataset
-        return (self.preload and not distributed.is_distributed() and len(dataset.targets_task_labels.uniques) == 1
-                and fits_in_memory(dataset))
+        if not self.preload or distributed.is_distributed() or len(dataset.targets_task_labels.uniques) != 1:
+            return False
+        size = image_bytes(dataset)
+        return size is not None and size <= room
 
     def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None, persistent_workers=False,
                              **kwargs) -> None:
-        """Avalanche's loader (pinned memory on CUDA); under torchrun each process evaluates a contiguous slice,
-        with no padding."""
+        """Avalanche's loader (pinned memory on CUDA), or with ``preload`` the experience as read at its first
+        evaluation; under torchrun each process evaluates a contiguous slice, with no padding."""
         pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        if not shuffle:
+            source = self.experience.dataset
+            held = sum(loader.nbytes for _, loader in self._test_sets.values())
+            if id(source) not in self._test_sets and self._preloadable(PRELOAD_LIMIT_BYTES - held):
+                self._test_sets[id(source)] = source, PreloadedLoader(
+                    self.adapted_dataset, self.eval_mb_size, self.adapted_dataset.collate_fn, shuffle=False)
+            if id(source) in self._test_sets:
+                self.dataloader = self._test_sets[id(source)][1]
+                return None
         if not distributed.is_distributed():
             return super().make_eval_dataloader(num_workers, shuffle, pin_memory, persistent_workers, **kwargs)
         start, stop = distributed.shard_bounds(len(self.adapted_dataset), distributed.rank(), distributed.world_size())

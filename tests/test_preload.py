@@ -77,3 +77,22 @@ def test_an_experience_of_several_tasks_keeps_avalanches_balanced_loader(root):
     template.adapted_dataset = first.dataset
     template.make_train_dataloader()
     assert isinstance(template.dataloader, PreloadedLoader)
+
+
+def test_each_test_set_is_read_once_and_scores_as_avalanches_loader_does(root, monkeypatch):
+    from clmtl import template as template_module
+    from clmtl.metrics.plugin import task_scores
+
+    config = settings(root)
+    benchmark = build_benchmark(config)
+    model = build_model(config, benchmark.tasks)
+    plain = make_template(config, model, benchmark.tasks, progress=False)
+    plain.train_for(benchmark.stream.train_stream[0], *benchmark.budget(0))
+    reads = []
+    monkeypatch.setattr(template_module, "PreloadedLoader",
+                        lambda *args, **kwargs: reads.append(args[0]) or PreloadedLoader(*args, **kwargs))
+    held = make_template(config, model, benchmark.tasks, progress=False, preload=True)
+    expected = task_scores(plain.eval(benchmark.stream.test_stream), benchmark.tasks)
+    for _ in range(2):
+        assert task_scores(held.eval(benchmark.stream.test_stream), benchmark.tasks) == expected
+    assert len(reads) == 2  # two test sets, each read at the first evaluation only
