@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _API = {
     "Config": "clmtl.config",
-    "load_config": "clmtl.api",
+    "load_config": "clmtl.config",
     "run": "clmtl.api",
     "evaluate": "clmtl.api",
     "Results": "clmtl.results",

@@ -17,24 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from clmtl.benchmark import Benchmark
-from clmtl.config import Config
+from clmtl.config import Config, load_config
 from clmtl.results import Results
 
 ConfigSource = Config | Mapping[str, Any] | str | Path | None
-"""A config: a ``Config``, a dict of config keys (as the YAML file holds them), a YAML file, or None (defaults)."""
-
-
-def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then ``source``, then ``key=value`` overrides, validated as ``clmtl run`` validates them (strategy
-    hyperparameters included, against the registered strategies)."""
-    from clmtl.config import load_config as load
-    from clmtl.registry import strategy_schemas
-
-    if isinstance(source, Config):
-        return load(None, overrides, strategies=strategy_schemas(), base=source.to_dict(), base_source="Config")
-    if isinstance(source, Mapping):
-        return load(None, overrides, strategies=strategy_schemas(), base=source, base_source="config dict")
-    return load(source, overrides, strategies=strategy_schemas())
+"""A config: a ``Config``, a dict of config keys (as the YAML file holds them), a YAML file, or None (defaults).
+``load_config`` (``clmtl.config``'s, the one loader) takes any of them."""
 
 
 def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | None = None, *,

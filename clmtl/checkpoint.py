@@ -151,10 +151,8 @@ def checkpoint_config(saved: dict[str, Any], source: str | Path, config_file: st
                       overrides: Sequence[str] = ()):
     """The config a checkpoint was trained with, validated, with an optional file and overrides on top."""
     from clmtl.config import load_config
-    from clmtl.registry import strategy_schemas
 
-    return load_config(config_file, overrides, strategies=strategy_schemas(), base=saved["config"],
-                       base_source=f"{source} (saved config)")
+    return load_config(config_file, overrides, base=saved["config"], base_source=f"{source} (saved config)")
 
 
 def checkpoint_tasks(saved: dict[str, Any], source: str | Path) -> list[TaskSpec]:

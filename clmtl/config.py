@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import keyword
 import operator
 import re
 import types
@@ -84,13 +85,12 @@ _TASK_KIND = rule(lambda v: v in TASK_KINDS.values() or v in TASK_KINDS,
                   "must be one of " + ", ".join(TASK_KINDS.values()) + " (or " + ", ".join(TASK_KINDS) + ")")
 
 
-def setting(default: Any, check: dict[str, Any] | None = None, key: str | None = None, help: str = "",
-            search: Sequence[Any] = ()) -> Any:
+def setting(default: Any, check: dict[str, Any] | None = None, help: str = "", search: Sequence[Any] = ()) -> Any:
     """A field of a settings dataclass (a strategy's hyperparameters): its default, its ``rule`` / ``one_of``
-    check, the config key when it is not the field's name (``lambda`` is a Python keyword), a one-line help, and the
-    values hyperparameter selection tries (``search``; empty: the default is kept, ``clmtl.tune``)."""
-    return field(default=default, metadata={**(check or {}), **({"key": key} if key else {}), "help": help,
-                                            "search": tuple(search)})
+    check, a one-line help, and the values hyperparameter selection tries (``search``; empty: the default is kept,
+    ``clmtl.tune``). The field's name is its config key and the name of the plugin's argument
+    (``clmtl.registry.register``); a Python keyword takes a trailing underscore (``lambda_`` is the key ``lambda``)."""
+    return field(default=default, metadata={**(check or {}), "help": help, "search": tuple(search)})
 
 
 @dataclass
@@ -398,20 +398,30 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = (),
-                strategies: Mapping[str, type | None] = types.MappingProxyType({}),
+def load_config(source: Config | Mapping[str, Any] | str | Path | None = None, overrides: Sequence[str] = (),
+                strategies: Mapping[str, type | None] | None = None,
                 base: Mapping[str, Any] | None = None, base_source: str = "saved config") -> Config:
-    """Defaults, then ``base`` (a saved ``Config.to_dict()``, if any), then the file at ``path`` (if any), then each
-    ``key=value`` override, all validated.
+    """Defaults, then ``base`` (a saved ``Config.to_dict()``, if any), then ``source`` (a ``Config``, a dict of config
+    keys as the YAML file holds them, a YAML file, or None), then each ``key=value`` override, all validated: the one
+    loader of ``clmtl run``, ``clmtl.load_config`` and the benchmark scripts.
 
-    ``strategies`` maps each registered strategy name to its settings dataclass (None: no hyperparameters, see
-    ``clmtl.registry.strategy_schemas``); ``strategy.<name>.<key>`` values are checked against it like any section.
+    ``strategies`` maps each strategy name to its settings dataclass (None: no hyperparameters), which
+    ``strategy.<name>.<key>`` values are checked against like any section; by default the registered strategies
+    (``clmtl.registry.strategy_schemas``).
     """
+    if strategies is None:
+        from clmtl.registry import strategy_schemas  # the registry imports this module
+
+        strategies = strategy_schemas()
     layers = [(_read_defaults(), DEFAULTS_SOURCE)]
     if base is not None:
         layers.append((base, base_source))
-    if path is not None:
-        layers.append((_read_file(Path(path)), str(path)))
+    if isinstance(source, Config):
+        layers.append((source.to_dict(), "Config"))
+    elif isinstance(source, Mapping):
+        layers.append((source, "config dict"))
+    elif source is not None:
+        layers.append((_read_file(Path(source)), str(source)))
     layers.extend(_parse_override(text) for text in overrides)
     merged: dict[str, Any] = {}
     stream_source: dict[str, str] = {}
@@ -605,9 +615,14 @@ def _check_settings(params: Any, schema: type | None, path: str, source: str) ->
     return _check_section(params, schema, path, source, {})
 
 
+def config_key(name: str) -> str:
+    """The config key of a settings field: its name, less the trailing underscore of a Python keyword (``lambda_``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def _fields_by_key(cls: type) -> dict[str, dataclasses.Field]:
-    """A dataclass's fields by their config key (``setting(key=...)``, else the field's name)."""
-    return {f.metadata.get("key", f.name): f for f in dataclasses.fields(cls)}
+    """A dataclass's fields by their config key (``config_key``)."""
+    return {config_key(f.name): f for f in dataclasses.fields(cls)}
 
 
 def schema_defaults(schema: type | None) -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""Strategy registry: a name -> a factory of Avalanche plugins, with its hyperparameters and defaults.
+"""Strategy registry: a name -> an Avalanche plugin class (or a function building one), with its hyperparameters and
+defaults.
+
+One registration style: ``@register(name, settings=...)`` on the plugin class itself, which the registry builds with
+the settings' fields as keyword arguments, so a hyperparameter has one name as config key, settings field and plugin
+argument (``clmtl.config.setting``). Where no one class fits (the setting picks the class, or there is no plugin), the
+decorated callable is a function taking the same keywords.
 
 Built-in strategies live in the package ``clmtl.strategies`` (the folder ``strategies/`` at the repository's root,
 mapped by setup.cfg) and register themselves on import;
@@ -28,6 +34,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import inspect
 import pkgutil
 import sys
 from pathlib import Path
@@ -67,9 +74,9 @@ MODEL_NEEDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 """What a strategy may need of the model beyond a ``torch.nn.Module``: a test of the model, and what it names."""
 
-PluginFactory = Callable[[Any], Any]
-"""Takes the strategy's settings (an instance of its settings dataclass, None without one), returns one Avalanche
-plugin or ``None`` (no plugin)."""
+PluginFactory = Callable[..., Any]
+"""The plugin class, or a function: called with the strategy's settings as keyword arguments named as the fields of its
+settings dataclass (none without one); returns one Avalanche plugin or ``None`` (no plugin)."""
 
 
 @dataclass(frozen=True)
@@ -105,10 +112,13 @@ _discovered = False
 def register(name: str, settings: type | None = None, acts_on: tuple[str, ...] = (), kinds: Sequence[str] = KINDS,
              check: Callable[[str, Sequence[Any]], None] | None = None,
              needs: Sequence[str] = ()) -> Callable[[PluginFactory], PluginFactory]:
-    """Decorator registering ``factory`` under ``name``.
+    """Decorator registering ``factory`` under ``name``: the plugin class (or a function returning a plugin or None),
+    built with the settings' fields as keyword arguments. Its first docstring line is the summary ``clmtl strategies``
+    shows.
 
     ``settings`` is the dataclass of its hyperparameters (config keys ``strategy.<name>.<key>``, each a
-    ``clmtl.config.setting`` with its default, check and help: the one place they are declared and validated);
+    ``clmtl.config.setting`` with its default, check and help: the one place they are declared and validated); the
+    factory must take each field by its name, and need no other argument (checked here, ``TypeError`` otherwise);
     ``acts_on`` lists what its plugin changes, a subset of ``ACTIONS``; ``kinds`` the task kinds it handles (full or
     short names, ``("classification",)`` or ``("cls",)``; default every kind); ``check(name, tasks)`` any further
     condition on the stream's tasks (``clmtl.tasks.TaskSpec``, placed in heads), raising a one-line ``ConfigError``
@@ -134,12 +144,39 @@ def register(name: str, settings: type | None = None, acts_on: tuple[str, ...] =
     def decorator(factory: PluginFactory) -> PluginFactory:
         if name in _REGISTRY and _REGISTRY[name].factory is not factory:
             raise ValueError(f"strategy {name!r} is registered twice")
+        _check_arguments(name, factory, settings)
         summary = (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else ""
         _REGISTRY[name] = StrategyEntry(name, factory, settings, summary, tuple(acts_on),
                                         tuple(kind for kind in KINDS if kind in handled), check, tuple(needs))
         return factory
 
     return decorator
+
+
+def _check_arguments(name: str, factory: PluginFactory, settings: type | None) -> None:
+    """Refuse a factory that does not take each settings field by its name, or that needs another argument."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): the first build will tell
+        return
+    fields = [field.name for field in dataclasses.fields(settings)] if settings is not None else []
+    by_keyword = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    lacking = [field for field in fields if field not in by_keyword and not any_keyword]
+    required = [p.name for p in parameters if p.default is p.empty and p.name not in fields
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if lacking or required:
+        problems = ([f"it lacks {', '.join(lacking)}"] if lacking else []) + (
+            [f"it requires {', '.join(required)}"] if required else [])
+        raise TypeError(f"strategy {name!r}: {getattr(factory, '__name__', factory)} is built with its settings as "
+                        f"keyword arguments ({', '.join(fields) or 'none'}); {' and '.join(problems)}")
+
+
+def settings_arguments(settings: Any) -> dict[str, Any]:
+    """A settings dataclass instance as the keyword arguments its strategy's factory is built with (None: none)."""
+    if settings is None:
+        return {}
+    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
 
 
 def _discover() -> None:
@@ -221,7 +258,8 @@ def build_plugins(spec: str, params: Mapping[str, Mapping[str, Any]] | None = No
     plugins = []
     for name in parse_strategy(spec):
         entry = registry[name]
-        plugin = entry.factory(make_settings(entry.settings, (params or {}).get(name), f"strategy.{name}"))
+        settings = make_settings(entry.settings, (params or {}).get(name), f"strategy.{name}")
+        plugin = entry.factory(**settings_arguments(settings))
         if plugin is not None:
             plugins.append(plugin)
     return plugins

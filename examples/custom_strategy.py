@@ -13,7 +13,7 @@ from clmtl.strategies.ewc import ewc_penalty, merge_anchors  # sum over anchors 
 
 @dataclass(frozen=True)
 class MASSettings:
-    strength: float = setting(1.0, NON_NEGATIVE, key="lambda", help="weight of the penalty")
+    lambda_: float = setting(1.0, NON_NEGATIVE, help="weight of the penalty")  # config key: lambda (a Python keyword)
     batch_size: int = setting(16, AT_LEAST_ONE, help="batch size of the importance pass")
 
 
@@ -21,20 +21,20 @@ class MASSettings:
 class MemoryAwareSynapses(Plugin):
     """Memory Aware Synapses: penalty weighted by each parameter's effect on the output norm (no labels needed)."""
 
-    def __init__(self, settings: MASSettings) -> None:
+    def __init__(self, lambda_: float, batch_size: int) -> None:  # built with MASSettings' fields, by their names
         super().__init__()
-        self.settings = settings
+        self.lambda_, self.batch_size = lambda_, batch_size
         self.anchors: list[tuple[dict, dict]] = []  # (theta*, importance) of every finished experience
 
     def before_backward(self, strategy, **kwargs) -> None:
         if self.anchors:  # merged: all of them as one quadratic, computed once per experience
-            strategy.loss += self.settings.strength * ewc_penalty(strategy.model, self.merged)
+            strategy.loss += self.lambda_ * ewc_penalty(strategy.model, self.merged)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         model, data = strategy.model, strategy.experience.dataset
         model.eval()
         importance = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-        loader = DataLoader(data, batch_size=self.settings.batch_size, collate_fn=data.collate_fn)
+        loader = DataLoader(data, batch_size=self.batch_size, collate_fn=data.collate_fn)
         for images, _, task_labels in loader:
             model.zero_grad()
             output = model(to_device(images, strategy.device), int(task_labels[0]))

@@ -12,8 +12,8 @@ classification batches are exactly that (its stream adds ``targets``, ``clmtl.st
 detection box lists are not, so every one of them declares ``kinds=("classification",)`` and a stream with another
 kind is refused before training (``clmtl.registry.check_stream``).
 
-SI is Avalanche's plugin as it is. Each of the others is a subclass that changes only what clmtl's model and template
-need, and says why:
+SI is Avalanche's plugin as it is (``SI`` only names it). Each of the others is a subclass that changes only what
+clmtl's model and template need, and says why:
 
 - MAS's importance pass runs in train mode after training, which moved the BatchNorm statistics of the model about to
   be evaluated: they (and every module's mode) are put back afterwards.
@@ -37,7 +37,6 @@ None of them is a ``clmtl.plugin.Plugin``: a run with one cannot be resumed from
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -96,8 +95,16 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------- the plugins
 
+class SI(SynapticIntelligencePlugin):
+    """Avalanche's Synaptic Intelligence: penalty weighted by each parameter's path integral of the loss change.
+
+    Avalanche's plugin as it is (this class only names it for ``clmtl strategies``)."""
+
+
 class MAS(MASPlugin):
-    """Avalanche's MAS; its importance pass leaves BatchNorm statistics and module modes as training left them."""
+    """Avalanche's Memory Aware Synapses: penalty weighted by each parameter's effect on the output norm.
+
+    Its importance pass leaves BatchNorm statistics and module modes as training left them."""
 
     def _get_importance(self, strategy):
         with kept_buffers(strategy.model):
@@ -105,8 +112,10 @@ class MAS(MASPlugin):
 
 
 class GEM(GEMPlugin):
-    """Avalanche's GEM, its memory pass in the mode the model trains in (Avalanche forces train mode on every
-    module), and the projected gradient applied to every parameter it moves (``set_gradient``)."""
+    """Avalanche's GEM: the gradient projected (quadratic program) so no kept experience's memory loss grows.
+
+    Its memory pass runs in the mode the model trains in (Avalanche forces train mode on every module), and the
+    projected gradient is applied to every parameter it moves (``set_gradient``)."""
 
     def before_training_iteration(self, strategy, **kwargs) -> None:
         if strategy.clock.train_exp_counter == 0:
@@ -129,8 +138,10 @@ class GEM(GEMPlugin):
 
 
 class AGEM(AGEMPlugin):
-    """Avalanche's A-GEM; the memory sample's tasks each go through their own head (its loss: the sample's mean), and
-    the projected gradient is applied to every parameter it moves (``set_gradient``)."""
+    """Avalanche's A-GEM: the gradient projected so the loss on a memory sample does not grow.
+
+    The memory sample's tasks each go through their own head (its loss: the sample's mean), and the projected gradient
+    is applied to every parameter it moves (``set_gradient``)."""
 
     def before_training_iteration(self, strategy, **kwargs) -> None:
         if not self.buffers:
@@ -160,7 +171,9 @@ class AGEM(AGEMPlugin):
 
 
 class RWalk(RWalkPlugin):
-    """Avalanche's RWalk, the model's modes restored after its gradient pass; no score window closed: scores 0."""
+    """Avalanche's RWalk: penalty weighted by online Fisher (EWC++) plus each parameter's score of loss change.
+
+    The model's modes are restored after its gradient pass; no score window closed: scores 0."""
 
     def _update_grad(self, strategy) -> None:
         with evaluating(strategy.model):  # Avalanche sets eval mode and leaves it for the training step
@@ -177,7 +190,9 @@ class RWalk(RWalkPlugin):
 
 
 class GDumb(GDumbPlugin):
-    """Avalanche's GDumb, the initial weights loaded into the run's model instead of a copy swapped in."""
+    """Avalanche's GDumb: each experience retrains from the initial weights on a class-balanced memory only.
+
+    The initial weights are loaded into the run's model instead of a copy swapped in."""
 
     def __init__(self, mem_size: int = 200) -> None:
         super().__init__(mem_size)
@@ -262,44 +277,13 @@ class GDumbSettings:
     mem_size: int = setting(200, AT_LEAST_ONE, help="samples kept, balanced over the classes seen")
 
 
-def _arguments(settings) -> dict:
-    """The settings as the plugin's keyword arguments (the fields are named as its parameters)."""
-    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
-
-
 # ------------------------------------------------------------------------------------------- the registrations
+# Each plugin is built with its settings as keyword arguments: the fields are named as Avalanche's parameters.
 
-@register("avalanche.SynapticIntelligence", settings=SynapticIntelligenceSettings, acts_on=("loss",), kinds=KINDS)
-def synaptic_intelligence(settings: SynapticIntelligenceSettings) -> SynapticIntelligencePlugin:
-    """Avalanche's Synaptic Intelligence: penalty weighted by each parameter's path integral of the loss change."""
-    return SynapticIntelligencePlugin(**_arguments(settings))
-
-
-@register("avalanche.MAS", settings=MASSettings, acts_on=("loss",), kinds=KINDS)
-def memory_aware_synapses(settings: MASSettings) -> MAS:
-    """Avalanche's Memory Aware Synapses: penalty weighted by each parameter's effect on the output norm."""
-    return MAS(**_arguments(settings))
-
-
-@register("avalanche.GEM", settings=GEMSettings, acts_on=("gradient",), kinds=KINDS)
-def gradient_episodic_memory(settings: GEMSettings) -> GEM:
-    """Avalanche's GEM: the gradient projected (quadratic program) so no kept experience's memory loss grows."""
-    return GEM(**_arguments(settings))
-
-
-@register("avalanche.AGEM", settings=AGEMSettings, acts_on=("gradient",), kinds=KINDS)
-def averaged_gem(settings: AGEMSettings) -> AGEM:
-    """Avalanche's A-GEM: the gradient projected so the loss on a memory sample does not grow."""
-    return AGEM(**_arguments(settings))
-
-
-@register("avalanche.RWalk", settings=RWalkSettings, acts_on=("loss",), kinds=KINDS)
-def riemannian_walk(settings: RWalkSettings) -> RWalk:
-    """Avalanche's RWalk: penalty weighted by online Fisher (EWC++) plus each parameter's score of loss change."""
-    return RWalk(**_arguments(settings))
-
-
-@register("avalanche.GDumb", settings=GDumbSettings, acts_on=("model", "data"), kinds=KINDS, check=require_one_head)
-def gdumb(settings: GDumbSettings) -> GDumb:
-    """Avalanche's GDumb: each experience retrains from the initial weights on a class-balanced memory only."""
-    return GDumb(**_arguments(settings))
+register("avalanche.SynapticIntelligence", settings=SynapticIntelligenceSettings, acts_on=("loss",), kinds=KINDS)(SI)
+register("avalanche.MAS", settings=MASSettings, acts_on=("loss",), kinds=KINDS)(MAS)
+register("avalanche.GEM", settings=GEMSettings, acts_on=("gradient",), kinds=KINDS)(GEM)
+register("avalanche.AGEM", settings=AGEMSettings, acts_on=("gradient",), kinds=KINDS)(AGEM)
+register("avalanche.RWalk", settings=RWalkSettings, acts_on=("loss",), kinds=KINDS)(RWalk)
+register("avalanche.GDumb", settings=GDumbSettings, acts_on=("model", "data"), kinds=KINDS,
+         check=require_one_head)(GDumb)

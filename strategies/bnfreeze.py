@@ -133,6 +133,6 @@ class BatchNormSettings:
 
 
 @register("bnfreeze", settings=BatchNormSettings, acts_on=("model",), needs=("batchnorm",))
-def bnfreeze(settings: BatchNormSettings) -> BatchNormFreeze | PerTaskBatchNorm:
+def bnfreeze(mode: str) -> BatchNormFreeze | PerTaskBatchNorm:
     """BatchNorm frozen after the first experience (mode freeze) or kept per task (mode per_task)."""
-    return BatchNormFreeze() if settings.mode == "freeze" else PerTaskBatchNorm()
+    return BatchNormFreeze() if mode == "freeze" else PerTaskBatchNorm()

@@ -169,11 +169,15 @@ def evenly_spaced(total: int, count: int) -> list[int]:
 
 
 class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
-    """EWC whose Fisher pass and penalty work with any target kind."""
+    """EWC: Fisher-weighted quadratic penalty (mode separate | online; fisher empirical | batch | predicted | exact).
 
-    def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None,
-                 fisher: str = "empirical", fisher_samples: int = 1, fisher_max_samples: int = 0) -> None:
-        super().__init__(ewc_lambda, mode=mode, decay_factor=decay_factor)
+    Its Fisher pass and penalty work with any target kind. The arguments are ``EWCSettings``' fields: ``lambda_`` is
+    the config key ``lambda`` (stored as Avalanche's ``ewc_lambda``), ``decay`` applies in online mode only (Avalanche's
+    ``decay_factor``)."""
+
+    def __init__(self, lambda_: float, mode: str = "separate", decay: float = 0.9, fisher: str = "empirical",
+                 fisher_samples: int = 1, fisher_max_samples: int = 0) -> None:
+        super().__init__(lambda_, mode=mode, decay_factor=decay if mode == "online" else None)
         self.fisher = fisher
         self.fisher_samples = fisher_samples
         self.fisher_max_samples = fisher_max_samples
@@ -275,8 +279,8 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
 class EWCSettings:
     """EWC's hyperparameters, ``strategy.ewc.<key>``."""
 
-    strength: float = setting(1000.0, NON_NEGATIVE, key="lambda", help="λ, the weight of the penalty",
-                              search=(1e2, 1e3, 1e4, 1e5, 1e6))
+    lambda_: float = setting(1000.0, NON_NEGATIVE, help="λ, the weight of the penalty",
+                             search=(1e2, 1e3, 1e4, 1e5, 1e6))
     mode: str = setting("separate", one_of("separate", "online"),
                         help="separate: one anchor per experience; online: one anchor, importances accumulated")
     decay: float = setting(0.9, FRACTION, help="online mode: weight of the accumulated importances")
@@ -287,9 +291,4 @@ class EWCSettings:
                                       "task's samples, evenly spaced (0: all of them)")
 
 
-@register("ewc", settings=EWCSettings, acts_on=("loss",))
-def ewc(settings: EWCSettings) -> MultiTaskEWCPlugin:
-    """EWC: Fisher-weighted quadratic penalty (mode separate | online; fisher empirical | batch | predicted | exact)."""
-    decay = settings.decay if settings.mode == "online" else None
-    return MultiTaskEWCPlugin(settings.strength, mode=settings.mode, decay_factor=decay, fisher=settings.fisher,
-                              fisher_samples=settings.fisher_samples, fisher_max_samples=settings.fisher_max_samples)
+register("ewc", settings=EWCSettings, acts_on=("loss",))(MultiTaskEWCPlugin)

@@ -26,7 +26,9 @@ def endless_batches(dataset, batch_size: int) -> Iterator[list]:
 
 
 class JointTraining(Plugin, supports_distributed=True):
-    """Adds a mini-batch loss of every other task of the stream to each training step."""
+    """Upper bound: every step also learns every other task of the stream.
+
+    Adds a mini-batch loss of every other task of the stream to each training step."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,7 +72,4 @@ class JointTraining(Plugin, supports_distributed=True):
         self._pending = []
 
 
-@register("joint", acts_on=("data", "loss"))
-def joint(settings: None) -> JointTraining:
-    """Upper bound: every step also learns every other task of the stream."""
-    return JointTraining()
+register("joint", acts_on=("data", "loss"))(JointTraining)

@@ -8,7 +8,6 @@ this plugin sets each group's rate to the configured rate times the part's multi
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -20,11 +19,14 @@ PARTS = ("backbone", "neck", "head")
 
 
 class LayerLearningRates(Plugin, supports_distributed=True):
-    """Multiplies each named parameter group's base learning rate by its part's multiplier."""
+    """Per-part learning-rate multipliers (backbone / neck / head) from a given experience on.
 
-    def __init__(self, multipliers: Mapping[str, float], from_experience: int = 1) -> None:
+    Multiplies each named parameter group's base learning rate by its part's multiplier."""
+
+    def __init__(self, backbone: float = 0.1, neck: float = 0.3, head: float = 1.0, from_experience: int = 1) -> None:
         super().__init__()
-        self.multipliers = dict(multipliers)
+        self.multipliers = {"backbone": backbone, "neck": neck, "head": head}
+        """Each part's multiplier, by the name of its parameter group (``PARTS``)."""
         self.from_experience = from_experience
 
     def before_training_exp(self, strategy, **kwargs) -> None:
@@ -53,7 +55,4 @@ class LayerLRSettings:
     from_experience: int = setting(1, NON_NEGATIVE, help="first experience (0-based) the multipliers apply to")
 
 
-@register("layerlr", settings=LayerLRSettings, acts_on=("optimizer",))
-def layerlr(settings: LayerLRSettings) -> LayerLearningRates:
-    """Per-part learning-rate multipliers (backbone / neck / head) from a given experience on."""
-    return LayerLearningRates({part: getattr(settings, part) for part in PARTS}, settings.from_experience)
+register("layerlr", settings=LayerLRSettings, acts_on=("optimizer",))(LayerLearningRates)

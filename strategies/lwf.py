@@ -125,7 +125,9 @@ def outputs_and_features(model: nn.Module, x: torch.Tensor, labels: Sequence[int
 
 
 class LwFPlugin(Plugin, supports_distributed=True):
-    """Distils every head trained before, from the model as it was after the previous experience, on current inputs."""
+    """LwF: distil every old task's outputs on the current inputs from the previous model (any task kind).
+
+    Distils every head trained before, from the model as it was after the previous experience, on current inputs."""
 
     def __init__(self, alpha: float | Sequence[float] = 1.0, temperature: float = 2.0, det_conf: float = 0.5,
                  feature_weight: float = 0.0) -> None:
@@ -209,7 +211,4 @@ class LwFSettings:
     feature_weight: float = setting(0.0, NON_NEGATIVE, help="weight of the FPN feature MSE (0: none)")
 
 
-@register("lwf", settings=LwFSettings, acts_on=("loss",))
-def lwf(settings: LwFSettings) -> LwFPlugin:
-    """LwF: distil every old task's outputs on the current inputs from the previous model (any task kind)."""
-    return LwFPlugin(settings.alpha, settings.temperature, settings.det_conf, settings.feature_weight)
+register("lwf", settings=LwFSettings, acts_on=("loss",))(LwFPlugin)

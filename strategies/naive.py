@@ -3,6 +3,6 @@ from clmtl.registry import register
 
 
 @register("naive")
-def naive(settings: None) -> None:
+def naive() -> None:
     """Plain sequential fine-tuning (lower bound)."""
     return None

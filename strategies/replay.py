@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -235,7 +235,9 @@ class TaskBuffer:
 
 
 class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
-    """Fills a ``TaskBuffer`` after each experience and adds each stored task's replay loss (see the module doc)."""
+    """Task-aware replay: a fixed memory split over tasks, replayed through each task's own head and loss.
+
+    Fills a ``TaskBuffer`` after each experience and adds each stored task's replay loss (see the module doc)."""
 
     def __init__(self, mem_size: int = 200, ratio: float = 0.5, split: str = "equal", selection: str = "reservoir",
                  weight: float = 1.0, per_task_cap: int | None = None, seed: int = 0) -> None:
@@ -331,7 +333,4 @@ class ReplaySettings:
     seed: int = setting(0, NON_NEGATIVE, help="seed of the selection and of the draws")
 
 
-@register("replay", settings=ReplaySettings, acts_on=("data", "loss"))
-def replay(settings: ReplaySettings) -> MultiTaskReplayPlugin:
-    """Task-aware replay: a fixed memory split over tasks, replayed through each task's own head and loss."""
-    return MultiTaskReplayPlugin(**asdict(settings))
+register("replay", settings=ReplaySettings, acts_on=("data", "loss"))(MultiTaskReplayPlugin)

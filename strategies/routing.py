@@ -97,7 +97,9 @@ def _bytes(tensors) -> int:
 
 
 class RoutingPlugin(Plugin, supports_distributed=True):
-    """Learns a route per task with HAT's annealed gates and sparsity penalty, and freezes finished tasks' routes."""
+    """Dynamic routing (HAT): learned per-task channel gates; channels of finished tasks frozen.
+
+    Learns a route per task with HAT's annealed gates and sparsity penalty, and freezes finished tasks' routes."""
 
     def __init__(self, sparsity: float = 0.75, s_max: float = 400.0, lr: float = 0.01, bound: float = 6.0) -> None:
         super().__init__()
@@ -204,7 +206,4 @@ class RoutingSettings:
     bound: float = setting(6.0, POSITIVE, help="embeddings are clamped to ±bound")
 
 
-@register("routing", settings=RoutingSettings, acts_on=("model", "loss"), needs=("task_routes",))
-def routing(settings: RoutingSettings) -> RoutingPlugin:
-    """Dynamic routing (HAT): learned per-task channel gates; channels of finished tasks frozen."""
-    return RoutingPlugin(settings.sparsity, settings.s_max, settings.lr, settings.bound)
+register("routing", settings=RoutingSettings, acts_on=("model", "loss"), needs=("task_routes",))(RoutingPlugin)

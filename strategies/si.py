@@ -25,7 +25,9 @@ from clmtl.strategies.ewc import Anchor, ewc_penalty, grown
 
 
 class SynapticIntelligence(Plugin, supports_distributed=True):
-    """Path-integral importances, accumulated over tasks; a quadratic penalty around the last task's weights."""
+    """Synaptic Intelligence: penalty weighted by each parameter's path integral of the loss (Zenke et al. 2017).
+
+    Path-integral importances, accumulated over tasks; a quadratic penalty around the last task's weights."""
 
     def __init__(self, c: float, damping: float = 0.1) -> None:
         super().__init__()
@@ -94,7 +96,4 @@ class SISettings:
     damping: float = setting(0.1, POSITIVE, help="ξ, added to each parameter's squared move over a task")
 
 
-@register("si", settings=SISettings, acts_on=("loss",))
-def si(settings: SISettings) -> SynapticIntelligence:
-    """Synaptic Intelligence: penalty weighted by each parameter's path integral of the loss (Zenke et al. 2017)."""
-    return SynapticIntelligence(settings.c, settings.damping)
+register("si", settings=SISettings, acts_on=("loss",))(SynapticIntelligence)

@@ -27,12 +27,12 @@ class IdleUntilStopped(Plugin):
 
 
 @register("killer")
-def killer(params):
+def killer():
     """Test helper."""
     return KillDuringSecondExperience()
 
 
 @register("idle")
-def idle(params):
+def idle():
     """Test helper."""
     return IdleUntilStopped()

@@ -21,7 +21,7 @@ from clmtl.registry import available, build_plugins, check_stream, parse_strateg
 from clmtl.scenario import plan_stream
 from clmtl.stream import class_labels
 from clmtl.tasks import TaskSpec
-from clmtl.strategies.avalanche_stock import AGEM, GDumb, GEM, MAS, RWalk
+from clmtl.strategies.avalanche_stock import AGEM, GDumb, GEM, MAS, SI, RWalk
 from clmtl.strategies.ewc import MultiTaskEWCPlugin
 
 STOCK = {"avalanche.SynapticIntelligence": (avalanche_plugins.SynapticIntelligencePlugin, ("loss",)),
@@ -130,7 +130,7 @@ def test_they_compose_with_clmtls_strategies_and_clash_where_both_take_over_a_pa
     assert parse_strategy("avalanche.AGEM+lwf") == ["lwf", "avalanche.AGEM"]  # loss terms before gradient changes
     assert parse_strategy("lwf+avalanche.GDumb") == ["avalanche.GDumb", "lwf"]
     plugins = build_plugins("avalanche.SynapticIntelligence+ewc", {"avalanche.SynapticIntelligence": {"si_lambda": 3}})
-    assert [type(p) for p in plugins] == [avalanche_plugins.SynapticIntelligencePlugin, MultiTaskEWCPlugin]
+    assert [type(p) for p in plugins] == [SI, MultiTaskEWCPlugin]  # SI: Avalanche's plugin, only named
     assert plugins[0].si_lambda == [3.0]
     with pytest.raises(ValueError, match="cannot compose avalanche.GEM and avalanche.AGEM: each takes over the "
                                          "gradient"):
@@ -167,9 +167,9 @@ def test_gdumb_needs_every_task_in_one_head():
 
 def test_a_users_strategy_declares_the_kinds_it_handles_and_a_check(isolated_registry):
     checked = []
-    register("probe_seg_only", kinds=("seg",))(lambda settings: None)
+    register("probe_seg_only", kinds=("seg",))(lambda: None)
     register("probe_checked", check=lambda name, tasks: checked.append((name, [t.name for t in tasks])))(
-        lambda settings: None)
+        lambda: None)
     tasks = [TaskSpec("s", "segmentation", ("bg", "disk")), TaskSpec("d", "detection", ("star",))]
     check_stream("probe_checked", tasks)
     assert checked == [("probe_checked", ["s", "d"])]

@@ -157,7 +157,7 @@ def test_swapping_the_backbone_is_one_config_key(name, tmp_path, isolated_regist
     from clmtl.runner import run
 
     recorder = LossRecorder()
-    register("loss_recorder")(lambda params: recorder)
+    register("loss_recorder")(lambda: recorder)
     config = load_config(None, ["data.train_size=4", "data.val_size=4", "data.image_size=64", "train.epochs=1",
                                 "train.batch_size=4", "train.threads=1", "output.overlays=0",
                                 "output.checkpoints=false", f"model.backbone={name}"])

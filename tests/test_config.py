@@ -13,7 +13,7 @@ from clmtl.config import Config, ConfigError, check_model_input, load_config, se
 
 @dataclass(frozen=True)
 class EwcLike:
-    strength: float = setting(1000.0, key="lambda")
+    lambda_: float = setting(1000.0)  # config key: lambda
     mode: str = setting("separate")
     decay_factor: float | None = setting(None)
 
@@ -279,3 +279,18 @@ def test_backbone_choices_are_the_registry():
     from clmtl.models.backbone import BACKBONES
 
     assert BACKBONE_NAMES == tuple(BACKBONES)
+
+
+def test_one_loader_checks_strategy_keys_against_the_registered_strategies_by_default():
+    """``clmtl.load_config`` is ``clmtl.config.load_config``: a file, a dict or a ``Config``, and by default the
+    registered strategies' settings (explicit ``strategies`` replace them, as the probes above do)."""
+    import clmtl
+    import clmtl.config
+
+    assert clmtl.load_config is clmtl.config.load_config
+    cfg = load_config(None, ["strategy.ewc.lambda=5"])
+    assert cfg.strategy["ewc"]["lambda"] == 5.0 and cfg.strategy["ewc"]["mode"] == "separate"
+    assert error_of(None, ["strategy.ewc.lamda=5"], strategies=None) == (
+        "override 'strategy.ewc.lamda=5': strategy.ewc.lamda: unknown key; did you mean 'strategy.ewc.lambda'?")
+    assert load_config({"strategy": {"ewc": {"lambda": 3}}}).strategy["ewc"]["lambda"] == 3.0
+    assert load_config(cfg, ["seed=3"]).strategy == cfg.strategy

@@ -260,7 +260,7 @@ def ewc_trajectory(plugin, experiences: int = 3) -> torch.nn.Module:
 @pytest.mark.parametrize("mode, decay", [("separate", None), ("online", 0.5)])
 def test_training_with_ewc_follows_avalanche_ewc_exactly(mode, decay):
     strength = 100.0  # strong enough to move the end point far (below) from where naive training ends
-    ours = MultiTaskEWCPlugin(strength, mode=mode, decay_factor=decay, fisher="batch")
+    ours = MultiTaskEWCPlugin(strength, mode=mode, decay=decay, fisher="batch")
     theirs = EWCPlugin(strength, mode=mode, decay_factor=decay)
     trained, reference = ewc_trajectory(ours), ewc_trajectory(theirs)
     for (name, got), (_, expected) in zip(trained.named_parameters(), reference.named_parameters()):
@@ -323,7 +323,7 @@ def test_penalty_of_several_anchors_equals_the_sum_of_their_penalties_in_value_a
 
 
 def test_online_mode_accumulates_with_decay():
-    plugin = MultiTaskEWCPlugin(1.0, mode="online", decay_factor=0.5)
+    plugin = MultiTaskEWCPlugin(1.0, mode="online", decay=0.5)
     model = mlp()
     first = {n: copy.deepcopy(p) for n, p in copy_params_dict(model).items()}
     second = {n: copy.deepcopy(p) for n, p in copy_params_dict(model).items()}

@@ -58,7 +58,7 @@ def test_joint_without_the_stream_is_a_clear_error():
 def test_joint_does_not_compose_with_another_data_strategy(isolated_registry):
     from clmtl.registry import register
 
-    register("probe_other_data", acts_on=("data",))(lambda params: None)
+    register("probe_other_data", acts_on=("data",))(lambda: None)
     with pytest.raises(ValueError, match="takes over the data"):
         parse_strategy("joint+probe_other_data")
 

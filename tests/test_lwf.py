@@ -1,6 +1,5 @@
 """LwF: per-kind distillation losses (hand-computed, Avalanche's), the plugin's bookkeeping, and a tiny run."""
 import copy
-import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -20,9 +19,7 @@ from clmtl.registry import build_plugins, strategy_schemas
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 from clmtl.strategies.bnfreeze import batch_norms
 from clmtl.strategies.ewc import MultiTaskEWCPlugin
-from clmtl.strategies.lwf import LwFPlugin, LwFSettings, distillation_loss, frozen_copy, lwf
-
-DEFAULTS = LwFSettings()
+from clmtl.strategies.lwf import LwFPlugin, distillation_loss, frozen_copy
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +209,7 @@ def fake_strategy(model, task_label):
 
 def test_plugin_adds_nothing_first_then_distils_only_old_heads(model):
     student = copy.deepcopy(model).train()
-    plugin = lwf(dataclasses.replace(DEFAULTS, alpha=0.5))
+    (plugin,) = build_plugins("lwf", {"lwf": {"alpha": 0.5}})
 
     first = fake_strategy(student, 0)
     plugin.before_backward(first)
@@ -301,4 +298,4 @@ def test_a_list_of_alphas_weighs_each_experience_the_last_for_the_rest():
         plugin.before_training_exp(SimpleNamespace(clock=SimpleNamespace(train_exp_counter=experience)))
         weights.append(plugin.alpha)
     assert weights == [0.0, 1.0, 2.5, 2.5, 2.5]
-    assert lwf(LwFSettings(alpha=[0.5, 3.0])).alphas == [0.5, 3.0]
+    assert build_plugins("lwf", {"lwf": {"alpha": [0.5, 3.0]}})[0].alphas == [0.5, 3.0]

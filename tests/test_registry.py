@@ -1,9 +1,11 @@
 """Strategy registry: names, composition, one typed settings schema per strategy, clear errors."""
+import dataclasses
+import inspect
 import re
 
 import pytest
 
-from clmtl.config import ConfigError
+from clmtl.config import ConfigError, setting
 from clmtl.registry import available, build_plugins, parse_strategy, register, strategy_schemas
 from clmtl.strategies.ewc import MultiTaskEWCPlugin
 
@@ -17,7 +19,7 @@ def test_builtins_are_registered_with_their_defaults():
     names = available()
     assert {"naive", "ewc"} <= set(names)
     assert names["ewc"].defaults == {"lambda": 1000.0, "mode": "separate", "decay": 0.9, "fisher": "empirical",
-                                     "fisher_samples": 1}
+                                     "fisher_samples": 1, "fisher_max_samples": 0}
     assert strategy_schemas()["naive"] is None  # no hyperparameters
 
 
@@ -30,15 +32,15 @@ def test_composition_concatenates_plugins_with_overridden_params():
     calls = []
 
     @register("recorder_for_test")
-    def recorder(settings):
+    def recorder(**arguments):
         """Test plugin."""
-        calls.append(settings)
+        calls.append(arguments)
         return "recorder-plugin"
 
     plugins = build_plugins("ewc+recorder_for_test+naive", {"ewc": {"lambda": 5.0}})
     assert isinstance(plugins[0], MultiTaskEWCPlugin) and plugins[0].ewc_lambda == 5.0
     assert plugins[1:] == ["recorder-plugin"]
-    assert calls == [None]  # no settings dataclass: no hyperparameters
+    assert calls == [{}]  # no settings dataclass: no hyperparameters
 
 
 def test_a_component_named_twice_is_an_error():
@@ -66,7 +68,7 @@ def test_every_schema_checks_its_settings_in_one_line(name, params, message):
 
 
 def _register_probe(name, acts_on):
-    register(name, acts_on=acts_on)(lambda params: name)
+    register(name, acts_on=acts_on)(lambda: name)
 
 
 def test_composition_order_follows_declared_actions_not_spelling():
@@ -91,6 +93,52 @@ def test_an_unknown_action_is_refused_at_registration():
         register("probe_bad", acts_on=("weights",))
 
 
+def test_one_registration_style_the_plugin_class_built_with_its_settings_by_name():
+    """Every built-in with a plugin class of its own registers that class; only where a setting picks the class
+    (bnfreeze) or there is no plugin (naive) is the registered callable a function. Each is built with its settings'
+    fields as keyword arguments, so a hyperparameter has one name as settings field and plugin argument."""
+    functions = {name for name, entry in available().items() if not inspect.isclass(entry.factory)}
+    assert functions == {"bnfreeze", "naive"}
+    for name, entry in available().items():
+        fields = [field.name for field in dataclasses.fields(entry.settings)] if entry.settings else []
+        assert set(fields) <= set(inspect.signature(entry.factory).parameters), name
+        assert entry.summary, name  # the class's (or function's) first docstring line
+
+
+def test_ewc_lambda_is_one_name_the_config_key_lambda_and_the_field_and_argument_lambda_():
+    """``lambda`` is a Python keyword: the settings field and the plugin's argument are ``lambda_``, the config key
+    ``lambda``; there is no other spelling."""
+    from clmtl.strategies.ewc import EWCSettings
+
+    assert [field.name for field in dataclasses.fields(EWCSettings)][0] == "lambda_"
+    assert list(inspect.signature(MultiTaskEWCPlugin).parameters)[:3] == ["lambda_", "mode", "decay"]
+    (plugin,) = build_plugins("ewc", {"ewc": {"lambda": 5.0, "mode": "online", "decay": 0.5}})
+    assert (plugin.ewc_lambda, plugin.decay_factor) == (5.0, 0.5)  # Avalanche's names, inside Avalanche's EWCPlugin
+    with pytest.raises(ConfigError, match="strategy.ewc.lambda_: unknown key; did you mean 'strategy.ewc.lambda'"):
+        build_plugins("ewc", {"ewc": {"lambda_": 5.0}})
+
+
+def test_a_factory_that_does_not_take_its_settings_by_name_is_refused_at_registration():
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        lambda_: float = setting(1.0)
+        batch_size: int = setting(4)
+
+    class TakesTheSettingsObject:
+        def __init__(self, settings): ...
+
+    with pytest.raises(TypeError, match=r"^strategy 'probe_old': TakesTheSettingsObject is built with its settings as "
+                                        r"keyword arguments \(lambda_, batch_size\); it lacks lambda_, batch_size and "
+                                        r"it requires settings$"):
+        register("probe_old", settings=Settings)(TakesTheSettingsObject)
+    with pytest.raises(TypeError, match=r"it lacks batch_size$"):
+        register("probe_renamed", settings=Settings)(lambda lambda_, size=1: None)
+    with pytest.raises(TypeError, match=r"\(none\); it requires params$"):
+        register("probe_no_settings")(lambda params: None)
+    register("probe_ok", settings=Settings)(lambda lambda_, batch_size, extra=0: (lambda_, batch_size))
+    assert build_plugins("probe_ok", {"probe_ok": {"lambda": 2.0}}) == [(2.0, 4)]
+
+
 def test_entry_point_plugin_of_an_installed_package_is_found(tmp_path, monkeypatch):
     """A tiny distribution on sys.path declaring the entry point group is discovered by name."""
     import clmtl.registry as registry
@@ -100,8 +148,8 @@ def test_entry_point_plugin_of_an_installed_package_is_found(tmp_path, monkeypat
         "from dataclasses import dataclass\n\nfrom clmtl.config import setting\n\n"
         "@dataclass\nclass Settings:\n    alpha: float = setting(0.5)\n\n"
         "@register('thirdparty', settings=Settings, acts_on=('loss',))\n"
-        "def thirdparty(settings):\n    '''A strategy from another package.'''\n"
-        "    return ('thirdparty', settings.alpha)\n"
+        "def thirdparty(alpha):\n    '''A strategy from another package.'''\n"
+        "    return ('thirdparty', alpha)\n"
     )
     dist_info = tmp_path / "thirdparty_probe-1.0.dist-info"
     dist_info.mkdir()

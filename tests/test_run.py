@@ -49,7 +49,7 @@ for _name in CALLBACKS:
 
 
 RECORDER = CallbackRecorder()
-register("recorder_for_run_test")(lambda params: RECORDER)
+register("recorder_for_run_test")(lambda: RECORDER)
 
 
 ON_ONE_WORKER = pytest.mark.xdist_group("tiny_run")  # the tests of one run, trained once
@@ -147,7 +147,7 @@ def test_a_failing_stream_stops_the_baselines_process(tmp_path, isolated_registr
         def before_training_exp(self, strategy, **kwargs):
             raise RuntimeError("plugin failed")
 
-    register("failing_for_run_test")(lambda params: Failing())
+    register("failing_for_run_test")(Failing)
     config = load_config(None, TINY + ["output.overlays=0", "train.threads=2"])
     with pytest.raises(RuntimeError, match="plugin failed"):
         run(config, "failing_for_run_test", tmp_path, baselines=True)
