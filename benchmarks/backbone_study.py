@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clmtl.engines import Engine, add_engine_arguments
-from clmtl.grid import SHIPPED_BUDGET, run_grid
+from clmtl.grid import REDUCED_BUDGET, run_grid
 
 BACKBONES = ("yolov8n", "mobilenet_v3_small", "efficientnet_b0")
 STRATEGIES = ("ewc", "ewc+replay")
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_strategy(spec)
     rows = []
     for name in backbones:
-        overrides = [*SHIPPED_BUDGET, *args.overrides, f"model.backbone={name}"]
+        overrides = [*REDUCED_BUDGET, *args.overrides, f"model.backbone={name}"]
         results = run_grid(args.config, overrides, strategies, seeds, args.out / name, Engine.from_arguments(args))
         comparison = Comparison.from_results(strategies, results)
         tasks = [t["name"] for t in comparison.tasks]

@@ -13,7 +13,7 @@ detectable difference under it (``clmtl.compare``). OUT/comparison.json records 
 overrides, selected values, engine, wall time and versions.
 
 Every run trains with the config's own recipe (``--recipe config``, the default: ``clmtl run``'s, or that of
-``--config FILE``), or with the backbone study's shorter one (``--recipe reduced``: ``clmtl.grid.SHIPPED_BUDGET``);
+``--config FILE``), or with the backbone study's shorter one (``--recipe reduced``: ``clmtl.grid.REDUCED_BUDGET``);
 overrides win.
 The grid (``clmtl.grid.run_grid``) resumes: a finished (strategy, seed) run is reused, and single-task baselines are
 trained once per seed. ``--jobs N`` runs N trainings at once with one thread each (on 2 cores, two 1-thread jobs
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"write the seed-0 scores of {', '.join(CHECKED)} to {TARGETS.name} (what --check reruns)")
     parser.add_argument("--recipe", choices=("config", "reduced"), default="config",
                         help="config: the config's own training recipe (default); reduced: the backbone study's "
-                             "shorter one (clmtl.grid.SHIPPED_BUDGET)")
+                             "shorter one (clmtl.grid.REDUCED_BUDGET)")
     parser.add_argument("--tune", nargs="?", const="all", metavar="COMPONENTS",
                         help="select hyperparameters on held-out training data first (all components with a search "
                              "space, or a comma-separated list of them)")
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from clmtl.compare import Comparison
-    from clmtl.grid import SHIPPED_BUDGET, run_grid
+    from clmtl.grid import REDUCED_BUDGET, run_grid
     from clmtl.io import atomic_write_json
     from clmtl.registry import parse_strategy, use_strategy_files
     from clmtl.results import package_versions
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for spec in strategies:
         parse_strategy(spec)  # unknown names fail before anything trains
     engine = Engine.from_arguments(args)
-    overrides = [*(SHIPPED_BUDGET if args.recipe == "reduced" else ()),
+    overrides = [*(REDUCED_BUDGET if args.recipe == "reduced" else ()),
                  *(targets[0]["overrides"] if args.check else ()), *args.overrides]
     started = time.perf_counter()
     selected = []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 SHORT = ("data.image_size=64", "data.train_size=120", "data.val_size=30", "train.epochs.seg=4", "train.epochs.det=6",
          "train.epochs.cls=8", "output.overlays=0", "output.checkpoints=false")
-"""A recipe whose trainings take about a minute each on one thread of this project's machine."""
+"""A short recipe, about a minute per training on one CPU thread, so that many trainings fit in one comparison."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PROTOCOL = ["train.optimizer=adam", "strategy.ewc.lambda=1000.0"]
-SEED_REPORT = {"seg": 0.134, "det": 0.000004, "cls": 0.367}
+REFERENCE_EWC_SCORES = {"seg": 0.134, "det": 0.000004, "cls": 0.367}
 """That report's final EWC scores on its real datasets (mIoU, mAP, top-1), for context."""
 
 
@@ -72,7 +72,7 @@ def protocol_markdown(results: dict, latency: dict, parts: dict[str, int]) -> st
                      f"{'–' if drop is None else f'{100 * drop:.1f} %'} | {format_value(absolute, 3)} |")
     if results["benchmark"] == "files":
         lines += ["", "The seed report's EWC final scores on its datasets: "
-                  + ", ".join(f"{name} {value}" for name, value in SEED_REPORT.items()) + "."]
+                  + ", ".join(f"{name} {value}" for name, value in REFERENCE_EWC_SCORES.items()) + "."]
     lines += ["", "## Efficiency", "", f"Parameters: {results['params']:,} ("
               + ", ".join(f"{part} {count:,}" for part, count in parts.items()) + ").", "",
               f"Inference per image at {results['config']['data']['image_size']} px, batch 1, "

@@ -151,9 +151,9 @@ _HUE_TURNS = rule(lambda v: 0 <= v <= 0.5, "must be between 0 and 0.5 (turns of 
 
 @dataclass
 class HueConfig(PerKind):
-    """Largest random hue rotation of training images per task kind, in turns (0.5: any hue); none by default. On shapes
-    any hue for classification looked better on seeds 0-4 and was not on seeds 5-9; segmentation and detection
-    learned much less with it (docs/studies.md, Training recipe)."""
+    """Largest random hue rotation of training images per task kind, in turns (0.5: any hue). None by default: on
+    shapes it does not help classification beyond seed noise and costs segmentation and detection much of their score
+    (docs/studies.md, Training recipe)."""
 
     seg: float = field(default=0.0, metadata=_HUE_TURNS)
     det: float = field(default=0.0, metadata=_HUE_TURNS)

@@ -54,8 +54,7 @@ def predict(output: Any, kind: str, decode: Callable[[list[torch.Tensor]], list[
 
 def class_indices(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``logits.argmax(dim)`` computed as ``logits.max(dim).indices``: the same indices (the first maximum), but on CPU
-    argmax over a non-innermost dim (the classes of NCHW logits) is 5-10x slower (torch 2.14: 38 ms vs 5 ms for
-    ``[1, 5, 512, 512]``, one thread)."""
+    argmax over a non-innermost dim (the classes of NCHW logits) is many times slower (docs/speed.md)."""
     return logits.max(dim).indices
 
 

@@ -6,7 +6,7 @@ backward pass, evaluation is sharded and the metrics are merged across processes
 
 Why not ``DistributedDataParallel``: its gradient reducer accepts parameters only through the wrapped module's
 ``forward``. EWC's penalty, replay's extra per-task passes and LwF's distillation all use parameters outside it, and
-DDP then stops with "Expected to mark a variable ready only once" (measured with torch 2.14 / gloo). Averaging the
+DDP then stops with "Expected to mark a variable ready only once" (torch 2.14, gloo). Averaging the
 gradients once after ``backward`` gives the same update whatever the plugins do, at the cost of not overlapping the
 communication with the backward pass (one all-reduce of the flattened gradients per step).
 

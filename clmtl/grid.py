@@ -19,15 +19,14 @@ from typing import Any
 
 from clmtl.engines import Engine, Failure, Job, run_jobs
 
-EARLIER_NUMERICS = ("train.precision=fp32", "train.channels_last=false", "train.parallel_baselines=false")
-"""How every training ran before bfloat16 autocast, NHWC weights and baselines beside the stream existed: float32,
-NCHW, and the stream on all of ``train.threads``. Pinned where a published table must reproduce digit for digit."""
-SHIPPED_BUDGET = ("data.image_size=96", "train.epochs.seg=6", "train.epochs.det=15", "train.epochs.cls=15",
-                  "train.warmup=0", "train.ema=0", *EARLIER_NUMERICS)
-"""The recipe of the shipped backbone study (``--recipe reduced`` of the strategy comparison; docs/benchmarks.md):
-smaller images and shorter training than ``clmtl run``'s default (128 px, 15 / 25 / 60 epochs), a constant rate
-without warmup and without weight averaging, in float32, so three backbones x strategies x seeds fit on 2 CPU
-cores."""
+FP32_NCHW_SEQUENTIAL = ("train.precision=fp32", "train.channels_last=false", "train.parallel_baselines=false")
+"""Float32 without autocast, NCHW weights, and the baselines trained in the run's process, one training after the
+other on all of ``train.threads``: what a table pins so that its numbers do not depend on the CPU's bfloat16 units."""
+REDUCED_BUDGET = ("data.image_size=96", "train.epochs.seg=6", "train.epochs.det=15", "train.epochs.cls=15",
+                  "train.warmup=0", "train.ema=0", *FP32_NCHW_SEQUENTIAL)
+"""The budget of the backbone study and of the strategy comparison's ``--recipe reduced``: smaller images and
+shorter training than ``clmtl run``'s default (128 px, 15 / 25 / 60 epochs), a constant rate without warmup and
+without weight averaging, in float32, so three backbones x strategies x seeds fit on 2 CPU cores."""
 
 def run_dir(out: Path, seed: int, strategy: str) -> Path:
     return out / f"seed{seed}" / strategy.replace("+", "-")

@@ -18,7 +18,7 @@ ANCHOR_IOU_THRESHOLD = 0.25
 
 OBJ_IOU_MIX = 0.5
 """Objectness target of a positive: ``1 - mix + mix * IoU`` (YOLOv5's ``gr``); half of it rewards good boxes,
-half keeps the signal strong while early boxes are still poor (measured faster than either pure 1 or pure IoU)."""
+half keeps the signal strong while early boxes are still poor."""
 
 LEVEL_BALANCE = (4.0, 1.0, 0.4)
 """Objectness weight per level (fine to coarse), YOLOv5's: fine levels have many more, mostly empty, cells."""

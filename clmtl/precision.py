@@ -3,8 +3,8 @@
 Autocast runs convolutions and matrix products in a 16-bit type and keeps everything else (BatchNorm statistics,
 losses, the optimizer's weights and moments) in float32. ``train.precision: auto`` picks, per device:
 
-- CPU: ``bf16`` where the processor has bfloat16 units (AMX tiles or AVX512-BF16, which oneDNN uses; a training step
-  was 12-25 % faster there, docs/studies.md, Training speed), else ``fp32`` (emulated bfloat16 is slower);
+- CPU: ``bf16`` where the processor has bfloat16 units (AMX tiles or AVX512-BF16, which oneDNN uses), which makes a
+  training step faster (docs/studies.md, Training speed), else ``fp32`` (emulated bfloat16 is slower);
 - CUDA: ``bf16`` where the GPU supports it (Ampere and later), else ``fp16`` with a gradient scaler
   (``GradientScaler``): float16's range is too narrow for small gradients, which the scaler multiplies before the
   backward pass and divides back before anything reads them;

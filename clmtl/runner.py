@@ -131,7 +131,7 @@ def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bo
         if saved is not None:
             matrix, train_seconds, per_task, finished = (saved["matrix"], saved["train_seconds"], saved["scores"],
                                                          saved["experience"])
-            random_init = saved.get("random_init", [None] * len(tasks))  # checkpoints of clmtl 0.1 have none
+            random_init = saved.get("random_init", [None] * len(tasks))  # a checkpoint without the field: no scores
             if "partial" in saved:  # stopped inside experience finished + 1: the template continues it
                 resume_point = {**saved["partial"],
                                 "restore": lambda: restore_plugins(plugins, saved["plugins"], model)}

@@ -88,7 +88,7 @@ class TaskSpec:
 
     @classmethod
     def from_dict(cls, entry: dict, position: int = 0) -> TaskSpec:
-        """The task an ``as_dict`` entry describes; an entry of clmtl 0.1 (no ``head``) gets the head ``position``."""
+        """The task an ``as_dict`` entry describes; an entry without ``head`` gets the head ``position``."""
         ids, labels = entry.get("category_ids"), entry.get("labels")
         return cls(entry["name"], entry["kind"], tuple(entry["classes"]), None if ids is None else tuple(ids),
                    entry.get("head", position), None if labels is None else tuple(labels), entry.get("transform"))

@@ -202,7 +202,7 @@ def test_the_intact_task_list_gives_its_tasks(saved_with_tasks, tmp_path):
 
     assert checkpoint_tasks(saved_with_tasks, tmp_path / "last.pt") == [TaskSpec(*task) for task in CUSTOM_TASKS]
     old = {"tasks": [{key: value for key, value in entry.items() if key not in ("head", "labels")}
-                     for entry in saved_with_tasks["tasks"]]}  # clmtl 0.1: no head (its position), no labels
+                     for entry in saved_with_tasks["tasks"]]}  # without head (its position) and labels
     assert checkpoint_tasks(old, "old.pt") == [TaskSpec(*task, head=head) for head, task in enumerate(CUSTOM_TASKS)]
 
 

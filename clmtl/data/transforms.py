@@ -44,8 +44,8 @@ class RandomHueRotation(v2.Transform):
     """Rotate the colours of an image about the grey axis by a random angle of up to ``max_turn`` turns each way.
 
     A hue shift that keeps grey pixels and each pixel's channel mean (up to clipping to [0, 1]), as one 3x3 matrix
-    product per image: ``v2.ColorJitter(hue=)`` goes through HSV and costs ~15x more (1.0 vs 0.07 ms per 128 px
-    image, one thread), ~18 % of a classification epoch here. Masks and boxes pass untouched.
+    product per image: ``v2.ColorJitter(hue=)`` goes through HSV and costs several times more (docs/studies.md,
+    Training speed). Masks and boxes pass untouched.
     """
 
     _transformed_types = (tv_tensors.Image,)

@@ -28,14 +28,13 @@ from torch import nn
 INITIAL_EMBEDDING = 0.1
 """Every gate starts open (``e > 0``), as in the plain network, and the sparsity penalty closes what the task does not
 need; at the routing strategy's default rate (0.01 per Adam step) closing takes about 10 steps. Starting at 0 (gates
-0.5 either way) let the signs of the first, noisy gradients decide instead: on shapes (seed 0, 96 px, 6 / 15 / 15
-epochs) each task kept 14-17 % of the channels instead of 33-43 %, and detection reached 0.072 instead of 0.147
-mAP50_95 (segmentation 0.266 vs 0.275 mIoU, classification 0.500 vs 0.450 top-1)."""
+0.5 either way) lets the signs of the first, noisy gradients decide instead, and the tasks keep fewer channels and
+learn less (docs/studies.md, Routing)."""
 
 GATE_FLOOR = 1e-3
 """A soft gate below this is 0 in the forward pass (its gradient stays): a closed channel's ``sigmoid(s * e)`` reaches
-denormal floats as ``s`` grows, and CPU arithmetic on denormal feature maps made a training step 5x slower (yolov8n,
-96 px, batch 16, 1 thread: 590 instead of 120 ms)."""
+denormal floats as ``s`` grows, and arithmetic on denormal feature maps is several times slower on some CPUs
+(docs/studies.md, Routing)."""
 
 
 @dataclass(frozen=True)
