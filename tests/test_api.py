@@ -1,5 +1,5 @@
-"""The Python API (``import clmtl``): README's example as pasted, the same numbers as the command line, no side effects
-unless asked, and a user's own Avalanche benchmark through clmtl's template, strategies, metrics and report."""
+"""The Python API (``import clmtl``): the docs' examples as pasted, the same numbers as the command line, no side
+effects unless asked, and a user's own Avalanche benchmark through clmtl's template, strategies, metrics and report."""
 import ast
 import json
 import re
@@ -14,8 +14,7 @@ from torch.utils.data import Dataset
 import clmtl
 from clmtl.results import Results
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-API_DOC = README.parent / "docs" / "api.md"
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 TINY = {"data": {"train_size": 8, "val_size": 4, "image_size": 64}, "train": {"epochs": 1, "batch_size": 4},
         "output": {"overlays": 0}}
 TINY_OVERRIDES = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
@@ -42,15 +41,21 @@ def python_block(path: Path, heading: str) -> str:
 
 
 @pytest.mark.slow
-def test_readme_api_example_runs_as_pasted(tmp_path, monkeypatch):
-    code = python_block(README, "## Python API")
-    assert len(code.strip().splitlines()) <= 15
+def test_the_api_example_runs_as_pasted_and_writes_what_it_returns(tmp_path, monkeypatch, capsys):
+    code = python_block(API_DOC, "Two strategies on a small stream")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the documented example, as a user pastes it
-    results = namespace["results"]
-    assert isinstance(results, Results)
-    assert len(results.matrix) == len(results.tasks) >= 2
+    exec(compile(code, "docs/api.md", "exec"), namespace)  # noqa: S102 - the documented example, as a user pastes it
+    results = namespace["results"]  # the last strategy's
+    assert results.strategy == "ewc+replay" and len(results.matrix) == len(results.tasks) == 3
+    written = Results.load(tmp_path / "runs" / "api_ewc-replay")  # where the example asked
+    assert (written.strategy, written.matrix, written.final) == ("ewc+replay", results.matrix, results.final)
+    last_row = results.matrix[-1]
+    assert results.average_accuracy == sum(last_row) / len(last_row)
+    printed = capsys.readouterr().out
+    assert [line.split()[0] for line in printed.splitlines() if line.startswith(("naive ", "ewc+replay "))] == [
+        "naive", "ewc+replay"]
+    assert "## Accuracy matrix" in printed
 
 
 @pytest.mark.slow

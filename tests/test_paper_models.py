@@ -138,15 +138,15 @@ def test_a_classifier_exports_to_torchscript_at_its_own_input_size(tmp_path):
 
 
 @pytest.mark.slow
-def test_readmes_own_model_example_runs_as_pasted_and_replay_keeps_more(tmp_path, monkeypatch, capsys):
+def test_the_docs_own_model_example_runs_as_pasted_and_replay_keeps_more(tmp_path, monkeypatch, capsys):
     from clmtl.data.digits import write_mnist_files
 
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text().split("## Python API", 1)[1], re.S)
+    api_doc = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+    blocks = re.findall(r"```python\n(.*?)```", api_doc.read_text().split("## A model of your own", 1)[1], re.S)
     code = next(block for block in blocks if "model=mlp" in block)
     monkeypatch.chdir(tmp_path)
     write_mnist_files(tmp_path / "data" / "digits")
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the documented example, as a user pastes it
+    exec(compile(code, "docs/api.md", "exec"), {})  # noqa: S102 - the documented example, as a user pastes it
     scores = dict(line.split() for line in capsys.readouterr().out.splitlines() if line.split()[0] in ("naive",
                                                                                                     "replay"))
     assert float(scores["naive"]) < 0.25 < 0.6 < float(scores["replay"])  # class-incremental: replay remembers
