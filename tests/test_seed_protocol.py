@@ -35,11 +35,31 @@ def test_protocol_writes_table_one_and_efficiency_from_its_run(tmp_path):
     summary = json.loads((tmp_path / "seed_protocol.json").read_text())
     assert results["strategy"] == "ewc" and results["config"]["strategy"]["ewc"]["lambda"] == 1000.0
     assert results["config"]["train"]["optimizer"] == "sgd"  # an explicit override wins over the protocol
-    for name, row in summary["table1"].items():
-        assert row["baseline"] == results["baseline"][name] and row["ewc_final"] == results["final"][name]
-    assert summary["params"]["total"] == results["params"]
-    assert summary["params"]["total"] == sum(v for k, v in summary["params"].items() if k != "total")
+    last_row = results["matrix"][-1]  # each task's primary metric after the last experience, from the raw matrix
+    for index, (name, row) in enumerate(summary["table1"].items()):
+        assert row["ewc_final"] == last_row[index]
+        baseline = row["baseline"]
+        expected_drop = None if not baseline else (baseline - last_row[index]) / baseline
+        assert row["drop"] == pytest.approx(expected_drop)
+    # the parts of a freshly built model add up to the trained model's parameter count
+    assert results["params"] == sum(v for k, v in summary["params"].items() if k != "total")
     assert set(summary["inference_ms"]) == {"seg", "det", "cls", "all three (forward_all)"}
     assert all(t["median_ms"] > 0 for t in summary["inference_ms"].values())
     text = (tmp_path / "seed_protocol.md").read_text()
     assert "| seg | mIoU |" in text and "## Efficiency" in text and "| sequential cls |" in text
+
+
+def test_table_one_on_hand_made_scores():
+    """Baseline 0.5 and final 0.2: a drop of 60.0 % relative and 0.300 absolute; no baseline: dashes."""
+    script = load_benchmark("seed_protocol")
+    results = {"benchmark": "shapes", "seed": 0, "params": 1000,
+               "tasks": [{"name": "seg", "metric": "mIoU"}, {"name": "cls", "metric": "top1"}],
+               "config": {"strategy": {"ewc": {"lambda": 1000.0}}, "train": {"optimizer": "adam", "threads": 1},
+                          "data": {"image_size": 64}},
+               "baseline": {"seg": 0.5}, "final": {"seg": 0.2, "cls": 0.75}, "drop_vs_baseline": {"seg": 0.6},
+               "baseline_train_seconds": {"seg": 1.0}, "train_seconds": {"seg": 2.0, "cls": 3.0}}
+    latency = {"seg": {"median_ms": 5.0, "iqr_ms": 0.5}}
+    text = script.protocol_markdown(results, latency, {"backbone": 600, "head": 400})
+    assert "| seg | mIoU | 0.500 | 0.200 | 60.0 % | 0.300 |" in text
+    assert "| cls | top1 | – | 0.750 | – | – |" in text
+    assert "Parameters: 1,000 (backbone 600, head 400)." in text

@@ -38,15 +38,34 @@ def test_tiny_run_writes_every_measurement_and_ratios_of_its_medians(speed, tmp_
         assert entry["median_ms"] == pytest.approx(statistics.median(entry["runs_ms"]))
 
     assert set(result["train"]) == {"naive", "ewc", "replay", "lwf", "joint", "routing"}
-    for entry in result["train"].values():
-        assert entry["images_per_s"] == pytest.approx(2 / (entry["median_ms"] / 1000))
+    assert set(result["ratios"]) == set(speed.RATIOS) - {"compile_speedup"}  # --compile not given
 
-    medians = {name: entry["median_ms"] for name, entry in {**latency, **result["train"]}.items()}
-    expected = set(speed.RATIOS) - {"compile_speedup"}  # --compile not given
-    assert set(result["ratios"]) == expected
-    for name, ratio in result["ratios"].items():
-        assert ratio["value"] == pytest.approx(medians[ratio["numerator"]] / medians[ratio["denominator"]])
-        assert ratio["met"] is (None if ratio["target"] is None else ratio["value"] <= ratio["target"])
+
+def test_throughput_and_ratios_of_hand_made_timings(speed, monkeypatch):
+    """Steps of 40 / 50 / 60 ms and 52 / 54 / 70 ms on batches of 16: medians 50 and 54 ms, 320 and 296.3 images/s,
+    EWC / naive 1.08 (target 1.10: met); a pipeline of 42 ms on a backbone of 30 ms: 1.4 (target 1.35: not met),
+    forward_all at 36 ms: 1.2 (no target), decode at 2.1 ms: 0.05 of the pipeline (target 0.10: met)."""
+    from types import SimpleNamespace
+
+    from clmtl.timing import Latency
+
+    monkeypatch.setattr(speed, "training_cases", lambda args: ({"naive": None, "ewc": None}, {}))
+    monkeypatch.setattr(speed, "time_interleaved", lambda cases, repeats, warmup: {
+        "naive": Latency((60.0, 40.0, 50.0)), "ewc": Latency((52.0, 70.0, 54.0))})
+    train = speed.measure_training(SimpleNamespace(train_batch_size=16, repeats=3, warmup=0))["train"]
+    assert train["naive"]["median_ms"] == 50.0 and train["naive"]["images_per_s"] == pytest.approx(320.0)
+    assert train["ewc"]["images_per_s"] == pytest.approx(296.296, abs=1e-3)
+
+    latency = {"eager/pipeline": {"median_ms": 42.0}, "eager/backbone": {"median_ms": 30.0},
+               "eager/forward_all": {"median_ms": 36.0}, "decode": {"median_ms": 2.1}}
+    ratios = speed.ratios(latency, train)
+    assert ratios["ewc_over_naive"]["value"] == pytest.approx(1.08) and ratios["ewc_over_naive"]["met"] is True
+    assert ratios["pipeline_over_backbone"]["value"] == pytest.approx(1.4)
+    assert ratios["pipeline_over_backbone"]["met"] is False
+    assert ratios["decode_share"]["value"] == pytest.approx(0.05) and ratios["decode_share"]["met"] is True
+    assert ratios["forward_all_over_backbone"]["value"] == pytest.approx(1.2)
+    assert ratios["forward_all_over_backbone"]["met"] is None  # no target
+    assert "replay_over_naive" not in ratios and "fold_speedup" not in ratios  # a median is missing
 
 
 def test_timed_steps_run_each_strategy_with_its_state_from_the_first_experience(speed, monkeypatch):
