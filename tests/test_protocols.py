@@ -86,18 +86,10 @@ def test_mnist_is_read_from_torchvisions_files_or_class_folders(tmp_path):
 def test_reproduce_writes_a_verdict_per_cell_on_mnist_files_with_avalanches_rows(tmp_path, capsys):
     import csv
 
-    import numpy as np
-
     from benchmark_scripts import load_benchmark
-    from tiny_mnist import banded_digits
-    from test_torchvision_sets import write_mnist
+    from tiny_mnist import ten_digit_mnist
 
-    rng = np.random.default_rng(0)
-    root = tmp_path / "mnist"
-    images, labels = banded_digits(10, rng)  # four classes, relabelled below to cover the ten digits
-    every_digit = (np.concatenate([images] * 3), [*labels, *[label + 4 for label in labels],
-                                                   *[(label + 6) % 10 for label in labels]])
-    write_mnist(root, train=every_digit, test=every_digit)
+    root = ten_digit_mnist(tmp_path / "mnist", 10)
     script = load_benchmark("reproduce")
     assert script.main(["--list"]) == 0 and "split_mnist_2019:" in capsys.readouterr().out
     out = tmp_path / "out"
