@@ -281,10 +281,11 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
         self.generator.set_state(state["draw_rng"])
         self.replayed = Counter(state["replayed"])
 
-    def stats(self) -> dict[str, dict[int, int]]:
-        """What results.json records of this plugin: samples stored and replayed per experience."""
-        return {"stored": {experience: len(memory) for experience, memory in self.buffer.tasks.items()},
-                "replayed": dict(self.replayed)}
+    def stats(self) -> dict[str, dict[str, int]]:
+        """What results.json records of this plugin: samples stored and replayed per experience (keyed by the
+        experience's index as text, as JSON keys are, so results read back equal the run's)."""
+        return {"stored": {str(experience): len(memory) for experience, memory in self.buffer.tasks.items()},
+                "replayed": {str(experience): count for experience, count in self.replayed.items()}}
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         experience = strategy.experience
