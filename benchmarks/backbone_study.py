@@ -31,11 +31,12 @@ def backbone_cost(name: str, image_size: int, repeats: int) -> dict[str, float]:
 
     from clmtl.data.shapes import shapes_task
     from clmtl.models import UnifiedModel
+    from clmtl.scenario import output_spaces
     from clmtl.tasks import TASK_KINDS
     from clmtl.timing import measure_latency
 
     tasks = [shapes_task(kind, name) for name, kind in TASK_KINDS.items()]
-    model = UnifiedModel(tasks, image_size=image_size, backbone=name).eval()
+    model = UnifiedModel(output_spaces(tasks), image_size=image_size, backbone=name).eval()
     image = torch.rand(1, 3, image_size, image_size)
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=2, help="trainings at once for the projection (default 2)")
     args = parser.parse_args(argv)
 
-    from clmtl.config import ConfigError
+    from clmtl.errors import ConfigError
     from clmtl.protocols import Protocol, mnist_source, train_clmtl
 
     protocol = Protocol.load(PROTOCOLS / f"{args.protocol}.yaml")

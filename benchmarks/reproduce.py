@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
 
-    from clmtl.config import ConfigError
+    from clmtl.errors import ConfigError
     from clmtl.protocols import CSV_COLUMNS, Protocol, available_protocols, mnist_source
 
     protocols = available_protocols(PROTOCOLS)

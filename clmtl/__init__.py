@@ -26,7 +26,7 @@ _API = {
     "write_report": "clmtl.report",
     "strategies": "clmtl.registry",
     "register": "clmtl.registry",
-    "setting": "clmtl.config",
+    "setting": "clmtl.settings",
 }
 """Each public name and the module that defines it (``strategies`` is ``clmtl.registry.available``)."""
 

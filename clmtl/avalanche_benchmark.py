@@ -25,11 +25,12 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from clmtl.benchmark import Benchmark, in_head_labels
-from clmtl.config import Config, ConfigError, short_kind
+from clmtl.config import Config
 from clmtl.data.relabel import Relabelled
+from clmtl.errors import ConfigError
 from clmtl.scenario import plan_stream
 from clmtl.stream import build_stream
-from clmtl.tasks import CLASSIFICATION, TaskSpec
+from clmtl.tasks import CLASSIFICATION, TaskSpec, short_kind
 
 
 class ModelImages(Dataset):

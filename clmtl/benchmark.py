@@ -14,17 +14,17 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from clmtl.config import (Config, ConfigError, DomainsConfig, SplitConfig, TaskConfig, TransformConfig, kind_name,
-                          short_kind)
+from clmtl.config import Config, DomainsConfig, SplitConfig, TaskConfig, TransformConfig
 from clmtl.data.domains import DomainShifted
 from clmtl.data.files import files_sources
 from clmtl.data.holdout import carve
 from clmtl.data.relabel import Relabelled
 from clmtl.data.sources import LoadOptions, TaskData, load_task, source_classes
 from clmtl.data.transforms import train_augmentation
+from clmtl.errors import ConfigError
 from clmtl.scenario import plan_stream
 from clmtl.stream import build_stream
-from clmtl.tasks import CLASSIFICATION, TASK_KINDS, TaskSpec
+from clmtl.tasks import CLASSIFICATION, TASK_KINDS, TaskSpec, kind_name, short_kind
 
 
 @dataclass
@@ -117,7 +117,9 @@ def task_entries(config: Config) -> list[TaskConfig]:
         return split_entries(config.split, config.seed)
     if config.domains is not None:
         return domain_entries(config.domains)
-    sources = files_sources(config.data) if config.benchmark == "files" else None
+    sources = None
+    if config.benchmark == "files":
+        sources = files_sources(config.data.root, config.data.seg, config.data.det, config.data.cls)
     entries = []
     for entry in config.tasks:
         if isinstance(entry, str):

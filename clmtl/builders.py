@@ -18,9 +18,10 @@ import torch
 from clmtl import distributed
 from clmtl.averaging import WeightAveraging
 from clmtl.benchmark import Benchmark
-from clmtl.config import CLASSIFIER_NAMES, Config, ConfigError
+from clmtl.config import CLASSIFIER_NAMES, Config
 from clmtl.decode import decode_detections
 from clmtl.devices import resolve_device
+from clmtl.errors import ConfigError
 from clmtl.losses import MultiTaskLoss
 from clmtl.metrics.plugin import task_metrics
 from clmtl.models import UnifiedModel
@@ -29,6 +30,7 @@ from clmtl.plugin import Plugin
 from clmtl.precision import resolve_precision
 from clmtl.progress import ProgressBar
 from clmtl.registry import build_plugins, check_stream
+from clmtl.scenario import output_spaces
 from clmtl.schedule import LRSchedule
 from clmtl.tasks import TaskSpec
 from clmtl.template import MultiTaskTemplate
@@ -51,24 +53,25 @@ def build_model(config: Config, tasks: Sequence[TaskSpec], initial_weights: bool
     about to receive a checkpoint's state: the file may have moved since training, and reading it would be wasted).
     """
     torch.manual_seed(config.seed)
+    spaces = output_spaces(tasks)
     if module is not None:
         from clmtl.models.user import UserModelError, user_model
 
         try:
-            model = user_model(copy.deepcopy(module), tasks)
+            model = user_model(copy.deepcopy(module), spaces)
         except UserModelError as error:
             raise ConfigError(str(error)) from None
     elif config.model.backbone in CLASSIFIER_NAMES:
         from clmtl.models.classifier import build_classifier
 
         try:
-            model = build_classifier(tasks, config.model.backbone, config.data.channels, config.data.image_size,
+            model = build_classifier(spaces, config.model.backbone, config.data.channels, config.data.image_size,
                                      config.model.hidden)
         except ValueError as error:
             raise ConfigError(str(error)) from None
     else:
         model = UnifiedModel(
-            tasks,
+            spaces,
             fpn_channels=config.model.fpn_channels,
             fpn_smooth=config.model.fpn_smooth,
             image_size=config.data.image_size,

@@ -85,8 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(error)
     from clmtl import distributed
     from clmtl.checkpoint import ResumeError, StopRequest
-    from clmtl.config import ConfigError
-    from clmtl.data.images import DataError
+    from clmtl.errors import ConfigError, DataError
     from clmtl.report import summary_markdown
     from clmtl.runner import run
 
@@ -180,7 +179,7 @@ def cmd_strategies(args: argparse.Namespace) -> int:
         use_strategy_files(args.plugin_file)
     except FileNotFoundError as error:
         return _fail(error)
-    from clmtl.config import describe_settings
+    from clmtl.settings import describe_settings
     from clmtl.tasks import KINDS
 
     for name, entry in available().items():

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from clmtl.config import ConfigError
+from clmtl.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 

@@ -33,9 +33,8 @@ from clmtl.devices import resolve_device, resolve_threads
 from clmtl.io import atomic_write_json, atomic_write_text
 from clmtl.metrics.scores import scorer_for
 from clmtl.models import UnifiedModel
-from clmtl.scenario import OutputSpace
 from clmtl.stream import collate_for
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
+from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, OutputSpace, TaskSpec
 
 
 class PredictionWriter:

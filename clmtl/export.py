@@ -16,29 +16,22 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from clmtl.config import short_kind
 from clmtl.fuse import fuse_batchnorm
 from clmtl.models.heads import HeadedModel
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+from clmtl.scenario import placed
+from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
 
 FORMATS = ("torchscript", "onnx")
 OUTPUT_ORDER = (SEGMENTATION, CLASSIFICATION, DETECTION)
 METADATA_FILE = "clmtl.json"
 ONNX_PACKAGES = ("onnx", "onnxscript")
 """What ``torch.onnx.export`` (its default, torch.export-based exporter) imports."""
-
-
-def head_names(tasks) -> dict[int, str]:
-    """Each head's name: its task's, or its kind's short name when several tasks share it."""
-    names = {}
-    for task in tasks:
-        names[task.head] = short_kind(task.kind) if task.head in names else task.name
-    return names
 
 
 class AllTasks(nn.Module):
@@ -49,7 +42,7 @@ class AllTasks(nn.Module):
         self.model = model
         kinds = model.head_kinds
         self.labels = [head for kind in OUTPUT_ORDER for head in sorted(kinds) if kinds[head] == kind]
-        self.names = head_names(model.tasks)
+        self.names = {head: space.name for head, space in enumerate(model.spaces)}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.model.forward_all(x)
@@ -70,24 +63,25 @@ class AllTasks(nn.Module):
         return names
 
 
-def export_metadata(wrapper: AllTasks, image_size: int, channels: int = 3) -> dict:
-    """What a consumer of the exported file needs to read its outputs (no anchors for a classifier)."""
+def export_metadata(wrapper: AllTasks, tasks: Sequence[TaskSpec], image_size: int, channels: int = 3) -> dict:
+    """What a consumer of the exported file needs to read its outputs (no anchors for a classifier): ``tasks`` say
+    which head (and which of its outputs) each task reads."""
     model = wrapper.model
     layout = model.anchor_layout
     return {
         "input": {"name": "images", "shape": [1, channels, image_size, image_size], "range": [0.0, 1.0]},
         "outputs": wrapper.output_names(),
-        "tasks": [task.as_dict() for task in model.tasks],
+        "tasks": [task.as_dict() for task in placed(tasks)],
         "heads": [{"name": wrapper.names[head], "kind": space.kind, "classes": list(space.classes)}
                   for head, space in enumerate(model.spaces)],
         "anchor_layout": None if layout is None else dataclasses.asdict(layout),
     }
 
 
-def export_model(model: HeadedModel, path: str | Path, format: str = "torchscript", *, image_size: int,
-                 channels: int = 3) -> Path:
+def export_model(model: HeadedModel, path: str | Path, format: str = "torchscript", *, tasks: Sequence[TaskSpec],
+                 image_size: int, channels: int = 3) -> Path:
     """Write ``model``'s BatchNorm-folded ``forward_all`` to ``path`` for ``image_size``-pixel square inputs of
-    ``channels`` channels.
+    ``channels`` channels, with the stream's ``tasks`` (placed in the model's heads) in its metadata.
 
     ``format`` is ``torchscript`` (``torch.jit.trace``; load with ``torch.jit.load``) or ``onnx`` (needs the
     ``onnx`` and ``onnxscript`` packages; a clear ``ModuleNotFoundError`` names the missing ones). The graph is
@@ -109,7 +103,7 @@ def export_model(model: HeadedModel, path: str | Path, format: str = "torchscrip
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = AllTasks(fuse_batchnorm(model)).eval()
     example = torch.rand(1, channels, image_size, image_size)
-    metadata = export_metadata(wrapper, image_size, channels)
+    metadata = export_metadata(wrapper, tasks, image_size, channels)
     if format == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(wrapper, example)
@@ -154,7 +148,7 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, format: str = "t
         model.load_state_dict(saved["model"])
     except RuntimeError as error:
         raise ValueError(f"{checkpoint}: its weights do not fit the model its config describes: {error}") from None
-    return export_model(model.eval(), path, format, image_size=image_size or config.data.image_size,
+    return export_model(model.eval(), path, format, tasks=tasks, image_size=image_size or config.data.image_size,
                         channels=config.data.channels)
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from clmtl.config import PRECISIONS
-
 HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", *HALF_TYPES)
+"""What ``train.precision`` may be."""
 
 
 def native_bf16() -> bool:

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from clmtl.config import SCENARIOS, ConfigError
+from clmtl.errors import ConfigError
+from clmtl.scenario import SCENARIOS
 from clmtl.significance import t_half_width
 
 METHODS = ("naive", "joint", "ewc", "online_ewc", "si", "lwf", "replay")

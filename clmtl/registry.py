@@ -3,7 +3,7 @@ defaults.
 
 One registration style: ``@register(name, settings=...)`` on the plugin class itself, which the registry builds with
 the settings' fields as keyword arguments, so a hyperparameter has one name as config key, settings field and plugin
-argument (``clmtl.config.setting``). Where no one class fits (the setting picks the class, or there is no plugin), the
+argument (``clmtl.settings.setting``). Where no one class fits (the setting picks the class, or there is no plugin), the
 decorated callable is a function taking the same keywords.
 
 Built-in strategies live in the package ``clmtl.strategies`` (the folder ``strategies/`` at the repository's root,
@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from clmtl.config import ConfigError, make_settings, schema_defaults
+from clmtl.errors import ConfigError
+from clmtl.settings import make_settings, schema_defaults
 from clmtl.tasks import KINDS, TASK_KINDS
 
 ENTRY_POINT_GROUP = "clmtl.strategies"
@@ -84,7 +85,7 @@ class StrategyEntry:
     name: str
     factory: PluginFactory
     settings: type | None = None
-    """The dataclass of its hyperparameters (``clmtl.config.setting`` fields), or None: it has none."""
+    """The dataclass of its hyperparameters (``clmtl.settings.setting`` fields), or None: it has none."""
     summary: str = ""
     acts_on: tuple[str, ...] = ()
     kinds: tuple[str, ...] = KINDS
@@ -117,7 +118,7 @@ def register(name: str, settings: type | None = None, acts_on: tuple[str, ...] =
     shows.
 
     ``settings`` is the dataclass of its hyperparameters (config keys ``strategy.<name>.<key>``, each a
-    ``clmtl.config.setting`` with its default, check and help: the one place they are declared and validated); the
+    ``clmtl.settings.setting`` with its default, check and help: the one place they are declared and validated); the
     factory must take each field by its name, and need no other argument (checked here, ``TypeError`` otherwise);
     ``acts_on`` lists what its plugin changes, a subset of ``ACTIONS``; ``kinds`` the task kinds it handles (full or
     short names, ``("classification",)`` or ``("cls",)``; default every kind); ``check(name, tasks)`` any further

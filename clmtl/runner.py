@@ -21,9 +21,10 @@ from clmtl.builders import (build_model, build_strategy, make_decoder, make_logg
 from clmtl.checkpoint import (ResumeError, StopRequest, clock_state, load_run_checkpoint, plugin_states,
                               restore_plugins, rng_state, save_run_checkpoint, set_clock_state, set_rng_state,
                               task_model_states)
-from clmtl.config import Config, ConfigError, check_model_input
+from clmtl.config import Config, check_model_input
 from clmtl.decode import predict
 from clmtl.devices import device_name, resolve_device, resolve_threads
+from clmtl.errors import ConfigError
 from clmtl.metrics.plugin import task_scores
 from clmtl.models import UnifiedModel
 from clmtl.plugin import Plugin

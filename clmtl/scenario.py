@@ -17,21 +17,14 @@ as Avalanche's own class-incremental benchmarks do.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from clmtl.config import SCENARIOS, ConfigError
-from clmtl.tasks import DETECTION, SEGMENTATION, TaskSpec
+from clmtl.errors import ConfigError
+from clmtl.tasks import DETECTION, SEGMENTATION, OutputSpace, TaskSpec, short_kind
 
-
-@dataclass(frozen=True)
-class OutputSpace:
-    """One head of the model: its kind, every class it holds once the stream is over, and its starting size."""
-
-    kind: str
-    classes: tuple[str, ...]
-    category_ids: tuple[int, ...] | None
-    initial: int
-    """Classes the head has before its tasks add any: those of its first task."""
+SCENARIOS = ("task", "class", "domain")
+"""van de Ven & Tolias (2019): task labels at test time (task), none and one growing output space per kind
+(class), none and the same classes in every task (domain)."""
 
 
 def plan_stream(tasks: Sequence[TaskSpec], scenario: str, positional: bool = False) -> list[TaskSpec]:
@@ -105,7 +98,8 @@ def output_spaces(tasks: Sequence[TaskSpec]) -> list[OutputSpace]:
         kind = members[0].kind
         has_ids = kind == DETECTION and all(i is not None for i in ids)
         spaces.append(OutputSpace(kind, tuple(str(n) for n in names), tuple(ids) if has_ids else None,
-                                  max(members[0].labels) + 1))
+                                  max(members[0].labels) + 1,
+                                  members[0].name if len(members) == 1 else short_kind(kind)))
     return spaces
 
 

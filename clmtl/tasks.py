@@ -19,6 +19,17 @@ TASK_KINDS = {"seg": SEGMENTATION, "det": DETECTION, "cls": CLASSIFICATION}
 """Short name of each kind: the built-in shapes tasks a config names, and the keys of per-kind settings
 (``train.epochs``, ``data.hue``, ``data.seg`` ...)."""
 
+
+def kind_name(kind: str) -> str:
+    """The full kind name of ``kind`` given as a full or short name (``cls`` -> ``classification``)."""
+    return TASK_KINDS.get(kind, kind)
+
+
+def short_kind(kind: str) -> str:
+    """The short name of a full kind name (``classification`` -> ``cls``)."""
+    return {full: short for short, full in TASK_KINDS.items()}[kind_name(kind)]
+
+
 IGNORE_INDEX = 255
 """Label-map value that no loss or metric counts (VOC's void border)."""
 
@@ -92,3 +103,19 @@ class TaskSpec:
         ids, labels = entry.get("category_ids"), entry.get("labels")
         return cls(entry["name"], entry["kind"], tuple(entry["classes"]), None if ids is None else tuple(ids),
                    entry.get("head", position), None if labels is None else tuple(labels), entry.get("transform"))
+
+
+@dataclass(frozen=True)
+class OutputSpace:
+    """One head of a model: its kind, every class it holds once the stream is over, and its starting size.
+
+    A model is built from its output spaces; which tasks share one is the scenario's business (``clmtl.scenario``).
+    """
+
+    kind: str
+    classes: tuple[str, ...]
+    category_ids: tuple[int, ...] | None
+    initial: int
+    """Classes the head has before its tasks add any: those of its first task."""
+    name: str = ""
+    """The head's name: its task's, or its kind's short name when several tasks share it (exported outputs)."""

@@ -45,7 +45,7 @@ class Candidate:
 
 def candidates(component: str) -> list[Candidate]:
     """Every combination of ``component``'s search values, in declaration order (none without a search space)."""
-    from clmtl.config import search_space
+    from clmtl.settings import search_space
     from clmtl.registry import available
 
     space = search_space(available()[component].settings)

@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from clmtl.config import AT_LEAST_ONE, NON_NEGATIVE, setting
 from clmtl.plugin import Plugin, to_device
 from clmtl.registry import register
+from clmtl.settings import AT_LEAST_ONE, NON_NEGATIVE, setting
 from clmtl.strategies.ewc import ewc_penalty, merge_anchors  # sum over anchors of importance * (theta - theta*)^2
 
 

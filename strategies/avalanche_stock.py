@@ -46,10 +46,11 @@ from avalanche.training.plugins import (AGEMPlugin, GDumbPlugin, GEMPlugin, MASP
                                         SynapticIntelligencePlugin)
 from torch import nn
 
-from clmtl.config import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, ConfigError, setting
+from clmtl.errors import ConfigError
 from clmtl.plugin import evaluating
 from clmtl.registry import register
 from clmtl.scenario import placed
+from clmtl.settings import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, setting
 from clmtl.tasks import CLASSIFICATION, TaskSpec
 
 KINDS = (CLASSIFICATION,)

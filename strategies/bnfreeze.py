@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clmtl.config import one_of, setting
 from clmtl.plugin import Plugin
 from clmtl.registry import register
 from clmtl.scenario import require_own_heads
+from clmtl.settings import one_of, setting
 
 MODES = ("freeze", "per_task")
 

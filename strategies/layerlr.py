@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-from clmtl.config import NON_NEGATIVE, setting
 from clmtl.plugin import Plugin
 from clmtl.registry import register
+from clmtl.settings import NON_NEGATIVE, setting
 
 PARTS = ("backbone", "neck", "head")
 

@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clmtl.config import FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, setting
 from clmtl.losses import output_kind
 from clmtl.plugin import Plugin, kept_statistics
 from clmtl.registry import register
+from clmtl.settings import FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, setting
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 
 Output = torch.Tensor | list[torch.Tensor]

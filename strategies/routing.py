@@ -34,9 +34,9 @@ from torch import nn
 
 from clmtl.models.routing import TaskRoutes
 from clmtl.plugin import Plugin
-from clmtl.config import NON_NEGATIVE, POSITIVE, rule, setting
 from clmtl.registry import register
 from clmtl.scenario import require_own_heads
+from clmtl.settings import NON_NEGATIVE, POSITIVE, rule, setting
 
 
 @dataclass

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from clmtl.config import NON_NEGATIVE, POSITIVE, setting
 from clmtl.plugin import Plugin
 from clmtl.registry import register
+from clmtl.settings import NON_NEGATIVE, POSITIVE, setting
 from clmtl.strategies.ewc import Anchor, ewc_penalty, grown
 
 

@@ -154,7 +154,7 @@ def test_domain_scenario_shares_one_head_by_class_position():
 
 def test_task_labels_that_repeat_partly_are_refused():
     from clmtl.avalanche_benchmark import scenario_of
-    from clmtl.config import ConfigError
+    from clmtl.errors import ConfigError
 
     class Experience:
         def __init__(self, label):

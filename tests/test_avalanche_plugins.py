@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, build_strategy, make_template, seed_everything
 from clmtl.cli import main
-from clmtl.config import ConfigError, load_config
+from clmtl.config import load_config
+from clmtl.errors import ConfigError
 from clmtl.data.transforms import train_augmentation
 from clmtl.registry import available, build_plugins, check_stream, parse_strategy, register, strategy_schemas
 from clmtl.scenario import plan_stream

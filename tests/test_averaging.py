@@ -9,7 +9,8 @@ from avalanche.training import Naive
 from avalanche.training.plugins import EWCPlugin
 
 from clmtl.averaging import WeightAveraging
-from clmtl.config import ConfigError, load_config
+from clmtl.config import load_config
+from clmtl.errors import ConfigError
 from clmtl.builders import recipe_plugins
 from test_ewc import classification_data
 

@@ -9,6 +9,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from clmtl.models import UnifiedModel
 from clmtl.models.backbone import BACKBONES, build_backbone
+from clmtl.scenario import output_spaces
 from clmtl.tasks import TaskSpec
 
 SIZE = 64
@@ -47,13 +48,13 @@ def test_an_unknown_backbone_names_the_choices_and_the_closest():
     with pytest.raises(ValueError, match="did you mean 'mobilenet_v3_small'.*yolov8n, mobilenet_v3_small, effici"):
         build_backbone("mobilenetv3_small")
     with pytest.raises(ValueError, match="unknown backbone 'resnet50'; choices: yolov8n"):
-        UnifiedModel(SHAPES_TASKS, image_size=SIZE, backbone="resnet50")
+        UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, backbone="resnet50")
 
 
 @pytest.mark.parametrize("name", list(CHANNELS))
 @pytest.mark.parametrize("classes", [(5, 4, 5), (21, 10, 10)], ids=["shapes", "real"])
 def test_every_configuration_has_fewer_than_8m_parameters(name, classes):
-    model = UnifiedModel(tasks(*classes), image_size=SIZE, backbone=name)
+    model = UnifiedModel(output_spaces(tasks(*classes)), image_size=SIZE, backbone=name)
     groups = {part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}
     total = sum(p.numel() for p in model.parameters())
     print(f"{name} {classes}: {groups} total {total:,}")
@@ -64,7 +65,7 @@ def test_every_configuration_has_fewer_than_8m_parameters(name, classes):
 def test_bn_momentum_is_01_and_train_mode_is_deterministic(name):
     """The same BN momentum as yolov8n (not torchvision's 0.01), and no stochastic depth in training."""
     torch.manual_seed(0)
-    model = UnifiedModel(SHAPES_TASKS, image_size=SIZE, backbone=name).train()
+    model = UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, backbone=name).train()
     assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
     x = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -75,7 +76,7 @@ def test_bn_momentum_is_01_and_train_mode_is_deterministic(name):
 
 @pytest.mark.parametrize("name", NEW)
 def test_forward_all_equals_each_single_task_forward(name):
-    model = UnifiedModel(SHAPES_TASKS, image_size=SIZE, backbone=name).eval()
+    model = UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, backbone=name).eval()
     x = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         together = model.forward_all(x)
@@ -93,7 +94,7 @@ def test_a_torchvision_state_dict_fills_the_backbone(name, tmp_path):
     path = tmp_path / f"{name}.pt"
     torch.save(source.state_dict(), path)  # features.*, classifier.*: what torchvision's weight files hold
     torch.manual_seed(0)
-    model = UnifiedModel(SHAPES_TASKS, image_size=SIZE, backbone=name, weights=path).eval()
+    model = UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, backbone=name, weights=path).eval()
     loaded, saved = model.backbone.state_dict(), source.state_dict()
     for key, value in loaded.items():
         torch.testing.assert_close(value, saved[key.replace("layers.", "features.", 1)], rtol=0, atol=0)
@@ -108,11 +109,11 @@ def test_a_torchvision_state_dict_fills_the_backbone(name, tmp_path):
 @pytest.mark.parametrize("name", list(CHANNELS))
 def test_a_full_model_state_dict_round_trips(name, tmp_path):
     torch.manual_seed(1)
-    model = UnifiedModel(SHAPES_TASKS, image_size=SIZE, backbone=name)
+    model = UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, backbone=name)
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
     torch.manual_seed(2)
-    loaded = UnifiedModel(SHAPES_TASKS, image_size=SIZE, backbone=name, weights=path)
+    loaded = UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, backbone=name, weights=path)
     for (key, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
 
@@ -124,21 +125,21 @@ def test_a_mismatched_weights_file_names_the_file_and_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r"mobilenet\.pt does not match the model \(backbone 'efficientnet_b0'\): "
                                          r"346 missing keys \['layers\.1\.0\.block.*"
                                          r"140 unexpected keys \['layers\.1\.block"):
-        UnifiedModel(SHAPES_TASKS, image_size=SIZE, backbone="efficientnet_b0", weights=path)
+        UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, backbone="efficientnet_b0", weights=path)
     with pytest.raises(ValueError, match=r"mobilenet\.pt .*backbone 'yolov8n'.*unexpected keys \['classifier\.0"):
-        UnifiedModel(SHAPES_TASKS, image_size=SIZE, weights=path)
+        UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, weights=path)
 
     incomplete = tmp_path / "incomplete.pt"
     torch.save({k: v for k, v in mobilenet.items() if k != "features.3.block.0.0.weight"}, incomplete)
     with pytest.raises(ValueError, match=r"incomplete\.pt.*1 missing keys \['layers\.3\.block\.0\.0\.weight'\], "
                                          r"0 unexpected"):
-        UnifiedModel(SHAPES_TASKS, image_size=SIZE, backbone="mobilenet_v3_small", weights=incomplete)
+        UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, backbone="mobilenet_v3_small", weights=incomplete)
 
     narrow = tmp_path / "narrow.pt"  # the same keys, other shapes
     torch.save(torchvision.models.mobilenet_v3_small(weights=None, width_mult=0.5).state_dict(), narrow)
     with pytest.raises(ValueError, match=r"narrow\.pt .*: 200 tensors of another shape: "
                                          r"layers\.0\.0\.weight \[8, 3, 3, 3\] \(model \[16, 3, 3, 3\]\), "):
-        UnifiedModel(SHAPES_TASKS, image_size=SIZE, backbone="mobilenet_v3_small", weights=narrow)
+        UnifiedModel(output_spaces(SHAPES_TASKS), image_size=SIZE, backbone="mobilenet_v3_small", weights=narrow)
 
 
 class LossRecorder(SupervisedPlugin):
@@ -162,7 +163,8 @@ def test_swapping_the_backbone_is_one_config_key(name, tmp_path, isolated_regist
                                 "train.batch_size=4", "train.threads=1", "output.overlays=0",
                                 "output.checkpoints=false", f"model.backbone={name}"])
     results = run(config, "naive+loss_recorder", tmp_path, baselines=False)
-    assert results["params"] == sum(p.numel() for p in UnifiedModel(SHAPES_TASKS, backbone=name).parameters())
+    model = UnifiedModel(output_spaces(SHAPES_TASKS), backbone=name)
+    assert results["params"] == sum(p.numel() for p in model.parameters())
     assert sorted(recorder.losses) == [0, 1, 2]
     assert all(math.isfinite(loss) for losses in recorder.losses.values() for loss in losses)
     assert all(0.0 <= value <= 1.0 for row in results["matrix"] for value in row)  # evaluated, boxes decoded

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from clmtl.data.coco import CocoDetection
-from clmtl.data.images import DataError
+from clmtl.errors import DataError
 from clmtl.data.letterbox import Letterbox
 from clmtl.metrics.scores import scorer_for
 from clmtl.tasks import DETECTION, TaskSpec

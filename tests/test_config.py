@@ -8,7 +8,9 @@ from importlib import resources
 import pytest
 import yaml
 
-from clmtl.config import Config, ConfigError, check_model_input, load_config, setting
+from clmtl.config import Config, check_model_input, load_config
+from clmtl.errors import ConfigError
+from clmtl.settings import setting
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,28 @@ def test_backbone_choices_are_the_registry():
     from clmtl.models.backbone import BACKBONES
 
     assert BACKBONE_NAMES == tuple(BACKBONES)
+
+
+def test_precision_choices_are_what_the_precision_module_resolves():
+    from clmtl.config import PRECISIONS
+    from clmtl.precision import PRECISIONS as RESOLVED
+
+    assert PRECISIONS == RESOLVED
+
+
+def test_names_users_import_from_the_config_module_still_come_from_it():
+    """Strategies written against earlier versions import their ``setting`` fields and ``ConfigError`` from
+    ``clmtl.config``; those names are the ones of ``clmtl.settings`` and ``clmtl.errors``."""
+    import clmtl
+    import clmtl.config
+    import clmtl.errors
+    import clmtl.settings
+
+    for name in ("setting", "rule", "one_of", "POSITIVE", "AT_LEAST_ONE", "NON_NEGATIVE", "FRACTION", "PER_EXPERIENCE",
+                 "make_settings", "describe_settings", "search_space", "schema_defaults", "config_key"):
+        assert getattr(clmtl.config, name) is getattr(clmtl.settings, name), name
+    assert clmtl.config.ConfigError is clmtl.errors.ConfigError
+    assert clmtl.setting is clmtl.settings.setting
 
 
 def test_one_loader_checks_strategy_keys_against_the_registered_strategies_by_default():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clmtl.config import ConfigError
+from clmtl.errors import ConfigError
 from clmtl.devices import resolve_device, resolve_threads
 from clmtl.precision import GradientScaler, resolve_precision
 

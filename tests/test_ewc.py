@@ -149,13 +149,14 @@ def unified():
     """The unified model at 64 px and a three-task shapes stream of three training images per task."""
     from clmtl.data.shapes import make_shapes_dataset, shapes_task
     from clmtl.models import UnifiedModel
+    from clmtl.scenario import output_spaces
     from clmtl.stream import build_stream
     from clmtl.tasks import KINDS
 
     tasks = [shapes_task(kind, kind[:3]) for kind in KINDS]
     sets = [make_shapes_dataset(t.kind, "train", 3, 64) for t in tasks]
     torch.manual_seed(0)
-    return tasks, sets, build_stream(tasks, sets, sets), UnifiedModel(tasks, image_size=64)
+    return tasks, sets, build_stream(tasks, sets, sets), UnifiedModel(output_spaces(tasks), image_size=64)
 
 
 def per_sample_fisher(model, criterion, samples, head: int) -> dict[str, torch.Tensor]:

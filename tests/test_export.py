@@ -5,21 +5,27 @@ import importlib.util
 import pytest
 import torch
 
+from clmtl.data.shapes import shapes_task
 from clmtl.export import export_model, load_metadata
+from clmtl.tasks import TASK_KINDS
 from test_fuse import randomise_batchnorm, randomised_model
 
 SIZE = 64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated in torch 2.14
 
 
+STREAM = ("det", "cls", "seg")
+"""Stream order det, cls, seg: the export's order (seg, cls, det levels) must not depend on it."""
+TASKS = [shapes_task(TASK_KINDS[name], name) for name in STREAM]
+
+
 @pytest.fixture(scope="module")
 def model():
-    # stream order det, cls, seg: the export's order (seg, cls, det levels) must not depend on it
-    return randomised_model(("det", "cls", "seg"), SIZE)
+    return randomised_model(STREAM, SIZE)
 
 
 def test_torchscript_round_trip_gives_the_eager_outputs(model, tmp_path):
-    path = export_model(model, tmp_path / "model.pt", "torchscript", image_size=SIZE)
+    path = export_model(model, tmp_path / "model.pt", "torchscript", tasks=TASKS, image_size=SIZE)
     loaded = torch.jit.load(str(path))
     generator = torch.Generator().manual_seed(3)
     # the traced size, then another batch size and side: shapes are traced symbolically
@@ -45,7 +51,7 @@ def test_torchscript_round_trip_gives_the_eager_outputs(model, tmp_path):
 def test_onnx_round_trip_in_onnxruntime_gives_the_eager_outputs(model, tmp_path):
     import onnxruntime
 
-    path = export_model(model, tmp_path / "model.onnx", "onnx", image_size=SIZE)
+    path = export_model(model, tmp_path / "model.onnx", "onnx", tasks=TASKS, image_size=SIZE)
     session = onnxruntime.InferenceSession(str(path))
     metadata = json.loads(session.get_modelmeta().custom_metadata_map["clmtl.json"])
     assert [o.name for o in session.get_outputs()] == metadata["outputs"]
@@ -66,7 +72,7 @@ def test_onnx_without_its_packages_names_them(model, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"needs the Python package\(s\) onnx\b.*pip install onnx"):
-        export_model(model, tmp_path / "model.onnx", "onnx", image_size=SIZE)
+        export_model(model, tmp_path / "model.onnx", "onnx", tasks=TASKS, image_size=SIZE)
     assert not (tmp_path / "model.onnx").exists()
 
 
@@ -75,7 +81,7 @@ def test_onnx_without_its_packages_names_them(model, tmp_path, monkeypatch):
                                                    ("torchscript", 32, "at least 64")])
 def test_bad_format_or_size_is_refused(model, tmp_path, format, size, message):
     with pytest.raises(ValueError, match=message):
-        export_model(model, tmp_path / "model", format, image_size=size)
+        export_model(model, tmp_path / "model", format, tasks=TASKS, image_size=size)
 
 
 def run_checkpoint(path, tasks=None, backbone="yolov8n"):

@@ -13,8 +13,9 @@ from pycocotools.cocoeval import COCOeval
 import torch
 from realdata import COCO_IMAGES, write_coco, write_folder, write_voc
 
-from clmtl.config import ConfigError, load_config
-from clmtl.data.files import resolve_paths
+from clmtl.config import load_config
+from clmtl.data.files import DetectionFiles, RootFiles, resolve_paths
+from clmtl.errors import ConfigError
 from clmtl.evaluation import evaluate_checkpoint
 from clmtl.registry import strategy_schemas
 from clmtl.runner import run
@@ -33,13 +34,18 @@ def bundle(tmp_path_factory):
     return root, voc, coco, folder
 
 
+def bundle_paths(root, det: DetectionFiles | None = None):
+    """What ``data.root=ROOT`` (and ``data.det.*``) resolve to."""
+    return resolve_paths(str(root), RootFiles(), det or DetectionFiles(), RootFiles())
+
+
 def test_data_root_alone_finds_the_challenge_layout_and_explicit_keys_win(bundle, tmp_path):
     root = bundle[0]
-    paths = resolve_paths(load_config(None, [f"data.root={root}"]).data)
+    paths = bundle_paths(root)
     assert paths.seg_root == root / "mini_voc_seg" and paths.cls_root == root / "imagenette_160"
     assert paths.det_train_ann == root / "mini_coco_det" / "annotations" / "instances_train.json"
     assert paths.det_val_images == root / "mini_coco_det" / "val"
-    moved = resolve_paths(load_config(None, [f"data.root={root}", f"data.det.val_ann={tmp_path}/mine.json"]).data)
+    moved = bundle_paths(root, DetectionFiles(val_ann=f"{tmp_path}/mine.json"))
     assert moved.det_val_ann == tmp_path / "mine.json" and moved.det_train_ann == paths.det_train_ann
 
 
@@ -52,7 +58,7 @@ def test_missing_paths_are_clear_errors(bundle, tmp_path):
         build_benchmark(load_config(None, [f"data.root={bundle[0]}", f"data.det.train_ann={tmp_path}/none.json",
                                            *TINY]))
     with pytest.raises(ConfigError, match="data.root: .* is not a folder"):
-        resolve_paths(load_config(None, [f"data.root={tmp_path}/nowhere"]).data)
+        bundle_paths(tmp_path / "nowhere")
 
 
 def test_two_annotation_files_for_one_split_are_ambiguous(tmp_path):
@@ -60,7 +66,7 @@ def test_two_annotation_files_for_one_split_are_ambiguous(tmp_path):
     for name in ("instances_train2017.json", "instances_train_small.json"):
         (tmp_path / "mini_coco_det" / "annotations" / name).write_text("{}")
     with pytest.raises(ConfigError, match="several annotation files for split 'train'"):
-        resolve_paths(load_config(None, [f"data.root={tmp_path}"]).data)
+        bundle_paths(tmp_path)
 
 
 # Detections whose COCO mAP is known by hand, on the val annotation file ``write_coco`` writes (realdata.py): non-crowd
@@ -211,7 +217,7 @@ def test_eval_exports_known_detections_that_cocoeval_scores_as_we_do(real_run, b
 def test_bad_data_stops_the_run_before_it_touches_earlier_outputs(bundle, tmp_path):
     import shutil
 
-    from clmtl.data.images import DataError
+    from clmtl.errors import DataError
 
     root = tmp_path / "bundle"
     shutil.copytree(bundle[0], root)

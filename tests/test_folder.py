@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clmtl.data.folder import ImageFolderDataset
-from clmtl.data.images import DataError
+from clmtl.errors import DataError
 from clmtl.tasks import CLASSIFICATION
 from realdata import write_folder
 

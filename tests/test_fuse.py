@@ -7,6 +7,7 @@ from ultralytics.nn.modules import Conv, Conv2
 from clmtl.data.shapes import shapes_task
 from clmtl.fuse import fuse_batchnorm
 from clmtl.models import UnifiedModel
+from clmtl.scenario import output_spaces
 from clmtl.tasks import TASK_KINDS
 
 SIZE = 64
@@ -28,7 +29,7 @@ def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
 def randomised_model(task_names, size=SIZE):
     """A model with the shapes tasks in this stream order and non-trivial BatchNorm statistics, in eval mode."""
     torch.manual_seed(0)
-    model = UnifiedModel([shapes_task(TASK_KINDS[name], name) for name in task_names], image_size=size)
+    model = UnifiedModel(output_spaces([shapes_task(TASK_KINDS[name], name) for name in task_names]), image_size=size)
     randomise_batchnorm(model)
     return model.eval()
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clmtl.models import UnifiedModel
-from clmtl.scenario import plan_stream
+from clmtl.scenario import output_spaces, plan_stream
 from clmtl.tasks import TaskSpec
 
 SIZE = 64
@@ -28,7 +28,7 @@ def experience(task: TaskSpec):
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return UnifiedModel(STREAM, image_size=SIZE)
+    return UnifiedModel(output_spaces(STREAM), image_size=SIZE)
 
 
 def test_heads_start_with_their_first_tasks_classes_and_grow_in_training_only(model):
@@ -60,7 +60,7 @@ def test_new_rows_are_seeded_by_the_model_not_by_when_they_grow():
     grown = []
     for draws_before in (0, 5):
         torch.manual_seed(0)
-        model = UnifiedModel(STREAM, image_size=SIZE).train()
+        model = UnifiedModel(output_spaces(STREAM), image_size=SIZE).train()
         torch.rand(draws_before)  # the global generator is elsewhere: the new rows must not depend on it
         state = torch.get_rng_state()
         model.adaptation(experience(STREAM[5]))
@@ -76,7 +76,7 @@ def test_a_grown_model_loads_into_a_fresh_one_and_an_old_state_into_a_grown_one(
     old_state = copy.deepcopy(model.state_dict())
     for task in STREAM[3:]:
         model.adaptation(experience(task))
-    fresh = UnifiedModel(STREAM, image_size=SIZE)
+    fresh = UnifiedModel(output_spaces(STREAM), image_size=SIZE)
     fresh.load_state_dict(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     model.load_state_dict(old_state)  # what LwF's teacher does with a state saved before the head grew
@@ -102,7 +102,7 @@ def test_the_template_optimizes_the_grown_parameters():
     stream = build_stream(tasks, [in_head_labels(ds, t) for ds, t in zip(sets, tasks)],
                           [in_head_labels(ds, t) for ds, t in zip(sets, tasks)])
     torch.manual_seed(0)
-    model = UnifiedModel(tasks, image_size=SIZE)
+    model = UnifiedModel(output_spaces(tasks), image_size=SIZE)
     config = load_config(None, [])
     template = MultiTaskTemplate(model=model, optimizer=make_optimizer(config, model),
                                  criterion=MultiTaskLoss(model.anchor_layout), train_mb_size=4, train_epochs=1,

@@ -10,7 +10,8 @@ from PIL import Image, ImageFile
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from clmtl.data.images import CachedImageDataset, DataError, SampleMeta, load_rgb
+from clmtl.data.images import CachedImageDataset, SampleMeta, load_rgb
+from clmtl.errors import DataError
 from clmtl.data.letterbox import Letterbox, letterbox_image
 from realdata import pattern, write_image
 

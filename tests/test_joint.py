@@ -8,6 +8,7 @@ from clmtl.data.shapes import make_shapes_dataset, shapes_task
 from clmtl.losses import MultiTaskLoss
 from clmtl.models import UnifiedModel
 from clmtl.registry import build_plugins, parse_strategy
+from clmtl.scenario import output_spaces
 from clmtl.stream import build_stream
 from clmtl.tasks import KINDS
 
@@ -27,7 +28,7 @@ def test_each_step_adds_the_full_loss_of_every_other_task():
     sets = [make_shapes_dataset(t.kind, "train", 4, 64, seed=1) for t in tasks]
     stream = build_stream(tasks, sets, sets)
     torch.manual_seed(0)
-    model = UnifiedModel(tasks, image_size=64).eval()  # eval: BN statistics do not move between forwards
+    model = UnifiedModel(output_spaces(tasks), image_size=64).eval()  # eval: BN statistics do not move between forwards
     criterion = MultiTaskLoss(model.anchor_layout)
     (plugin,) = build_plugins("joint")
     plugin.bind_benchmark(SimpleNamespace(stream=stream, tasks=tasks))

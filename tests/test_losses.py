@@ -90,9 +90,10 @@ def test_dispatcher_picks_the_loss_from_the_output_structure():
 
 def test_detection_loss_starts_on_the_scale_of_cross_entropy():
     from clmtl.models import UnifiedModel
+    from clmtl.scenario import output_spaces
 
     torch.manual_seed(0)
-    model = UnifiedModel([TaskSpec("det", "detection", ("a", "b", "c", "d"))], image_size=SIZE)
+    model = UnifiedModel(output_spaces([TaskSpec("det", "detection", ("a", "b", "c", "d"))]), image_size=SIZE)
     targets = [
         {"boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0], [30.0, 30.0, 60.0, 62.0]]), "labels": torch.tensor([0, 3])},
         no_boxes(),
@@ -105,10 +106,11 @@ def test_detection_loss_starts_on_the_scale_of_cross_entropy():
 @pytest.mark.parametrize("kind", ["segmentation", "detection", "classification"])
 def test_each_loss_falls_on_a_tiny_batch(kind):
     from clmtl.models import UnifiedModel
+    from clmtl.scenario import output_spaces
 
     torch.manual_seed(0)
     classes = ("background", "a", "b") if kind == "segmentation" else ("a", "b", "c")
-    model = UnifiedModel([TaskSpec("t", kind, classes)], image_size=SIZE)
+    model = UnifiedModel(output_spaces([TaskSpec("t", kind, classes)]), image_size=SIZE)
     x = torch.rand(2, 3, SIZE, SIZE)
     if kind == "segmentation":
         y = torch.zeros(2, SIZE, SIZE, dtype=torch.long)

@@ -16,6 +16,7 @@ from clmtl.data.shapes import shapes_task
 from clmtl.models import UnifiedModel
 from clmtl.plugin import kept_statistics
 from clmtl.registry import build_plugins, strategy_schemas
+from clmtl.scenario import output_spaces
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 from clmtl.strategies.bnfreeze import batch_norms
 from clmtl.strategies.ewc import MultiTaskEWCPlugin
@@ -26,7 +27,7 @@ from clmtl.strategies.lwf import LwFPlugin, distillation_loss, frozen_copy
 def model():
     torch.manual_seed(0)
     tasks = [shapes_task("segmentation", "seg"), shapes_task("detection", "det"), shapes_task("classification", "cls")]
-    return UnifiedModel(tasks, fpn_channels=16, image_size=32)
+    return UnifiedModel(output_spaces(tasks), fpn_channels=16, image_size=32)
 
 
 def images(n=2, seed=1):

@@ -6,6 +6,7 @@ import torch
 
 from clmtl.models import AnchorLayout, UnifiedModel
 from clmtl.models.backbone import YoloBackbone
+from clmtl.scenario import output_spaces
 from clmtl.tasks import TaskSpec
 
 SIZE = 64
@@ -19,7 +20,7 @@ TASKS = [
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return UnifiedModel(TASKS, image_size=SIZE).eval()
+    return UnifiedModel(output_spaces(TASKS), image_size=SIZE).eval()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_the_head_is_shared_across_tasks_and_levels(model, x):
 
 def test_each_task_computes_only_what_it_needs(x):
     """Segmentation never touches the coarse smoothing convs, classification never the fine ones."""
-    model = UnifiedModel(TASKS, image_size=SIZE)
+    model = UnifiedModel(output_spaces(TASKS), image_size=SIZE)
     used = {}
     for name in ("smooth.0", "smooth.1", "smooth.2"):
         model.neck.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: used.update({name: True}))
@@ -108,7 +109,7 @@ def test_parameter_count_and_groups(model):
 
 
 def test_tasks_of_one_kind_get_a_head_each_in_the_task_scenario(x):
-    model = UnifiedModel([TASKS[1], TaskSpec("det2", "detection", ("x",))], image_size=SIZE)
+    model = UnifiedModel(output_spaces([TASKS[1], TaskSpec("det2", "detection", ("x",))]), image_size=SIZE)
     assert model.head_kinds == {0: "detection", 1: "detection"}
     assert [level.shape[-1] for level in model(x, 1)] == [5 + 1] * 3
 
@@ -122,7 +123,7 @@ def test_task_kinds_and_default_anchors_scale_with_image_size(model):
 def test_adaptation_records_task_labels_without_classes_in_this_experience():
     from avalanche.models.dynamic_modules import avalanche_model_adaptation
 
-    model = UnifiedModel(TASKS, image_size=SIZE)
+    model = UnifiedModel(output_spaces(TASKS), image_size=SIZE)
     experience = SimpleNamespace(task_labels=[1])  # what a benchmark_from_datasets experience offers
     avalanche_model_adaptation(model, experience)
     assert model.known_train_tasks_labels == {1}
@@ -136,7 +137,7 @@ def test_adaptation_records_task_labels_without_classes_in_this_experience():
 def test_weights_round_trip(model, tmp_path, x):
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
-    loaded = UnifiedModel(TASKS, image_size=SIZE, weights=path).eval()
+    loaded = UnifiedModel(output_spaces(TASKS), image_size=SIZE, weights=path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, 0), model(x, 0))
 
@@ -148,7 +149,7 @@ def test_ultralytics_detection_model_weights_fill_the_backbone(tmp_path):
     yolo = DetectionModel("yolov8n.yaml", nc=80, verbose=False)
     path = tmp_path / "yolov8n_state.pt"
     torch.save(yolo.state_dict(), path)
-    model = UnifiedModel(TASKS, image_size=SIZE, weights=path)
+    model = UnifiedModel(output_spaces(TASKS), image_size=SIZE, weights=path)
     for i in (0, 4, 9):
         torch.testing.assert_close(model.backbone.layers[i].state_dict(), yolo.model[i].state_dict())
 
@@ -157,23 +158,23 @@ def test_a_wrong_weights_file_is_a_clear_error(tmp_path):
     wrong = tmp_path / "wrong.pt"
     torch.save({"conv.weight": torch.zeros(3)}, wrong)
     with pytest.raises(ValueError, match=r"wrong\.pt.*conv\.weight"):
-        UnifiedModel(TASKS, image_size=SIZE, weights=wrong)
+        UnifiedModel(output_spaces(TASKS), image_size=SIZE, weights=wrong)
 
     other_classes = tmp_path / "other_classes.pt"
-    cls_only = UnifiedModel([TaskSpec("cls", "classification", ("a", "b"))], image_size=SIZE)
+    cls_only = UnifiedModel(output_spaces([TaskSpec("cls", "classification", ("a", "b"))]), image_size=SIZE)
     torch.save(cls_only.state_dict(), other_classes)
     with pytest.raises(ValueError, match=r"other_classes\.pt.*missing"):
-        UnifiedModel(TASKS, image_size=SIZE, weights=other_classes)
+        UnifiedModel(output_spaces(TASKS), image_size=SIZE, weights=other_classes)
 
     pickled = tmp_path / "pickled.pt"
     torch.save(torch.nn.Linear(2, 2), pickled)  # a whole module, not a state dict: refused by weights_only
     with pytest.raises(ValueError, match=r"pickled\.pt"):
-        UnifiedModel(TASKS, image_size=SIZE, weights=pickled)
+        UnifiedModel(output_spaces(TASKS), image_size=SIZE, weights=pickled)
 
 
 def test_without_fpn_smoothing_the_neck_loses_exactly_its_3x3_convs(model, x):
     torch.manual_seed(0)
-    lean = UnifiedModel(TASKS, image_size=SIZE, fpn_smooth=False).eval()
+    lean = UnifiedModel(output_spaces(TASKS), image_size=SIZE, fpn_smooth=False).eval()
     channels = model.neck.channels
     removed = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in lean.parameters())
     assert removed == 3 * (channels * channels * 9 + channels)  # one 3x3 conv with bias per level

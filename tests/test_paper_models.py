@@ -11,9 +11,10 @@ from avalanche.models import MTSimpleMLP
 from torch import nn
 
 import clmtl
-from clmtl.config import ConfigError
+from clmtl.errors import ConfigError
 from clmtl.models.classifier import build_classifier
 from clmtl.models.user import SingleHeadModule, user_model
+from clmtl.scenario import output_spaces
 from clmtl.tasks import CLASSIFICATION, SEGMENTATION, TaskSpec
 from tiny_mnist import banded_mnist
 
@@ -24,7 +25,7 @@ def two_tasks() -> list[TaskSpec]:
 
 def test_the_mlp_reads_28x28_grey_images_as_784_inputs_through_its_layers():
     torch.manual_seed(0)
-    model = build_classifier(two_tasks(), "mlp", channels=1, image_size=28, hidden=[400, 400]).eval()
+    model = build_classifier(output_spaces(two_tasks()), "mlp", channels=1, image_size=28, hidden=[400, 400]).eval()
     first, second = model.body[1], model.body[3]
     assert (first.in_features, first.out_features, second.out_features) == (784, 400, 400)
     x = torch.rand(5, 1, 28, 28)
@@ -38,7 +39,8 @@ def test_the_mlp_reads_28x28_grey_images_as_784_inputs_through_its_layers():
 
 
 def test_the_reduced_resnet18_has_20_base_filters_and_pools_any_size():
-    model = build_classifier(two_tasks(), "reduced_resnet18", channels=3, image_size=32, hidden=[]).eval()
+    spaces = output_spaces(two_tasks())
+    model = build_classifier(spaces, "reduced_resnet18", channels=3, image_size=32, hidden=[]).eval()
     convs = [m for m in model.body.modules() if isinstance(m, nn.Conv2d)]
     assert convs[0].out_channels == 20
     assert sorted({c.out_channels for c in convs}) == [20, 40, 80, 160]
@@ -50,20 +52,20 @@ def test_the_reduced_resnet18_has_20_base_filters_and_pools_any_size():
 def test_a_classifier_head_grows_keeping_its_rows_and_loads_a_grown_state():
     tasks = [TaskSpec("a", CLASSIFICATION, ("0", "1"), head=0, labels=(0, 1)),
              TaskSpec("b", CLASSIFICATION, ("2", "3"), head=0, labels=(2, 3))]
-    model = build_classifier(tasks, "mlp", channels=1, image_size=8, hidden=[16])
+    model = build_classifier(output_spaces(tasks), "mlp", channels=1, image_size=8, hidden=[16])
     before = model.rows(0).weight.detach().clone()
     model.grow(0, 4)
     assert model.num_classes(0) == 4 and torch.equal(model.rows(0).weight[:2], before)
-    fresh = build_classifier(tasks, "mlp", channels=1, image_size=8, hidden=[16])
+    fresh = build_classifier(output_spaces(tasks), "mlp", channels=1, image_size=8, hidden=[16])
     fresh.load_state_dict(model.state_dict())
     assert fresh.num_classes(0) == 4 and torch.equal(fresh.rows(0).weight, model.rows(0).weight)
 
 
 def test_a_classifier_refuses_a_segmentation_task():
     tasks = [TaskSpec("seg", SEGMENTATION, ("background", "disc")), *two_tasks()]
-    with pytest.raises(ValueError, match="model.backbone mlp serves classification tasks only; task 'seg' is "
+    with pytest.raises(ValueError, match="model.backbone mlp serves classification tasks only; head 'seg' is "
                                          "segmentation"):
-        build_classifier(tasks, "mlp", channels=3, image_size=64, hidden=[8])
+        build_classifier(output_spaces(tasks), "mlp", channels=3, image_size=64, hidden=[8])
 
 
 @pytest.fixture(scope="module")
@@ -114,22 +116,22 @@ def test_an_avalanche_multitask_module_trains_in_the_task_scenario(mnist_root):
 def test_a_single_head_module_serves_only_its_active_outputs_and_refuses_the_task_scenario():
     tasks = [TaskSpec("a", CLASSIFICATION, ("0", "1"), head=0, labels=(0, 1)),
              TaskSpec("b", CLASSIFICATION, ("2", "3"), head=0, labels=(2, 3))]
-    model = user_model(nn.Linear(3, 4), tasks)
+    model = user_model(nn.Linear(3, 4), output_spaces(tasks))
     assert isinstance(model, SingleHeadModule)
     assert model(torch.rand(2, 3), 0).shape == (2, 2)
     model.grow(0, 4)
     assert model(torch.rand(2, 3), 0).shape == (2, 4)
     with pytest.raises(ValueError, match="one output space"):
-        user_model(nn.Linear(3, 4), two_tasks())
+        user_model(nn.Linear(3, 4), output_spaces(two_tasks()))
     with pytest.raises(ValueError, match=r"needs \[batch, >= 4\]"):
-        user_model(nn.Linear(3, 3), tasks)(torch.rand(2, 3), 0)
+        user_model(nn.Linear(3, 3), output_spaces(tasks))(torch.rand(2, 3), 0)
 
 
 def test_a_classifier_exports_to_torchscript_at_its_own_input_size(tmp_path):
     from clmtl.export import export_model, load_metadata
 
-    model = build_classifier(two_tasks(), "mlp", channels=1, image_size=28, hidden=[16]).eval()
-    path = export_model(model, tmp_path / "mlp.ts", image_size=28, channels=1)
+    model = build_classifier(output_spaces(two_tasks()), "mlp", channels=1, image_size=28, hidden=[16]).eval()
+    path = export_model(model, tmp_path / "mlp.ts", tasks=two_tasks(), image_size=28, channels=1)
     x = torch.rand(3, 1, 28, 28)
     exported = torch.jit.load(str(path))(x)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(exported, (model(x, 0), model(x, 1))))

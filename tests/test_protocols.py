@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import clmtl
-from clmtl.config import ConfigError
+from clmtl.errors import ConfigError
 from clmtl.protocols import Cell, Protocol, Published, available_protocols, mnist_source, verdict
 
 PROTOCOLS = Path(__file__).parents[1] / "benchmarks" / "protocols"

@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from clmtl.config import ConfigError, setting
+from clmtl.errors import ConfigError
+from clmtl.settings import setting
 from clmtl.registry import available, build_plugins, parse_strategy, register, strategy_schemas
 from clmtl.strategies.ewc import MultiTaskEWCPlugin
 
@@ -147,7 +148,7 @@ def test_entry_point_plugin_of_an_installed_package_is_found(tmp_path, monkeypat
 
     (tmp_path / "thirdparty_probe.py").write_text(
         "from clmtl.registry import register\n\n"
-        "from dataclasses import dataclass\n\nfrom clmtl.config import setting\n\n"
+        "from dataclasses import dataclass\n\nfrom clmtl.settings import setting\n\n"
         "@dataclass\nclass Settings:\n    alpha: float = setting(0.5)\n\n"
         "@register('thirdparty', settings=Settings, acts_on=('loss',))\n"
         "def thirdparty(alpha):\n    '''A strategy from another package.'''\n"

@@ -20,6 +20,7 @@ from clmtl.data.transforms import train_augmentation
 from clmtl.losses import MultiTaskLoss
 from clmtl.models import UnifiedModel
 from clmtl.registry import available, build_plugins
+from clmtl.scenario import output_spaces
 from clmtl.stream import build_stream, collate_for
 from clmtl.tasks import CLASSIFICATION, DETECTION, KINDS, SEGMENTATION
 from clmtl.strategies.replay import MultiTaskReplayPlugin, TaskBuffer, class_balanced_order
@@ -111,7 +112,7 @@ def fake_strategy(model, images, label, criterion):
 def test_the_replay_loss_is_each_old_task_through_its_own_head_and_loss():
     sets, stream = shapes_stream()
     torch.manual_seed(0)
-    model = UnifiedModel(TASKS, image_size=SIZE).eval()  # eval: BN statistics fixed, outputs comparable
+    model = UnifiedModel(output_spaces(TASKS), image_size=SIZE).eval()  # eval: BN statistics fixed, outputs comparable
     criterion = MultiTaskLoss(model.anchor_layout)
     plugin = MultiTaskReplayPlugin(mem_size=6, ratio=2.0, weight=0.7)  # 2 x 4 = 8 -> 4 per task >= 3 stored
     for label in (0, 1):

@@ -14,6 +14,7 @@ from clmtl.registry import build_plugins, strategy_schemas
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, make_optimizer
 from clmtl.runner import run
+from clmtl.scenario import output_spaces
 from clmtl.tasks import TaskSpec
 
 SIZE = 64
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def routed_model(backbone="yolov8n", seed=0):
     """A model with routes whose embeddings are random (each task a different random half of the channels)."""
     torch.manual_seed(seed)
-    model = UnifiedModel(TASKS, image_size=SIZE, backbone=backbone)
+    model = UnifiedModel(output_spaces(TASKS), image_size=SIZE, backbone=backbone)
     with torch.no_grad():
         for embedding in model.enable_routing().embeddings:
             embedding.normal_()
@@ -47,7 +48,7 @@ def gated_widths(model: UnifiedModel) -> int:
 
 @pytest.mark.parametrize("backbone", ["yolov8n", "mobilenet_v3_small"])
 def test_routes_add_one_embedding_per_task_and_gated_channel(backbone):
-    model = UnifiedModel(TASKS, image_size=SIZE, backbone=backbone)
+    model = UnifiedModel(output_spaces(TASKS), image_size=SIZE, backbone=backbone)
     before = sum(p.numel() for p in model.parameters())
     model.enable_routing()
     assert sum(p.numel() for p in model.parameters()) - before == len(TASKS) * gated_widths(model)
@@ -57,7 +58,7 @@ def test_routes_add_one_embedding_per_task_and_gated_channel(backbone):
 
 def test_the_default_model_gains_8880_parameters():
     """The number docs/strategies.md states: yolov8n, fpn_channels 64, three tasks."""
-    model = UnifiedModel(TASKS)
+    model = UnifiedModel(output_spaces(TASKS))
     assert gated_widths(model) == 2960
     before = sum(p.numel() for p in model.parameters())
     routes = model.enable_routing()
@@ -66,7 +67,7 @@ def test_the_default_model_gains_8880_parameters():
 
 
 def test_a_closed_gate_zeroes_its_channel_and_an_open_one_passes_it():
-    model = UnifiedModel(TASKS, image_size=SIZE).eval()
+    model = UnifiedModel(output_spaces(TASKS), image_size=SIZE).eval()
     x = torch.rand(2, 3, SIZE, SIZE)
     targets = {"block": model.head.shared, "conv": model.neck.smooth[0]}  # BatchNorm bias / conv bias: never 0
     outputs = {}
@@ -174,7 +175,7 @@ def test_the_onnx_export_of_a_routed_model_takes_each_tasks_route(tmp_path):
     from clmtl.export import export_model
 
     model = routed_model()
-    path = export_model(model, tmp_path / "model.onnx", "onnx", image_size=SIZE)
+    path = export_model(model, tmp_path / "model.onnx", "onnx", tasks=TASKS, image_size=SIZE)
     x = torch.rand(1, 3, SIZE, SIZE)
     got = onnxruntime.InferenceSession(str(path)).run(None, {"images": x.numpy()})
     with torch.no_grad():
@@ -223,7 +224,7 @@ def train_task(model, task, plugin, steps, lr):
 @pytest.mark.parametrize("routing", [True, False])
 def test_a_finished_tasks_outputs_do_not_change_while_a_later_task_trains(routing):
     torch.manual_seed(0)
-    model = UnifiedModel(TASKS, image_size=SIZE)
+    model = UnifiedModel(output_spaces(TASKS), image_size=SIZE)
     (plugin,) = build_plugins("routing", {"routing": {"lr": 0.05}}) if routing else (None,)  # closes gates in 2 steps
     train_task(model, 0, plugin, steps=4, lr=0.01)
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(9))
@@ -246,7 +247,7 @@ def test_a_finished_tasks_outputs_do_not_change_while_a_later_task_trains(routin
 def test_a_protected_channel_normalises_with_its_frozen_statistics_in_training():
     """Train-mode BatchNorm would use the new task's batch statistics, which inference (frozen ones) would not."""
     torch.manual_seed(0)
-    model = UnifiedModel(TASKS, image_size=SIZE)
+    model = UnifiedModel(output_spaces(TASKS), image_size=SIZE)
     (plugin,) = build_plugins("routing", {"routing": {"lr": 0.05}})
     train_task(model, 0, plugin, steps=3, lr=0.01)
     point = next(p for p, used in zip(model.routes.points, model.routes.used()) if p.bn is not None and

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from clmtl.config import ConfigError
+from clmtl.errors import ConfigError
 from clmtl.scenario import output_spaces, placed, plan_stream, require_own_heads
 from clmtl.tasks import TaskSpec
 

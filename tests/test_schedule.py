@@ -6,7 +6,8 @@ import pytest
 import torch
 from avalanche.training.plugins.clock import Clock
 
-from clmtl.config import ConfigError, load_config
+from clmtl.config import load_config
+from clmtl.errors import ConfigError
 from clmtl.builders import make_schedule
 from clmtl.schedule import LRSchedule
 

@@ -6,6 +6,7 @@ from avalanche.training.plugins import SupervisedPlugin
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
 from clmtl.losses import MultiTaskLoss
 from clmtl.models import UnifiedModel
+from clmtl.scenario import output_spaces
 from clmtl.stream import build_stream
 from clmtl.template import MultiTaskTemplate
 
@@ -29,7 +30,7 @@ def template_for(clip: float, recorder: GradientRecorder):
     data = make_shapes_dataset("classification", "train", 8, SIZE, 0)
     stream = build_stream([task], [data], [data])
     torch.manual_seed(0)
-    model = UnifiedModel([task], image_size=SIZE)
+    model = UnifiedModel(output_spaces([task]), image_size=SIZE)
     template = MultiTaskTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                  criterion=MultiTaskLoss(model.anchor_layout), train_mb_size=4, train_epochs=1,
                                  device="cpu", evaluator=None, plugins=[recorder], clip_grad_norm=clip)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.datasets as tvd
 
-from clmtl.data.images import DataError
+from clmtl.errors import DataError
 from clmtl.data.torchvision_sets import TORCHVISION_DATASETS, TorchvisionClassification, torchvision_classes
 from clmtl.tasks import CLASSIFICATION
 

@@ -6,7 +6,8 @@ import torch
 from benchmark_scripts import load_benchmark
 
 from clmtl.benchmark import build_benchmark
-from clmtl.config import load_config, search_space
+from clmtl.config import load_config
+from clmtl.settings import search_space
 from clmtl.registry import available, strategy_schemas
 
 TINY = ["data.train_size=8", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
@@ -42,7 +43,7 @@ def test_holdout_that_leaves_a_side_empty_is_refused():
 
 
 def test_every_declared_search_value_passes_its_own_check():
-    from clmtl.config import make_settings
+    from clmtl.settings import make_settings
 
     spaces = {name: search_space(entry.settings) for name, entry in available().items()}
     assert spaces["ewc"] == {"lambda": (1e2, 1e3, 1e4, 1e5, 1e6)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clmtl.data.images import DataError
+from clmtl.errors import DataError
 from clmtl.data.voc import VOC_CLASSES, VocSegmentation, read_label_map, voc_colormap
 from clmtl.tasks import SEGMENTATION
 from realdata import VOC_PALETTE, VOC_VOID, write_image, write_mask, write_voc

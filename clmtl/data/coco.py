@@ -24,8 +24,9 @@ from typing import Sequence
 import torch
 from pycocotools.coco import COCO
 
-from clmtl.data.images import CachedImageDataset, DataError, Loaded, load_letterboxed
+from clmtl.data.images import CachedImageDataset, Loaded, load_letterboxed
 from clmtl.data.letterbox import clip_boxes
+from clmtl.errors import DataError
 from clmtl.tasks import DETECTION
 
 _REQUIRED = {

@@ -13,10 +13,37 @@ data source of format voc, coco or folder (``clmtl.data.sources``), the same a `
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from clmtl.config import ConfigError, DataConfig, DataSourceConfig
+from clmtl.data.formats import DataSource
+from clmtl.errors import ConfigError
+from clmtl.settings import AT_LEAST_ONE
+
+
+@dataclass
+class RootFiles:
+    """A dataset under one folder: segmentation in the VOC layout (ImageSets) or one folder per split (``train/``,
+    ``val/``); classification as ``root/{train,val}/<class folder>/<image>``."""
+
+    root: str | None = None
+    train_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    val_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
+
+
+@dataclass
+class DetectionFiles:
+    """Detection on disk: COCO images folders and instances JSON files, optionally a class subset by name."""
+
+    train_images: str | None = None
+    train_ann: str | None = None
+    val_images: str | None = None
+    val_ann: str | None = None
+    classes: list[str] | None = None
+    keep_empty: bool = True
+    train_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
+    val_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
+
 
 BUNDLE = {"seg": "mini_voc_seg", "det": "mini_coco_det", "cls": "imagenette_160"}
 """Folder of each task in the three-dataset bundle."""
@@ -47,9 +74,10 @@ def _bundle_annotation(root: Path, split: str) -> Path | None:
     return matches[0] if matches else None
 
 
-def resolve_paths(data: DataConfig) -> FilePaths:
-    """Explicit keys first, then what ``data.root`` gives for the three-dataset bundle layout."""
-    root = _path(data.root)
+def resolve_paths(root: str | None, seg: RootFiles, det: DetectionFiles, cls: RootFiles) -> FilePaths:
+    """Explicit keys first (``seg``, ``det``, ``cls``: ``data.seg`` ...), then what ``root`` (``data.root``) gives
+    for the three-dataset bundle layout."""
+    root = _path(root)
     bundle = {}
     if root is not None:
         if not root.is_dir():
@@ -63,12 +91,12 @@ def resolve_paths(data: DataConfig) -> FilePaths:
             "cls_root": root / BUNDLE["cls"],
         }
     explicit = {
-        "seg_root": _path(data.seg.root),
-        "det_train_images": _path(data.det.train_images),
-        "det_train_ann": _path(data.det.train_ann),
-        "det_val_images": _path(data.det.val_images),
-        "det_val_ann": _path(data.det.val_ann),
-        "cls_root": _path(data.cls.root),
+        "seg_root": _path(seg.root),
+        "det_train_images": _path(det.train_images),
+        "det_train_ann": _path(det.train_ann),
+        "det_val_images": _path(det.val_images),
+        "det_val_ann": _path(det.val_ann),
+        "cls_root": _path(cls.root),
     }
     return FilePaths(**{key: explicit[key] or bundle.get(key) for key in explicit})
 
@@ -81,20 +109,22 @@ def _required(value: Path | None, key: str) -> str:
     return str(value)
 
 
-def files_sources(data: DataConfig) -> dict[str, Callable[[], DataSourceConfig]]:
-    """The data source of each built-in task name (seg, det, cls) under ``benchmark=files``, from ``data.root`` and
-    the explicit keys; each is resolved when asked for, so a stream reads only the paths of the tasks it has."""
-    paths = resolve_paths(data)
+def files_sources(root: str | None, seg: RootFiles, det: DetectionFiles,
+                  cls: RootFiles) -> dict[str, Callable[[], DataSource]]:
+    """The data source of each built-in task name (seg, det, cls) under ``benchmark=files``, from ``root`` and the
+    explicit keys (``resolve_paths``); each is resolved when asked for, so a stream reads only the paths of the tasks
+    it has."""
+    paths = resolve_paths(root, seg, det, cls)
     return {
-        "seg": lambda: DataSourceConfig(format="voc", root=_required(paths.seg_root, "data.seg.root"),
-                                        train_size=data.seg.train_size, val_size=data.seg.val_size),
-        "det": lambda: DataSourceConfig(
-            format="coco", classes=data.det.classes, keep_empty=data.det.keep_empty,
+        "seg": lambda: DataSource(format="voc", root=_required(paths.seg_root, "data.seg.root"),
+                                  train_size=seg.train_size, val_size=seg.val_size),
+        "det": lambda: DataSource(
+            format="coco", classes=det.classes, keep_empty=det.keep_empty,
             train_images=_required(paths.det_train_images, "data.det.train_images"),
             train_ann=_required(paths.det_train_ann, "data.det.train_ann"),
             val_images=_required(paths.det_val_images, "data.det.val_images"),
             val_ann=_required(paths.det_val_ann, "data.det.val_ann"),
-            train_size=data.det.train_size, val_size=data.det.val_size),
-        "cls": lambda: DataSourceConfig(format="folder", root=_required(paths.cls_root, "data.cls.root"),
-                                        train_size=data.cls.train_size, val_size=data.cls.val_size),
+            train_size=det.train_size, val_size=det.val_size),
+        "cls": lambda: DataSource(format="folder", root=_required(paths.cls_root, "data.cls.root"),
+                                  train_size=cls.train_size, val_size=cls.val_size),
     }

@@ -11,7 +11,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from clmtl.data.images import DataError, draw
+from clmtl.data.images import draw
+from clmtl.errors import DataError
 from clmtl.data.relabel import targets_of
 
 

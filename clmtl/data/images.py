@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from clmtl.data.letterbox import Letterbox, Size, letterbox_image
+from clmtl.errors import DataError
 
 MAX_PIXELS = 40_000_000
 """Largest image (width x height) we decode; bigger is treated as a decompression bomb."""
@@ -32,10 +33,6 @@ MAX_PIXELS = 40_000_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BAD_SAMPLE_POLICIES = ("error", "skip")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # "I": how older Pillow opens 16-bit PNGs
-
-
-class DataError(ValueError):
-    """A dataset file is missing, malformed, unsafe or inconsistent; the message names the file and the problem."""
 
 
 def check_class_names(wanted: Sequence[str], known: Sequence[str], source: str) -> None:

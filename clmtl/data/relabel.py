@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from clmtl.data.images import DataError, draw
+from clmtl.data.images import draw
+from clmtl.errors import DataError
 from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
 
 

@@ -1,6 +1,6 @@
 """Where a task's images come from: one loader per data format, all returning the task in its own label order.
 
-A task's ``data`` names a format and that format's keys (``clmtl.config.FORMAT_KEYS``):
+A task's ``data`` names a format and that format's keys (``clmtl.data.formats.FORMAT_KEYS``):
 
 - ``shapes``: the embedded synthetic benchmark (``clmtl.data.shapes``), any kind;
 - ``coco``: COCO instances JSON + image folders (``clmtl.data.coco``), detection;
@@ -20,10 +20,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from clmtl.config import ConfigError, DataSourceConfig
-from clmtl.data.images import DataError, check_class_names
+from clmtl.data.formats import DataSource
+from clmtl.data.images import check_class_names
 from clmtl.data.relabel import Relabelled
 from clmtl.data.shapes import SHAPES_CLASSES, make_shapes_dataset
+from clmtl.errors import ConfigError, DataError
 from clmtl.tasks import CLASSIFICATION, SEGMENTATION, TaskSpec
 
 SPLITS = ("train", "val")
@@ -51,7 +52,7 @@ class TaskData:
     val: Dataset
 
 
-def load_task(name: str, kind: str, source: DataSourceConfig, options: LoadOptions) -> TaskData:
+def load_task(name: str, kind: str, source: DataSource, options: LoadOptions) -> TaskData:
     """Task ``name`` of ``kind`` from ``source``, with the class subset and sizes it asks for."""
     loader = {"shapes": _shapes, "coco": _coco, "voc": _voc, "folder": _folder, "torchvision": _torchvision}
     try:
@@ -61,7 +62,7 @@ def load_task(name: str, kind: str, source: DataSourceConfig, options: LoadOptio
     return TaskData(TaskSpec(name, kind, classes, category_ids), train, val)
 
 
-def source_classes(kind: str, source: DataSourceConfig) -> tuple[str, ...]:
+def source_classes(kind: str, source: DataSource) -> tuple[str, ...]:
     """The classes a ``split:`` deals into tasks: ``source.classes`` if given, else every class of the data
     (segmentation: the foreground classes; background belongs to every task)."""
     if source.classes is not None:
@@ -85,11 +86,11 @@ def source_classes(kind: str, source: DataSourceConfig) -> tuple[str, ...]:
     return torchvision_classes(source.dataset, _existing(source.root, "root"), source.download)
 
 
-def _sizes(source: DataSourceConfig) -> dict[str, int | None]:
+def _sizes(source: DataSource) -> dict[str, int | None]:
     return {"train": source.train_size, "val": source.val_size}
 
 
-def _shapes(kind: str, source: DataSourceConfig, options: LoadOptions):
+def _shapes(kind: str, source: DataSource, options: LoadOptions):
     seed = options.seed if source.seed is None else source.seed
     sizes = {"train": source.train_size or options.shapes_train_size, "val": source.val_size or options.shapes_val_size}
     own = SHAPES_CLASSES[kind][1:] if kind == SEGMENTATION else SHAPES_CLASSES[kind]
@@ -113,7 +114,7 @@ def _subset(kind: str, all_classes: Sequence[str], picked: Sequence[str]) -> tup
     return classes, {all_classes.index(name): label for label, name in enumerate(classes)}
 
 
-def _coco(kind: str, source: DataSourceConfig, options: LoadOptions):
+def _coco(kind: str, source: DataSource, options: LoadOptions):
     from clmtl.data.coco import CocoDetection
 
     common = {"image_size": options.image_size, "on_bad_sample": options.on_bad_sample, "seed": options.seed,
@@ -128,7 +129,7 @@ def _coco(kind: str, source: DataSourceConfig, options: LoadOptions):
     return train, val, train.classes, tuple(train.category_ids)
 
 
-def _voc(kind: str, source: DataSourceConfig, options: LoadOptions):
+def _voc(kind: str, source: DataSource, options: LoadOptions):
     from clmtl.data.voc import VOC_CLASSES, VocSegmentation
 
     root = _existing(source.root, "root")
@@ -143,7 +144,7 @@ def _voc(kind: str, source: DataSourceConfig, options: LoadOptions):
     return *splits, classes, None
 
 
-def _folder(kind: str, source: DataSourceConfig, options: LoadOptions):
+def _folder(kind: str, source: DataSource, options: LoadOptions):
     from clmtl.data.folder import ImageFolderDataset
 
     root = _existing(source.root, "root")
@@ -152,7 +153,7 @@ def _folder(kind: str, source: DataSourceConfig, options: LoadOptions):
     return *splits, splits[0].classes, None
 
 
-def _torchvision(kind: str, source: DataSourceConfig, options: LoadOptions):
+def _torchvision(kind: str, source: DataSource, options: LoadOptions):
     from clmtl.data.torchvision_sets import TorchvisionClassification
 
     root = Path(source.root).expanduser()

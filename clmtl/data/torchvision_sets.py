@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from clmtl.data.images import DataError
+from clmtl.errors import DataError
 from clmtl.tasks import CLASSIFICATION
 
 TORCHVISION_DATASETS: tuple[str, ...] = ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100", "SVHN")

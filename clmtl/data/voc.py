@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 from torchvision import tv_tensors
 
-from clmtl.data.images import CachedImageDataset, DataError, Loaded, is_image_file, load_letterboxed, open_image
+from clmtl.data.images import CachedImageDataset, Loaded, is_image_file, load_letterboxed, open_image
+from clmtl.errors import DataError
 from clmtl.tasks import IGNORE_INDEX, SEGMENTATION
 
 VOC_CLASSES = (

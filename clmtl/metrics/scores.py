@@ -22,8 +22,7 @@ from torch import Tensor
 
 from clmtl.data.letterbox import Letterbox
 from clmtl.decode import class_indices
-from clmtl.scenario import OutputSpace
-from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION, TaskSpec
+from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION, OutputSpace, TaskSpec
 
 
 class MeanIoU:

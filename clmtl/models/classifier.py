@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock
 
 from clmtl.models.heads import HeadedModel
 from clmtl.models.unified_head import ClassRows
-from clmtl.tasks import CLASSIFICATION, TaskSpec
+from clmtl.tasks import CLASSIFICATION, OutputSpace
 
 CLASSIFIER_BACKBONES = ("mlp", "reduced_resnet18")
 
@@ -28,15 +28,14 @@ RESNET_BASE_WIDTH = 20
 
 
 class ClassifierModel(HeadedModel):
-    """``body`` (images -> ``[B, features]``) + one linear head per output space of ``tasks``."""
+    """``body`` (images -> ``[B, features]``) + one linear head per output space."""
 
-    def __init__(self, tasks: Sequence[TaskSpec], body: nn.Module, features: int, name: str) -> None:
-        super().__init__(tasks)
-        others = sorted({space.kind for space in self.spaces} - {CLASSIFICATION})
-        if others:
-            task = next(t for t in self.tasks if t.kind != CLASSIFICATION)
-            raise ValueError(f"model.backbone {name} serves classification tasks only; task {task.name!r} is "
-                             f"{task.kind} (its kind needs a unified-model backbone such as yolov8n)")
+    def __init__(self, spaces: Sequence[OutputSpace], body: nn.Module, features: int, name: str) -> None:
+        super().__init__(spaces)
+        other = next((space for space in self.spaces if space.kind != CLASSIFICATION), None)
+        if other is not None:
+            raise ValueError(f"model.backbone {name} serves classification tasks only; head {other.name!r} is "
+                             f"{other.kind} (its kind needs a unified-model backbone such as yolov8n)")
         self.backbone_name = name
         self.body = body
         made = {}
@@ -95,13 +94,14 @@ def reduced_resnet18(channels: int, base_width: int = RESNET_BASE_WIDTH) -> tupl
     return nn.Sequential(*layers), width
 
 
-def build_classifier(tasks: Sequence[TaskSpec], backbone: str, channels: int, image_size: int,
+def build_classifier(spaces: Sequence[OutputSpace], backbone: str, channels: int, image_size: int,
                      hidden: Sequence[int]) -> ClassifierModel:
-    """The ``backbone`` classifier for images of ``channels`` x ``image_size`` x ``image_size``."""
+    """The ``backbone`` classifier with heads ``spaces`` for images of ``channels`` x ``image_size`` x
+    ``image_size``."""
     if backbone == "mlp":
         body, features = mlp(channels * image_size * image_size, hidden)
     elif backbone == "reduced_resnet18":
         body, features = reduced_resnet18(channels)
     else:
         raise ValueError(f"unknown classifier backbone {backbone!r}; expected one of {CLASSIFIER_BACKBONES}")
-    return ClassifierModel(tasks, body, features, backbone)
+    return ClassifierModel(spaces, body, features, backbone)

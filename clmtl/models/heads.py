@@ -1,8 +1,10 @@
-"""What every clmtl model shares: output spaces (heads) placed by the scenario, an Avalanche multi-task forward that
-dispatches on the task label, and heads that grow with the stream.
+"""What every clmtl model shares: output spaces (heads), an Avalanche multi-task forward that dispatches on the task
+label, and heads that grow with the stream.
 
-A task label is a head index (``TaskSpec.head``). ``HeadedModel`` keeps the bookkeeping; a subclass says how a head's
-output is computed (``forward_single_task``, ``forward_all``) and where a head's rows live (``rows``).
+A model is built from its output spaces (``clmtl.tasks.OutputSpace``); which tasks use which head is the scenario's
+business (``clmtl.scenario.output_spaces``). A task label is a head index (``TaskSpec.head``). ``HeadedModel`` keeps
+the bookkeeping; a subclass says how a head's output is computed (``forward_single_task``, ``forward_all``) and where
+a head's rows live (``rows``).
 """
 from __future__ import annotations
 
@@ -13,14 +15,13 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 
 from clmtl.models.unified_head import ClassRows
-from clmtl.scenario import output_spaces, placed
-from clmtl.tasks import TaskSpec
+from clmtl.tasks import OutputSpace
 
 Output = torch.Tensor | list[torch.Tensor]
 
 
 class HeadedModel(MultiTaskModule):
-    """An Avalanche ``MultiTaskModule`` with one head per output space of ``tasks`` (``clmtl.scenario``).
+    """An Avalanche ``MultiTaskModule`` with one head per output space, in head order (head ``i``: ``spaces[i]``).
 
     ``forward(x, task_label)`` returns head ``task_label``'s output; ``forward_all(x)`` every head's. Heads grow to the
     classes their experiences bring (``adaptation``), trained rows kept bit for bit.
@@ -29,10 +30,11 @@ class HeadedModel(MultiTaskModule):
     anchor_layout = None
     """The detection anchors, for a model with detection heads (``UnifiedModel``)."""
 
-    def __init__(self, tasks: Sequence[TaskSpec]) -> None:
+    def __init__(self, spaces: Sequence[OutputSpace]) -> None:
         super().__init__()
-        self.tasks = tuple(placed(tasks))
-        self.spaces = output_spaces(self.tasks)
+        if not spaces:
+            raise ValueError("a model needs at least one output space")
+        self.spaces = tuple(spaces)
         self.growth_seed = torch.initial_seed()
         """Seeds the rows heads grow (``grow``), so they do not depend on the global generator's state when growth
         happens, nor on the process under torchrun."""

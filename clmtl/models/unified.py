@@ -18,14 +18,14 @@ from clmtl.models.fpn import FPN
 from clmtl.models.heads import HeadedModel, Output
 from clmtl.models.routing import TaskRoutes, gate_points
 from clmtl.models.unified_head import ClassRows, UnifiedHead
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
+from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, OutputSpace
 
 
 class UnifiedModel(HeadedModel):
     """Backbone + FPN + one shared head; ``forward(x, task_label)`` returns the output of head ``task_label``.
 
-    ``tasks`` are the stream's tasks placed in heads (``clmtl.scenario.plan_stream``; tasks not placed get one head
-    each): the model has one head per output space they use, which is the Avalanche task label of their experiences.
+    ``spaces`` are its heads (``clmtl.scenario.output_spaces`` of the stream's tasks): head ``i`` is the Avalanche
+    task label of the experiences whose tasks use it.
     ``backbone`` names an entry of ``clmtl.models.backbone.BACKBONES``.
 
     Outputs: segmentation ``[B, C, S, S]`` logits; classification ``[B, C]`` logits; detection a list
@@ -35,7 +35,7 @@ class UnifiedModel(HeadedModel):
 
     def __init__(
         self,
-        tasks: Sequence[TaskSpec],
+        spaces: Sequence[OutputSpace],
         fpn_channels: int = 64,
         anchor_layout: AnchorLayout | None = None,
         image_size: int = 128,
@@ -43,7 +43,7 @@ class UnifiedModel(HeadedModel):
         backbone: str = "yolov8n",
         fpn_smooth: bool = True,
     ) -> None:
-        super().__init__(tasks)
+        super().__init__(spaces)
         self.anchor_layout = anchor_layout or AnchorLayout.for_image_size(image_size)
         self.backbone_name = backbone
         self.backbone = build_backbone(backbone)

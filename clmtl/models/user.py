@@ -20,7 +20,7 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 
 from clmtl.models.heads import HeadedModel
-from clmtl.tasks import CLASSIFICATION, TaskSpec
+from clmtl.tasks import CLASSIFICATION, OutputSpace
 
 
 class UserModelError(ValueError):
@@ -30,9 +30,9 @@ class UserModelError(ValueError):
 class SingleHeadModule(HeadedModel):
     """A plain classifier as the one head of the class or domain scenario, its outputs active up to the classes seen."""
 
-    def __init__(self, tasks: Sequence[TaskSpec], module: nn.Module) -> None:
-        super().__init__(tasks)
-        _classification_only(self.tasks)
+    def __init__(self, spaces: Sequence[OutputSpace], module: nn.Module) -> None:
+        super().__init__(spaces)
+        _classification_only(self.spaces)
         if len(self.spaces) != 1:
             raise UserModelError(f"a single-head module ({type(module).__name__}) serves one output space (scenario "
                                  f"class or domain); this stream has {len(self.spaces)} heads: give an Avalanche "
@@ -66,9 +66,9 @@ class SingleHeadModule(HeadedModel):
 class MultiTaskUserModule(HeadedModel):
     """An Avalanche ``MultiTaskModule`` with its own heads, one per task label (the task scenario)."""
 
-    def __init__(self, tasks: Sequence[TaskSpec], module: MultiTaskModule) -> None:
-        super().__init__(tasks)
-        _classification_only(self.tasks)
+    def __init__(self, spaces: Sequence[OutputSpace], module: MultiTaskModule) -> None:
+        super().__init__(spaces)
+        _classification_only(self.spaces)
         self.module = module
         self.backbone_name = type(module).__name__
 
@@ -88,17 +88,17 @@ class MultiTaskUserModule(HeadedModel):
         return {"backbone": list(self.module.parameters())}
 
 
-def user_model(module: nn.Module, tasks: Sequence[TaskSpec]) -> HeadedModel:
-    """``module`` as a clmtl model of the stream ``tasks`` (placed in heads): a clmtl model as it is, an Avalanche
+def user_model(module: nn.Module, spaces: Sequence[OutputSpace]) -> HeadedModel:
+    """``module`` as a clmtl model with the output spaces ``spaces``: a clmtl model as it is, an Avalanche
     ``MultiTaskModule`` with its heads, any other module as a single-head classifier."""
     if isinstance(module, HeadedModel):
         return module
     if isinstance(module, MultiTaskModule):
-        return MultiTaskUserModule(tasks, module)
-    return SingleHeadModule(tasks, module)
+        return MultiTaskUserModule(spaces, module)
+    return SingleHeadModule(spaces, module)
 
 
-def _classification_only(tasks: Sequence[TaskSpec]) -> None:
-    other = next((task for task in tasks if task.kind != CLASSIFICATION), None)
+def _classification_only(spaces: Sequence[OutputSpace]) -> None:
+    other = next((space for space in spaces if space.kind != CLASSIFICATION), None)
     if other is not None:
-        raise UserModelError(f"a module of your own serves classification tasks; task {other.name!r} is {other.kind}")
+        raise UserModelError(f"a module of your own serves classification tasks; head {other.name!r} is {other.kind}")
