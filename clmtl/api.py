@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from clmtl.benchmark import Benchmark
 from clmtl.config import Config, load_config
 from clmtl.results import Results
@@ -43,7 +45,8 @@ def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | No
 
     config = load_config(config, overrides)
     parse_strategy(strategy)
-    results = run_stream(config, strategy, out, baselines=baselines, benchmark=benchmark, threads=threads,
+    results = run_stream(config, strategy, out, baselines=baselines, benchmark=benchmark,
+                         threads=torch.get_num_threads() if threads is None else threads,
                          baselines_beside=baselines_beside, model=model)
     return Results.from_dict(results)
 

@@ -62,11 +62,11 @@ def train_strategy(config_file: Path | None, overrides: Sequence[str], seed: int
     from clmtl.runner import run
 
     config = seed_config(config_file, overrides, seed, threads, strategy_files)
-    baselines = False
+    reused = None
     if baselines_path is not None:
         stored = json.loads(baselines_path.read_text())
-        baselines = Baselines(stored["scores"], stored["seconds"])
-    run(config, strategy, out, baselines=baselines)
+        reused = Baselines(stored["scores"], stored["seconds"])
+    run(config, strategy, out, baselines=False, reuse_baselines=reused)
 
 
 def run_grid(config_file: Path | None, overrides: Sequence[str], strategies: Sequence[str], seeds: Sequence[int],

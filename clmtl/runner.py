@@ -2,6 +2,14 @@
 
 Data flows one way: config -> benchmark (``clmtl.benchmark``) -> template + strategy plugins (``clmtl.builders``)
 -> metrics after every experience -> results (``clmtl.results``) -> report (``clmtl.report``).
+
+A ``Run`` goes through named stages (``Run.execute``): ``check`` refuses what cannot run before anything is written;
+``prepare`` sets the threads and seed and builds the stream and the strategy's plugins; ``start_baselines`` trains
+the single-task baselines, or starts them beside the stream, or takes given ones; ``build`` makes the model and the
+template; ``restore`` (a resumed run) or ``score_initial`` (forward transfer's reference); ``train_stream`` trains
+and evaluates experience by experience, checkpointing each; ``finish_baselines`` collects the baselines trained
+beside it; ``results`` and ``report``. What the stages set up (torch's thread count, the log file, the baselines'
+process) is undone in a ``finally``, however the run ends.
 """
 from __future__ import annotations
 
@@ -9,7 +17,9 @@ import contextlib
 import functools
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -27,175 +37,276 @@ from clmtl.devices import device_name, resolve_device, resolve_threads
 from clmtl.errors import ConfigError
 from clmtl.metrics.plugin import task_scores
 from clmtl.models import UnifiedModel
+from clmtl.models.heads import HeadedModel
 from clmtl.plugin import Plugin
 from clmtl.registry import check_model
 from clmtl.report import prediction_overlays, write_report
 from clmtl.results import assemble_results
+from clmtl.tasks import TaskSpec
 
 
-def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bool | Baselines = True,
-        resume: bool = False, stop: StopRequest | None = None, *, benchmark: Benchmark | None = None,
-        threads: int | str | None = "config", baselines_beside: bool | None = None,
-        model: torch.nn.Module | None = None) -> dict:
-    """Baselines, then the stream with ``strategy``; writes the report into ``out_dir`` (None: writes nothing) and
-    returns results.
+@dataclass
+class StreamProgress:
+    """What the stream has given so far, which a checkpoint carries to a resumed run."""
 
-    ``baselines``: True trains them, False skips them, a ``Baselines`` reuses ones trained before with the same
-    config and seed (benchmark scripts share them between strategies). ``resume`` continues the interrupted run in
-    ``out_dir`` after its last finished experience (``clmtl.checkpoint``); config and strategy must be the run's.
-    ``benchmark``: the stream to train on (``clmtl.from_avalanche``); None builds the config's. ``model``: a module of
-    the user's own to train instead of the config's model (``clmtl.models.user``; a copy, as given, for each
-    training).
+    matrix: list[list[float | None]] = field(default_factory=list)
+    """``matrix[i][j]``: task j's primary metric after experience i."""
+    scores: list[dict[str, float] | None] = field(default_factory=list)
+    """Every metric of each task after the last finished experience."""
+    train_seconds: dict[str, float] = field(default_factory=dict)
+    random_init: list[float | None] = field(default_factory=list)
+    """Each task's primary metric for the model as initialised (forward transfer's reference)."""
+    finished: int = -1
+    """The last experience trained and evaluated."""
 
-    ``threads``: ``"config"`` (what ``clmtl run`` does) sets torch's thread count from ``train.threads``, a number
-    sets that count, None leaves it as it is; the caller's count is put back at the end. ``baselines_beside`` trains
-    the baselines in a second process beside the stream on half of the threads (None: ``train.parallel_baselines``);
-    the stream then keeps the other half, also when no baselines are trained, so its numbers do not depend on them.
+
+class Run:
+    """One run of ``strategy`` on the config's stream (or ``benchmark``), written into ``out_dir`` (None: nothing is
+    written); ``execute`` goes through the stages (module docstring) and returns the results.
+
+    ``baselines``: train the single-task baselines (in this process, or in a second one beside the stream);
+    ``reuse_baselines``: ones trained before with the same config and seed, used instead (benchmark scripts share
+    them between strategies). ``resume`` continues the interrupted run in ``out_dir`` after its last finished
+    experience (``clmtl.checkpoint``); config and strategy must be the run's. ``benchmark``: the stream to train on
+    (``clmtl.from_avalanche``); None builds the config's. ``model``: a module of the user's own to train instead of
+    the config's model (``clmtl.models.user``; a copy, as given, for each training).
+
+    ``threads``: torch's thread count for the run (None: ``train.threads``); the caller's count is put back at the
+    end. ``baselines_beside`` trains the baselines in a second process beside the stream on half of the threads
+    (None: ``train.parallel_baselines``); the stream then keeps the other half, also when no baselines are trained,
+    so its numbers do not depend on them.
 
     ``stop``, once requested (the command line's signal handler), checkpoints and stops after the current training
     iteration. In a process group (``torchrun``, see ``clmtl.distributed``) every process trains its share and gets
     the same results; only rank 0 writes to ``out_dir``.
     """
-    from avalanche.logging import TextLogger
 
-    start = time.perf_counter()
-    writes = distributed.is_main_process() and out_dir is not None
-    out_dir = Path(out_dir) if out_dir is not None else None
-    beside = config.train.parallel_baselines if baselines_beside is None else baselines_beside
-    if beside and (benchmark is not None or model is not None) and baselines is True:
-        raise ConfigError("baselines beside the stream rebuild the stream and model from the config in a second "
-                          "process; a benchmark or model given as an object trains its baselines in this process "
-                          "(baselines_beside=False)")
-    if resume and out_dir is None:
-        raise ConfigError("resume continues the run in out_dir: give its folder")
-    processes = distributed.world_size()
-    if config.train.batch_size % processes:
-        raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of the {processes} "
-                          "processes: each process takes an equal share of every batch")
-    resolve_device(config.train.device)  # an absent device stops the run before it writes anything
-    if model is None:
-        check_model_input(config)
-    saved = _resumable_checkpoint(out_dir, config, strategy) if resume else None
-    callers_threads = torch.get_num_threads()
-    total_threads = resolve_threads(config.train.threads) if threads == "config" else threads or callers_threads
-    torch.set_num_threads(total_threads)
-    seed_everything(config.seed)
-    if benchmark is None:  # bad data, a stream the scenario or the strategy refuses: stop before writing
-        benchmark = build_benchmark(config)
-    plugins = [*recipe_plugins(config), *build_strategy(strategy, config, benchmark)]
-    tasks = benchmark.tasks
-    if writes:
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    if saved is None and writes:
-        (out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts a fresh log
-    log_path = out_dir / "log.txt" if writes else Path(os.devnull)
-    share = baseline_threads(total_threads, beside)
-    background, threads = None, {"stream": total_threads - share, "baselines": None}
-    with open(log_path, "a" if saved else "w") as log_file, contextlib.ExitStack() as cleanup:
-        if saved is not None and saved["baselines"] is not None:
-            baselines = Baselines(**saved["baselines"])
-        elif baselines is True and share:
-            threads["baselines"] = share
-            background = BackgroundBaselines(config, threads["baselines"])
-            cleanup.callback(background.close)
-            if writes:
-                print(f"single-task baselines: training in a second process beside the stream ({threads['baselines']}"
-                      f" + {threads['stream']} threads)", flush=True)
-            baselines = None  # until that process delivers them
-        elif baselines is True:
-            threads["baselines"] = total_threads
-            log_file.write("== single-task baselines ==\n")
-            baselines = single_task_baselines(config, benchmark, [TextLogger(log_file)], module=model)
-        else:
-            baselines = baselines or Baselines({}, {})
-        log_file.write(f"== sequential training, strategy {strategy} ==\n")
-        torch.set_num_threads(threads["stream"])
-        seed_everything(config.seed)
-        model = build_model(config, tasks, module=model)
-        check_model(strategy, model)
-        if saved is not None:  # before the optimizer is made: heads take the checkpoint's (grown) shapes
-            model.load_state_dict(saved["model"])
-        loggers = make_loggers(config, out_dir, log_file) if writes else []
-        checkpoints = config.output.checkpoints and writes
+    def __init__(self, config: Config, strategy: str, out_dir: str | Path | None = None, *, baselines: bool = True,
+                 reuse_baselines: Baselines | None = None, resume: bool = False, stop: StopRequest | None = None,
+                 benchmark: Benchmark | None = None, threads: int | None = None,
+                 baselines_beside: bool | None = None, model: torch.nn.Module | None = None) -> None:
+        self.config, self.strategy = config, strategy
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.writes = distributed.is_main_process() and out_dir is not None
+        self.train_baselines = baselines and reuse_baselines is None
+        self.baselines = reuse_baselines if reuse_baselines is not None else None if baselines else Baselines({}, {})
+        """The single-task baselines; None until trained (or, beside the stream, delivered)."""
+        self.resume, self.stop = resume, stop
+        self.benchmark, self.module = benchmark, model
+        self.total_threads = resolve_threads(config.train.threads) if threads is None else threads
+        self.beside = config.train.parallel_baselines if baselines_beside is None else baselines_beside
+        self.threads: dict[str, int | None] = {"stream": self.total_threads, "baselines": None}
+        self.saved: dict | None = None
+        """The checkpoint a resumed run continues."""
+        self.progress = StreamProgress()
+        self.plugins: list = []
+        self.model: HeadedModel | None = None
+        self.template = None
+        self.background: BackgroundBaselines | None = None
+        self.log: TextIO | None = None
+        self.checkpoints = config.output.checkpoints and self.writes
+        self.resume_point: dict | None = None
+        """Where a run stopped inside an experience continues."""
 
-        def save_partial(position: dict) -> None:  # inside an experience: called by the template, after snapshot exists
-            save_run_checkpoint({**snapshot(), "partial": position}, out_dir / "checkpoints", None)
+    @property
+    def tasks(self) -> list[TaskSpec]:
+        return self.benchmark.tasks
 
-        template = make_template(config, model, tasks, plugins, loggers, stop=stop, preload=benchmark.fixed_samples,
-                                 checkpoint_every=config.output.checkpoint_every if checkpoints else 0,
-                                 on_checkpoint=save_partial if checkpoints else None)
-        matrix: list[list[float | None]] = []
-        train_seconds: dict[str, float] = {}
-        per_task: list[dict[str, float]] = []
-        finished = -1  # the last experience trained and evaluated
-        resume_point = None  # where a run stopped inside an experience continues
-        if saved is not None:
-            matrix, train_seconds, per_task, finished = (saved["matrix"], saved["train_seconds"], saved["scores"],
-                                                         saved["experience"])
-            random_init = saved.get("random_init", [None] * len(tasks))  # a checkpoint without the field: no scores
-            if "partial" in saved:  # stopped inside experience finished + 1: the template continues it
-                resume_point = {**saved["partial"],
-                                "restore": lambda: restore_plugins(plugins, saved["plugins"], model)}
-                log_file.write(f"== resumed inside experience {finished + 1} (epoch {saved['partial']['epoch']}, "
-                               f"iteration {saved['partial']['iteration']}) ==\n")
+    def execute(self) -> dict:
+        """The run, stage by stage; returns its results (what results.json holds)."""
+        start = time.perf_counter()
+        self.check()
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(torch.set_num_threads, torch.get_num_threads())
+            self.prepare()
+            self.log = cleanup.enter_context(self.open_log())
+            self.start_baselines(cleanup)
+            self.build()
+            if self.saved is not None:
+                self.restore()
             else:
-                restore_plugins(plugins, saved["plugins"], model)
-                set_clock_state(template.clock, saved["clock"])
-                set_rng_state(saved["rng"])
-                log_file.write(f"== resumed after experience {finished} ==\n")
-        else:
-            log_file.write("== scores of the model as initialised (forward transfer's reference) ==\n")
-            random_init = random_init_scores(template, benchmark)
-
-        def snapshot() -> dict:
-            """Everything resuming needs, as of now; `clmtl export` also rebuilds the model from it without data."""
-            return {"model": model.state_dict(), "experience": finished, "matrix": matrix, "scores": per_task,
-                    "random_init": random_init, "train_seconds": train_seconds,
-                    "baselines": None if baselines is None else {"scores": baselines.scores,
-                                                                 "seconds": baselines.seconds},
-                    "plugins": plugin_states(plugins), "task_states": task_model_states(plugins),
-                    "clock": clock_state(template.clock), "rng": rng_state(),
-                    "config": config.to_dict(), "strategy": strategy, "tasks": [t.as_dict() for t in tasks]}
-
-        for label, experience in enumerate(benchmark.stream.train_stream):
-            if label <= finished:
-                continue
-            task = tasks[label]
-            train_seconds[task.name] = template.train_for(experience, *benchmark.budget(label),
-                                                          config.data.num_workers, resume_point)
-            resume_point = None
-            if distributed.is_distributed():
-                distributed.broadcast_plugin_states(plugins, model)
-            per_task = task_scores(template.eval(benchmark.stream.test_stream), tasks)
-            matrix.append([per_task[j][t.metric] for j, t in enumerate(tasks)])
-            finished = label
-            if checkpoints:
-                save_run_checkpoint(snapshot(), out_dir / "checkpoints", label)
-        if background is not None:
-            if writes and not background.ready():
-                print("waiting for the single-task baselines...", flush=True)
-            baselines, baseline_log = background.result()
-            log_file.write(f"== single-task baselines (trained beside the stream) ==\n{baseline_log}")
-            if checkpoints:  # the last checkpoint, now with them: resuming a finished run needs no retraining
-                save_run_checkpoint(snapshot(), out_dir / "checkpoints", finished)
-
-    torch.set_num_threads(callers_threads)
-    final_scores = {t.name: per_task[j] for j, t in enumerate(tasks)}
-    measured = {"train_seconds": train_seconds, "baseline_train_seconds": baselines.seconds,
-                "memory_bytes": sum(p.memory_bytes for p in plugins if isinstance(p, Plugin)),
-                "strategy_stats": {type(p).__name__: p.stats() for p in plugins if isinstance(p, Plugin) and p.stats()},
-                "total_seconds": time.perf_counter() - start, "processes": processes,
-                "threads": threads,
-                "precision": template.precision, "device": str(template.device),
-                "device_name": device_name(template.device)}
-    results = assemble_results(config, strategy, benchmark, matrix, final_scores, baselines.scores, random_init, model,
-                               measured)
-    if not writes:
+                self.score_initial()
+            self.train_stream()
+            self.finish_baselines()
+        results = self.results(time.perf_counter() - start)
+        if self.writes:
+            self.report(results)
         return results
-    write_report(results, out_dir)
-    if config.output.overlays:
-        draw_overlays(model, benchmark, config, out_dir / "plots")
-    return results
+
+    def check(self) -> None:
+        """Refuse what cannot run, before anything is written; read the checkpoint a resumed run continues."""
+        config = self.config
+        own_parts = self.benchmark is not None or self.module is not None
+        if self.beside and own_parts and self.train_baselines:
+            raise ConfigError("baselines beside the stream rebuild the stream and model from the config in a second "
+                              "process; a benchmark or model given as an object trains its baselines in this "
+                              "process (baselines_beside=False)")
+        if self.resume and self.out_dir is None:
+            raise ConfigError("resume continues the run in out_dir: give its folder")
+        processes = distributed.world_size()
+        if config.train.batch_size % processes:
+            raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of the {processes} "
+                              "processes: each process takes an equal share of every batch")
+        resolve_device(config.train.device)  # an absent device stops the run before it writes anything
+        if self.module is None:
+            check_model_input(config)
+        if self.resume:
+            self.saved = _resumable_checkpoint(self.out_dir, config, self.strategy)
+
+    def prepare(self) -> None:
+        """Threads and seed, the stream and the strategy's plugins (bad data, a stream the scenario or the strategy
+        refuses: the run stops before writing), then the output folder."""
+        torch.set_num_threads(self.total_threads)
+        seed_everything(self.config.seed)
+        if self.benchmark is None:
+            self.benchmark = build_benchmark(self.config)
+        self.plugins = [*recipe_plugins(self.config), *build_strategy(self.strategy, self.config, self.benchmark)]
+        if self.writes:
+            (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            if self.saved is None:
+                (self.out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts afresh
+
+    def open_log(self) -> TextIO:
+        """log.txt (a resumed run appends to it; nothing is written without ``out_dir``)."""
+        path = self.out_dir / "log.txt" if self.writes else Path(os.devnull)
+        return open(path, "a" if self.saved is not None else "w")
+
+    def start_baselines(self, cleanup: contextlib.ExitStack) -> None:
+        """The baselines of the checkpoint, or given ones, or none; else train them now, or start them in a second
+        process beside the stream (stopped by ``cleanup`` however the run ends)."""
+        share = baseline_threads(self.total_threads, self.beside)
+        self.threads = {"stream": self.total_threads - share, "baselines": None}
+        if self.saved is not None and self.saved["baselines"] is not None:
+            self.baselines = Baselines(**self.saved["baselines"])
+        elif not self.train_baselines:
+            return
+        elif share:
+            self.threads["baselines"] = share
+            self.background = BackgroundBaselines(self.config, share)
+            cleanup.callback(self.background.close)
+            self.baselines = None  # until that process delivers them
+            if self.writes:
+                print(f"single-task baselines: training in a second process beside the stream ({share} + "
+                      f"{self.threads['stream']} threads)", flush=True)
+        else:
+            from avalanche.logging import TextLogger
+
+            self.threads["baselines"] = self.total_threads
+            self.log.write("== single-task baselines ==\n")
+            self.baselines = single_task_baselines(self.config, self.benchmark, [TextLogger(self.log)],
+                                                   module=self.module)
+
+    def build(self) -> None:
+        """The model (the checkpoint's weights for a resumed run) and the template on the stream's threads."""
+        config = self.config
+        self.log.write(f"== sequential training, strategy {self.strategy} ==\n")
+        torch.set_num_threads(self.threads["stream"])
+        seed_everything(config.seed)
+        self.model = build_model(config, self.tasks, module=self.module)
+        check_model(self.strategy, self.model)
+        if self.saved is not None:  # before the optimizer is made: heads take the checkpoint's (grown) shapes
+            self.model.load_state_dict(self.saved["model"])
+        loggers = make_loggers(config, self.out_dir, self.log) if self.writes else []
+        self.template = make_template(config, self.model, self.tasks, self.plugins, loggers, stop=self.stop,
+                                      preload=self.benchmark.fixed_samples,
+                                      checkpoint_every=config.output.checkpoint_every if self.checkpoints else 0,
+                                      on_checkpoint=self.save_partial if self.checkpoints else None)
+
+    def restore(self) -> None:
+        """A resumed run: the scores so far, then the plugins, clock and generators as the checkpoint left them (or,
+        stopped inside an experience, where the template continues it)."""
+        saved = self.saved
+        self.progress = StreamProgress(saved["matrix"], saved["scores"], saved["train_seconds"],
+                                       saved.get("random_init", [None] * len(self.tasks)),  # absent: no scores
+                                       saved["experience"])
+        finished = self.progress.finished
+        if "partial" in saved:  # stopped inside experience finished + 1: the template continues it
+            self.resume_point = {**saved["partial"],
+                                 "restore": lambda: restore_plugins(self.plugins, saved["plugins"], self.model)}
+            self.log.write(f"== resumed inside experience {finished + 1} (epoch {saved['partial']['epoch']}, "
+                           f"iteration {saved['partial']['iteration']}) ==\n")
+            return
+        restore_plugins(self.plugins, saved["plugins"], self.model)
+        set_clock_state(self.template.clock, saved["clock"])
+        set_rng_state(saved["rng"])
+        self.log.write(f"== resumed after experience {finished} ==\n")
+
+    def score_initial(self) -> None:
+        self.log.write("== scores of the model as initialised (forward transfer's reference) ==\n")
+        self.progress.random_init = random_init_scores(self.template, self.benchmark)
+
+    def train_stream(self) -> None:
+        """Every experience not finished yet: trained, then every task evaluated and the checkpoint written."""
+        for label, experience in enumerate(self.benchmark.stream.train_stream):
+            if label > self.progress.finished:
+                self.train_experience(label, experience)
+
+    def train_experience(self, label: int, experience) -> None:
+        progress = self.progress
+        progress.train_seconds[self.tasks[label].name] = self.template.train_for(
+            experience, *self.benchmark.budget(label), self.config.data.num_workers, self.resume_point)
+        self.resume_point = None
+        if distributed.is_distributed():
+            distributed.broadcast_plugin_states(self.plugins, self.model)
+        progress.scores = task_scores(self.template.eval(self.benchmark.stream.test_stream), self.tasks)
+        progress.matrix.append([progress.scores[j][t.metric] for j, t in enumerate(self.tasks)])
+        progress.finished = label
+        if self.checkpoints:
+            save_run_checkpoint(self.snapshot(), self.out_dir / "checkpoints", label)
+
+    def finish_baselines(self) -> None:
+        """The baselines trained beside the stream, once they are done."""
+        if self.background is None:
+            return
+        if self.writes and not self.background.ready():
+            print("waiting for the single-task baselines...", flush=True)
+        self.baselines, baseline_log = self.background.result()
+        self.log.write(f"== single-task baselines (trained beside the stream) ==\n{baseline_log}")
+        if self.checkpoints:  # the last checkpoint, now with them: resuming a finished run needs no retraining
+            save_run_checkpoint(self.snapshot(), self.out_dir / "checkpoints", self.progress.finished)
+
+    def snapshot(self) -> dict:
+        """Everything resuming needs, as of now; `clmtl export` also rebuilds the model from it without data."""
+        progress, baselines = self.progress, self.baselines
+        return {"model": self.model.state_dict(), "experience": progress.finished, "matrix": progress.matrix,
+                "scores": progress.scores, "random_init": progress.random_init,
+                "train_seconds": progress.train_seconds,
+                "baselines": None if baselines is None else {"scores": baselines.scores, "seconds": baselines.seconds},
+                "plugins": plugin_states(self.plugins), "task_states": task_model_states(self.plugins),
+                "clock": clock_state(self.template.clock), "rng": rng_state(),
+                "config": self.config.to_dict(), "strategy": self.strategy, "tasks": [t.as_dict() for t in self.tasks]}
+
+    def save_partial(self, position: dict) -> None:
+        """The template's position inside an experience, as ``partial.pt`` (``output.checkpoint_every``, a stop)."""
+        save_run_checkpoint({**self.snapshot(), "partial": position}, self.out_dir / "checkpoints", None)
+
+    def results(self, total_seconds: float) -> dict:
+        """The results dict (``clmtl.results``) of the finished stream."""
+        template, stateful = self.template, [p for p in self.plugins if isinstance(p, Plugin)]
+        progress, baselines = self.progress, self.baselines
+        measured = {"train_seconds": progress.train_seconds, "baseline_train_seconds": baselines.seconds,
+                    "memory_bytes": sum(p.memory_bytes for p in stateful),
+                    "strategy_stats": {type(p).__name__: p.stats() for p in stateful if p.stats()},
+                    "total_seconds": total_seconds, "processes": distributed.world_size(), "threads": self.threads,
+                    "precision": template.precision, "device": str(template.device),
+                    "device_name": device_name(template.device)}
+        final_scores = {t.name: progress.scores[j] for j, t in enumerate(self.tasks)}
+        return assemble_results(self.config, self.strategy, self.benchmark, progress.matrix, final_scores,
+                                baselines.scores, progress.random_init, self.model, measured)
+
+    def report(self, results: dict) -> None:
+        """results.json, summary.md and plots into ``out_dir``; a few validation images with the final model's
+        predictions (``output.overlays``)."""
+        write_report(results, self.out_dir)
+        if self.config.output.overlays:
+            draw_overlays(self.model, self.benchmark, self.config, self.out_dir / "plots")
+
+
+def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bool = True, resume: bool = False,
+        stop: StopRequest | None = None, **options) -> dict:
+    """``Run(config, strategy, out_dir, baselines=..., resume=..., stop=..., **options).execute()``: what ``clmtl
+    run`` does; ``options`` are ``Run``'s other keywords."""
+    return Run(config, strategy, out_dir, baselines=baselines, resume=resume, stop=stop, **options).execute()
 
 
 def _resumable_checkpoint(out_dir: Path, config: Config, strategy: str) -> dict:

@@ -16,6 +16,7 @@ from clmtl.registry import register, strategy_schemas
 from clmtl.baselines import Baselines
 from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model
+from clmtl.errors import ConfigError
 from clmtl.runner import run
 
 TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
@@ -107,7 +108,7 @@ def test_given_baselines_are_reused_instead_of_trained(tmp_path):
     config = load_config(None, TINY + ["output.overlays=0", "output.checkpoints=false"])
     given = Baselines({"seg": {"mIoU": 0.5}, "det": {"mAP50_95": 0.4, "mAP50": 0.8}, "cls": {"top1": 0.25}},
                       {"seg": 1.0, "det": 2.0, "cls": 3.0})
-    results = run(config, "naive", tmp_path, baselines=given)
+    results = run(config, "naive", tmp_path, reuse_baselines=given)
     assert results["baseline"] == {"seg": 0.5, "det": 0.4, "cls": 0.25}
     assert results["baseline_train_seconds"] == given.seconds
     assert results["drop_vs_baseline"]["cls"] == pytest.approx((0.25 - results["final"]["cls"]) / 0.25)
@@ -152,6 +153,29 @@ def test_a_failing_stream_stops_the_baselines_process(tmp_path, isolated_registr
     with pytest.raises(RuntimeError, match="plugin failed"):
         run(config, "failing_for_run_test", tmp_path, baselines=True)
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize("failure", ["training", "data"])
+def test_the_callers_thread_count_comes_back_when_a_run_raises(tmp_path, isolated_registry, failure):
+    """A run sets torch's threads for its training (``train.threads``) and puts the caller's back however it ends:
+    a plugin that fails in training, data that fails to load."""
+    class Failing(SupervisedPlugin):
+        def before_training_exp(self, strategy, **kwargs):
+            raise RuntimeError("plugin failed")
+
+    register("failing_for_threads_test")(Failing)
+    overrides = [*TINY, "output.overlays=0", "train.threads=2", "train.parallel_baselines=false"]
+    if failure == "data":
+        overrides.append(f"data.root={tmp_path / 'nowhere'}")
+    config = load_config(None, overrides)
+    callers = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises((RuntimeError, ConfigError), match="plugin failed|is not a folder"):
+            run(config, "failing_for_threads_test", tmp_path, baselines=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(callers)
 
 
 @pytest.mark.slow
