@@ -104,18 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(args.config, [*PROTOCOL, *args.overrides, f"seed={args.seed}"],
                          strategies=strategy_schemas())
     results = run(config, "ewc", args.out / "run", baselines=True)
-    model = build_model(config, [TaskSpec.from_dict(t) for t in results["tasks"]])  # latency needs no weights
+    tasks = [TaskSpec.from_dict(t) for t in results.tasks]
+    model = build_model(config, tasks)  # latency needs no weights
     parts = {part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}
-    latency = inference_latency(model, model.tasks, config, args.repeats)
-    summary = {"table1": {t["name"]: {"metric": t["metric"], "baseline": results["baseline"].get(t["name"]),
-                                      "ewc_final": results["final"][t["name"]],
-                                      "drop": results["drop_vs_baseline"].get(t["name"])}
-                          for t in results["tasks"]},
-               "params": {"total": results["params"], **parts}, "inference_ms": latency,
-               "train_seconds": results["train_seconds"], "baseline_train_seconds": results["baseline_train_seconds"],
-               "config": results["config"], "versions": results["versions"]}
+    latency = inference_latency(model, tasks, config, args.repeats)
+    summary = {"table1": {t.name: {"metric": t.metric, "baseline": results.baseline.get(t.name),
+                                   "ewc_final": results.final[t.name], "drop": results.drop_vs_baseline.get(t.name)}
+                          for t in tasks},
+               "params": {"total": results.params, **parts}, "inference_ms": latency,
+               "train_seconds": results.train_seconds, "baseline_train_seconds": results.baseline_train_seconds,
+               "config": results.config, "versions": results.versions}
     atomic_write_json(args.out / "seed_protocol.json", summary)
-    text = protocol_markdown(results, latency, parts)
+    text = protocol_markdown(results.to_dict(), latency, parts)
     atomic_write_text(args.out / "seed_protocol.md", text)
     print(text)
     print(f"wrote {args.out}/seed_protocol.md, seed_protocol.json and the run in {args.out}/run/")

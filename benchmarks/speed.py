@@ -131,7 +131,7 @@ def flops(fn: Callable[[], Any]) -> int:
 def model_flops(model, x: torch.Tensor) -> dict[str, int]:
     """FLOPs of each timed forward, and forward_all's split into backbone, neck and head."""
     counts = {"backbone": flops(lambda: model.backbone(x)), "forward_all": flops(lambda: model.forward_all(x)),
-              **{task.name: flops(lambda i=i: model(x, i)) for i, task in enumerate(model.tasks)}}
+              **{space.name: flops(lambda i=i: model(x, i)) for i, space in enumerate(model.spaces)}}
     neck = flops(lambda: model.neck(model.backbone(x))) - counts["backbone"]
     counts["forward_all_neck"] = neck
     counts["forward_all_head"] = counts["forward_all"] - counts["backbone"] - neck
@@ -157,7 +157,7 @@ def inference_cases(models: dict, x: torch.Tensor, decode: dict, worst: dict) ->
     """Every timed inference call: each variant's forwards and pipeline, and the post-processing parts alone."""
     eager = models["eager"]
     outputs = eager.forward_all(x)
-    det = [label for label, task in enumerate(eager.tasks) if task.kind == DETECTION]
+    det = [label for label, space in enumerate(eager.spaces) if space.kind == DETECTION]
     dense = [label for label in outputs if label not in det]
     cases: dict[str, Callable[[], Any]] = {
         "decode": lambda: [decode_detections(outputs[i], eager.anchor_layout, **decode) for i in det],
@@ -171,8 +171,8 @@ def inference_cases(models: dict, x: torch.Tensor, decode: dict, worst: dict) ->
     cases["heads10/one_head"] = lambda: heads(x, 0)
     for variant, model in ((v, m) for v, m in models.items() if v in VARIANTS):
         cases[f"{variant}/backbone"] = lambda m=model: m.backbone(x)
-        for label, task in enumerate(model.tasks):
-            cases[f"{variant}/{task.name}"] = lambda m=model, t=label: m(x, t)
+        for label, space in enumerate(model.spaces):
+            cases[f"{variant}/{space.name}"] = lambda m=model, t=label: m(x, t)
         cases[f"{variant}/forward_all"] = lambda m=model: m.forward_all(x)
         cases[f"{variant}/pipeline"] = lambda m=model: postprocess(m, m.forward_all(x), decode)
     return cases
@@ -360,7 +360,7 @@ def measure_inference(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "settings": {"image_size": args.image_size, "overrides": list(args.overrides), "repeats": args.repeats,
                      "device": device_name(resolve_device(args.device)),
-                     "warmup": args.warmup, "tasks": [t.name for t in model.tasks], **decode},
+                     "warmup": args.warmup, "tasks": [space.name for space in model.spaces], **decode},
         "params": {"total": sum(p.numel() for p in model.parameters()),
                    **{part: sum(p.numel() for p in params) for part, params in model.parameter_groups().items()}},
     }
@@ -371,7 +371,7 @@ def measure_inference(args: argparse.Namespace) -> dict[str, Any]:
               "fused_cl": fuse_batchnorm(model, channels_last=True), "heads10": ten_heads(config).to(device)}
     with torch.inference_mode():
         result["flops"] = model_flops(model, x)
-        det_output = model.forward_all(x)[[t.kind for t in model.tasks].index(DETECTION)]
+        det_output = model.forward_all(x)[[space.kind for space in model.spaces].index(DETECTION)]
         result["detections"] = {name: sum(len(d["boxes"]) for d in decode_detections(det_output, model.anchor_layout,
                                                                                       **kwargs))
                                 for name, kwargs in (("configured", decode), ("worst", worst))}

@@ -45,10 +45,9 @@ def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | No
 
     config = load_config(config, overrides)
     parse_strategy(strategy)
-    results = run_stream(config, strategy, out, baselines=baselines, benchmark=benchmark,
-                         threads=torch.get_num_threads() if threads is None else threads,
-                         baselines_beside=baselines_beside, model=model)
-    return Results.from_dict(results)
+    return run_stream(config, strategy, out, baselines=baselines, benchmark=benchmark,
+                      threads=torch.get_num_threads() if threads is None else threads,
+                      baselines_beside=baselines_beside, model=model)
 
 
 def evaluate(model: Any, benchmark: Benchmark, config: ConfigSource = None) -> dict[str, dict[str, float]]:

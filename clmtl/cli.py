@@ -86,7 +86,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from clmtl import distributed
     from clmtl.checkpoint import ResumeError, StopRequest
     from clmtl.errors import ConfigError, DataError
-    from clmtl.report import summary_markdown
     from clmtl.runner import run
 
     stop = StopRequest()
@@ -113,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(name, handler)
     if not main_process:
         return 0
-    print(summary_markdown(results))
+    print(results.summary())
     print(f"\nwrote {out}/results.json, summary.md, plots/, checkpoints/")
     return 0
 

@@ -41,8 +41,8 @@ def package_versions() -> dict[str, str]:
 
 def assemble_results(config: Config, strategy: str, benchmark: Benchmark, matrix: list[list[float | None]],
                      final_scores: Scores, baseline_scores: Scores, random_init: list[float | None],
-                     model: torch.nn.Module, measured: dict[str, Any]) -> dict:
-    """The results dict of one run; ``measured`` holds timings and the strategy's memory."""
+                     model: torch.nn.Module, measured: Measured) -> Results:
+    """The results of one run; ``measured`` holds its timings, threads, device and the strategy's memory."""
     tasks = benchmark.tasks
     names = [t.name for t in tasks]
     versions = package_versions()
@@ -52,30 +52,46 @@ def assemble_results(config: Config, strategy: str, benchmark: Benchmark, matrix
     def secondary(scores: Scores) -> Scores:
         return {t.name: {m: scores[t.name][m] for m in t.extra_metrics} for t in tasks if t.name in scores}
 
-    return {
-        "clmtl_version": versions["clmtl"],
-        "config": config.to_dict(),
-        "seed": config.seed,
-        "benchmark": benchmark.name,
-        "strategy": strategy,
-        "scenario": benchmark.scenario,
-        "tasks": [t.as_dict() for t in tasks],
-        "matrix": matrix,
-        "random_init": dict(zip(names, random_init)),
-        "baseline": baseline,
-        "final": final,
-        "extra": {"baseline": secondary(baseline_scores), "final": secondary(final_scores)},
-        "forgetting": dict(zip(names, forgetting(matrix))),
-        "forgetting_max": dict(zip(names, forgetting_max(matrix))),
-        "bwt": bwt(matrix),
-        "fwt": fwt(matrix, random_init),
-        "average_accuracy": average_accuracy(matrix),
-        "held_out": benchmark.held_out,
-        "drop_vs_baseline": drop_vs_baseline(final, baseline) if baseline else {},
-        "params": sum(p.numel() for p in model.parameters()),
-        **measured,
-        "versions": versions,
-    }
+    return Results(
+        clmtl_version=versions["clmtl"],
+        config=config.to_dict(),
+        seed=config.seed,
+        benchmark=benchmark.name,
+        strategy=strategy,
+        scenario=benchmark.scenario,
+        tasks=[t.as_dict() for t in tasks],
+        matrix=matrix,
+        random_init=dict(zip(names, random_init)),
+        baseline=baseline,
+        final=final,
+        extra={"baseline": secondary(baseline_scores), "final": secondary(final_scores)},
+        forgetting=dict(zip(names, forgetting(matrix))),
+        forgetting_max=dict(zip(names, forgetting_max(matrix))),
+        bwt=bwt(matrix),
+        fwt=fwt(matrix, random_init),
+        average_accuracy=average_accuracy(matrix),
+        held_out=benchmark.held_out,
+        drop_vs_baseline=drop_vs_baseline(final, baseline) if baseline else {},
+        params=sum(p.numel() for p in model.parameters()),
+        **vars(measured),
+        versions=versions,
+    )
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a run measures of itself, beside its scores: the ``Results`` fields of the same names."""
+
+    train_seconds: dict[str, float]
+    baseline_train_seconds: dict[str, float]
+    memory_bytes: int
+    strategy_stats: dict[str, Any]
+    total_seconds: float
+    processes: int
+    threads: dict[str, int | None]
+    precision: str
+    device: str
+    device_name: str
 
 
 @dataclass(frozen=True)

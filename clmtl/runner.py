@@ -41,7 +41,7 @@ from clmtl.models.heads import HeadedModel
 from clmtl.plugin import Plugin
 from clmtl.registry import check_model
 from clmtl.report import prediction_overlays, write_report
-from clmtl.results import assemble_results
+from clmtl.results import Measured, Results, assemble_results
 from clmtl.tasks import TaskSpec
 
 
@@ -112,7 +112,7 @@ class Run:
     def tasks(self) -> list[TaskSpec]:
         return self.benchmark.tasks
 
-    def execute(self) -> dict:
+    def execute(self) -> Results:
         """The run, stage by stage; returns its results (what results.json holds)."""
         start = time.perf_counter()
         self.check()
@@ -280,30 +280,30 @@ class Run:
         """The template's position inside an experience, as ``partial.pt`` (``output.checkpoint_every``, a stop)."""
         save_run_checkpoint({**self.snapshot(), "partial": position}, self.out_dir / "checkpoints", None)
 
-    def results(self, total_seconds: float) -> dict:
-        """The results dict (``clmtl.results``) of the finished stream."""
+    def results(self, total_seconds: float) -> Results:
+        """The results (``clmtl.results``) of the finished stream."""
         template, stateful = self.template, [p for p in self.plugins if isinstance(p, Plugin)]
         progress, baselines = self.progress, self.baselines
-        measured = {"train_seconds": progress.train_seconds, "baseline_train_seconds": baselines.seconds,
-                    "memory_bytes": sum(p.memory_bytes for p in stateful),
-                    "strategy_stats": {type(p).__name__: p.stats() for p in stateful if p.stats()},
-                    "total_seconds": total_seconds, "processes": distributed.world_size(), "threads": self.threads,
-                    "precision": template.precision, "device": str(template.device),
-                    "device_name": device_name(template.device)}
+        measured = Measured(train_seconds=progress.train_seconds, baseline_train_seconds=baselines.seconds,
+                            memory_bytes=sum(p.memory_bytes for p in stateful),
+                            strategy_stats={type(p).__name__: p.stats() for p in stateful if p.stats()},
+                            total_seconds=total_seconds, processes=distributed.world_size(), threads=self.threads,
+                            precision=template.precision, device=str(template.device),
+                            device_name=device_name(template.device))
         final_scores = {t.name: progress.scores[j] for j, t in enumerate(self.tasks)}
         return assemble_results(self.config, self.strategy, self.benchmark, progress.matrix, final_scores,
                                 baselines.scores, progress.random_init, self.model, measured)
 
-    def report(self, results: dict) -> None:
+    def report(self, results: Results) -> None:
         """results.json, summary.md and plots into ``out_dir``; a few validation images with the final model's
         predictions (``output.overlays``)."""
-        write_report(results, self.out_dir)
+        write_report(results.to_dict(), self.out_dir)
         if self.config.output.overlays:
             draw_overlays(self.model, self.benchmark, self.config, self.out_dir / "plots")
 
 
 def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bool = True, resume: bool = False,
-        stop: StopRequest | None = None, **options) -> dict:
+        stop: StopRequest | None = None, **options) -> Results:
     """``Run(config, strategy, out_dir, baselines=..., resume=..., stop=..., **options).execute()``: what ``clmtl
     run`` does; ``options`` are ``Run``'s other keywords."""
     return Run(config, strategy, out_dir, baselines=baselines, resume=resume, stop=stop, **options).execute()

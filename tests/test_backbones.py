@@ -164,7 +164,7 @@ def test_swapping_the_backbone_is_one_config_key(name, tmp_path, isolated_regist
                                 "output.checkpoints=false", f"model.backbone={name}"])
     results = run(config, "naive+loss_recorder", tmp_path, baselines=False)
     model = UnifiedModel(output_spaces(SHAPES_TASKS), backbone=name)
-    assert results["params"] == sum(p.numel() for p in model.parameters())
+    assert results.params == sum(p.numel() for p in model.parameters())
     assert sorted(recorder.losses) == [0, 1, 2]
     assert all(math.isfinite(loss) for losses in recorder.losses.values() for loss in losses)
-    assert all(0.0 <= value <= 1.0 for row in results["matrix"] for value in row)  # evaluated, boxes decoded
+    assert all(0.0 <= value <= 1.0 for row in results.matrix for value in row)  # evaluated, boxes decoded

@@ -26,8 +26,8 @@ def test_recipes_table_holds_the_baselines_clmtl_run_trains(tmp_path):
     assert stored["config"]["train"]["warmup"] == 0.5 and stored["config"]["train"]["lr"] == 0.004
     for name, overrides in [("plain", []), ("warm", ["train.warmup=0.5", "train.lr=0.004"])]:
         results = run(load_config(None, [*TINY, *overrides, "seed=1"]), "naive", tmp_path / f"run_{name}")
-        assert rows[name]["values"]["seg"][1] == results["baseline"]["seg"]
-        assert rows[name]["values"]["cls"][1] == results["baseline"]["cls"]
+        assert rows[name]["values"]["seg"][1] == results.baseline["seg"]
+        assert rows[name]["values"]["cls"][1] == results.baseline["cls"]
     values = rows["warm"]["values"]["seg"]
     table = (tmp_path / "study" / "recipes.md").read_text()
     assert f"| warm | `train.warmup=0.5` `train.lr=0.004` | {np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} " \

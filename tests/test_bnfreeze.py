@@ -107,12 +107,12 @@ def test_clmtl_eval_runs_each_task_with_its_own_batchnorm(tmp_path):
     checkpoint = tmp_path / "checkpoints" / "last.pt"
     assert sorted(load_model_checkpoint(checkpoint)["task_states"]) == [0, 1, 2]
     scores = evaluate_checkpoint(checkpoint)
-    for task in results["tasks"]:
-        assert scores[task["name"]][task["metric"]] == pytest.approx(results["final"][task["name"]], abs=1e-9)
+    for task in results.tasks:
+        assert scores[task["name"]][task["metric"]] == pytest.approx(results.final[task["name"]], abs=1e-9)
 
     saved = torch.load(checkpoint, weights_only=True)
     del saved["task_states"]  # the negative control: every task with the last task's BatchNorm
     torch.save(saved, tmp_path / "without.pt")
     plain = evaluate_checkpoint(tmp_path / "without.pt")
-    assert any(plain[t["name"]][t["metric"]] != pytest.approx(results["final"][t["name"]], abs=1e-9)
-               for t in results["tasks"][:2])
+    assert any(plain[t["name"]][t["metric"]] != pytest.approx(results.final[t["name"]], abs=1e-9)
+               for t in results.tasks[:2])

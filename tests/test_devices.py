@@ -169,5 +169,5 @@ def test_a_run_trains_on_cuda_in_mixed_precision(tmp_path, precision):
     config = load_config(None, [*TINY, "train.device=cuda", f"train.precision={precision}"],
                          strategies=strategy_schemas())
     results = run(config, "ewc+replay+lwf", tmp_path, baselines=False)
-    assert results["device"].startswith("cuda") and results["precision"] == precision
-    assert all(value is not None for row in results["matrix"] for value in row)
+    assert results.device.startswith("cuda") and results.precision == precision
+    assert all(value is not None for row in results.matrix for value in row)

@@ -146,11 +146,11 @@ def real_run(bundle, tmp_path_factory):
 @pytest.mark.slow
 def test_a_real_format_run_goes_through_the_same_stream_and_report(real_run):
     out, results = real_run
-    assert results["benchmark"] == "files"  # data.root alone selects it
-    assert [t["name"] for t in results["tasks"]] == ["seg", "det", "cls"]
-    assert len(results["matrix"]) == 3 and all(len(row) == 3 for row in results["matrix"])
+    assert results.benchmark == "files"  # data.root alone selects it
+    assert [t["name"] for t in results.tasks] == ["seg", "det", "cls"]
+    assert len(results.matrix) == 3 and all(len(row) == 3 for row in results.matrix)
     assert (out / "summary.md").exists() and (out / "plots" / "predictions_det.png").exists()
-    assert set(results["final"]) == {"seg", "det", "cls"}
+    assert set(results.final) == {"seg", "det", "cls"}
 
 
 @pytest.mark.slow
@@ -159,10 +159,10 @@ def test_eval_reproduces_the_run_and_exports_predictions_external_tools_score_th
     _, voc, coco, folder = bundle
     metrics = evaluate_checkpoint(out / "checkpoints" / "last.pt", tmp_path)
 
-    for task in results["tasks"]:
+    for task in results.tasks:
         name = task["name"]
-        assert metrics[name][task["metric"]] == pytest.approx(results["final"][name], abs=1e-9)
-    assert metrics["det"]["mAP50"] == pytest.approx(results["extra"]["final"]["det"]["mAP50"], abs=1e-9)
+        assert metrics[name][task["metric"]] == pytest.approx(results.final[name], abs=1e-9)
+    assert metrics["det"]["mAP50"] == pytest.approx(results.extra["final"]["det"]["mAP50"], abs=1e-9)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
     detections = json.loads((tmp_path / "det.json").read_text())

@@ -277,7 +277,7 @@ def test_routing_composes_with_replay_and_layerlr_end_to_end(tmp_path):
     config = load_config(None, TINY, strategies=strategy_schemas())
     results = run(config, "replay+routing+layerlr", tmp_path, baselines=False)
     written = json.loads((tmp_path / "results.json").read_text())
-    assert written["strategy"] == "replay+routing+layerlr" and written["matrix"] == results["matrix"]
+    assert written["strategy"] == "replay+routing+layerlr" and written["matrix"] == results.matrix
     matrix = written["matrix"]
     assert matrix[0][0] == matrix[1][0] == matrix[2][0]  # segmentation, finished first, never changes
     assert matrix[1][1] == matrix[2][1]

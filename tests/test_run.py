@@ -76,7 +76,7 @@ def test_every_avalanche_callback_fires_on_the_mixed_stream(tiny_run):
 def test_results_json_matches_the_contract(tiny_run):
     out, results = tiny_run
     written = json.loads((out / "results.json").read_text())
-    assert written["matrix"] == results["matrix"]
+    assert written["matrix"] == results.matrix
     for key in ("clmtl_version", "config", "seed", "benchmark", "strategy", "tasks", "matrix", "baseline", "final",
                 "extra", "forgetting", "forgetting_max", "bwt", "drop_vs_baseline", "params", "train_seconds",
                 "versions"):
@@ -109,9 +109,9 @@ def test_given_baselines_are_reused_instead_of_trained(tmp_path):
     given = Baselines({"seg": {"mIoU": 0.5}, "det": {"mAP50_95": 0.4, "mAP50": 0.8}, "cls": {"top1": 0.25}},
                       {"seg": 1.0, "det": 2.0, "cls": 3.0})
     results = run(config, "naive", tmp_path, reuse_baselines=given)
-    assert results["baseline"] == {"seg": 0.5, "det": 0.4, "cls": 0.25}
-    assert results["baseline_train_seconds"] == given.seconds
-    assert results["drop_vs_baseline"]["cls"] == pytest.approx((0.25 - results["final"]["cls"]) / 0.25)
+    assert results.baseline == {"seg": 0.5, "det": 0.4, "cls": 0.25}
+    assert results.baseline_train_seconds == given.seconds
+    assert results.drop_vs_baseline["cls"] == pytest.approx((0.25 - results.final["cls"]) / 0.25)
     assert "single-task baselines" not in (tmp_path / "log.txt").read_text()
 
 
@@ -125,10 +125,10 @@ def test_baselines_beside_the_stream_equal_baselines_trained_before_it(tmp_path)
         results[threads] = run(config, "naive", tmp_path / str(threads), baselines=True)
         assert torch.get_num_threads() == callers  # the caller's threads again once the run is done
     beside, before = results[2], results[1]
-    assert beside["threads"] == before["threads"] == {"stream": 1, "baselines": 1}
-    assert beside["baseline"] == before["baseline"] and beside["extra"] == before["extra"]
-    assert beside["matrix"] == before["matrix"]
-    assert set(beside["baseline_train_seconds"]) == {"seg", "det", "cls"}
+    assert beside.threads == before.threads == {"stream": 1, "baselines": 1}
+    assert beside.baseline == before.baseline and beside.extra == before.extra
+    assert beside.matrix == before.matrix
+    assert set(beside.baseline_train_seconds) == {"seg", "det", "cls"}
     assert "single-task baselines (trained beside the stream)" in (tmp_path / "2" / "log.txt").read_text()
     last = load_checkpoint(tmp_path / "2" / "checkpoints" / "last.pt")  # rewritten once the baselines arrived
     assert last["baselines"]["scores"] == load_checkpoint(tmp_path / "1" / "checkpoints" / "last.pt")["baselines"][
@@ -138,7 +138,7 @@ def test_baselines_beside_the_stream_equal_baselines_trained_before_it(tmp_path)
     atomic_torch_save({**last, "baselines": None}, tmp_path / "2" / "checkpoints" / "last.pt")
     config = load_config(None, TINY + ["output.overlays=0", "train.threads=2"])
     resumed = run(config, "naive", tmp_path / "2", baselines=True, resume=True)
-    assert resumed["baseline"] == before["baseline"] and resumed["matrix"] == before["matrix"]
+    assert resumed.baseline == before.baseline and resumed.matrix == before.matrix
 
 
 def test_a_failing_stream_stops_the_baselines_process(tmp_path, isolated_registry):
@@ -230,7 +230,7 @@ def test_outputs_checkpoints_and_metric_log_are_written(tiny_run):
     for k in range(3):
         checkpoint = load_checkpoint(out / "checkpoints" / f"exp{k}.pt")
         assert checkpoint["experience"] == k
-        assert checkpoint["matrix"] == results["matrix"][: k + 1]
+        assert checkpoint["matrix"] == results.matrix[: k + 1]
     with open(out / "metrics.csv") as handle:
         names = {row["metric"] for row in csv.DictReader(handle)}
     assert "mIoU/eval_phase/test_stream/Task000/Exp000" in names
@@ -275,8 +275,8 @@ def test_clmtl_eval_reproduces_the_final_scores_and_writes_predictions(tiny_run,
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
     assert metrics == json.loads((tmp_path / "metrics.json").read_text())
-    for task in results["tasks"]:
-        assert metrics[task["name"]][task["metric"]] == pytest.approx(results["final"][task["name"]], abs=1e-9)
+    for task in results.tasks:
+        assert metrics[task["name"]][task["metric"]] == pytest.approx(results.final[task["name"]], abs=1e-9)
     assert len(list((tmp_path / "seg").glob("*.png"))) == 4  # data.val_size
     with open(tmp_path / "cls.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 4
@@ -336,5 +336,5 @@ def test_a_hybrid_calls_every_components_callbacks_in_the_composers_order(tmp_pa
     for callback in ("before_training_exp", "before_backward", "after_training_exp"):
         seen = [plugin for plugin, name in calls if name == callback]
         assert seen[:5] == order, callback  # model -> optimizer -> data -> loss, ties in the user's order
-    assert results["strategy_stats"]["MultiTaskReplayPlugin"]["replayed"]  # the components did their work
-    assert results["memory_bytes"] > 0
+    assert results.strategy_stats["MultiTaskReplayPlugin"]["replayed"]  # the components did their work
+    assert results.memory_bytes > 0

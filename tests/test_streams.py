@@ -44,20 +44,20 @@ def digits_folder(tmp_path, monkeypatch):
 def test_the_documented_example_runs_in_the_class_and_task_scenarios(digits_folder, scenario):
     config = config_of(digits_folder, EXAMPLE.format(scenario=scenario))
     results = run(config, "naive", digits_folder / "out", baselines=False)
-    assert results["scenario"] == scenario and results["benchmark"] == "folder"
-    placed = [(task["name"], task["head"], task["labels"]) for task in results["tasks"]]
+    assert results.scenario == scenario and results.benchmark == "folder"
+    placed = [(task["name"], task["head"], task["labels"]) for task in results.tasks]
     heads = load_checkpoint(digits_folder / "out" / "checkpoints" / "last.pt")["model"]
     if scenario == "class":
         assert placed == [("d01", 0, [0, 1]), ("d23", 0, [2, 3])]
         assert heads["head.outputs.0.weight"].shape == (4, 64) and "head.outputs.1.weight" not in heads
-        assert results["matrix"][0][1] == 0.0  # before d23 is trained, its digits cannot be predicted at all
+        assert results.matrix[0][1] == 0.0  # before d23 is trained, its digits cannot be predicted at all
     else:
         assert placed == [("d01", 0, [0, 1]), ("d23", 1, [0, 1])]
         assert heads["head.outputs.0.weight"].shape == heads["head.outputs.1.weight"].shape == (2, 64)
-    assert len(results["matrix"]) == 2 and all(len(row) == 2 for row in results["matrix"])
-    assert results["average_accuracy"] == pytest.approx(sum(results["matrix"][-1]) / 2)
+    assert len(results.matrix) == 2 and all(len(row) == 2 for row in results.matrix)
+    assert results.average_accuracy == pytest.approx(sum(results.matrix[-1]) / 2)
     evaluated = evaluate_checkpoint(digits_folder / "out" / "checkpoints" / "last.pt")
-    assert {name: scores["top1"] for name, scores in evaluated.items()} == results["final"]
+    assert {name: scores["top1"] for name, scores in evaluated.items()} == results.final
 
 
 def test_the_domain_scenario_shares_one_head_of_the_same_classes(tmp_path):
@@ -70,7 +70,7 @@ tasks:
   - {{name: sketches, kind: cls, data: {{format: folder, root: {tmp_path / 'sketches'}}}}}
 """
     results = run(config_of(tmp_path, text), "ewc", tmp_path / "out", baselines=False)
-    assert [(task["head"], task["labels"]) for task in results["tasks"]] == [(0, [0, 1]), (0, [0, 1])]
+    assert [(task["head"], task["labels"]) for task in results.tasks] == [(0, [0, 1]), (0, [0, 1])]
     assert load_checkpoint(tmp_path / "out" / "checkpoints" / "last.pt")["model"]["head.outputs.0.weight"].shape == (
         2, 64)
 
@@ -89,13 +89,13 @@ tasks:
 def test_a_mixed_stream_with_repeated_kinds_is_reproduced_by_clmtl_eval(tmp_path, scenario):
     config = config_of(tmp_path, MIXED, [f"scenario={scenario}"])
     results = run(config, "ewc+replay+lwf", tmp_path / "out")
-    assert [task["name"] for task in results["tasks"]] == ["seg", "cls_a", "det", "cls_b"]
-    assert len(results["matrix"]) == 4 and all(len(row) == 4 and None not in row for row in results["matrix"])
-    assert set(results["baseline"]) == {"seg", "cls_a", "det", "cls_b"}
-    assert [task["head"] for task in results["tasks"]] == ([0, 1, 2, 3] if scenario == "task" else [0, 1, 2, 1])
+    assert [task["name"] for task in results.tasks] == ["seg", "cls_a", "det", "cls_b"]
+    assert len(results.matrix) == 4 and all(len(row) == 4 and None not in row for row in results.matrix)
+    assert set(results.baseline) == {"seg", "cls_a", "det", "cls_b"}
+    assert [task["head"] for task in results.tasks] == ([0, 1, 2, 3] if scenario == "task" else [0, 1, 2, 1])
     evaluated = evaluate_checkpoint(tmp_path / "out" / "checkpoints" / "last.pt", tmp_path / "predictions")
-    for task in results["tasks"]:
-        assert evaluated[task["name"]][task["metric"]] == results["final"][task["name"]], task["name"]
+    for task in results.tasks:
+        assert evaluated[task["name"]][task["metric"]] == results.final[task["name"]], task["name"]
     assert {p.name for p in (tmp_path / "predictions").iterdir()} == {"seg", "cls_a.csv", "det.json", "cls_b.csv",
                                                                       "metrics.json"}
 
@@ -118,7 +118,7 @@ tasks:
     assert load_checkpoint(tmp_path / "out" / "checkpoints" / "exp0.pt")["model"]["head.outputs.0.weight"].shape == (
         3, 5 + 2, 64)
     evaluated = evaluate_checkpoint(tmp_path / "out" / "checkpoints" / "last.pt")
-    assert {name: scores["mAP50_95"] for name, scores in evaluated.items()} == results["final"]
+    assert {name: scores["mAP50_95"] for name, scores in evaluated.items()} == results.final
 
 
 def test_class_scenario_segmentation_labels_other_tasks_classes_as_background(tmp_path):
