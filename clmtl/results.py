@@ -41,8 +41,9 @@ def package_versions() -> dict[str, str]:
 
 def assemble_results(config: Config, strategy: str, benchmark: Benchmark, matrix: list[list[float | None]],
                      final_scores: Scores, baseline_scores: Scores, random_init: list[float | None],
-                     model: torch.nn.Module, measured: Measured) -> Results:
-    """The results of one run; ``measured`` holds its timings, threads, device and the strategy's memory."""
+                     model: torch.nn.Module, **measured: Any) -> Results:
+    """The results of one run; ``measured`` are what it measured of itself, the ``Results`` fields from
+    ``train_seconds`` to ``device_name`` (timings, the strategy's memory, threads, device)."""
     tasks = benchmark.tasks
     names = [t.name for t in tasks]
     versions = package_versions()
@@ -73,25 +74,9 @@ def assemble_results(config: Config, strategy: str, benchmark: Benchmark, matrix
         held_out=benchmark.held_out,
         drop_vs_baseline=drop_vs_baseline(final, baseline) if baseline else {},
         params=sum(p.numel() for p in model.parameters()),
-        **vars(measured),
+        **measured,
         versions=versions,
     )
-
-
-@dataclass(frozen=True)
-class Measured:
-    """What a run measures of itself, beside its scores: the ``Results`` fields of the same names."""
-
-    train_seconds: dict[str, float]
-    baseline_train_seconds: dict[str, float]
-    memory_bytes: int
-    strategy_stats: dict[str, Any]
-    total_seconds: float
-    processes: int
-    threads: dict[str, int | None]
-    precision: str
-    device: str
-    device_name: str
 
 
 @dataclass(frozen=True)

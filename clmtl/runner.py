@@ -41,7 +41,7 @@ from clmtl.models.heads import HeadedModel
 from clmtl.plugin import Plugin
 from clmtl.registry import check_model
 from clmtl.report import prediction_overlays, write_report
-from clmtl.results import Measured, Results, assemble_results
+from clmtl.results import Results, assemble_results
 from clmtl.tasks import TaskSpec
 
 
@@ -284,15 +284,14 @@ class Run:
         """The results (``clmtl.results``) of the finished stream."""
         template, stateful = self.template, [p for p in self.plugins if isinstance(p, Plugin)]
         progress, baselines = self.progress, self.baselines
-        measured = Measured(train_seconds=progress.train_seconds, baseline_train_seconds=baselines.seconds,
-                            memory_bytes=sum(p.memory_bytes for p in stateful),
-                            strategy_stats={type(p).__name__: p.stats() for p in stateful if p.stats()},
-                            total_seconds=total_seconds, processes=distributed.world_size(), threads=self.threads,
-                            precision=template.precision, device=str(template.device),
-                            device_name=device_name(template.device))
         final_scores = {t.name: progress.scores[j] for j, t in enumerate(self.tasks)}
-        return assemble_results(self.config, self.strategy, self.benchmark, progress.matrix, final_scores,
-                                baselines.scores, progress.random_init, self.model, measured)
+        return assemble_results(
+            self.config, self.strategy, self.benchmark, progress.matrix, final_scores, baselines.scores,
+            progress.random_init, self.model, train_seconds=progress.train_seconds,
+            baseline_train_seconds=baselines.seconds, memory_bytes=sum(p.memory_bytes for p in stateful),
+            strategy_stats={type(p).__name__: p.stats() for p in stateful if p.stats()}, total_seconds=total_seconds,
+            processes=distributed.world_size(), threads=self.threads, precision=template.precision,
+            device=str(template.device), device_name=device_name(template.device))
 
     def report(self, results: Results) -> None:
         """results.json, summary.md and plots into ``out_dir``; a few validation images with the final model's
