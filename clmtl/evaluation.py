@@ -130,19 +130,24 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     """Rebuild the checkpoint's benchmark and model, score every task, optionally export the predictions.
 
     The checkpoint's own config is used; ``config_file`` / ``overrides`` change it (data moved elsewhere, other
-    eval thresholds). Returns ``{task name: {metric: value}}``.
+    eval thresholds). It computes on ``train.threads`` threads and puts the caller's count back however it ends.
+    Returns ``{task name: {metric: value}}``.
     """
     from clmtl.builders import build_model
 
     saved = load_model_checkpoint(checkpoint)
     config = checkpoint_config(saved, checkpoint, config_file, overrides)
+    callers_threads = torch.get_num_threads()
     torch.set_num_threads(resolve_threads(config.train.threads))
-    benchmark = build_benchmark(config)
-    model = build_model(config, benchmark.tasks, initial_weights=False)
-    model.load_state_dict(saved["model"])
-    model.to(resolve_device(config.train.device))
-    out_dir = Path(predictions) if predictions is not None else None
-    metrics = evaluate_model(model, benchmark, config, out_dir, saved.get("task_states", {}))
+    try:
+        benchmark = build_benchmark(config)
+        model = build_model(config, benchmark.tasks, initial_weights=False)
+        model.load_state_dict(saved["model"])
+        model.to(resolve_device(config.train.device))
+        out_dir = Path(predictions) if predictions is not None else None
+        metrics = evaluate_model(model, benchmark, config, out_dir, saved.get("task_states", {}))
+    finally:
+        torch.set_num_threads(callers_threads)
     if out_dir is not None:
         atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

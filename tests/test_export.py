@@ -223,8 +223,11 @@ def test_eval_scores_the_tasks_of_the_checkpoints_config_and_never_reads_its_tas
     saved = torch.load(tmp_path / "intact.pt", weights_only=True)
     saved["tasks"] = [{"name": "det", "kind": "depth"}, "cls"]
     torch.save(saved, tmp_path / "bad.pt")
+    threads = torch.get_num_threads()
     for name in ("intact", "bad"):
-        assert main(["eval", "--checkpoint", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / name)]) == 0
+        assert main(["eval", "--checkpoint", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / name),
+                     "train.threads=2"]) == 0
+        assert torch.get_num_threads() == threads  # the caller's, whatever train.threads asked for
     assert capsys.readouterr().err == ""
     intact, bad = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("intact", "bad"))
     assert list(bad) == ["seg", "det", "cls"] and bad == intact
