@@ -4,6 +4,7 @@ Each module's imports are read with ``ast`` (also those inside functions, which 
 followed through clmtl's own modules, so a lower module that reaches the config through another one fails too.
 """
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def module_name(path: Path) -> str:
     raise ValueError(path)
 
 
+@functools.cache
 def imported(path: Path) -> set[str]:
     """Every module ``path`` imports anywhere in its body, parent packages included (importing ``a.b.c`` runs
     ``a`` and ``a.b`` first); ``from a import b`` counts ``a.b`` when it is a module."""
@@ -87,6 +89,7 @@ def test_the_walk_sees_imports_inside_functions_relative_ones_and_chains(tmp_pat
                        "data/clean.py": "from clmtl import plain\nfrom . import clean\n"}.items():
         (package / name).write_text(text)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE_DIRS", {"clmtl": package})
+    imported.cache_clear()
     assert path_to("clmtl.data.lazy", RUN_CONFIG) == ["clmtl.data.lazy", RUN_CONFIG]
     assert path_to("clmtl.data.chained", RUN_CONFIG) == ["clmtl.data.chained", "clmtl.middle", RUN_CONFIG]
     assert path_to("clmtl.data.relative", RUN_CONFIG) == ["clmtl.data.relative", RUN_CONFIG]

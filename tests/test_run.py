@@ -164,7 +164,8 @@ def test_the_callers_thread_count_comes_back_when_a_run_raises(tmp_path, isolate
             raise RuntimeError("plugin failed")
 
     register("failing_for_threads_test")(Failing)
-    overrides = [*TINY, "output.overlays=0", "train.threads=2", "train.parallel_baselines=false"]
+    overrides = [*TINY, "output.overlays=0", "train.threads=2", "train.parallel_baselines=false", "tasks=[cls]",
+                 "model.backbone=mlp", "model.hidden=[8]"]  # a small model, quick to build and score
     if failure == "data":
         overrides.append(f"data.root={tmp_path / 'nowhere'}")
     config = load_config(None, overrides)
