@@ -3,9 +3,14 @@
 A strategy plugin is an Avalanche ``SupervisedPlugin``. Subclassing ``Plugin`` declares the few things clmtl asks of
 it, each with a default, so a plugin writes only what it has:
 
-- ``state_dict()`` / ``load_state_dict(state, model)``: what carries over from one experience to the next, for run
-  checkpoints (``--resume``) and for handing rank 0's state to every process under torchrun. Default: nothing, so a
-  plugin that keeps state across experiences (EWC's anchors, a replay memory) must override both;
+- ``state``: the names of the attributes that carry over from one experience to the next (EWC's anchors, a replay
+  memory), declared once as a class attribute. Run checkpoints save them (``--resume``) and rank 0 hands them to
+  every process under torchrun, through ``state_dict()`` / ``load_state_dict(state, model)``, which no plugin writes.
+  ``model_copies`` names frozen copies of the model (LwF's teacher), saved as their state dict and rebuilt from the
+  run's model; ``transient`` names attributes that hold tensors but are no state (caches rebuilt from it, a step's
+  working values). A plugin holding tensors in an attribute it does not declare is refused at the run's first
+  checkpoint (``clmtl.plugin_state``, which also says what a value may be);
+- ``no_resume``: for a plugin whose state is no value that a checkpoint can hold, why a run with it cannot resume;
 - ``memory_bytes``: memory it holds beside the model, reported in results.json;
 - ``stats()``: what results.json records of it (``strategy_stats``);
 - ``bind_benchmark(benchmark)``: called with the whole benchmark before training (joint takes every task's data,
@@ -25,22 +30,39 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
+from clmtl.plugin_state import StateError, frozen_copy, restore_state, saved_state
+
+__all__ = ["Plugin", "StateError", "evaluating", "frozen_copy", "joined", "kept_statistics", "task_batch_loss",
+           "to_device"]
+
 
 class Plugin(SupervisedPlugin):
     """An Avalanche plugin with clmtl's optional protocol, every part defaulting to "nothing"."""
 
-    def state_dict(self) -> dict:
-        """What resuming needs of this plugin (tensors and plain containers: checkpoints load weights only)."""
-        return {}
+    state: ClassVar[tuple[str, ...]] = ()
+    """Attributes that carry over between experiences: saved, restored and handed over under torchrun."""
+    model_copies: ClassVar[tuple[str, ...]] = ()
+    """Attributes holding a ``frozen_copy`` of the run's model, or None: saved as its state dict, rebuilt from the
+    model."""
+    transient: ClassVar[tuple[str, ...]] = ()
+    """Attributes holding tensors that are no state (caches, a step's working values): neither saved nor restored."""
+    no_resume: ClassVar[str] = ""
+    """Why a run with this plugin cannot be resumed (its state is no value a checkpoint holds); empty: it can."""
+
+    def state_dict(self) -> dict | None:
+        """The declared state as tensors and plain containers (checkpoints load weights only); None for a plugin that
+        cannot be resumed. Raises ``StateError`` for a tensor in an undeclared attribute."""
+        return None if self.no_resume else saved_state(self)
 
     def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
         """Take back what ``state_dict`` returned; ``model`` is the run's model, already restored."""
+        restore_state(self, state, model)
 
     @property
     def memory_bytes(self) -> int:

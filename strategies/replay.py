@@ -239,6 +239,10 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
 
     Fills a ``TaskBuffer`` after each experience and adds each stored task's replay loss (see the module doc)."""
 
+    state = ("buffer.tasks", "buffer.train_sizes", "buffer.generator", "generator", "replayed")
+    """The stored samples and both generators (selection, draws), so a resumed run stores and draws the same."""
+    transient = ("_pending",)
+
     def __init__(self, mem_size: int = 200, ratio: float = 0.5, split: str = "equal", selection: str = "reservoir",
                  weight: float = 1.0, per_task_cap: int | None = None, seed: int = 0) -> None:
         super().__init__()
@@ -262,24 +266,6 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
         """Replay batch size of each stored experience for a current mini-batch of ``batch_size``."""
         sizes = split_quotas(math.ceil(self.ratio * batch_size), [1] * len(experiences))
         return [size if self.per_task_cap is None else min(size, self.per_task_cap) for size in sizes]
-
-    def state_dict(self) -> dict:
-        """The stored samples and both generators' states (for run checkpoints)."""
-        buffer = self.buffer
-        return {"tasks": {experience: {"kind": m.kind, "head": m.head, "images": list(m.images),
-                                       "targets": list(m.targets), "indices": list(m.indices)}
-                          for experience, m in buffer.tasks.items()},
-                "train_sizes": dict(buffer.train_sizes), "selection_rng": buffer.generator.get_state(),
-                "draw_rng": self.generator.get_state(), "replayed": dict(self.replayed)}
-
-    def load_state_dict(self, state: dict, model) -> None:
-        self.buffer.tasks = {experience: TaskMemory(m["kind"], m.get("head", experience), list(m["images"]),
-                                                    list(m["targets"]), list(m["indices"]))
-                             for experience, m in state["tasks"].items()}
-        self.buffer.train_sizes = dict(state["train_sizes"])
-        self.buffer.generator.set_state(state["selection_rng"])
-        self.generator.set_state(state["draw_rng"])
-        self.replayed = Counter(state["replayed"])
 
     def stats(self) -> dict[str, dict[str, int]]:
         """What results.json records of this plugin: samples stored and replayed per experience (keyed by the
