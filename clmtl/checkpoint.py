@@ -114,15 +114,24 @@ def load_task_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) ->
         own[name].copy_(value)
 
 
+def check_resumable(plugins: list) -> None:
+    """Refuse, in one line, a plugin whose state a checkpoint does not hold: a plain Avalanche plugin, or a
+    ``clmtl.plugin.Plugin`` that says why it cannot resume (``no_resume``)."""
+    for plugin in plugins:
+        if isinstance(plugin, Plugin) and plugin.no_resume:
+            raise ResumeError(f"plugin {type(plugin).__name__} cannot be resumed: {plugin.no_resume}")
+        if not isinstance(plugin, Plugin):
+            raise ResumeError(f"plugin {type(plugin).__name__} is not a clmtl.plugin.Plugin, so its state cannot be "
+                              "restored; subclass Plugin and declare its state (clmtl.plugin)")
+
+
 def restore_plugins(plugins: list, states: list[dict | None], model: torch.nn.Module) -> None:
     if len(states) != len(plugins):
         raise ResumeError(f"the checkpoint holds {len(states)} plugin states for {len(plugins)} plugins")
+    check_resumable(plugins)
     for plugin, state in zip(plugins, states):
-        if isinstance(plugin, Plugin) and plugin.no_resume:
-            raise ResumeError(f"plugin {type(plugin).__name__} cannot be resumed: {plugin.no_resume}")
-        if state is None or not isinstance(plugin, Plugin):
-            raise ResumeError(f"plugin {type(plugin).__name__} is not a clmtl.plugin.Plugin, so its state cannot be "
-                              "restored; subclass Plugin and declare its state (clmtl.plugin)")
+        if state is None:
+            raise ResumeError(f"the checkpoint holds no state of plugin {type(plugin).__name__}")
         try:
             plugin.load_state_dict(state, model)
         except StateError as error:

@@ -141,7 +141,8 @@ def _record_class(path: str) -> type:
 
 
 def encode(value: Any, where: str) -> Any:
-    """``value`` as tensors and plain containers (module docstring); ``where`` names it in errors."""
+    """``value`` as tensors and plain containers (module docstring); ``where``, its attribute path, names it in
+    errors."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor):
@@ -154,17 +155,17 @@ def encode(value: Any, where: str) -> Any:
         return type(value)(encode(item, f"{where}[{index}]") for index, item in enumerate(value))
     if isinstance(value, dict):
         if KIND in value:
-            raise StateError(f"{where} is a dict with the key {KIND!r}, which the state keeps for itself")
+            raise StateError(f"{where!r} is a dict with the key {KIND!r}, which the state keeps for itself")
         return {key: encode(item, f"{where}[{key!r}]") for key, item in value.items()}
     record = type(value)
     if dataclasses.is_dataclass(value) or (isinstance(value, tuple) and hasattr(record, "_fields")):
         fields = ([f.name for f in dataclasses.fields(value) if f.init] if dataclasses.is_dataclass(value)
                   else list(record._fields))
         if dataclasses.is_dataclass(value) and len(fields) != len(dataclasses.fields(value)):
-            raise StateError(f"{where} is a {record.__name__} with fields its constructor does not take")
+            raise StateError(f"{where!r} is a {record.__name__} with fields its constructor does not take")
         return {KIND: "record", "class": f"{record.__module__}:{record.__qualname__}",
                 "fields": {name: encode(getattr(value, name), f"{where}.{name}") for name in fields}}
-    raise StateError(f"{where} holds a {record.__name__}, which a checkpoint cannot hold: declare tensors, numbers, "
+    raise StateError(f"{where!r} holds a {record.__name__}, which a checkpoint cannot hold: declare tensors, numbers, "
                      "strings, None, lists, tuples and dicts of them, dataclasses, named tuples or torch.Generators")
 
 
@@ -203,13 +204,16 @@ def saved_state(plugin: Any) -> dict[str, Any]:
         path, held = found
         raise StateError(f"plugin {name} holds {held} in {path!r}, which it does not declare: name it in {name}.state "
                          f"(kept by checkpoints, --resume and torchrun) or {name}.transient (rebuilt, never saved)")
-    state = {key: encode(_get(plugin, key), f"plugin {name}: {key!r}") for key in declared(type(plugin), "state")}
-    for key in declared(type(plugin), "model_copies"):
-        module = _get(plugin, key)
+    values = {key: _get(plugin, key) for key in declared(type(plugin), "state")}
+    copies = {key: _get(plugin, key) for key in declared(type(plugin), "model_copies")}
+    for key, module in copies.items():
         if module is not None and not isinstance(module, nn.Module):
             raise StateError(f"plugin {name}: model copy {key!r} holds a {type(module).__name__}, not a module")
-        state[key] = None if module is None else encode(module.state_dict(), f"plugin {name}: {key!r}")
-    return state
+    try:
+        return {**{key: encode(value, key) for key, value in values.items()},
+                **{key: None if module is None else encode(module.state_dict(), key) for key, module in copies.items()}}
+    except StateError as error:
+        raise StateError(f"plugin {name}: {error}") from None
 
 
 def restore_state(plugin: Any, state: dict[str, Any], model: nn.Module) -> None:

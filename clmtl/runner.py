@@ -18,9 +18,9 @@ from clmtl.baselines import BackgroundBaselines, Baselines, baseline_threads, si
 from clmtl.benchmark import Benchmark, build_benchmark
 from clmtl.builders import (build_model, build_strategy, make_decoder, make_loggers, make_template, recipe_plugins,
                              seed_everything)
-from clmtl.checkpoint import (ResumeError, StopRequest, clock_state, load_run_checkpoint, plugin_states,
-                              restore_plugins, rng_state, save_run_checkpoint, set_clock_state, set_rng_state,
-                              task_model_states)
+from clmtl.checkpoint import (ResumeError, StopRequest, check_resumable, clock_state, load_run_checkpoint,
+                              plugin_states, restore_plugins, rng_state, save_run_checkpoint, set_clock_state,
+                              set_rng_state, task_model_states)
 from clmtl.config import Config, ConfigError, check_model_input
 from clmtl.decode import predict
 from clmtl.devices import device_name, resolve_device, resolve_threads
@@ -82,6 +82,8 @@ def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bo
     if benchmark is None:  # bad data, a stream the scenario or the strategy refuses: stop before writing
         benchmark = build_benchmark(config)
     plugins = [*recipe_plugins(config), *build_strategy(strategy, config, benchmark)]
+    if saved is not None:  # a plugin whose state the checkpoint cannot hold: refused before anything is written
+        check_resumable(plugins)
     tasks = benchmark.tasks
     if writes:
         (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
