@@ -2,6 +2,7 @@
 loads with ``weights_only=True`` and comes back as it was; a tensor in an undeclared attribute, or a value a
 checkpoint cannot hold, is refused in one line naming the plugin and the attribute."""
 import io
+import pickle
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -59,9 +60,8 @@ def saved_and_loaded(plugin: Plugin) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
-def test_declared_state_comes_back_through_a_weights_only_checkpoint():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+def filled(model: nn.Module) -> Keeper:
+    """A ``Keeper`` holding a value of every kind, its teacher a copy of ``model``."""
     kept = Keeper()
     kept.tensor = torch.arange(4.0)
     kept.nested = {0: [torch.ones(2), (1, "a", None)], "x": {"y": 2.5}}
@@ -74,6 +74,13 @@ def test_declared_state_comes_back_through_a_weights_only_checkpoint():
     kept.inner.values = [torch.tensor(5)]
     kept.teacher = frozen_copy(model)
     kept.cache = torch.ones(1)
+    return kept
+
+
+def test_declared_state_comes_back_through_a_weights_only_checkpoint():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    kept = filled(model)
     with torch.no_grad():
         model[0].weight.add_(1.0)  # the run's model has moved on since the copy
 
@@ -101,6 +108,22 @@ def test_declared_state_comes_back_through_a_weights_only_checkpoint():
     for (name, value), (_, copied) in zip(teacher.state_dict().items(), kept.teacher.state_dict().items()):
         assert torch.equal(value, copied), name  # the saved copy's weights, not the model's
     assert not torch.equal(teacher[0].weight, model[0].weight)
+
+
+def test_torchrun_hands_rank_0s_declared_state_to_every_other_process(monkeypatch):
+    from avalanche.distributed import DistributedHelper
+    from test_checkpoint import same
+
+    from clmtl import distributed
+    from clmtl.checkpoint import plugin_states
+
+    model = nn.Linear(3, 4)
+    rank_0, other = filled(model), Keeper()
+    sent = pickle.dumps(plugin_states([rank_0]))  # what rank 0 broadcasts
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    monkeypatch.setattr(DistributedHelper, "broadcast_object", lambda obj: pickle.loads(sent))
+    distributed.broadcast_plugin_states([other], model)
+    assert same(other.state_dict(), rank_0.state_dict()) and other.cache is None
 
 
 def test_a_subclass_adds_to_its_bases_declarations():
