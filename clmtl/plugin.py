@@ -80,9 +80,10 @@ class Plugin(SupervisedPlugin):
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
-    """Move tensors nested in lists, tuples and dicts to ``device``."""
+    """Move tensors nested in lists, tuples and dicts to ``device``. A copy to the CPU is finished when this returns
+    (a non-blocking one from a GPU could still be under way while a checkpoint or a broadcast reads it)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
+        return value.to(device, non_blocking=torch.device(device).type != "cpu")
     if isinstance(value, dict):
         return {key: to_device(item, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
