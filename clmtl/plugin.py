@@ -18,7 +18,8 @@ it, each with a default, so a plugin writes only what it has:
 - ``task_model_states()``: model tensors that differ per task label (per-task BatchNorm), which checkpoints keep
   beside the model so ``clmtl eval`` runs each task with its own.
 
-A plain Avalanche plugin, Avalanche's own included, trains in a run too; it cannot be resumed from a checkpoint.
+A plain Avalanche plugin trains in a run too; it cannot be resumed from a checkpoint. The Avalanche plugins registered
+by name (``clmtl.strategies.avalanche_stock``) are ``Plugin`` subclasses that declare their state, or say why not.
 
 The functions below are the stable surface for plugins that add samples to a training step: each task keeps its own
 output format, so samples of another head get their own forward pass (``task_batch_loss``), while samples of the

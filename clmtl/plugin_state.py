@@ -22,7 +22,8 @@ more is saved as a dict tagged with ``KIND``:
 - a dataclass or named tuple: its class, found among the modules already imported, and its fields.
 
 A dict attribute, such as a ``defaultdict`` or a ``Counter``, is restored into the dict the plugin holds, so it keeps
-its type; any other value replaces the attribute's. Restoring happens in a freshly built plugin, or after an
+its type (inside another value one is refused: it would come back a plain dict); any other value replaces the
+attribute's. Restoring happens in a freshly built plugin, or after an
 experience under torchrun; a run resumed inside an experience restores the state after the plugins'
 ``before_training_exp``, so caches are best built where they are used.
 """
@@ -31,9 +32,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
+from collections import OrderedDict
 from typing import Any
 
 import torch
+from avalanche.training.utils import ParamData
 from torch import nn
 
 KIND = "__clmtl_state__"
@@ -140,31 +143,42 @@ def _record_class(path: str) -> type:
     return found
 
 
-def encode(value: Any, where: str) -> Any:
+PLAIN = (bool, int, float, str, type(None))
+"""The types a value (or a dict key) is kept as it is; their subclasses (an ``IntEnum``, NumPy's ``float64``) would
+not load with ``weights_only=True``."""
+
+
+def encode(value: Any, where: str, nested: bool = False) -> Any:
     """``value`` as tensors and plain containers (module docstring); ``where``, its attribute path, names it in
-    errors."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    errors; ``nested``: inside another value."""
+    record = type(value)
+    if record in PLAIN:
         return value
     if isinstance(value, torch.Tensor):
         return value if value.device.type == "cpu" else {KIND: "accelerator", "tensor": value}
     if isinstance(value, torch.Generator):
         return {KIND: "generator", "state": value.get_state()}
-    if type(value).__name__ == "ParamData" and type(value).__module__.startswith("avalanche."):
-        return {KIND: "param", "name": value.name, "tensor": encode(value.data, where)}
-    if type(value) in (list, tuple):
-        return type(value)(encode(item, f"{where}[{index}]") for index, item in enumerate(value))
+    if isinstance(value, ParamData):
+        return {KIND: "param", "name": value.name, "tensor": encode(value.data, where, True)}
+    if record in (list, tuple):
+        return record(encode(item, f"{where}[{index}]", True) for index, item in enumerate(value))
     if isinstance(value, dict):
+        if nested and record not in (dict, OrderedDict):
+            raise StateError(f"{where!r} is a {record.__name__} inside another value, which would come back as a "
+                             "plain dict: hold it in an attribute of its own")
         if KIND in value:
             raise StateError(f"{where!r} is a dict with the key {KIND!r}, which the state keeps for itself")
-        return {key: encode(item, f"{where}[{key!r}]") for key, item in value.items()}
-    record = type(value)
+        odd = [key for key in value if type(key) not in PLAIN]
+        if odd:
+            raise StateError(f"{where!r} has a key of type {type(odd[0]).__name__}: keys are numbers or strings")
+        return {key: encode(item, f"{where}[{key!r}]", True) for key, item in value.items()}
     if dataclasses.is_dataclass(value) or (isinstance(value, tuple) and hasattr(record, "_fields")):
         fields = ([f.name for f in dataclasses.fields(value) if f.init] if dataclasses.is_dataclass(value)
                   else list(record._fields))
         if dataclasses.is_dataclass(value) and len(fields) != len(dataclasses.fields(value)):
             raise StateError(f"{where!r} is a {record.__name__} with fields its constructor does not take")
         return {KIND: "record", "class": f"{record.__module__}:{record.__qualname__}",
-                "fields": {name: encode(getattr(value, name), f"{where}.{name}") for name in fields}}
+                "fields": {name: encode(getattr(value, name), f"{where}.{name}", True) for name in fields}}
     raise StateError(f"{where!r} holds a {record.__name__}, which a checkpoint cannot hold: declare tensors, numbers, "
                      "strings, None, lists, tuples and dicts of them, dataclasses, named tuples or torch.Generators")
 
@@ -187,8 +201,6 @@ def decode(saved: Any, device: torch.device) -> Any:
         generator.set_state(saved["state"])
         return generator
     if kind == "param":
-        from avalanche.training.utils import ParamData
-
         tensor = decode(saved["tensor"], device)
         return ParamData(saved["name"], init_tensor=tensor, device=tensor.device)
     if kind == "record":

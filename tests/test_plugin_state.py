@@ -153,6 +153,9 @@ def test_a_tensor_in_an_undeclared_attribute_is_refused_naming_the_plugin_and_th
     ({1, 2}, "plugin Keeper: 'tensor' holds a set, which a checkpoint cannot hold"),
     ([np.zeros(2)], "plugin Keeper: 'tensor[0]' holds a ndarray, which a checkpoint cannot hold"),
     ({"__clmtl_state__": 1}, "plugin Keeper: 'tensor' is a dict with the key '__clmtl_state__'"),
+    ([Counter()], "plugin Keeper: 'tensor[0]' is a Counter inside another value, which would come back as a plain"),
+    ({np.int64(1): 2}, "plugin Keeper: 'tensor' has a key of type int64: keys are numbers or strings"),
+    (np.float64(0.5), "plugin Keeper: 'tensor' holds a float64, which a checkpoint cannot hold"),
 ])
 def test_a_declared_value_a_checkpoint_cannot_hold_is_refused_in_one_line(value, message):
     plugin = Keeper()
