@@ -156,9 +156,8 @@ class Protocol:
             weights = list(range(self.tasks))
             return "lwf", [f"strategy.lwf.temperature={hyper.get('temperature', 2.0)}",
                            f"strategy.lwf.alpha={weights}"]
-        assert method == "replay"
-        classes = MNIST_CLASSES * (self.tasks if self.stream == "permuted" and scenario == "class" else 1)
-        return "replay", [f"strategy.replay.mem_size={int(hyper['budget_per_class']) * classes}",
+        assert method == "replay"  # a budget per class: the memory grows as the classes arrive
+        return "replay", [f"strategy.replay.mem_per_class={int(hyper['budget_per_class'])}",
                           "strategy.replay.selection=class_balanced", "strategy.replay.ratio=1.0"]
 
 
