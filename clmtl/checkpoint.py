@@ -4,10 +4,10 @@ A run checkpoint is written after every experience (``OUT/checkpoints/exp{k}.pt`
 the newest, each written atomically), and with ``output.checkpoint_every=N`` also every N training iterations and
 when a stop is requested (SIGTERM, Ctrl-C: ``StopRequest``), as ``partial.pt`` with ``last.pt`` pointing at it.
 It holds only tensors and plain containers, so it loads with ``weights_only=True`` (Avalanche's own
-``save_checkpoint`` pickles the whole strategy with dill): the model's state dict, every plugin's ``state_dict()``
-(EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task BatchNorm...), the template's clock (EWC and
-layerlr read the experience counter from it), the random-number generators' states, the accuracy matrix and scores so
-far, the baselines, the config and the strategy.
+``save_checkpoint`` pickles the whole strategy with dill): the model's state dict, every plugin's declared state
+(EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task BatchNorm...: ``clmtl.plugin_state``), the
+template's clock (EWC and layerlr read the experience counter from it), the random-number generators' states, the
+accuracy matrix and scores so far, the baselines, the config and the strategy.
 
 Resuming rebuilds the benchmark, model, plugins and template from the saved config, loads all of that, and goes on
 with the next experience. The optimizer is rebuilt fresh at every experience anyway (``reset_optimizer_state``), and
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from clmtl.io import atomic_torch_save, load_checkpoint
-from clmtl.plugin import Plugin, to_device
+from clmtl.plugin import Plugin, StateError, to_device
 from clmtl.tasks import TaskSpec
 
 
@@ -87,7 +87,8 @@ def set_clock_state(clock: Any, state: dict[str, int]) -> None:
 
 
 def plugin_states(plugins: list) -> list[dict | None]:
-    """Each plugin's ``state_dict()``; None for a plain Avalanche plugin (``clmtl.plugin.Plugin`` declares it)."""
+    """Each plugin's ``state_dict()``: its declared state; None for a plain Avalanche plugin and for one that cannot
+    be resumed. A plugin holding tensors in undeclared attributes raises ``StateError`` before anything is written."""
     return [plugin.state_dict() if isinstance(plugin, Plugin) else None for plugin in plugins]
 
 
@@ -113,14 +114,28 @@ def load_task_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) ->
         own[name].copy_(value)
 
 
+def check_resumable(plugins: list) -> None:
+    """Refuse, in one line, a plugin whose state a checkpoint does not hold: a plain Avalanche plugin, or a
+    ``clmtl.plugin.Plugin`` that says why it cannot resume (``no_resume``)."""
+    for plugin in plugins:
+        if isinstance(plugin, Plugin) and plugin.no_resume:
+            raise ResumeError(f"plugin {type(plugin).__name__} cannot be resumed: {plugin.no_resume}")
+        if not isinstance(plugin, Plugin):
+            raise ResumeError(f"plugin {type(plugin).__name__} is not a clmtl.plugin.Plugin, so its state cannot be "
+                              "restored; subclass Plugin and declare its state (clmtl.plugin)")
+
+
 def restore_plugins(plugins: list, states: list[dict | None], model: torch.nn.Module) -> None:
     if len(states) != len(plugins):
         raise ResumeError(f"the checkpoint holds {len(states)} plugin states for {len(plugins)} plugins")
+    check_resumable(plugins)
     for plugin, state in zip(plugins, states):
-        if state is None or not isinstance(plugin, Plugin):
-            raise ResumeError(f"plugin {type(plugin).__name__} is not a clmtl.plugin.Plugin, so its state cannot be "
-                              "restored; subclass Plugin and define state_dict() / load_state_dict(state, model)")
-        plugin.load_state_dict(state, model)
+        if state is None:
+            raise ResumeError(f"the checkpoint holds no state of plugin {type(plugin).__name__}")
+        try:
+            plugin.load_state_dict(state, model)
+        except StateError as error:
+            raise ResumeError(str(error)) from None
 
 
 PARTIAL = "partial.pt"

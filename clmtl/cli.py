@@ -86,6 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from clmtl import distributed
     from clmtl.checkpoint import ResumeError, StopRequest
     from clmtl.errors import ConfigError, DataError
+    from clmtl.plugin import StateError
     from clmtl.runner import run
 
     stop = StopRequest()
@@ -98,8 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         distributed.init_from_environment(config.seed, resolve_device(config.train.device))
     try:
         results = run(config, strategy, out, baselines=not args.no_baselines, resume=bool(args.resume), stop=stop)
-    except (ConfigError, DataError, ResumeError) as error:  # data paths, bad files: one line naming the file
-        return _fail(error)
+    except (ConfigError, DataError, ResumeError, StateError) as error:  # data paths, bad files, undeclared state:
+        return _fail(error)  # one line naming the file or the plugin's attribute
     except KeyboardInterrupt:
         print(f"\nclmtl: stopped. {out}/checkpoints/ holds every finished experience and, when training was "
               f"stopped by a signal, the iteration it stopped at; continue with: clmtl run --resume {out}",

@@ -127,12 +127,16 @@ def average_buffers(model: nn.Module) -> None:
 
 
 def broadcast_plugin_states(plugins: Sequence, model: nn.Module) -> None:
-    """Give every process rank 0's plugin states (EWC's Fisher, replay buffers...), which rank 0 also checkpoints."""
+    """Give every process rank 0's plugin states (EWC's Fisher, replay buffers...), which rank 0 also checkpoints.
+
+    They travel on the CPU, as in a checkpoint: a tensor pickled on rank 0's GPU would be unpickled onto that same GPU
+    by every process; each puts them back on its own device (``clmtl.plugin_state``)."""
     from avalanche.distributed import DistributedHelper
 
     from clmtl.checkpoint import plugin_states
+    from clmtl.plugin import to_device
 
-    states = DistributedHelper.broadcast_object(plugin_states(plugins) if is_main_process() else None)
+    states = DistributedHelper.broadcast_object(to_device(plugin_states(plugins), "cpu") if is_main_process() else None)
     if not is_main_process():
         for plugin, state in zip(plugins, states):
             if state is not None:

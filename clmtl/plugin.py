@@ -3,9 +3,14 @@
 A strategy plugin is an Avalanche ``SupervisedPlugin``. Subclassing ``Plugin`` declares the few things clmtl asks of
 it, each with a default, so a plugin writes only what it has:
 
-- ``state_dict()`` / ``load_state_dict(state, model)``: what carries over from one experience to the next, for run
-  checkpoints (``--resume``) and for handing rank 0's state to every process under torchrun. Default: nothing, so a
-  plugin that keeps state across experiences (EWC's anchors, a replay memory) must override both;
+- ``state``: the names of the attributes that carry over from one experience to the next (EWC's anchors, a replay
+  memory), declared once as a class attribute. Run checkpoints save them (``--resume``) and rank 0 hands them to
+  every process under torchrun, through ``state_dict()`` / ``load_state_dict(state, model)``, which no plugin writes.
+  ``model_copies`` names frozen copies of the model (LwF's teacher), saved as their state dict and rebuilt from the
+  run's model; ``transient`` names attributes that hold tensors but are no state (caches rebuilt from it, a step's
+  working values). A plugin holding tensors in an attribute it does not declare is refused at the run's first
+  checkpoint (``clmtl.plugin_state``, which also says what a value may be);
+- ``no_resume``: for a plugin whose state is no value that a checkpoint can hold, why a run with it cannot resume;
 - ``memory_bytes``: memory it holds beside the model, reported in results.json;
 - ``stats()``: what results.json records of it (``strategy_stats``);
 - ``bind_benchmark(benchmark)``: called with the whole benchmark before training (joint takes every task's data,
@@ -13,7 +18,8 @@ it, each with a default, so a plugin writes only what it has:
 - ``task_model_states()``: model tensors that differ per task label (per-task BatchNorm), which checkpoints keep
   beside the model so ``clmtl eval`` runs each task with its own.
 
-A plain Avalanche plugin, Avalanche's own included, trains in a run too; it cannot be resumed from a checkpoint.
+A plain Avalanche plugin trains in a run too; it cannot be resumed from a checkpoint. The Avalanche plugins registered
+by name (``clmtl.strategies.avalanche_stock``) are ``Plugin`` subclasses that declare their state, or say why not.
 
 The functions below are the stable surface for plugins that add samples to a training step: each task keeps its own
 output format, so samples of another head get their own forward pass (``task_batch_loss``), while samples of the
@@ -25,22 +31,39 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
+from clmtl.plugin_state import StateError, frozen_copy, restore_state, saved_state
+
+__all__ = ["Plugin", "StateError", "evaluating", "frozen_copy", "joined", "kept_statistics", "task_batch_loss",
+           "to_device"]
+
 
 class Plugin(SupervisedPlugin):
     """An Avalanche plugin with clmtl's optional protocol, every part defaulting to "nothing"."""
 
-    def state_dict(self) -> dict:
-        """What resuming needs of this plugin (tensors and plain containers: checkpoints load weights only)."""
-        return {}
+    state: ClassVar[tuple[str, ...]] = ()
+    """Attributes that carry over between experiences: saved, restored and handed over under torchrun."""
+    model_copies: ClassVar[tuple[str, ...]] = ()
+    """Attributes holding a ``frozen_copy`` of the run's model, or None: saved as its state dict, rebuilt from the
+    model."""
+    transient: ClassVar[tuple[str, ...]] = ()
+    """Attributes holding tensors that are no state (caches, a step's working values): neither saved nor restored."""
+    no_resume: ClassVar[str] = ""
+    """Why a run with this plugin cannot be resumed (its state is no value a checkpoint holds); empty: it can."""
+
+    def state_dict(self) -> dict | None:
+        """The declared state as tensors and plain containers (checkpoints load weights only); None for a plugin that
+        cannot be resumed. Raises ``StateError`` for a tensor in an undeclared attribute."""
+        return None if self.no_resume else saved_state(self)
 
     def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
         """Take back what ``state_dict`` returned; ``model`` is the run's model, already restored."""
+        restore_state(self, state, model)
 
     @property
     def memory_bytes(self) -> int:
@@ -58,9 +81,10 @@ class Plugin(SupervisedPlugin):
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
-    """Move tensors nested in lists, tuples and dicts to ``device``."""
+    """Move tensors nested in lists, tuples and dicts to ``device``. A copy to the CPU is finished when this returns
+    (a non-blocking one from a GPU could still be under way while a checkpoint or a broadcast reads it)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
+        return value.to(device, non_blocking=torch.device(device).type != "cpu")
     if isinstance(value, dict):
         return {key: to_device(item, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

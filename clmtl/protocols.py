@@ -157,9 +157,8 @@ class Protocol:
             weights = list(range(self.tasks))
             return "lwf", [f"strategy.lwf.temperature={hyper.get('temperature', 2.0)}",
                            f"strategy.lwf.alpha={weights}"]
-        assert method == "replay"
-        classes = MNIST_CLASSES * (self.tasks if self.stream == "permuted" and scenario == "class" else 1)
-        return "replay", [f"strategy.replay.mem_size={int(hyper['budget_per_class']) * classes}",
+        assert method == "replay"  # a budget per class: the memory grows as the classes arrive
+        return "replay", [f"strategy.replay.mem_per_class={int(hyper['budget_per_class'])}",
                           "strategy.replay.selection=class_balanced", "strategy.replay.ratio=1.0"]
 
 
@@ -173,8 +172,11 @@ class Protocol:
             return "EWC", {"ewc_lambda": hyper["lambda"] / 2}
         if method == "si":  # Avalanche's: (lambda / 2) sum Omega (theta - theta*)^2, Omega clamped at 0.001
             return "SynapticIntelligence", {"si_lambda": 2 * hyper["c"], "eps": hyper.get("damping", 0.1)}
-        if method == "lwf":
-            return "LwF", {"alpha": list(range(self.tasks)), "temperature": hyper.get("temperature", 2.0)}
+        if method == "lwf":  # Avalanche: alpha_e * sum over old heads of KL, no T^2; the papers: (e) * mean of T^2 KL
+            temperature = hyper.get("temperature", 2.0)
+            per_head = scenario == "task"  # one old head per earlier task; one shared head otherwise
+            alpha = [0.0, *(temperature**2 * (1 if per_head else e) for e in range(1, self.tasks))]
+            return "LwF", {"alpha": alpha, "temperature": temperature}
         if method == "replay":
             return "Replay", {"mem_size": int(hyper["budget_per_class"]) * MNIST_CLASSES}
         return None

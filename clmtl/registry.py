@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -199,7 +200,8 @@ def load_strategy_file(path: str | Path) -> None:
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"strategy file {path} does not exist")
-    name = f"clmtl_strategy_file_{abs(hash(str(path)))}"
+    # the same module name in every process: a dataclass of the file kept in a plugin's state is found again
+    name = f"clmtl_strategy_file_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
     if name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(name, path)

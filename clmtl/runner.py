@@ -28,9 +28,9 @@ from clmtl.baselines import BackgroundBaselines, Baselines, baseline_threads, si
 from clmtl.benchmark import Benchmark, build_benchmark
 from clmtl.builders import (build_model, build_strategy, make_decoder, make_loggers, make_template, recipe_plugins,
                              seed_everything)
-from clmtl.checkpoint import (ResumeError, StopRequest, clock_state, load_run_checkpoint, plugin_states,
-                              restore_plugins, rng_state, save_run_checkpoint, set_clock_state, set_rng_state,
-                              task_model_states)
+from clmtl.checkpoint import (ResumeError, StopRequest, check_resumable, clock_state, load_run_checkpoint,
+                              plugin_states, restore_plugins, rng_state, save_run_checkpoint, set_clock_state,
+                              set_rng_state, task_model_states)
 from clmtl.config import Config, check_model_input
 from clmtl.decode import predict
 from clmtl.devices import device_name, resolve_device, resolve_threads
@@ -155,12 +155,15 @@ class Run:
 
     def prepare(self) -> None:
         """Threads and seed, the stream and the strategy's plugins (bad data, a stream the scenario or the strategy
-        refuses: the run stops before writing), then the output folder."""
+        refuses, a resumed run with a plugin a checkpoint cannot hold: the run stops before writing), then the output
+        folder."""
         torch.set_num_threads(self.total_threads)
         seed_everything(self.config.seed)
         if self.benchmark is None:
             self.benchmark = build_benchmark(self.config)
         self.plugins = [*recipe_plugins(self.config), *build_strategy(self.strategy, self.config, self.benchmark)]
+        if self.saved is not None:  # a plugin whose state the checkpoint cannot hold: refused before writing
+            check_resumable(self.plugins)
         if self.writes:
             (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             if self.saved is None:

@@ -21,13 +21,16 @@ class MASSettings:
 class MemoryAwareSynapses(Plugin):
     """Memory Aware Synapses: penalty weighted by each parameter's effect on the output norm (no labels needed)."""
 
+    state = ("anchors", "merged")  # carried across experiences: checkpoints, --resume and torchrun keep them
+
     def __init__(self, lambda_: float, batch_size: int) -> None:  # built with MASSettings' fields, by their names
         super().__init__()
         self.lambda_, self.batch_size = lambda_, batch_size
         self.anchors: list[tuple[dict, dict]] = []  # (theta*, importance) of every finished experience
+        self.merged = None  # all of them as one quadratic, computed once per experience
 
     def before_backward(self, strategy, **kwargs) -> None:
-        if self.anchors:  # merged: all of them as one quadratic, computed once per experience
+        if self.anchors:
             strategy.loss += self.lambda_ * ewc_penalty(strategy.model, self.merged)
 
     def after_training_exp(self, strategy, **kwargs) -> None:

@@ -12,8 +12,9 @@ classification batches are exactly that (its stream adds ``targets``, ``clmtl.st
 detection box lists are not, so every one of them declares ``kinds=("classification",)`` and a stream with another
 kind is refused before training (``clmtl.registry.check_stream``).
 
-SI is Avalanche's plugin as it is (``SI`` only names it). Each of the others is a subclass that changes only what
-clmtl's model and template need, and says why:
+Each subclasses Avalanche's plugin and ``clmtl.plugin.Plugin``, and declares the state it holds (below). SI is
+Avalanche's plugin as it is otherwise. Each of the others changes only what clmtl's model and template need, and says
+why:
 
 - MAS's importance pass runs in train mode after training, which moved the BatchNorm statistics of the model about to
   be evaluated: they (and every module's mode) are put back afterwards.
@@ -32,7 +33,10 @@ clmtl's model and template need, and says why:
   checkpointing and reporting the old one; the initial weights are loaded into the same model instead. Its memory
   is trained in mixed mini-batches, so it needs every task in one head (scenario class or domain).
 
-None of them is a ``clmtl.plugin.Plugin``: a run with one cannot be resumed from a checkpoint.
+SI, MAS, RWalk and GEM declare what they hold (Avalanche's ``ParamData`` by parameter, GEM's stored patterns), so run
+checkpoints keep it and a resumed run ends as the uninterrupted one. A-GEM and GDumb keep their memory as Avalanche
+datasets (views on the training sets, with A-GEM's endless loader over them), which a checkpoint of tensors cannot
+hold: a run with either is refused at ``--resume``, in one line that says so (``no_resume``).
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from avalanche.training.plugins import (AGEMPlugin, GDumbPlugin, GEMPlugin, MASP
 from torch import nn
 
 from clmtl.errors import ConfigError
-from clmtl.plugin import evaluating
+from clmtl.plugin import Plugin, evaluating
 from clmtl.registry import register
 from clmtl.scenario import placed
 from clmtl.settings import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, setting
@@ -96,27 +100,37 @@ def kept_buffers(model: nn.Module) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------- the plugins
 
-class SI(SynapticIntelligencePlugin):
+class SI(SynapticIntelligencePlugin, Plugin):
     """Avalanche's Synaptic Intelligence: penalty weighted by each parameter's path integral of the loss change.
 
-    Avalanche's plugin as it is (this class only names it for ``clmtl strategies``)."""
+    Avalanche's plugin as it is, with its state declared."""
+
+    state = ("ewc_data", "syn_data")
+    """The weights at the last minimum and their importances; the path integral's terms of the experience."""
 
 
-class MAS(MASPlugin):
+class MAS(MASPlugin, Plugin):
     """Avalanche's Memory Aware Synapses: penalty weighted by each parameter's effect on the output norm.
 
     Its importance pass leaves BatchNorm statistics and module modes as training left them."""
+
+    state = ("params", "importance")
 
     def _get_importance(self, strategy):
         with kept_buffers(strategy.model):
             return super()._get_importance(strategy)
 
 
-class GEM(GEMPlugin):
+class GEM(GEMPlugin, Plugin):
     """Avalanche's GEM: the gradient projected (quadratic program) so no kept experience's memory loss grows.
 
     Its memory pass runs in the mode the model trains in (Avalanche forces train mode on every module), and the
     projected gradient is applied to every parameter it moves (``set_gradient``)."""
+
+    state = ("memory_x", "memory_y", "memory_tid")
+    """The patterns kept of each experience."""
+    transient = ("G",)
+    """The memories' gradients, computed again at every iteration."""
 
     def before_training_iteration(self, strategy, **kwargs) -> None:
         if strategy.clock.train_exp_counter == 0:
@@ -138,11 +152,14 @@ class GEM(GEMPlugin):
             set_gradient(strategy.model, self.solve_quadprog(current).to(strategy.device))
 
 
-class AGEM(AGEMPlugin):
+class AGEM(AGEMPlugin, Plugin):
     """Avalanche's A-GEM: the gradient projected so the loss on a memory sample does not grow.
 
     The memory sample's tasks each go through their own head (its loss: the sample's mean), and the projected gradient
     is applied to every parameter it moves (``set_gradient``)."""
+
+    no_resume = ("A-GEM keeps its memory as Avalanche datasets with an endless loader over them, which a checkpoint "
+                 "of tensors cannot hold; rerun it from the start")
 
     def before_training_iteration(self, strategy, **kwargs) -> None:
         if not self.buffers:
@@ -171,10 +188,14 @@ class AGEM(AGEMPlugin):
             set_gradient(strategy.model, current - reference * (dot / reference.dot(reference)))
 
 
-class RWalk(RWalkPlugin):
+class RWalk(RWalkPlugin, Plugin):
     """Avalanche's RWalk: penalty weighted by online Fisher (EWC++) plus each parameter's score of loss change.
 
     The model's modes are restored after its gradient pass; no score window closed: scores 0."""
+
+    state = ("checkpoint_params", "checkpoint_loss", "checkpoint_scores", "iter_grad", "iter_importance",
+             "iter_params", "exp_scores", "exp_params", "exp_importance", "exp_penalties")
+    """Every ``ParamData`` store: of the last score window, the last iteration and the finished experiences."""
 
     def _update_grad(self, strategy) -> None:
         with evaluating(strategy.model):  # Avalanche sets eval mode and leaves it for the training step
@@ -190,10 +211,13 @@ class RWalk(RWalkPlugin):
             penalty.data = self.exp_importance[name].data / max_importance
 
 
-class GDumb(GDumbPlugin):
+class GDumb(GDumbPlugin, Plugin):
     """Avalanche's GDumb: each experience retrains from the initial weights on a class-balanced memory only.
 
     The initial weights are loaded into the run's model instead of a copy swapped in."""
+
+    no_resume = ("GDumb keeps its memory as Avalanche datasets, which a checkpoint of tensors cannot hold; rerun it "
+                 "from the start")
 
     def __init__(self, mem_size: int = 200) -> None:
         super().__init__(mem_size)

@@ -44,6 +44,8 @@ def batch_norm_state(model: nn.Module) -> dict[str, torch.Tensor]:
 class BatchNormFreeze(Plugin, supports_distributed=True):
     """Freezes BatchNorm statistics and affine parameters from the second experience on."""
 
+    state = ("frozen",)
+
     def __init__(self) -> None:
         super().__init__()
         self.frozen = False
@@ -58,16 +60,11 @@ class BatchNormFreeze(Plugin, supports_distributed=True):
                 param.requires_grad_(False)
         self.frozen = True
 
-    def state_dict(self) -> dict:
-        return {"frozen": self.frozen}
-
-    def load_state_dict(self, state: dict, model: nn.Module) -> None:
-        if state["frozen"]:
-            self._freeze(model)
-
     def before_training_iteration(self, strategy, **kwargs) -> None:
-        # The template (and EWC's Fisher pass) put the model back in train mode; undo it for BN alone.
+        # The template (and EWC's Fisher pass) put the model back in train mode; undo it for BN alone. The affine
+        # parameters are frozen again too: a resumed run's model is rebuilt with them trainable.
         if self.frozen:
+            self._freeze(strategy.model)
             for layer in batch_norms(strategy.model):
                 layer.eval()
 
@@ -75,18 +72,13 @@ class BatchNormFreeze(Plugin, supports_distributed=True):
 class PerTaskBatchNorm(Plugin, supports_distributed=True):
     """One set of BatchNorm statistics and affine parameters per task label, loaded before the task runs."""
 
+    state = ("bn_states", "_last_trained")
+
     def __init__(self) -> None:
         super().__init__()
         self.bn_states: dict[int, dict[str, torch.Tensor]] = {}
         self._training_task: int | None = None
         self._last_trained: int | None = None
-
-    def state_dict(self) -> dict:
-        return {"bn_states": self.bn_states, "last_trained": self._last_trained}
-
-    def load_state_dict(self, state: dict, model: nn.Module) -> None:
-        self.bn_states = {task: dict(values) for task, values in state["bn_states"].items()}
-        self._last_trained = state["last_trained"]
 
     def bind_benchmark(self, benchmark) -> None:
         require_own_heads("bnfreeze (mode per_task)", benchmark.tasks)

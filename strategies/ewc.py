@@ -175,6 +175,11 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
     the config key ``lambda`` (stored as Avalanche's ``ewc_lambda``), ``decay`` applies in online mode only (Avalanche's
     ``decay_factor``)."""
 
+    state = ("saved_params", "importances", "fisher_seconds", "fisher_means")
+    """θ* and the Fisher diagonals of every finished experience (``ParamData`` by parameter name), and what results.json
+    records of each Fisher pass."""
+    transient = ("_anchor",)
+
     def __init__(self, lambda_: float, mode: str = "separate", decay: float = 0.9, fisher: str = "empirical",
                  fisher_samples: int = 1, fisher_max_samples: int = 0) -> None:
         super().__init__(lambda_, mode=mode, decay_factor=decay if mode == "online" else None)
@@ -189,28 +194,6 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
         """Each experience's Fisher diagonal, averaged over every parameter entry."""
         self._anchor: Anchor | None = None
         """The merged anchors of the experience being trained (they change only between experiences)."""
-
-    def state_dict(self) -> dict:
-        """θ* and Fisher diagonals of every finished experience, as tensors (for run checkpoints)."""
-        def tensors(store: dict) -> dict:
-            return {exp: {name: p.data.clone() for name, p in params.items()} for exp, params in store.items()}
-
-        return {"saved_params": tensors(self.saved_params), "importances": tensors(self.importances),
-                "fisher_seconds": list(self.fisher_seconds), "fisher_means": list(self.fisher_means)}
-
-    def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
-        device = next(model.parameters()).device  # checkpoints hold CPU tensors
-
-        def params(store: dict) -> dict:
-            return {exp: {name: ParamData(name, init_tensor=t.to(device, copy=True), device=device)
-                          for name, t in values.items()}
-                    for exp, values in store.items()}
-
-        self.saved_params = params(state["saved_params"])
-        self.importances = params(state["importances"])
-        self.fisher_seconds = list(state["fisher_seconds"])
-        self.fisher_means = list(state.get("fisher_means", []))  # checkpoints of runs before it was recorded
-        self._anchor = None
 
     def stats(self) -> dict[str, list[float]]:
         """What results.json records of this plugin: the seconds of each experience's Fisher pass, and the mean of its

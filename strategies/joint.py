@@ -30,6 +30,9 @@ class JointTraining(Plugin, supports_distributed=True):
 
     Adds a mini-batch loss of every other task of the stream to each training step."""
 
+    transient = ("datasets", "_batches", "_pending")
+    """The stream's data (``bind_benchmark`` hands it over again in a resumed run) and the batches drawn from it."""
+
     def __init__(self) -> None:
         super().__init__()
         self.tasks: list = []

@@ -32,7 +32,6 @@ task learnt in train mode only: at chance in eval mode (Split digits, seed 100: 
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clmtl.losses import output_kind
-from clmtl.plugin import Plugin, kept_statistics
+from clmtl.plugin import Plugin, frozen_copy, kept_statistics
 from clmtl.registry import register
 from clmtl.settings import FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, setting
 from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
@@ -100,13 +99,6 @@ def feature_distillation(student: dict[int, torch.Tensor], teacher: dict[int, to
     return torch.stack([F.mse_loss(student[level], teacher[level]) for level in teacher]).mean()
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode whose parameters take no gradient: the teacher."""
-    teacher = copy.deepcopy(model).eval()
-    teacher.requires_grad_(False)
-    return teacher
-
-
 def outputs_and_features(model: nn.Module, x: torch.Tensor, labels: Sequence[int],
                          with_features: bool) -> tuple[dict[int, Output], dict[int, torch.Tensor] | None]:
     """Each label's output, from one backbone pass when the model has ``forward_all``, and its FPN features."""
@@ -129,6 +121,10 @@ class LwFPlugin(Plugin, supports_distributed=True):
 
     Distils every head trained before, from the model as it was after the previous experience, on current inputs."""
 
+    state = ("old_labels",)
+    model_copies = ("teacher",)
+    """The teacher: a frozen copy of the model as the previous experience left it."""
+
     def __init__(self, alpha: float | Sequence[float] = 1.0, temperature: float = 2.0, det_conf: float = 0.5,
                  feature_weight: float = 0.0) -> None:
         super().__init__()
@@ -146,17 +142,6 @@ class LwFPlugin(Plugin, supports_distributed=True):
             return 0
         tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def state_dict(self) -> dict:
-        return {"teacher": None if self.teacher is None else self.teacher.state_dict(),
-                "old_labels": list(self.old_labels)}
-
-    def load_state_dict(self, state: dict, model: nn.Module) -> None:
-        self.old_labels = list(state["old_labels"])
-        self.teacher = None
-        if state["teacher"] is not None:
-            self.teacher = frozen_copy(model)
-            self.teacher.load_state_dict(state["teacher"])
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         label = strategy.experience.task_label

@@ -2,9 +2,12 @@
 
 **Memory.** ``mem_size`` samples in all, split over the tasks seen so far (``split``): ``equal`` shares (the
 remainder to the oldest tasks, as Avalanche's ``ExperienceBalancedBuffer``) or shares ``proportional`` to each
-task's training-set size (largest remainders, ties to the older task). A task never holds more than its training
-set. Within a task, ``selection`` puts the samples in a priority order and the memory keeps its prefix, so when a new
-task arrives and quotas shrink every old task is trimmed deterministically by cutting that prefix shorter:
+task's training-set size (largest remainders, ties to the older task). With ``mem_per_class`` instead, each task
+keeps that many samples per class its training set shows (``present_classes``), so the memory grows with the stream
+and no task is trimmed: the budget of iCaRL and of van de Ven et al. (2022), "100 per class". A task never holds more
+than its training set. Within a task, ``selection`` puts the samples in a priority order and the memory keeps its
+prefix, so when a new task arrives and quotas shrink every old task is trimmed deterministically by cutting that
+prefix shorter:
 
 - ``reservoir``: a random order — Avalanche's ``ReservoirSamplingBuffer`` (random priorities, a resize keeps the
   highest), i.e. a uniform random subset of the task;
@@ -179,15 +182,20 @@ class TaskMemory:
 
 
 class TaskBuffer:
-    """Fixed memory of ``mem_size`` samples over the tasks seen, by task label (see the module doc)."""
+    """Memory of ``mem_size`` samples over the tasks seen, or ``mem_per_class`` per class of each, by experience
+    (see the module doc)."""
 
-    def __init__(self, mem_size: int, split: str = "equal", selection: str = "reservoir", seed: int = 0) -> None:
+    def __init__(self, mem_size: int, split: str = "equal", selection: str = "reservoir", seed: int = 0,
+                 mem_per_class: int | None = None) -> None:
         self.mem_size = mem_size
         self.split = split
         self.selection = selection
+        self.mem_per_class = mem_per_class
         self.generator = torch.Generator().manual_seed(seed)
         self.tasks: dict[int, TaskMemory] = {}
         self.train_sizes: dict[int, int] = {}
+        self.class_counts: dict[int, int] = {}
+        """Classes each stored experience's training set shows (read with ``mem_per_class`` only)."""
 
     def __len__(self) -> int:
         return sum(len(memory) for memory in self.tasks.values())
@@ -198,7 +206,10 @@ class TaskBuffer:
         return sum(memory.nbytes for memory in self.tasks.values())
 
     def quotas(self) -> dict[int, int]:
-        """Each seen task's share of ``mem_size`` (it stores at most its training-set size)."""
+        """Each seen task's share of ``mem_size``, or ``mem_per_class`` times its classes (it stores at most its
+        training-set size)."""
+        if self.mem_per_class is not None:
+            return {experience: self.mem_per_class * count for experience, count in self.class_counts.items()}
         labels = list(self.train_sizes)
         return dict(zip(labels, split_quotas(self.mem_size, [self.train_sizes[t] for t in labels], self.split)))
 
@@ -208,15 +219,19 @@ class TaskBuffer:
             raise ValueError(f"replay: experience {experience} is already in memory; each experience may come once")
         dataset = dataset.eval() if hasattr(dataset, "eval") else dataset
         self.train_sizes[experience] = len(dataset)
-        quota = self.quotas()[experience]
         read_seed = int(torch.randint(2**62, (), generator=self.generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(read_seed)
             memory = TaskMemory(target_kind(dataset[0][1]), head)
+            targets = None  # targets only: holding every image of a large training set would not fit
+            if self.selection == "class_balanced" or self.mem_per_class is not None:
+                targets = [dataset[i][1] for i in range(len(dataset))]
+            if self.mem_per_class is not None:
+                self.class_counts[experience] = len(set().union(*(present_classes(t, memory.kind) for t in targets)))
+            quota = self.quotas()[experience]
             if self.selection == "reservoir":
                 order = torch.randperm(len(dataset), generator=self.generator)[:quota].tolist()
-            else:  # targets only: holding every image of a large training set would not fit
-                targets = [dataset[i][1] for i in range(len(dataset))]
+            else:
                 order = class_balanced_order(targets, memory.kind, self.generator)[:quota]
             for i in order:
                 image, target = dataset[i][:2]
@@ -239,11 +254,16 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
 
     Fills a ``TaskBuffer`` after each experience and adds each stored task's replay loss (see the module doc)."""
 
+    state = ("buffer.tasks", "buffer.train_sizes", "buffer.class_counts", "buffer.generator", "generator", "replayed")
+    """The stored samples and both generators (selection, draws), so a resumed run stores and draws the same."""
+    transient = ("_pending",)
+
     def __init__(self, mem_size: int = 200, ratio: float = 0.5, split: str = "equal", selection: str = "reservoir",
-                 weight: float = 1.0, per_task_cap: int | None = None, seed: int = 0) -> None:
+                 weight: float = 1.0, per_task_cap: int | None = None, seed: int = 0,
+                 mem_per_class: int | None = None) -> None:
         super().__init__()
         selection_seed, draw_seed = (int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(2))
-        self.buffer = TaskBuffer(mem_size, split, selection, selection_seed)
+        self.buffer = TaskBuffer(mem_size, split, selection, selection_seed, mem_per_class)
         self.generator = torch.Generator().manual_seed(draw_seed)
         self.ratio = ratio
         self.weight = weight
@@ -262,24 +282,6 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
         """Replay batch size of each stored experience for a current mini-batch of ``batch_size``."""
         sizes = split_quotas(math.ceil(self.ratio * batch_size), [1] * len(experiences))
         return [size if self.per_task_cap is None else min(size, self.per_task_cap) for size in sizes]
-
-    def state_dict(self) -> dict:
-        """The stored samples and both generators' states (for run checkpoints)."""
-        buffer = self.buffer
-        return {"tasks": {experience: {"kind": m.kind, "head": m.head, "images": list(m.images),
-                                       "targets": list(m.targets), "indices": list(m.indices)}
-                          for experience, m in buffer.tasks.items()},
-                "train_sizes": dict(buffer.train_sizes), "selection_rng": buffer.generator.get_state(),
-                "draw_rng": self.generator.get_state(), "replayed": dict(self.replayed)}
-
-    def load_state_dict(self, state: dict, model) -> None:
-        self.buffer.tasks = {experience: TaskMemory(m["kind"], m.get("head", experience), list(m["images"]),
-                                                    list(m["targets"]), list(m["indices"]))
-                             for experience, m in state["tasks"].items()}
-        self.buffer.train_sizes = dict(state["train_sizes"])
-        self.buffer.generator.set_state(state["selection_rng"])
-        self.generator.set_state(state["draw_rng"])
-        self.replayed = Counter(state["replayed"])
 
     def stats(self) -> dict[str, dict[str, int]]:
         """What results.json records of this plugin: samples stored and replayed per experience (keyed by the
@@ -332,6 +334,8 @@ class ReplaySettings:
     weight: float = setting(1.0, NON_NEGATIVE, help="weight of the replay loss of other heads")
     per_task_cap: int | None = setting(None, AT_LEAST_ONE, help="at most this many samples of a task per step")
     seed: int = setting(0, NON_NEGATIVE, help="seed of the selection and of the draws")
+    mem_per_class: int | None = setting(None, AT_LEAST_ONE, help="instead of mem_size: this many samples per class "
+                                        "of each task, the memory growing with the stream")
 
 
 register("replay", settings=ReplaySettings, acts_on=("data", "loss"))(MultiTaskReplayPlugin)

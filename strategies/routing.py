@@ -101,6 +101,11 @@ class RoutingPlugin(Plugin, supports_distributed=True):
 
     Learns a route per task with HAT's annealed gates and sparsity penalty, and freezes finished tasks' routes."""
 
+    state = ("usage", "free", "snapshot_bytes", "_routes_bytes")
+    """What results.json reports: the routes themselves are in the model's state dict."""
+    transient = ("_frozen", "_free", "_hooks")
+    """The protected entries, free channels and BatchNorm hooks of the task being trained, set up as it starts."""
+
     def __init__(self, sparsity: float = 0.75, s_max: float = 400.0, lr: float = 0.01, bound: float = 6.0) -> None:
         super().__init__()
         self.sparsity, self.s_max, self.lr, self.bound = sparsity, s_max, lr, bound
@@ -116,15 +121,6 @@ class RoutingPlugin(Plugin, supports_distributed=True):
         self.snapshot_bytes = 0
         """Bytes of the largest snapshot of protected entries held while training."""
         self._routes_bytes = 0
-
-    # -- run checkpoints -------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The routes themselves are in the model's state dict; this is only what results.json reports."""
-        return {"usage": dict(self.usage), "free": self.free, "snapshot_bytes": self.snapshot_bytes}
-
-    def load_state_dict(self, state: dict, model: nn.Module) -> None:
-        self._routes_bytes = _bytes(model.enable_routing().parameters())
-        self.usage, self.free, self.snapshot_bytes = dict(state["usage"]), state["free"], state["snapshot_bytes"]
 
     @property
     def memory_bytes(self) -> int:

@@ -29,6 +29,11 @@ class SynapticIntelligence(Plugin, supports_distributed=True):
 
     Path-integral importances, accumulated over tasks; a quadratic penalty around the last task's weights."""
 
+    state = ("importance", "anchor", "_path", "_start")
+    """Ω and θ* across tasks; the path integral and the starting weights of the task training (a run stopped inside
+    it goes on from them)."""
+    transient = ("_before_step", "_quadratic")
+
     def __init__(self, c: float, damping: float = 0.1) -> None:
         super().__init__()
         self.c, self.damping = c, damping
@@ -45,13 +50,6 @@ class SynapticIntelligence(Plugin, supports_distributed=True):
     def memory_bytes(self) -> int:
         """Bytes of Ω and θ* (the per-task path integrals are as large again while a task trains)."""
         return sum(t.numel() * t.element_size() for t in [*self.importance.values(), *self.anchor.values()])
-
-    def state_dict(self) -> dict:
-        return {"importance": dict(self.importance), "anchor": dict(self.anchor)}
-
-    def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
-        self.importance, self.anchor = dict(state["importance"]), dict(state["anchor"])
-        self._quadratic = None
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         params = dict(strategy.model.named_parameters())

@@ -78,7 +78,7 @@ def test_later_plugins_see_the_averaged_weights():
 def test_state_is_kept_only_inside_an_experience():
     averaging = WeightAveraging(DECAY, TAU)
     train([averaging], model_with_batchnorm())
-    assert averaging.state_dict() == {}  # nothing to carry between experiences
+    assert averaging.state_dict() == {"updates": 0, "average": None}  # nothing to carry between experiences
 
 
 def test_config_turns_it_on_and_checks_the_decay():

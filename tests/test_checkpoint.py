@@ -132,6 +132,73 @@ def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_mo
         assert torch.equal(tensor, reference_model[name]), name
 
 
+CLASSIFICATION = ["scenario=class", "tasks=[{name: a, kind: cls, data: {classes: [heart, arrow]}}, "
+                  "{name: b, kind: cls, data: {classes: [semicircle, frame]}}]"]
+STOPPED_INSIDE = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16", "train.epochs=2",
+                  "output.checkpoint_every=3", *CLASSIFICATION]
+
+
+def same(a, b) -> bool:
+    """Equal nested containers of tensors, every tensor bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,overrides", [
+    ("avalanche.SynapticIntelligence", ["strategy.avalanche.SynapticIntelligence.si_lambda=100.0"]),
+    ("avalanche.MAS", ["strategy.avalanche.MAS.lambda_reg=100.0"]),
+    ("avalanche.RWalk", ["strategy.avalanche.RWalk.ewc_lambda=100.0", "strategy.avalanche.RWalk.delta_t=2"]),
+    ("avalanche.GEM", ["strategy.avalanche.GEM.patterns_per_experience=6"]),
+    ("si+bnfreeze", ["strategy.si.c=100.0", "strategy.bnfreeze.mode=freeze"]),  # SI's path integral so far
+    ("ewc", ["strategy.ewc.mode=online"]),  # its stores stay defaultdicts, which online mode writes new keys into
+])
+def test_a_strategy_with_declared_state_stopped_inside_an_experience_resumes_bit_for_bit(tmp_path, uninterrupted,
+                                                                                         strategy, overrides):
+    """Avalanche's stock plugins that declare their state, and clmtl's strategies whose state changes inside an
+    experience, stopped by SIGTERM inside the second: the resumed run ends with the uninterrupted run's matrix, model
+    and plugin states."""
+    common = ["--plugin-file", str(KILLER), "--strategy", f"{strategy}+killer", "--no-baselines", *STOPPED_INSIDE,
+              *overrides]
+    reference = uninterrupted(*common)
+    stopped = stopped_run(*common, "--out", str(tmp_path / "run"), signal_name="SIGTERM", at=4)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    saved = load_run_checkpoint(tmp_path / "run")
+    assert "partial" in saved and saved["experience"] == 0
+    resumed = clmtl_here("run", "--plugin-file", str(KILLER), "--resume", str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = json.loads((reference / "results.json").read_text())
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["matrix"] == expected["matrix"]
+    expected, got = (load_checkpoint(folder / "checkpoints" / "last.pt") for folder in (reference, tmp_path / "run"))
+    assert same(got["model"], expected["model"])
+    timings = ("fisher_seconds",)  # EWC's: wall-clock seconds differ from run to run
+    plugins = [[{k: v for k, v in state.items() if k not in timings} if state else state for state in c["plugins"]]
+               for c in (got, expected)]
+    assert same(*plugins)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,plugin,name", [("avalanche.AGEM", "AGEM", "A-GEM"),
+                                                  ("avalanche.GDumb", "GDumb", "GDumb")])
+def test_a_stock_plugin_whose_memory_is_avalanche_datasets_is_refused_at_resume_in_one_line(tmp_path, strategy,
+                                                                                            plugin, name, monkeypatch):
+    monkeypatch.delenv("CLMTL_DEBUG", raising=False)
+    common = ["--plugin-file", str(KILLER), "--strategy", f"{strategy}+killer", "--no-baselines", *STOPPED_INSIDE]
+    stopped = stopped_run(*common, "--out", str(tmp_path / "run"), signal_name="SIGTERM", at=1)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    before = _files(tmp_path / "run")
+    resumed = clmtl_here("run", "--plugin-file", str(KILLER), "--resume", str(tmp_path / "run"))
+    assert resumed.returncode == 2 and resumed.stderr.count("\n") == 1
+    assert resumed.stderr.startswith(f"clmtl: error: plugin {plugin} cannot be resumed: {name} keeps its memory as "
+                                     "Avalanche datasets")
+    assert _files(tmp_path / "run") == before  # refused before anything is written
+
+
 def test_resume_needs_the_runs_own_config(tmp_path, clmtl_cli):
     result = clmtl_cli("run", "--resume", str(tmp_path), "train.lr=0.1")
     assert result.returncode == 2 and "--resume continues a run with its own config" in result.stderr

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "custom_strategy.py"
+KILLER = Path(__file__).with_name("stopping_strategies.py")  # registers "killer" (tests/test_checkpoint.py)
 
 
 class OneHead(torch.nn.Module):
@@ -57,6 +58,35 @@ def test_the_cli_lists_and_runs_a_strategy_from_a_file(tmp_path, isolated_regist
     assert result.returncode == 0, result.stderr[-2000:]
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["strategy"] == "mas+bnfreeze" and written["config"]["strategy"]["mas"]["lambda"] == 5.0
+
+
+@pytest.mark.slow
+def test_the_example_stopped_inside_its_second_experience_resumes_to_the_uninterrupted_run(
+        tmp_path, isolated_registry, clmtl_cli, monkeypatch):
+    """SIGTERM inside the second experience checkpoints the iteration it interrupts; the resumed run keeps the MAS
+    anchors of the first experience (declared state) and ends bit for bit like an uninterrupted run."""
+    from test_checkpoint import same
+
+    from clmtl.io import load_checkpoint
+
+    files = ["--plugin-file", str(EXAMPLE), "--plugin-file", str(KILLER)]
+    common = [*files, "--strategy", "mas+killer", "--no-baselines", "data.train_size=16", "data.val_size=4",
+              "data.image_size=64", "train.epochs=2", "train.batch_size=4", "output.overlays=0", "train.threads=1",
+              "strategy.mas.lambda=1000.0"]  # a penalty that moves the weights: without it the run ends elsewhere
+    reference = clmtl_cli("run", *common, "--out", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    for name, value in {"KILL_FOR_TEST": "1", "KILL_AT": "4", "KILL_SIGNAL": "SIGTERM"}.items():
+        monkeypatch.setenv(name, value)
+    stopped = clmtl_cli("run", *common, "--out", str(tmp_path / "run"))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    monkeypatch.delenv("KILL_FOR_TEST")
+    resumed = clmtl_cli("run", *files, "--resume", str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed inside experience 1" in (tmp_path / "run" / "log.txt").read_text()
+    expected = json.loads((tmp_path / "reference" / "results.json").read_text())
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["matrix"] == expected["matrix"]
+    expected, got = (load_checkpoint(tmp_path / folder / "checkpoints" / "last.pt") for folder in ("reference", "run"))
+    assert same(got["model"], expected["model"]) and same(got["plugins"], expected["plugins"])  # the anchors too
 
 
 def test_a_missing_plugin_file_is_a_clear_error(clmtl_cli):

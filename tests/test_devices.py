@@ -115,6 +115,9 @@ ALLOWED_CPU = [  # (file, text on the line): device names, defaults, and checkpo
     ("clmtl/models/unified.py", 'torch.load(path, map_location="cpu", weights_only=True)'),
     ("clmtl/checkpoint.py", 'atomic_torch_save(to_device(checkpoint, "cpu"), path)'),
     ("clmtl/io.py", 'map_location: str | torch.device = "cpu"'),
+    ("clmtl/plugin.py", 'non_blocking=torch.device(device).type != "cpu"'),  # a copy to the CPU blocks
+    ("clmtl/plugin_state.py", 'value.device.type == "cpu" else {KIND: "accelerator"'),  # saved: where it was
+    ("clmtl/distributed.py", 'to_device(plugin_states(plugins), "cpu")'),  # handed over as checkpoints hold them
 ]
 
 

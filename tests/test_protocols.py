@@ -57,8 +57,11 @@ def test_the_papers_hyperparameters_are_translated_into_clmtls_conventions():
     assert (config.train.iterations, config.train.batch_size, config.train.lr, config.train.optimizer) == \
         (2000, 128, 0.001, "adam")
     assert not config.train.reset_optimizer and config.train.ema == 0 and config.data.hflip == 0
+    # Avalanche's LwF sums its KL (no T^2) over old heads: per-head weight T^2 (task), e * T^2 for the shared head
+    assert protocol.avalanche_for("lwf", "task") == ("LwF", {"alpha": [0.0, 4.0, 4.0, 4.0, 4.0], "temperature": 2.0})
+    assert protocol.avalanche_for("lwf", "class")[1]["alpha"] == [0.0, 4.0, 8.0, 12.0, 16.0]
     replay = Protocol.load(PROTOCOLS / "split_mnist_2022.yaml").strategy_for("replay", "class")[1]
-    assert "strategy.replay.mem_size=1000" in replay
+    assert "strategy.replay.mem_per_class=100" in replay
 
 
 def test_a_bad_protocol_file_is_one_line_naming_it(tmp_path):

@@ -65,6 +65,18 @@ def test_quotas_and_deterministic_trim_over_three_tasks(split, expected):
                 assert before[label][: len(kept)] == kept
 
 
+def test_a_per_class_budget_grows_with_the_classes_seen_and_trims_no_task():
+    image = torch.zeros(3, 4, 4)
+    first = [(image, label) for label in (0, 0, 1, 1, 2, 2, 2)]  # 3 classes, 7 samples
+    second = [(image, label) for label in (3, 3, 4)]  # 2 classes, 3 samples
+    buffer = TaskBuffer(mem_size=1, selection="class_balanced", mem_per_class=2)
+    buffer.add(first, 0, 0)
+    assert buffer.quotas() == {0: 6} and stored_sizes(buffer) == {0: 6}
+    assert Counter(buffer.tasks[0].targets) == {0: 2, 1: 2, 2: 2}
+    buffer.add(second, 1, 0)
+    assert buffer.quotas() == {0: 6, 1: 4} and stored_sizes(buffer) == {0: 6, 1: 3}  # at most its training set
+
+
 def test_a_task_stores_at_most_its_training_set():
     _, stream = shapes_stream(sizes=(12, 6, 9))
     buffer = filled(TaskBuffer(40), stream, upto=2)
