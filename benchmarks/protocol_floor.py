@@ -27,10 +27,11 @@ WARMUP = 20
 
 def floor_seconds(hidden: Sequence[int], inputs: int, classes: int, batch: int, lr: float, steps: int) -> float:
     """Seconds of ``steps`` Adam steps of the MLP on one thread, fed from memory (after a few unclocked ones)."""
+    from clmtl.models.classifier import mlp
+
     torch.manual_seed(0)
-    sizes = [inputs, *hidden]
-    layers = [layer for a, b in zip(sizes, sizes[1:]) for layer in (torch.nn.Linear(a, b), torch.nn.ReLU())]
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-1], classes))
+    body, width = mlp(inputs, hidden)  # the network clmtl trains, without its heads' task dispatch
+    model = torch.nn.Sequential(body, torch.nn.Linear(width, classes))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = torch.rand(batch, inputs), torch.randint(0, classes, (batch,))
     threads = torch.get_num_threads()
