@@ -250,7 +250,7 @@ class TaskBuffer:
 
 
 class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
-    """Task-aware replay: a fixed memory split over tasks, replayed through each task's own head and loss.
+    """Task-aware replay: a memory shared by the tasks seen, replayed through each task's own head and loss.
 
     Fills a ``TaskBuffer`` after each experience and adds each stored task's replay loss (see the module doc)."""
 
