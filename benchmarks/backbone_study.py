@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clmtl.engines import Engine, add_engine_arguments
-from clmtl.grid import REDUCED_BUDGET, run_grid
+from clmtl.studies.engines import Engine, add_engine_arguments
+from clmtl.studies.grid import REDUCED_BUDGET, run_grid
 
 BACKBONES = ("yolov8n", "mobilenet_v3_small", "efficientnet_b0")
 STRATEGIES = ("ewc", "ewc+replay")
@@ -30,10 +30,10 @@ def backbone_cost(name: str, image_size: int, repeats: int) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from clmtl.data.shapes import shapes_task
-    from clmtl.models import UnifiedModel
-    from clmtl.scenario import output_spaces
-    from clmtl.tasks import TASK_KINDS
-    from clmtl.timing import measure_latency
+    from clmtl.models.unified import UnifiedModel
+    from clmtl.stream.scenario import output_spaces
+    from clmtl.stream.tasks import TASK_KINDS
+    from clmtl.studies.timing import measure_latency
 
     tasks = [shapes_task(kind, name) for name, kind in TASK_KINDS.items()]
     model = UnifiedModel(output_spaces(tasks), image_size=image_size, backbone=name).eval()
@@ -97,9 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from clmtl.compare import Comparison
     from clmtl.io import atomic_write_json, atomic_write_text
-    from clmtl.registry import parse_strategy
+    from clmtl.studies.compare import Comparison
+    from clmtl.training.registry import parse_strategy
 
     backbones = [b.strip() for b in args.backbones.split(",")]
     strategies = [s.strip() for s in args.strategies.split(",")]

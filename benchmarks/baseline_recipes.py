@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clmtl.engines import Engine, Job, add_engine_arguments, run_jobs
-from clmtl.grid import FP32_NCHW_SEQUENTIAL
+from clmtl.studies.engines import Engine, Job, add_engine_arguments, run_jobs
+from clmtl.studies.grid import FP32_NCHW_SEQUENTIAL
 
 FP32_NO_EMA = (*FP32_NCHW_SEQUENTIAL, "train.ema=0")
 """Float32, NCHW, without weight averaging: the base of the rows that vary the rest of the recipe."""
@@ -53,9 +53,9 @@ def recipe_dir(out: Path, name: str) -> Path:
 
 def train_recipe(overrides: Sequence[str], seed: int, threads: int | None, tasks: Sequence[str], path: Path) -> None:
     """The baselines of ``tasks`` for one recipe and seed, stored as JSON."""
+    from clmtl.baselines import baselines_alone
     from clmtl.config import load_config
     from clmtl.io import atomic_write_json
-    from clmtl.baselines import baselines_alone
 
     config = load_config(None, [*overrides, f"seed={seed}", *([f"train.threads={threads}"] if threads else [])])
     with open(path.with_suffix(".log"), "w") as log:
@@ -66,7 +66,7 @@ def train_recipe(overrides: Sequence[str], seed: int, threads: int | None, tasks
 
 def recipes_markdown(rows: list[dict], tasks: Sequence[str]) -> str:
     """One row per recipe: each task's primary metric, mean ± std over seeds, with the per-seed values."""
-    from clmtl.compare import Stat
+    from clmtl.studies.compare import Stat
 
     headers = ["recipe", "overrides", *[f"{t} {rows[0]['metrics'][t]}" for t in tasks], "train s"]
     lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
@@ -93,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from clmtl.config import load_config
-    from clmtl.tasks import TASK_KINDS as TASK_NAMES
     from clmtl.io import atomic_write_json, atomic_write_text
+    from clmtl.stream.tasks import TASK_KINDS as TASK_NAMES
 
     tasks = [t.strip() for t in args.tasks.split(",")]
     unknown = sorted(set(tasks) - set(TASK_NAMES))

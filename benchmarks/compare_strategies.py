@@ -5,21 +5,21 @@
     python benchmarks/compare_strategies.py --engine ray --address HEAD:6379 --tune   # on a Ray cluster
     python benchmarks/compare_strategies.py --check               # do the shipped numbers still reproduce?
 
-``--tune`` first selects the hyperparameters of every component that declares a search space (``clmtl.tune``: one
-seed, scored on a split carved from the training data, never on the evaluation sets), then runs the comparison with
+``--tune`` first selects the hyperparameters of every component that declares a search space (``clmtl.studies.tune``:
+one seed, scored on a split carved from the training data, never on the evaluation sets), then runs the comparison with
 the selected values; ``--tune ewc,lwf`` tunes only those. The table shows mean ± 95 % confidence intervals, marks
 with ``*`` the scores that differ from EWC's seed by seed (exact Wilcoxon signed-rank test), and prints the minimum
-detectable difference under it (``clmtl.compare``). OUT/comparison.json records the protocol: strategies, seeds,
+detectable difference under it (``clmtl.studies.compare``). OUT/comparison.json records the protocol: strategies, seeds,
 overrides, selected values, engine, wall time and versions.
 
 Every run trains with the config's own recipe (``--recipe config``, the default: ``clmtl run``'s, or that of
-``--config FILE``), or with the backbone study's shorter one (``--recipe reduced``: ``clmtl.grid.REDUCED_BUDGET``);
-overrides win.
-The grid (``clmtl.grid.run_grid``) resumes: a finished (strategy, seed) run is reused, and single-task baselines are
-trained once per seed. ``--jobs N`` runs N trainings at once with one thread each (on 2 cores, two 1-thread jobs
+``--config FILE``), or with the backbone study's shorter one (``--recipe reduced``:
+``clmtl.studies.grid.REDUCED_BUDGET``); overrides win.
+The grid (``clmtl.studies.grid.run_grid``) resumes: a finished (strategy, seed) run is reused, and single-task baselines
+are trained once per seed. ``--jobs N`` runs N trainings at once with one thread each (on 2 cores, two 1-thread jobs
 finish sooner than one 2-thread job); ``--engine ray`` runs them as Ray tasks, on this machine or, with
-``--address``, on a Ray cluster (``clmtl.engines``). OUT gets table.md (with the command that reproduces it), table.csv,
-table.tex and plots/.
+``--address``, on a Ray cluster (``clmtl.studies.engines``). OUT gets table.md (with the command that reproduces it),
+table.csv, table.tex and plots/.
 
 ``--check`` reruns the runs of benchmarks/targets.csv (the shipped table's seed-0 runs of a few strategies, with
 the overrides each row names) into OUT/check and reports each number against its target; it exits 1 when one is off
@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from clmtl.engines import Engine, add_engine_arguments
+from clmtl.studies.engines import Engine, add_engine_arguments
 
 DEFAULT_STRATEGIES = ("naive", "ewc", "replay", "ewc+replay")
 DEFAULT_SEEDS = "0,1,2,3,4,5"
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"write the seed-0 scores of {', '.join(CHECKED)} to {TARGETS.name} (what --check reruns)")
     parser.add_argument("--recipe", choices=("config", "reduced"), default="config",
                         help="config: the config's own training recipe (default); reduced: the backbone study's "
-                             "shorter one (clmtl.grid.REDUCED_BUDGET)")
+                             "shorter one (clmtl.studies.grid.REDUCED_BUDGET)")
     parser.add_argument("--tune", nargs="?", const="all", metavar="COMPONENTS",
                         help="select hyperparameters on held-out training data first (all components with a search "
                              "space, or a comma-separated list of them)")
@@ -109,12 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     args = parser.parse_args(argv)
 
-    from clmtl.compare import Comparison
-    from clmtl.grid import REDUCED_BUDGET, run_grid
     from clmtl.io import atomic_write_json
-    from clmtl.registry import parse_strategy, use_strategy_files
-    from clmtl.results import package_versions
-    from clmtl.tune import tunable_components, tune
+    from clmtl.report.results import package_versions
+    from clmtl.studies.compare import Comparison
+    from clmtl.studies.grid import REDUCED_BUDGET, run_grid
+    from clmtl.studies.tune import tunable_components, tune
+    from clmtl.training.registry import parse_strategy, use_strategy_files
 
     use_strategy_files(args.plugin_file)
 

@@ -34,9 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (after the short recipe)")
     args = parser.parse_args(argv)
 
-    from clmtl.engines import Engine
-    from clmtl.grid import run_grid
     from clmtl.io import atomic_write_json, atomic_write_text
+    from clmtl.studies.engines import Engine
+    from clmtl.studies.grid import run_grid
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]

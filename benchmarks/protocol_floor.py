@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from clmtl.errors import ConfigError
-    from clmtl.protocols import Protocol, mnist_source, train_clmtl
+    from clmtl.studies.protocols import Protocol, mnist_source, train_clmtl
 
     protocol = Protocol.load(PROTOCOLS / f"{args.protocol}.yaml")
     try:

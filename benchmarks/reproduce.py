@@ -4,7 +4,7 @@ A protocol (``benchmarks/protocols/<name>.yaml``, ``--list`` names them) is one 
 network, optimizer and budget, and the published mean and spread of every (scenario, method) cell. This script trains
 clmtl's strategies the paper's way on MNIST read from ``--root`` (torchvision's files ``ROOT/MNIST/raw/`` or class
 folders ``ROOT/{train,val}/<digit>/``; never downloaded) over ``--seeds``, and judges each cell: reproduced when the
-paper's mean lies inside our 95 % interval widened by the paper's standard error (``clmtl.protocols.verdict``).
+paper's mean lies inside our 95 % interval widened by the paper's standard error (``clmtl.studies.protocols.verdict``).
 
     python benchmarks/reproduce.py --list
     python benchmarks/reproduce.py --protocol split_mnist_2019 --root DIR --out runs/split_mnist_2019
@@ -16,7 +16,7 @@ paper's mean lies inside our 95 % interval widened by the paper's standard error
 ``<scenario>/seed<N>/<strategy>/``; finished runs are reused, so an interrupted reproduction resumes. Without
 ``--root`` the bundled digits (scikit-learn's 8x8 images, not MNIST) run instead, and the table says so.
 ``--avalanche`` adds rows ``avalanche:<Name>``: Avalanche's stock strategies on the same data, network and budget
-(``clmtl.avalanche_reference``).
+(``clmtl.studies.avalanche_reference``).
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from clmtl.engines import Engine, Job, add_engine_arguments, run_jobs
-from clmtl.protocols import train_avalanche_cell, train_clmtl
+from clmtl.studies.engines import Engine, Job, add_engine_arguments, run_jobs
+from clmtl.studies.protocols import train_avalanche_cell, train_clmtl
 
 PROTOCOLS = Path(__file__).parent / "protocols"
 TARGETS = Path(__file__).parent / "reproduce_targets.csv"
@@ -74,7 +74,7 @@ def applies(change: str, strategy: str) -> bool:
 
 
 def train_missing(runs, engine: Engine, out: Path) -> None:
-    from clmtl.grid import write_failures
+    from clmtl.studies.grid import write_failures
 
     todo = [job for _, _, _, folder, job in runs if not (folder / "results.json").exists()]
     if len(todo) < len(runs):
@@ -88,7 +88,7 @@ def train_missing(runs, engine: Engine, out: Path) -> None:
 
 def cells(protocol, runs) -> list:
     """The table's cells, in scenario then row order."""
-    from clmtl.protocols import Cell
+    from clmtl.studies.protocols import Cell
 
     scores: dict[tuple[str, str], list[float]] = {}
     for scenario, row, _, folder, _ in runs:
@@ -131,7 +131,7 @@ def markdown(protocol, table: Sequence, command: str, minutes: float, images: st
 
 def plot(table: Sequence, path: Path) -> None:
     """One panel per scenario: our means with their 95 % intervals, the paper's means as black ticks."""
-    from clmtl.report import plot_against_published
+    from clmtl.report.summary import plot_against_published
 
     panels = []
     for scenario in dict.fromkeys(cell.scenario for cell in table):
@@ -144,8 +144,8 @@ def plot(table: Sequence, path: Path) -> None:
 
 def describe_images(config: dict) -> str:
     """What the table's runs trained and were scored on, counted from the data itself."""
-    from clmtl.benchmark import build_benchmark
     from clmtl.config import load_config
+    from clmtl.stream.benchmark import build_benchmark
 
     benchmark = build_benchmark(load_config(None, base=config, base_source="protocol"))
     train = sum(len(experience.dataset) for experience in benchmark.stream.train_stream)
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from clmtl.errors import ConfigError
-    from clmtl.protocols import CSV_COLUMNS, Protocol, available_protocols, mnist_source
+    from clmtl.studies.protocols import CSV_COLUMNS, Protocol, available_protocols, mnist_source
 
     protocols = available_protocols(PROTOCOLS)
     if args.list:

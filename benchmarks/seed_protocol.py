@@ -32,8 +32,8 @@ def inference_latency(model, tasks, config, repeats: int) -> dict[str, dict[str,
     import torch
 
     from clmtl.builders import make_decoder
-    from clmtl.decode import predict
-    from clmtl.timing import measure_latency
+    from clmtl.models.decode import predict
+    from clmtl.studies.timing import measure_latency
 
     model.eval()
     image = torch.rand(1, 3, config.data.image_size, config.data.image_size)
@@ -54,7 +54,7 @@ def inference_latency(model, tasks, config, repeats: int) -> dict[str, dict[str,
 
 
 def protocol_markdown(results: dict, latency: dict, parts: dict[str, int]) -> str:
-    from clmtl.report import format_value
+    from clmtl.report.summary import format_value
 
     tasks = results["tasks"]
     lines = [f"# Seed protocol on `{results['benchmark']}` (seed {results['seed']})", "",
@@ -94,12 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
+    from clmtl.builders import build_model
     from clmtl.config import load_config
     from clmtl.io import atomic_write_json, atomic_write_text
-    from clmtl.registry import strategy_schemas
-    from clmtl.builders import build_model
     from clmtl.runner import run
-    from clmtl.tasks import TaskSpec
+    from clmtl.stream.tasks import TaskSpec
+    from clmtl.training.registry import strategy_schemas
 
     config = load_config(args.config, [*PROTOCOL, *args.overrides, f"seed={args.seed}"],
                          strategies=strategy_schemas())

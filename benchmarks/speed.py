@@ -8,7 +8,7 @@ Inference (batch 1, eval mode, ``torch.inference_mode``): the bare backbone (YOL
 forward ``model(x, label)``, ``forward_all`` alone (also of a model with ten classification heads, against one of its
 heads alone) and as the deployed pipeline (``forward_all`` + detection decode
 and NMS + segmentation / classification class maps), each for the eager model, the BatchNorm-folded one
-(``clmtl.fuse``) in NCHW and in channels_last (the deployed variant); then the post-processing parts alone.
+(``clmtl.models.fuse``) in NCHW and in channels_last (the deployed variant); then the post-processing parts alone.
 Decoding runs at the configured ``eval.score_threshold`` and at 0 (the worst case: ``PRE_NMS_TOP_K`` candidates
 reach NMS), because its cost depends on how many candidates pass — and a randomly initialised model's scores sit
 below the configured threshold, so the first is a lower bound and the second an upper one.
@@ -41,17 +41,17 @@ from typing import Any
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from clmtl.builders import build_model, build_strategy, make_template, seed_everything  # noqa: E402
 from clmtl.config import load_config  # noqa: E402
 from clmtl.data.shapes import shapes_task  # noqa: E402
-from clmtl.devices import device_name, resolve_device  # noqa: E402
-from clmtl.decode import PRE_NMS_TOP_K, class_indices, decode_detections, predict  # noqa: E402
-from clmtl.fuse import fuse_batchnorm  # noqa: E402
 from clmtl.io import atomic_write_json, atomic_write_text  # noqa: E402
-from clmtl.registry import strategy_schemas  # noqa: E402
-from clmtl.benchmark import build_benchmark  # noqa: E402
-from clmtl.builders import build_model, build_strategy, make_template, seed_everything  # noqa: E402
-from clmtl.tasks import CLASSIFICATION, DETECTION, TASK_KINDS, TaskSpec  # noqa: E402
-from clmtl.timing import time_interleaved  # noqa: E402
+from clmtl.models.decode import PRE_NMS_TOP_K, class_indices, decode_detections, predict  # noqa: E402
+from clmtl.models.fuse import fuse_batchnorm  # noqa: E402
+from clmtl.stream.benchmark import build_benchmark  # noqa: E402
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, TASK_KINDS, TaskSpec  # noqa: E402
+from clmtl.studies.timing import time_interleaved  # noqa: E402
+from clmtl.training.devices import device_name, resolve_device  # noqa: E402
+from clmtl.training.registry import strategy_schemas  # noqa: E402
 
 VARIANTS = {"eager": "eager", "fused": "BN folded", "fused_cl": "BN folded + channels_last"}
 STRATEGIES = ("naive", "ewc", "replay", "lwf", "joint", "routing")

@@ -22,8 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from clmtl.engines import Engine, Job, add_engine_arguments, run_jobs
-from clmtl.protocols import Protocol, mnist_source, train_clmtl
+from clmtl.studies.engines import Engine, Job, add_engine_arguments, run_jobs
+from clmtl.studies.protocols import Protocol, mnist_source, train_clmtl
 
 PROTOCOL = Path(__file__).parent / "protocols" / "split_mnist_2019.yaml"
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from clmtl.engines import Engine, add_engine_arguments
+from clmtl.studies.engines import Engine, add_engine_arguments
 
 SCENARIOS = ("task", "domain", "class")
 
@@ -122,7 +122,7 @@ def digits_root(root: Path | None, work: Path) -> Path:
 
 def plan(out: Path, seeds: Sequence[int], strategies: Sequence[str]) -> list[tuple[str, str, int, Path]]:
     """Every (scenario, row, seed, run folder) of the table."""
-    from clmtl.grid import run_dir
+    from clmtl.studies.grid import run_dir
 
     return [(scenario, row, seed, run_dir(out / scenario, seed, row.replace(" ", "_")))
             for scenario in SCENARIOS for seed in seeds for row in strategies]
@@ -138,8 +138,8 @@ def hyperparameter(scenario: str, row: str, selected: dict[str, dict[str, float]
 def run_all(runs: Sequence[tuple[str, str, int, Path, list[str]]], config_file: Path, overrides: Sequence[str],
             engine: Engine) -> None:
     """Train every (scenario, row, seed, folder, extra overrides) whose results.json is missing."""
-    from clmtl.engines import Job, run_jobs
-    from clmtl.grid import train_strategy, write_failures
+    from clmtl.studies.engines import Job, run_jobs
+    from clmtl.studies.grid import train_strategy, write_failures
 
     todo = [Job(f"{scenario} {row} seed {seed} {' '.join(extra)}".strip(), train_strategy,
                 (config_file, [f"scenario={scenario}", *STRATEGIES[row][1], *extra, *overrides], seed, 1, [],
@@ -156,7 +156,7 @@ def run_all(runs: Sequence[tuple[str, str, int, Path, list[str]]], config_file: 
 def select(out: Path, strategies: Sequence[str], config_file: Path, overrides: Sequence[str],
            engine: Engine) -> dict[str, dict[str, float]]:
     """Each searched row's value with the best average accuracy per scenario, trained at ``SELECTION_SEED``."""
-    from clmtl.results import Results
+    from clmtl.report.results import Results
 
     rows = [row for row in strategies if row in SEARCH]
     runs = [(scenario, row, SELECTION_SEED, out / scenario / f"{row.replace(' ', '_')}_{value}",
@@ -236,7 +236,7 @@ def markdown(rows: Sequence[dict], strategies: Sequence[str], selected: dict[str
 
 def plot(rows: Sequence[dict], strategies: Sequence[str], path: Path) -> None:
     """One group of bars per scenario (ours, ± SEM), the published 2019 numbers as black ticks."""
-    from clmtl.report import plot_against_published
+    from clmtl.report.summary import plot_against_published
 
     by_key = {(r["scenario"], r["strategy"]): r for r in rows}
     panels = [(f"{scenario}-incremental", list(strategies), [by_key[scenario, row]["mean"] for row in strategies],
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = Engine.from_arguments(args)
 
     from clmtl.config import load_config
-    from clmtl.results import Results
+    from clmtl.report.results import Results
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

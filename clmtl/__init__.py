@@ -17,18 +17,18 @@ _API = {
     "load_config": "clmtl.config",
     "run": "clmtl.api",
     "evaluate": "clmtl.api",
-    "Results": "clmtl.results",
-    "build_benchmark": "clmtl.benchmark",
-    "from_avalanche": "clmtl.avalanche_benchmark",
+    "Results": "clmtl.report.results",
+    "build_benchmark": "clmtl.stream.benchmark",
+    "from_avalanche": "clmtl.stream.from_avalanche",
     "build_model": "clmtl.builders",
     "build_strategy": "clmtl.builders",
     "make_template": "clmtl.builders",
-    "write_report": "clmtl.report",
-    "strategies": "clmtl.registry",
-    "register": "clmtl.registry",
+    "write_report": "clmtl.report.summary",
+    "strategies": "clmtl.training.registry",
+    "register": "clmtl.training.registry",
     "setting": "clmtl.settings",
 }
-"""Each public name and the module that defines it (``strategies`` is ``clmtl.registry.available``)."""
+"""Each public name and the module that defines it (``strategies`` is ``clmtl.training.registry.available``)."""
 
 __all__ = ["__version__", *_API]
 

@@ -18,9 +18,12 @@ from typing import Any
 
 import torch
 
-from clmtl.benchmark import Benchmark
 from clmtl.config import Config, load_config
-from clmtl.results import Results
+from clmtl.deploy.evaluation import evaluate_model
+from clmtl.report.results import Results
+from clmtl.runner import run as run_stream
+from clmtl.stream.benchmark import Benchmark
+from clmtl.training.registry import parse_strategy
 
 ConfigSource = Config | Mapping[str, Any] | str | Path | None
 """A config: a ``Config``, a dict of config keys (as the YAML file holds them), a YAML file, or None (defaults).
@@ -40,9 +43,6 @@ def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | No
     ``baselines``: also train each task alone, the reference of the drops (``baselines_beside``: in a second
     process, beside the stream, on half of ``threads``). ``threads``: torch threads for the run (None: as they are).
     """
-    from clmtl.registry import parse_strategy
-    from clmtl.runner import run as run_stream
-
     config = load_config(config, overrides)
     parse_strategy(strategy)
     return run_stream(config, strategy, out, baselines=baselines, benchmark=benchmark,
@@ -53,6 +53,4 @@ def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | No
 def evaluate(model: Any, benchmark: Benchmark, config: ConfigSource = None) -> dict[str, dict[str, float]]:
     """Every metric of each task of ``benchmark`` for ``model`` on its validation data: ``{task: {metric: value}}``
     (``config`` gives the batch size and the detection thresholds)."""
-    from clmtl.evaluation import evaluate_model
-
     return evaluate_model(model, benchmark, load_config(config))

@@ -15,15 +15,16 @@ from multiprocessing import get_context
 from typing import TextIO
 
 import torch
+from avalanche.logging import TextLogger
 
-from clmtl import distributed
-from clmtl.benchmark import Benchmark, build_benchmark
 from clmtl.builders import build_model, make_template, recipe_plugins, seed_everything
 from clmtl.config import Config
-from clmtl.devices import resolve_threads
 from clmtl.metrics.plugin import task_scores
 from clmtl.orphans import exit_with_parent
-from clmtl.tasks import TaskSpec
+from clmtl.stream.benchmark import Benchmark, build_benchmark
+from clmtl.stream.tasks import TaskSpec
+from clmtl.training import distributed
+from clmtl.training.devices import resolve_threads
 
 
 @dataclass
@@ -58,8 +59,6 @@ def baselines_alone(config: Config, log: TextIO, only: Sequence[str] | None = No
     """``single_task_baselines`` in a process of their own (the run's second process, benchmark workers), with the
     config's threads and the data and seeds rebuilt as ``run`` builds them, so the scores equal ``clmtl run``'s with
     the same threads; returns them and the tasks, the text log going to ``log``."""
-    from avalanche.logging import TextLogger
-
     torch.set_num_threads(resolve_threads(config.train.threads))
     seed_everything(config.seed)
     benchmark = build_benchmark(config)

@@ -1,7 +1,7 @@
 """Config -> the parts of a run, each built in one place: model, optimizer, detection decoder, strategy plugins,
 learning-rate schedule, loggers and the Avalanche template that joins them.
 
-The benchmark (the stream) is built by ``clmtl.benchmark``; ``clmtl.runner`` puts the parts together.
+The benchmark (the stream) is built by ``clmtl.stream.benchmark``; ``clmtl.runner`` puts the parts together.
 """
 from __future__ import annotations
 
@@ -14,26 +14,31 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
+from avalanche.logging import TensorboardLogger, TextLogger
+from avalanche.training.plugins import EvaluationPlugin
 
-from clmtl import distributed
-from clmtl.averaging import WeightAveraging
-from clmtl.benchmark import Benchmark
 from clmtl.config import CLASSIFIER_NAMES, Config
-from clmtl.decode import decode_detections
-from clmtl.devices import resolve_device
 from clmtl.errors import ConfigError
-from clmtl.losses import MultiTaskLoss
 from clmtl.metrics.plugin import task_metrics
-from clmtl.models import UnifiedModel
+from clmtl.models.unified import UnifiedModel
+from clmtl.models.classifier import build_classifier
+from clmtl.models.decode import decode_detections
 from clmtl.models.heads import HeadedModel
-from clmtl.plugin import Plugin
-from clmtl.precision import resolve_precision
-from clmtl.progress import ProgressBar
-from clmtl.registry import build_plugins, check_stream
-from clmtl.scenario import output_spaces
-from clmtl.schedule import LRSchedule
-from clmtl.tasks import TaskSpec
-from clmtl.template import MultiTaskTemplate
+from clmtl.models.user import UserModelError, user_model
+from clmtl.report.csv_logger import MetricsCSVLogger
+from clmtl.stream.benchmark import Benchmark
+from clmtl.stream.scenario import output_spaces
+from clmtl.stream.tasks import TaskSpec
+from clmtl.training import distributed
+from clmtl.training.averaging import WeightAveraging
+from clmtl.training.devices import resolve_device
+from clmtl.training.losses import MultiTaskLoss
+from clmtl.training.plugin import Plugin
+from clmtl.training.precision import resolve_precision
+from clmtl.training.progress import ProgressBar
+from clmtl.training.registry import build_plugins, check_stream
+from clmtl.training.schedule import LRSchedule
+from clmtl.training.template import MultiTaskTemplate
 
 
 def seed_everything(seed: int) -> None:
@@ -55,15 +60,11 @@ def build_model(config: Config, tasks: Sequence[TaskSpec], initial_weights: bool
     torch.manual_seed(config.seed)
     spaces = output_spaces(tasks)
     if module is not None:
-        from clmtl.models.user import UserModelError, user_model
-
         try:
             model = user_model(copy.deepcopy(module), spaces)
         except UserModelError as error:
             raise ConfigError(str(error)) from None
     elif config.model.backbone in CLASSIFIER_NAMES:
-        from clmtl.models.classifier import build_classifier
-
         try:
             model = build_classifier(spaces, config.model.backbone, config.data.channels, config.data.image_size,
                                      config.model.hidden)
@@ -109,8 +110,8 @@ def make_decoder(config: Config, model: UnifiedModel):
 
 def build_strategy(strategy: str, config: Config, benchmark: Benchmark) -> list:
     """The plugins of ``strategy`` with the config's parameters; those that need the stream (joint) get it. A strategy
-    that does not handle the stream's tasks (their kinds, or a check it declares: ``clmtl.registry.check_stream``) is
-    refused first."""
+    that does not handle the stream's tasks (their kinds, or a check it declares:
+    ``clmtl.training.registry.check_stream``) is refused first."""
     check_stream(strategy, benchmark.tasks)
     plugins = build_plugins(strategy, config.strategy)
     for plugin in plugins:
@@ -143,8 +144,6 @@ def make_template(config: Config, model: HeadedModel, tasks: Sequence[TaskSpec],
 
     Training is Avalanche's: ``template.train_for(experience, epochs)`` trains one experience of the stream (its
     ``train_stream``), ``template.eval(test_stream)`` scores (``clmtl.metrics.plugin.task_scores`` reads them)."""
-    from avalanche.training.plugins import EvaluationPlugin
-
     evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model)), loggers=list(loggers))
     schedule = make_schedule(config)
     return MultiTaskTemplate(
@@ -168,10 +167,6 @@ def make_template(config: Config, model: HeadedModel, tasks: Sequence[TaskSpec],
 
 def make_loggers(config: Config, out_dir: Path, log_file: TextIO) -> list:
     """Every metric to OUT/metrics.csv and the text log (and TensorBoard when asked)."""
-    from avalanche.logging import TensorboardLogger, TextLogger
-
-    from clmtl.csv_logger import MetricsCSVLogger
-
     loggers = [MetricsCSVLogger(out_dir / "metrics.csv"), TextLogger(log_file)]
     if config.output.tensorboard:
         loggers.append(TensorboardLogger(out_dir / "tensorboard"))

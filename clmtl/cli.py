@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     """Config with overrides and --seed applied, validated against the registered strategies."""
     from clmtl.config import load_config
-    from clmtl.registry import parse_strategy, use_strategy_files
+    from clmtl.training.registry import parse_strategy, use_strategy_files
 
     use_strategy_files(args.plugin_file)
     overrides = list(args.overrides)
@@ -77,24 +77,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             strategy = args.strategy or "ewc"
             args.strategy = strategy
             config = _load(args)
-            from clmtl.benchmark import benchmark_name
+            from clmtl.stream.benchmark import benchmark_name
 
             out = args.out or Path("runs") / (f"{benchmark_name(config)}_{config.scenario}_"
                                                f"{strategy.replace('+', '-')}_seed{config.seed}")
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad config, strategy or checkpoint: one line
         return _fail(error)
-    from clmtl import distributed
-    from clmtl.checkpoint import ResumeError, StopRequest
     from clmtl.errors import ConfigError, DataError
-    from clmtl.plugin import StateError
     from clmtl.runner import run
+    from clmtl.training import distributed
+    from clmtl.training.checkpoint import ResumeError, StopRequest
+    from clmtl.training.plugin import StateError
 
     stop = StopRequest()
     previous = {name: signal.getsignal(name) for name in (signal.SIGTERM, signal.SIGINT)}
     for name in previous:  # a scheduler's SIGTERM, Ctrl-C: checkpoint, then stop
         signal.signal(name, functools.partial(_interrupt, stop))
     if distributed.launched_by_torchrun():
-        from clmtl.devices import resolve_device
+        from clmtl.training.devices import resolve_device
 
         distributed.init_from_environment(config.seed, resolve_device(config.train.device))
     try:
@@ -130,18 +130,18 @@ def _resumed(args: argparse.Namespace):
     if args.config or args.overrides or args.strategy or args.seed is not None or args.out:
         raise ValueError("--resume continues a run with its own config, strategy and folder: "
                          "give no --config, --strategy, --seed, --out or overrides")
-    from clmtl.checkpoint import checkpoint_config, load_run_checkpoint
-    from clmtl.registry import use_strategy_files
+    from clmtl.training.checkpoint import checkpoint_config, load_run_checkpoint
+    from clmtl.training.registry import use_strategy_files
 
     use_strategy_files(args.plugin_file)
     saved = load_run_checkpoint(args.resume)
-    return checkpoint_config(saved, args.resume), saved["strategy"], args.resume
+    return checkpoint_config(saved, args.resume), saved.strategy, args.resume
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from clmtl.evaluation import evaluate_checkpoint
+    from clmtl.deploy.evaluation import evaluate_checkpoint
     from clmtl.io import CheckpointError, atomic_write_json
-    from clmtl.registry import use_strategy_files
+    from clmtl.training.registry import use_strategy_files
 
     overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
     try:
@@ -159,28 +159,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from clmtl.export import export_checkpoint
+    from clmtl.deploy.export import export_checkpoint
     from clmtl.io import CheckpointError
-    from clmtl.registry import use_strategy_files
+    from clmtl.training.registry import use_strategy_files
 
     try:
         use_strategy_files(args.plugin_file)
         path = export_checkpoint(args.checkpoint, args.out, args.format, image_size=args.image_size)
     except (ValueError, FileNotFoundError, CheckpointError, ModuleNotFoundError) as error:
         return _fail(error)
-    print(f"wrote {path} (outputs and how to decode them: its clmtl.json, see clmtl/export.py)")
+    print(f"wrote {path} (outputs and how to decode them: its clmtl.json, see clmtl/deploy/export.py)")
     return 0
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    from clmtl.registry import available, use_strategy_files
+    from clmtl.training.registry import available, use_strategy_files
 
     try:
         use_strategy_files(args.plugin_file)
     except FileNotFoundError as error:
         return _fail(error)
     from clmtl.settings import describe_settings
-    from clmtl.tasks import KINDS
+    from clmtl.stream.tasks import KINDS
 
     for name, entry in available().items():
         print(f"{name}: {entry.summary}\n  acts on: {', '.join(entry.acts_on) or 'nothing'}")

@@ -21,16 +21,33 @@ from clmtl.config_files import DEFAULTS_SOURCE, parse_override, read_defaults, r
 from clmtl.data.files import DetectionFiles, RootFiles
 from clmtl.data.formats import FORMAT_KINDS, DataSource
 from clmtl.errors import ConfigError
-from clmtl.registry import strategy_schemas
-from clmtl.scenario import SCENARIOS
-from clmtl.settings import (AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, Checker, build, describe, is_number, join,
-                            merge, one_of, rule, schema_defaults)
-from clmtl.tasks import TASK_KINDS, kind_name, short_kind
 
 # Names users import from here (a strategy's ``setting`` fields, ``ConfigError``), kept for them; clmtl's own code
 # imports them from their homes, ``clmtl.settings``, ``clmtl.errors`` and ``clmtl.data.formats``.
-from clmtl.settings import (PER_EXPERIENCE, config_key, describe_settings, make_settings, search_space,  # noqa: F401
-                            setting)
+from clmtl.settings import (  # noqa: F401
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    PER_EXPERIENCE,
+    POSITIVE,
+    Checker,
+    build,
+    config_key,
+    describe,
+    describe_settings,
+    is_number,
+    join,
+    make_settings,
+    merge,
+    one_of,
+    rule,
+    schema_defaults,
+    search_space,
+    setting,
+)
+from clmtl.stream.scenario import SCENARIOS
+from clmtl.stream.tasks import TASK_KINDS, kind_name, short_kind
+from clmtl.training.registry import strategy_schemas
 
 STREAM_KEYS = ("tasks", "split", "domains")
 """The three ways to describe a stream; a config uses one (a saved config lists the default tasks beside the others)."""
@@ -43,7 +60,8 @@ CLASSIFIER_NAMES = ("mlp", "reduced_resnet18")
 """``clmtl.models.classifier.CLASSIFIER_BACKBONES``: the papers' classifiers, for classification streams."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-"""``clmtl.precision.PRECISIONS`` (a test keeps them equal), listed here so that a config is checked without torch."""
+"""``clmtl.training.precision.PRECISIONS`` (a test keeps them equal), listed here so that a config is checked without
+torch."""
 
 _UNIFIED_IMAGE_SIZE = rule(lambda v: v >= 64 and v % 32 == 0, "must be a multiple of 32 and >= 64")
 """The unified model's backbones need three pyramid levels of strides 8 / 16 / 32."""
@@ -294,7 +312,7 @@ def load_config(source: Config | Mapping[str, Any] | str | Path | None = None, o
 
     ``strategies`` maps each strategy name to its settings dataclass (None: no hyperparameters), which
     ``strategy.<name>.<key>`` values are checked against like any section; by default the registered strategies
-    (``clmtl.registry.strategy_schemas``).
+    (``clmtl.training.registry.strategy_schemas``).
     """
     if strategies is None:
         strategies = strategy_schemas()

@@ -6,11 +6,14 @@ the seconds of imports (torch, Avalanche) in which it could not yet notice anyth
 """
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
+from multiprocessing.connection import wait
 
 PR_SET_PDEATHSIG = 1
 """``prctl`` option (linux/prctl.h): the signal this process gets when its parent dies."""
@@ -34,8 +37,6 @@ def _kill_on_parent_death() -> None:
     """SIGKILL from the kernel when the parent dies (Linux; elsewhere nothing)."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):  # no prctl in this C library: the thread alone watches
@@ -44,9 +45,6 @@ def _kill_on_parent_death() -> None:
 
 def _watch(parent: int, interval: float) -> None:
     """``os._exit`` once the parent is gone: no cleanup that could wait on anything the parent held."""
-    import multiprocessing
-    from multiprocessing.connection import wait
-
     started_by = multiprocessing.parent_process()
     sentinels = [started_by.sentinel] if started_by is not None and started_by.pid == parent else []
     while os.getppid() == parent:

@@ -1,7 +1,7 @@
 """`clmtl run`: single-task baselines, then sequential training on the stream, then the report.
 
-Data flows one way: config -> benchmark (``clmtl.benchmark``) -> template + strategy plugins (``clmtl.builders``)
--> metrics after every experience -> results (``clmtl.results``) -> report (``clmtl.report``).
+Data flows one way: config -> benchmark (``clmtl.stream.benchmark``) -> template + strategy plugins (``clmtl.builders``)
+-> metrics after every experience -> results (``clmtl.report.results``) -> report (``clmtl.report.summary``).
 
 A ``Run`` goes through named stages (``Run.execute``): ``check`` refuses what cannot run before anything is written;
 ``prepare`` sets the threads and seed and builds the stream and the strategy's plugins; ``start_baselines`` trains
@@ -14,50 +14,36 @@ process) is undone in a ``finally``, however the run ends.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 import torch
+from avalanche.logging import TextLogger
 
-from clmtl import distributed
 from clmtl.baselines import BackgroundBaselines, Baselines, baseline_threads, single_task_baselines
-from clmtl.benchmark import Benchmark, build_benchmark
 from clmtl.builders import (build_model, build_strategy, make_decoder, make_loggers, make_template, recipe_plugins,
-                             seed_everything)
-from clmtl.checkpoint import (ResumeError, StopRequest, check_resumable, clock_state, load_run_checkpoint,
-                              plugin_states, restore_plugins, rng_state, save_run_checkpoint, set_clock_state,
-                              set_rng_state, task_model_states)
+                            seed_everything)
 from clmtl.config import Config, check_model_input
-from clmtl.decode import predict
-from clmtl.devices import device_name, resolve_device, resolve_threads
 from clmtl.errors import ConfigError
 from clmtl.metrics.plugin import task_scores
-from clmtl.models import UnifiedModel
+from clmtl.models.unified import UnifiedModel
+from clmtl.models.decode import predict
 from clmtl.models.heads import HeadedModel
-from clmtl.plugin import Plugin
-from clmtl.registry import check_model
-from clmtl.report import prediction_overlays, write_report
-from clmtl.results import Results, assemble_results
-from clmtl.tasks import TaskSpec
-
-
-@dataclass
-class StreamProgress:
-    """What the stream has given so far, which a checkpoint carries to a resumed run."""
-
-    matrix: list[list[float | None]] = field(default_factory=list)
-    """``matrix[i][j]``: task j's primary metric after experience i."""
-    scores: list[dict[str, float] | None] = field(default_factory=list)
-    """Every metric of each task after the last finished experience."""
-    train_seconds: dict[str, float] = field(default_factory=dict)
-    random_init: list[float | None] = field(default_factory=list)
-    """Each task's primary metric for the model as initialised (forward transfer's reference)."""
-    finished: int = -1
-    """The last experience trained and evaluated."""
+from clmtl.report.results import Results, assemble_results
+from clmtl.report.summary import prediction_overlays, write_report
+from clmtl.stream.benchmark import Benchmark, build_benchmark
+from clmtl.stream.tasks import TaskSpec
+from clmtl.training import distributed
+from clmtl.training.checkpoint import (ResumeError, RunCheckpoint, StopRequest, StreamProgress, check_resumable,
+                                       clock_state, load_run_checkpoint, plugin_states, restore_plugins, rng_state,
+                                       save_run_checkpoint, set_clock_state, set_rng_state, task_model_states)
+from clmtl.training.devices import device_name, resolve_device, resolve_threads
+from clmtl.training.plugin import Plugin
+from clmtl.training.registry import check_model
 
 
 class Run:
@@ -67,9 +53,9 @@ class Run:
     ``baselines``: train the single-task baselines (in this process, or in a second one beside the stream);
     ``reuse_baselines``: ones trained before with the same config and seed, used instead (benchmark scripts share
     them between strategies). ``resume`` continues the interrupted run in ``out_dir`` after its last finished
-    experience (``clmtl.checkpoint``); config and strategy must be the run's. ``benchmark``: the stream to train on
-    (``clmtl.from_avalanche``); None builds the config's. ``model``: a module of the user's own to train instead of
-    the config's model (``clmtl.models.user``; a copy, as given, for each training).
+    experience (``clmtl.training.checkpoint``); config and strategy must be the run's. ``benchmark``: the stream to
+    train on (``clmtl.from_avalanche``); None builds the config's. ``model``: a module of the user's own to train
+    instead of the config's model (``clmtl.models.user``; a copy, as given, for each training).
 
     ``threads``: torch's thread count for the run (None: ``train.threads``); the caller's count is put back at the
     end. ``baselines_beside`` trains the baselines in a second process beside the stream on half of the threads
@@ -77,8 +63,8 @@ class Run:
     so its numbers do not depend on them.
 
     ``stop``, once requested (the command line's signal handler), checkpoints and stops after the current training
-    iteration. In a process group (``torchrun``, see ``clmtl.distributed``) every process trains its share and gets
-    the same results; only rank 0 writes to ``out_dir``.
+    iteration. In a process group (``torchrun``, see ``clmtl.training.distributed``) every process trains its share and
+    gets the same results; only rank 0 writes to ``out_dir``.
     """
 
     def __init__(self, config: Config, strategy: str, out_dir: str | Path | None = None, *, baselines: bool = True,
@@ -96,7 +82,7 @@ class Run:
         self.total_threads = resolve_threads(config.train.threads) if threads is None else threads
         self.beside = config.train.parallel_baselines if baselines_beside is None else baselines_beside
         self.threads: dict[str, int | None] = {"stream": self.total_threads, "baselines": None}
-        self.saved: dict | None = None
+        self.saved: RunCheckpoint | None = None
         """The checkpoint a resumed run continues."""
         self.progress = StreamProgress()
         self.plugins: list = []
@@ -179,8 +165,8 @@ class Run:
         process beside the stream (stopped by ``cleanup`` however the run ends)."""
         share = baseline_threads(self.total_threads, self.beside)
         self.threads = {"stream": self.total_threads - share, "baselines": None}
-        if self.saved is not None and self.saved["baselines"] is not None:
-            self.baselines = Baselines(**self.saved["baselines"])
+        if self.saved is not None and self.saved.baselines is not None:
+            self.baselines = Baselines(**self.saved.baselines)
         elif not self.train_baselines:
             return
         elif share:
@@ -192,8 +178,6 @@ class Run:
                 print(f"single-task baselines: training in a second process beside the stream ({share} + "
                       f"{self.threads['stream']} threads)", flush=True)
         else:
-            from avalanche.logging import TextLogger
-
             self.threads["baselines"] = self.total_threads
             self.log.write("== single-task baselines ==\n")
             self.baselines = single_task_baselines(self.config, self.benchmark, [TextLogger(self.log)],
@@ -208,7 +192,7 @@ class Run:
         self.model = build_model(config, self.tasks, module=self.module)
         check_model(self.strategy, self.model)
         if self.saved is not None:  # before the optimizer is made: heads take the checkpoint's (grown) shapes
-            self.model.load_state_dict(self.saved["model"])
+            self.model.load_state_dict(self.saved.model)
         loggers = make_loggers(config, self.out_dir, self.log) if self.writes else []
         self.template = make_template(config, self.model, self.tasks, self.plugins, loggers, stop=self.stop,
                                       preload=self.benchmark.fixed_samples,
@@ -219,19 +203,17 @@ class Run:
         """A resumed run: the scores so far, then the plugins, clock and generators as the checkpoint left them (or,
         stopped inside an experience, where the template continues it)."""
         saved = self.saved
-        self.progress = StreamProgress(saved["matrix"], saved["scores"], saved["train_seconds"],
-                                       saved.get("random_init", [None] * len(self.tasks)),  # absent: no scores
-                                       saved["experience"])
+        self.progress = copy.deepcopy(saved.progress)
         finished = self.progress.finished
-        if "partial" in saved:  # stopped inside experience finished + 1: the template continues it
-            self.resume_point = {**saved["partial"],
-                                 "restore": lambda: restore_plugins(self.plugins, saved["plugins"], self.model)}
-            self.log.write(f"== resumed inside experience {finished + 1} (epoch {saved['partial']['epoch']}, "
-                           f"iteration {saved['partial']['iteration']}) ==\n")
+        if saved.partial is not None:  # stopped inside experience finished + 1: the template continues it
+            self.resume_point = {**saved.partial,
+                                 "restore": lambda: restore_plugins(self.plugins, saved.plugins, self.model)}
+            self.log.write(f"== resumed inside experience {finished + 1} (epoch {saved.partial['epoch']}, "
+                           f"iteration {saved.partial['iteration']}) ==\n")
             return
-        restore_plugins(self.plugins, saved["plugins"], self.model)
-        set_clock_state(self.template.clock, saved["clock"])
-        set_rng_state(saved["rng"])
+        restore_plugins(self.plugins, saved.plugins, self.model)
+        set_clock_state(self.template.clock, saved.clock)
+        set_rng_state(saved.rng)
         self.log.write(f"== resumed after experience {finished} ==\n")
 
     def score_initial(self) -> None:
@@ -255,7 +237,7 @@ class Run:
         progress.matrix.append([progress.scores[j][t.metric] for j, t in enumerate(self.tasks)])
         progress.finished = label
         if self.checkpoints:
-            save_run_checkpoint(self.snapshot(), self.out_dir / "checkpoints", label)
+            save_run_checkpoint(self.snapshot(), self.out_dir / "checkpoints")
 
     def finish_baselines(self) -> None:
         """The baselines trained beside the stream, once they are done."""
@@ -266,25 +248,24 @@ class Run:
         self.baselines, baseline_log = self.background.result()
         self.log.write(f"== single-task baselines (trained beside the stream) ==\n{baseline_log}")
         if self.checkpoints:  # the last checkpoint, now with them: resuming a finished run needs no retraining
-            save_run_checkpoint(self.snapshot(), self.out_dir / "checkpoints", self.progress.finished)
+            save_run_checkpoint(self.snapshot(), self.out_dir / "checkpoints")
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> RunCheckpoint:
         """Everything resuming needs, as of now; `clmtl export` also rebuilds the model from it without data."""
-        progress, baselines = self.progress, self.baselines
-        return {"model": self.model.state_dict(), "experience": progress.finished, "matrix": progress.matrix,
-                "scores": progress.scores, "random_init": progress.random_init,
-                "train_seconds": progress.train_seconds,
-                "baselines": None if baselines is None else {"scores": baselines.scores, "seconds": baselines.seconds},
-                "plugins": plugin_states(self.plugins), "task_states": task_model_states(self.plugins),
-                "clock": clock_state(self.template.clock), "rng": rng_state(),
-                "config": self.config.to_dict(), "strategy": self.strategy, "tasks": [t.as_dict() for t in self.tasks]}
+        baselines = self.baselines
+        return RunCheckpoint(
+            model=self.model.state_dict(), config=self.config.to_dict(),
+            task_entries=[task.as_dict() for task in self.tasks], task_states=task_model_states(self.plugins),
+            strategy=self.strategy, progress=self.progress,
+            baselines=None if baselines is None else {"scores": baselines.scores, "seconds": baselines.seconds},
+            plugins=plugin_states(self.plugins), clock=clock_state(self.template.clock), rng=rng_state())
 
     def save_partial(self, position: dict) -> None:
         """The template's position inside an experience, as ``partial.pt`` (``output.checkpoint_every``, a stop)."""
-        save_run_checkpoint({**self.snapshot(), "partial": position}, self.out_dir / "checkpoints", None)
+        save_run_checkpoint(self.snapshot().inside_experience(position), self.out_dir / "checkpoints")
 
     def results(self, total_seconds: float) -> Results:
-        """The results (``clmtl.results``) of the finished stream."""
+        """The results (``clmtl.report.results``) of the finished stream."""
         template, stateful = self.template, [p for p in self.plugins if isinstance(p, Plugin)]
         progress, baselines = self.progress, self.baselines
         final_scores = {t.name: progress.scores[j] for j, t in enumerate(self.tasks)}
@@ -311,12 +292,12 @@ def run(config: Config, strategy: str, out_dir: str | Path | None, baselines: bo
     return Run(config, strategy, out_dir, baselines=baselines, resume=resume, stop=stop, **options).execute()
 
 
-def _resumable_checkpoint(out_dir: Path, config: Config, strategy: str) -> dict:
+def _resumable_checkpoint(out_dir: Path, config: Config, strategy: str) -> RunCheckpoint:
     """The run's last checkpoint, if it belongs to this config and strategy."""
     saved = load_run_checkpoint(out_dir)
-    if saved["strategy"] != strategy:
-        raise ResumeError(f"{out_dir} holds a run of strategy {saved['strategy']!r}, not {strategy!r}")
-    if saved["config"] != config.to_dict():
+    if saved.strategy != strategy:
+        raise ResumeError(f"{out_dir} holds a run of strategy {saved.strategy!r}, not {strategy!r}")
+    if saved.config != config.to_dict():
         raise ResumeError(f"{out_dir} holds a run with another config; resume with the run's own config")
     return saved
 

@@ -47,8 +47,9 @@ PER_EXPERIENCE = rule(lambda v: all(x >= 0 for x in (v if isinstance(v, list) el
 def setting(default: Any, check: dict[str, Any] | None = None, help: str = "", search: Sequence[Any] = ()) -> Any:
     """A field of a settings dataclass (a strategy's hyperparameters): its default, its ``rule`` / ``one_of``
     check, a one-line help, and the values hyperparameter selection tries (``search``; empty: the default is kept,
-    ``clmtl.tune``). The field's name is its key and the name of the plugin's argument (``clmtl.registry.register``);
-    a Python keyword takes a trailing underscore (``lambda_`` is the key ``lambda``)."""
+    ``clmtl.studies.tune``). The field's name is its key and the name of the plugin's argument
+    (``clmtl.training.registry.register``); a Python keyword takes a trailing underscore (``lambda_`` is the key
+    ``lambda``)."""
     return field(default=default, metadata={**(check or {}), "help": help, "search": tuple(search)})
 
 

@@ -2,8 +2,8 @@
 
 ultralytics checks the network on import unless ``YOLO_OFFLINE`` is set; it sets ``OMP_NUM_THREADS=1`` in the
 environment when it is unset (which every process started afterwards would inherit, and which would read as the
-user's choice of threads, ``clmtl.devices.resolve_threads``); it replaces ``torch.save`` with a wrapper that calls
-it again after a ``RuntimeError``, three times, sleeping 3.5 s in all (a checkpoint that cannot be pickled then
+user's choice of threads, ``clmtl.training.devices.resolve_threads``); it replaces ``torch.save`` with a wrapper that
+calls it again after a ``RuntimeError``, three times, sleeping 3.5 s in all (a checkpoint that cannot be pickled then
 fails after 3.5 s, and a failed write is retried into the same, half-written file object); and it replaces PIL's
 ``Image.open`` with a wrapper that, on a file PIL cannot identify, tries to install and import ``pi-heif`` instead of
 raising PIL's error. Importing ultralytics through this module sets ``YOLO_OFFLINE`` first and puts

@@ -1,1 +1,1 @@
-"""Built-in strategy plugins, one module per strategy; each registers itself with ``clmtl.registry``."""
+"""Built-in strategy plugins, one module per strategy; each registers itself with ``clmtl.training.registry``."""

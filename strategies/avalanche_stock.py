@@ -8,11 +8,11 @@ clmtl's strategies (``ewc+avalanche.SynapticIntelligence``, ``avalanche.AGEM+lwf
 
 They assume what Avalanche's classification benchmarks give: one logits tensor ``[B, C]`` per mini-batch
 (``strategy.mb_output``), class-label targets (``strategy.mb_y``) and, for GDumb, the dataset's ``targets``. clmtl's
-classification batches are exactly that (its stream adds ``targets``, ``clmtl.stream``); segmentation label maps and
-detection box lists are not, so every one of them declares ``kinds=("classification",)`` and a stream with another
-kind is refused before training (``clmtl.registry.check_stream``).
+classification batches are exactly that (its stream adds ``targets``, ``clmtl.stream.experiences``); segmentation label
+maps and detection box lists are not, so every one of them declares ``kinds=("classification",)`` and a stream with
+another kind is refused before training (``clmtl.training.registry.check_stream``).
 
-Each subclasses Avalanche's plugin and ``clmtl.plugin.Plugin``, and declares the state it holds (below). SI is
+Each subclasses Avalanche's plugin and ``clmtl.training.plugin.Plugin``, and declares the state it holds (below). SI is
 Avalanche's plugin as it is otherwise. Each of the others changes only what clmtl's model and template need, and says
 why:
 
@@ -51,11 +51,11 @@ from avalanche.training.plugins import (AGEMPlugin, GDumbPlugin, GEMPlugin, MASP
 from torch import nn
 
 from clmtl.errors import ConfigError
-from clmtl.plugin import Plugin, evaluating
-from clmtl.registry import register
-from clmtl.scenario import placed
 from clmtl.settings import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, setting
-from clmtl.tasks import CLASSIFICATION, TaskSpec
+from clmtl.stream.scenario import placed
+from clmtl.stream.tasks import CLASSIFICATION, TaskSpec
+from clmtl.training.plugin import Plugin, evaluating
+from clmtl.training.registry import register
 
 KINDS = (CLASSIFICATION,)
 

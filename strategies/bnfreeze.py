@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clmtl.plugin import Plugin
-from clmtl.registry import register
-from clmtl.scenario import require_own_heads
 from clmtl.settings import one_of, setting
+from clmtl.stream.scenario import require_own_heads
+from clmtl.training.plugin import Plugin
+from clmtl.training.registry import register
 
 MODES = ("freeze", "per_task")
 
@@ -84,7 +84,7 @@ class PerTaskBatchNorm(Plugin, supports_distributed=True):
         require_own_heads("bnfreeze (mode per_task)", benchmark.tasks)
 
     def task_model_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        """The model tensors each task runs with (see ``clmtl.checkpoint.task_model_states``)."""
+        """The model tensors each task runs with (see ``clmtl.training.checkpoint.task_model_states``)."""
         return self.bn_states
 
     def before_training_exp(self, strategy, **kwargs) -> None:

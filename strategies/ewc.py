@@ -38,9 +38,9 @@ from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import ParamData
 from torch.utils.data import DataLoader
 
-from clmtl.plugin import Plugin, to_device
-from clmtl.registry import register
 from clmtl.settings import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, one_of, setting
+from clmtl.training.plugin import Plugin, to_device
+from clmtl.training.registry import register
 
 
 class Anchor(NamedTuple):

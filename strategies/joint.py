@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader
 
-from clmtl.plugin import Plugin, joined, task_batch_loss, to_device
-from clmtl.registry import register
-from clmtl.scenario import placed
+from clmtl.stream.scenario import placed
+from clmtl.training.plugin import Plugin, joined, task_batch_loss, to_device
+from clmtl.training.registry import register
 
 
 def endless_batches(dataset, batch_size: int) -> Iterator[list]:

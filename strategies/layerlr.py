@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-from clmtl.plugin import Plugin
-from clmtl.registry import register
 from clmtl.settings import NON_NEGATIVE, setting
+from clmtl.training.plugin import Plugin
+from clmtl.training.registry import register
 
 PARTS = ("backbone", "neck", "head")
 

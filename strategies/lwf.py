@@ -25,9 +25,9 @@ BatchNorm: the teacher runs in eval mode, and the student as it trains. The head
 the class and domain scenarios) is distilled on the student's output of the training pass itself, the one its
 cross-entropy sees, as LwF does; the other heads (the earlier tasks' own heads in the task scenario) get one more
 pass over the mini-batch with the modules in their training modes, which leaves the running statistics as they are
-(``clmtl.plugin.kept_statistics``; Avalanche's LwF updates them a second time with the same batch). A student pass in
-eval mode instead let the weights meet both terms through the gap between batch and running statistics, with the new
-task learnt in train mode only: at chance in eval mode (Split digits, seed 100: LwF 0.50 in the domain scenario,
+(``clmtl.training.plugin.kept_statistics``; Avalanche's LwF updates them a second time with the same batch). A student
+pass in eval mode instead let the weights meet both terms through the gap between batch and running statistics, with the
+new task learnt in train mode only: at chance in eval mode (Split digits, seed 100: LwF 0.50 in the domain scenario,
 0.81 from the training pass).
 """
 from __future__ import annotations
@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clmtl.losses import output_kind
-from clmtl.plugin import Plugin, frozen_copy, kept_statistics
-from clmtl.registry import register
 from clmtl.settings import FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, setting
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+from clmtl.training.losses import output_kind
+from clmtl.training.plugin import Plugin, frozen_copy, kept_statistics
+from clmtl.training.registry import register
 
 Output = torch.Tensor | list[torch.Tensor]
 

@@ -1,5 +1,5 @@
 """Naive fine-tuning: no protection against forgetting, the lower bound of every table."""
-from clmtl.registry import register
+from clmtl.training.registry import register
 
 
 @register("naive")

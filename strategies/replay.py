@@ -70,11 +70,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from clmtl.plugin import Plugin, joined, task_batch_loss, to_device
-from clmtl.registry import register
 from clmtl.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, one_of, setting
-from clmtl.stream import collate_for
-from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
+from clmtl.stream.experiences import collate_for
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
+from clmtl.training.plugin import Plugin, joined, task_batch_loss, to_device
+from clmtl.training.registry import register
 
 SPLITS = ("equal", "proportional")
 SELECTIONS = ("reservoir", "class_balanced")

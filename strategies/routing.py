@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clmtl.models.routing import TaskRoutes
-from clmtl.plugin import Plugin
-from clmtl.registry import register
-from clmtl.scenario import require_own_heads
 from clmtl.settings import NON_NEGATIVE, POSITIVE, rule, setting
+from clmtl.stream.scenario import require_own_heads
+from clmtl.training.plugin import Plugin
+from clmtl.training.registry import register
 
 
 @dataclass

@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from clmtl.plugin import Plugin
-from clmtl.registry import register
-from clmtl.settings import NON_NEGATIVE, POSITIVE, setting
 from clmtl.strategies.ewc import Anchor, ewc_penalty, grown
+
+from clmtl.settings import NON_NEGATIVE, POSITIVE, setting
+from clmtl.training.plugin import Plugin
+from clmtl.training.registry import register
 
 
 class SynapticIntelligence(Plugin, supports_distributed=True):

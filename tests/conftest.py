@@ -48,7 +48,7 @@ def isolated_registry(monkeypatch):
     after it."""
     import sys
 
-    import clmtl.registry as registry
+    import clmtl.training.registry as registry
 
     registry.available()  # discover the built-ins first, so the copy holds them
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

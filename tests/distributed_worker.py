@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from avalanche.training.plugins import SupervisedPlugin
 
-from clmtl import distributed
-from clmtl.averaging import WeightAveraging
-from clmtl.checkpoint import checkpoint_config, load_model_checkpoint
-from clmtl.metrics.plugin import task_scores
-from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, make_template
-from clmtl.plugin import to_device
+from clmtl.metrics.plugin import task_scores
+from clmtl.stream.benchmark import build_benchmark
+from clmtl.training import distributed
+from clmtl.training.averaging import WeightAveraging
+from clmtl.training.checkpoint import checkpoint_config, load_model_checkpoint
+from clmtl.training.plugin import to_device
 
 
 class FrozenBatchNorm(SupervisedPlugin):
@@ -46,7 +46,7 @@ def main(checkpoint: str, out: str, experience: int | None = None) -> None:
     config = checkpoint_config(saved, checkpoint)
     benchmark = build_benchmark(config)
     model = build_model(config, benchmark.tasks, initial_weights=False)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(saved.model)
     template = make_template(config, model, benchmark.tasks, plugins=[], loggers=[])
     scores = task_scores(template.eval(benchmark.stream.test_stream), benchmark.tasks)
 
@@ -70,7 +70,7 @@ def main(checkpoint: str, out: str, experience: int | None = None) -> None:
 
     frozen = None
     if experience is None:  # the whole training loop (sharded batches, averaged gradients, Adam, warmup) from the
-        model.load_state_dict(saved["model"])  # checkpoint, with BatchNorm out of the way
+        model.load_state_dict(saved.model)  # checkpoint, with BatchNorm out of the way
         fp32 = checkpoint_config(saved, checkpoint, overrides=["train.precision=fp32"])
         template = make_template(fp32, model, benchmark.tasks, plugins=[FrozenBatchNorm()], loggers=[], progress=False)
         template.train_epochs = 2

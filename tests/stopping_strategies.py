@@ -8,8 +8,8 @@ import os
 import signal
 import time
 
-from clmtl.plugin import Plugin
-from clmtl.registry import register
+from clmtl.training.plugin import Plugin
+from clmtl.training.registry import register
 
 
 class KillDuringSecondExperience(Plugin):  # keeps no state: Plugin's defaults make it resumable

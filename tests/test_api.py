@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 import clmtl
-from clmtl.results import Results
+from clmtl.report.results import Results
 
 API_DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 TINY = {"data": {"train_size": 8, "val_size": 4, "image_size": 64}, "train": {"epochs": 1, "batch_size": 4},
@@ -153,8 +153,8 @@ def test_domain_scenario_shares_one_head_by_class_position():
 
 
 def test_task_labels_that_repeat_partly_are_refused():
-    from clmtl.avalanche_benchmark import scenario_of
     from clmtl.errors import ConfigError
+    from clmtl.stream.from_avalanche import scenario_of
 
     class Experience:
         def __init__(self, label):
@@ -187,8 +187,8 @@ def test_an_avalanche_benchmark_trains_and_writes_what_clmtl_run_writes(tmp_path
 
 
 def _final_model(out: Path, config, benchmark):
-    from clmtl.checkpoint import load_model_checkpoint
+    from clmtl.training.checkpoint import load_model_checkpoint
 
     model = clmtl.build_model(config, benchmark.tasks, initial_weights=False)
-    model.load_state_dict(load_model_checkpoint(out / "checkpoints" / "last.pt")["model"])
+    model.load_state_dict(load_model_checkpoint(out / "checkpoints" / "last.pt").model)
     return model

@@ -10,20 +10,20 @@ import pytest
 import torch
 from avalanche.training import plugins as avalanche_plugins
 from avalanche.training.plugins import SupervisedPlugin
+from clmtl.strategies.avalanche_stock import AGEM, GEM, MAS, SI, GDumb, RWalk
+from clmtl.strategies.ewc import MultiTaskEWCPlugin
 from torch.utils.data import Dataset
 
-from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, build_strategy, make_template, seed_everything
 from clmtl.cli import main
 from clmtl.config import load_config
-from clmtl.errors import ConfigError
 from clmtl.data.transforms import train_augmentation
-from clmtl.registry import available, build_plugins, check_stream, parse_strategy, register, strategy_schemas
-from clmtl.scenario import plan_stream
-from clmtl.stream import class_labels
-from clmtl.tasks import TaskSpec
-from clmtl.strategies.avalanche_stock import AGEM, GDumb, GEM, MAS, SI, RWalk
-from clmtl.strategies.ewc import MultiTaskEWCPlugin
+from clmtl.errors import ConfigError
+from clmtl.stream.benchmark import build_benchmark
+from clmtl.stream.experiences import class_labels
+from clmtl.stream.scenario import plan_stream
+from clmtl.stream.tasks import TaskSpec
+from clmtl.training.registry import available, build_plugins, check_stream, parse_strategy, register, strategy_schemas
 
 STOCK = {"avalanche.SynapticIntelligence": (avalanche_plugins.SynapticIntelligencePlugin, ("loss",)),
          "avalanche.MAS": (avalanche_plugins.MASPlugin, ("loss",)),

@@ -1,5 +1,5 @@
-"""``clmtl.avalanche_reference``: Avalanche's stock strategies on a clmtl stream, on a tiny MNIST in the real idx
-format (``tiny_mnist``: 4 classes dealt into 2 tasks, learnt in a few iterations).
+"""``clmtl.studies.avalanche_reference``: Avalanche's stock strategies on a clmtl stream, on a tiny MNIST in the real
+idx format (``tiny_mnist``: 4 classes dealt into 2 tasks, learnt in a few iterations).
 
 Training iterations are counted outside the code under test, as optimizer steps between evaluations; a hand-written
 torch loop over Avalanche's data loader is the independent reference for ``Naive`` (same weights, bit for bit).
@@ -9,14 +9,14 @@ import math
 
 import pytest
 import torch
+from tiny_mnist import banded_mnist
 from torch import nn
 from torch.utils.data import DataLoader
 
 import clmtl
-import clmtl.avalanche_reference as reference
-from clmtl.avalanche_reference import AVALANCHE_STRATEGIES, train_avalanche
+import clmtl.studies.avalanche_reference as reference
 from clmtl.models.classifier import mlp
-from tiny_mnist import banded_mnist
+from clmtl.studies.avalanche_reference import AVALANCHE_STRATEGIES, train_avalanche
 
 TRAIN_PER_CLASS, TEST_PER_CLASS, BATCH = 50, 10, 32
 BATCHES_PER_EPOCH = math.ceil(2 * TRAIN_PER_CLASS / BATCH)  # 4: 100 training images per task

@@ -7,12 +7,12 @@ from avalanche.benchmarks import benchmark_from_datasets
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 from avalanche.training.plugins import EWCPlugin
+from test_ewc import classification_data
 
-from clmtl.averaging import WeightAveraging
+from clmtl.builders import recipe_plugins
 from clmtl.config import load_config
 from clmtl.errors import ConfigError
-from clmtl.builders import recipe_plugins
-from test_ewc import classification_data
+from clmtl.training.averaging import WeightAveraging
 
 DECAY, TAU = 0.9, 3.0
 

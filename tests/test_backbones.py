@@ -7,10 +7,10 @@ import torchvision
 from avalanche.training.plugins import SupervisedPlugin
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from clmtl.models import UnifiedModel
 from clmtl.models.backbone import BACKBONES, build_backbone
-from clmtl.scenario import output_spaces
-from clmtl.tasks import TaskSpec
+from clmtl.models.unified import UnifiedModel
+from clmtl.stream.scenario import output_spaces
+from clmtl.stream.tasks import TaskSpec
 
 SIZE = 64
 CHANNELS = {"yolov8n": (64, 128, 256), "mobilenet_v3_small": (24, 48, 96), "efficientnet_b0": (40, 112, 320)}
@@ -154,8 +154,8 @@ class LossRecorder(SupervisedPlugin):
 @pytest.mark.parametrize("name", NEW)
 def test_swapping_the_backbone_is_one_config_key(name, tmp_path, isolated_registry):
     from clmtl.config import load_config
-    from clmtl.registry import register
     from clmtl.runner import run
+    from clmtl.training.registry import register
 
     recorder = LossRecorder()
     register("loss_recorder")(lambda: recorder)

@@ -3,7 +3,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from clmtl.strategies.bnfreeze import BatchNormFreeze, PerTaskBatchNorm, batch_norms
 
 
@@ -40,7 +39,7 @@ def test_statistics_and_affine_parameters_are_frozen_after_the_first_experience(
 
 
 def test_per_task_mode_gives_each_task_back_its_own_statistics_and_affine_parameters():
-    from clmtl.registry import build_plugins
+    from clmtl.training.registry import build_plugins
 
     model = net()
     model(torch.randn(2, 3, 8, 8))
@@ -94,18 +93,18 @@ def test_a_new_task_starts_from_the_last_trained_task():
 def test_clmtl_eval_runs_each_task_with_its_own_batchnorm(tmp_path):
     """A per_task run's checkpoint carries every task's BatchNorm: evaluating it reproduces the run's final scores,
     which the model's own (last task's) BatchNorm does not."""
-    from clmtl.checkpoint import load_model_checkpoint
     from clmtl.config import load_config
-    from clmtl.evaluation import evaluate_checkpoint
-    from clmtl.registry import strategy_schemas
+    from clmtl.deploy.evaluation import evaluate_checkpoint
     from clmtl.runner import run
+    from clmtl.training.checkpoint import load_model_checkpoint
+    from clmtl.training.registry import strategy_schemas
 
     config = load_config(None, ["data.train_size=32", "data.val_size=16", "data.image_size=64", "train.epochs=4",
                                 "train.batch_size=4", "output.overlays=0", "train.threads=1",
                                 "strategy.bnfreeze.mode=per_task"], strategies=strategy_schemas())
     results = run(config, "bnfreeze", tmp_path, baselines=False)
     checkpoint = tmp_path / "checkpoints" / "last.pt"
-    assert sorted(load_model_checkpoint(checkpoint)["task_states"]) == [0, 1, 2]
+    assert sorted(load_model_checkpoint(checkpoint).task_states) == [0, 1, 2]
     scores = evaluate_checkpoint(checkpoint)
     for task in results.tasks:
         assert scores[task["name"]][task["metric"]] == pytest.approx(results.final[task["name"]], abs=1e-9)

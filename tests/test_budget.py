@@ -2,12 +2,12 @@
 entry's own epochs or iterations win, and ``train.reset_optimizer=false`` keeps one optimizer state for the stream."""
 import pytest
 from avalanche.training.plugins import SupervisedPlugin
+from tiny_mnist import banded_mnist
 
 import clmtl
-from clmtl.benchmark import build_benchmark, task_budget
 from clmtl.builders import build_model, make_template
 from clmtl.config import TaskConfig
-from tiny_mnist import banded_mnist
+from clmtl.stream.benchmark import build_benchmark, task_budget
 
 TRAIN_PER_CLASS, BATCH = 5, 4  # 10 images per task: 3 batches per epoch
 

@@ -10,9 +10,17 @@ import pytest
 import torch
 from inprocess import clmtl_here
 
-from clmtl.checkpoint import (ResumeError, load_run_checkpoint, restore_plugins, rng_state, save_run_checkpoint,
-                              set_rng_state)
 from clmtl.io import load_checkpoint
+from clmtl.training.checkpoint import (
+    ResumeError,
+    RunCheckpoint,
+    StreamProgress,
+    load_run_checkpoint,
+    restore_plugins,
+    rng_state,
+    save_run_checkpoint,
+    set_rng_state,
+)
 
 KILLER = Path(__file__).with_name("stopping_strategies.py")  # registers the strategy "killer"
 STRATEGY = "ewc+replay+lwf+bnfreeze+layerlr+killer"
@@ -91,16 +99,16 @@ def test_a_run_stopped_inside_an_experience_resumes_from_that_iteration(tmp_path
     stopped = stopped_run(*common, "--out", str(tmp_path / "run"), signal_name=signal_name, at=4)
     assert stopped.returncode == expected_returncode, stopped.stderr[-3000:]
     saved = load_run_checkpoint(tmp_path / "run")
-    assert saved["experience"] == 0
+    assert saved.progress.finished == 0
     expected = (0, 3) if signal_name == "SIGKILL" else (1, 1)
-    assert (saved["partial"]["epoch"], saved["partial"]["iteration"]) == expected
+    assert (saved.partial["epoch"], saved.partial["iteration"]) == expected
 
     resumed = clmtl_here("run", "--plugin-file", str(KILLER), "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((reference / "results.json").read_text())
     got = json.loads((tmp_path / "run" / "results.json").read_text())
     assert got["matrix"] == expected["matrix"]
-    assert got["train_seconds"]["det"] > saved["partial"]["seconds"] > 0  # the time before the stop still counts
+    assert got["train_seconds"]["det"] > saved.partial["seconds"] > 0  # the time before the stop still counts
     assert "resumed inside experience 1" in (tmp_path / "run" / "log.txt").read_text()
     assert not (tmp_path / "run" / "checkpoints" / "partial.pt").exists()  # replaced by the finished experience's
     reference_model = load_checkpoint(reference / "checkpoints" / "last.pt")["model"]
@@ -122,7 +130,7 @@ def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_mo
     stopped = stopped_run(*common, "--out", str(tmp_path / "run"), signal_name="SIGTERM", at=4)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     saved = load_run_checkpoint(tmp_path / "run")
-    assert "partial" in saved and saved["model"]["head.outputs.0.weight"].shape == (4, 64)
+    assert saved.partial is not None and saved.model["head.outputs.0.weight"].shape == (4, 64)
     resumed = clmtl_here("run", "--plugin-file", str(KILLER), "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((reference / "results.json").read_text())
@@ -169,7 +177,7 @@ def test_a_strategy_with_declared_state_stopped_inside_an_experience_resumes_bit
     stopped = stopped_run(*common, "--out", str(tmp_path / "run"), signal_name="SIGTERM", at=4)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     saved = load_run_checkpoint(tmp_path / "run")
-    assert "partial" in saved and saved["experience"] == 0
+    assert saved.partial is not None and saved.progress.finished == 0
     resumed = clmtl_here("run", "--plugin-file", str(KILLER), "--resume", str(tmp_path / "run"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = json.loads((reference / "results.json").read_text())
@@ -206,6 +214,15 @@ def test_resume_needs_the_runs_own_config(tmp_path, clmtl_cli):
     assert result.returncode == 2 and "no checkpoints/last.pt to resume from" in result.stderr
 
 
+def tiny_checkpoint(experience: int = 0, **fields) -> RunCheckpoint:
+    """A run checkpoint of a two-task stream after ``experience``, with ``fields`` replaced."""
+    progress = StreamProgress(matrix=[[0.5, None]], scores=[], finished=experience)
+    tasks = [{"name": name, "kind": "classification", "classes": ["a", "b"]} for name in ("one", "two")]
+    return RunCheckpoint(**{"model": {"w": torch.ones(2)}, "config": {}, "task_entries": tasks, "strategy": "naive",
+                            "progress": progress, "baselines": None, "plugins": [None],
+                            "clock": {"train_exp_counter": 1}, "rng": rng_state(), **fields})
+
+
 def _files(folder) -> dict:
     """Every file under ``folder``: relative path -> (bytes, modification time)."""
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
@@ -219,10 +236,8 @@ def test_a_truncated_last_checkpoint_is_one_line_exit_2_and_nothing_is_written(t
 
     monkeypatch.delenv("CLMTL_DEBUG", raising=False)
     out = tmp_path / "run"
-    checkpoint = {"model": {"w": torch.randn(64, 64)}, "config": load_config(None).to_dict(), "strategy": "naive",
-                  "experience": 0, "matrix": [[0.5, None], [None, None]], "scores": [], "plugins": [None],
-                  "clock": {"train_exp_counter": 1}, "rng": rng_state()}
-    save_run_checkpoint(checkpoint, out / "checkpoints", 0)
+    checkpoint = tiny_checkpoint(model={"w": torch.randn(64, 64)}, config=load_config(None).to_dict())
+    save_run_checkpoint(checkpoint, out / "checkpoints")
     (out / "results.json").write_text('{"earlier": "run"}')
     (out / "metrics.csv").write_text("metric,x,value\n")
     last = out / "checkpoints" / "last.pt"
@@ -249,7 +264,7 @@ def test_random_generators_come_back_exactly():
 
 @pytest.mark.slow
 def test_last_points_at_the_newest_checkpoint_and_survives_a_failed_write(tmp_path):
-    save_run_checkpoint({"experience": 0, "w": torch.ones(2)}, tmp_path, 0)
+    save_run_checkpoint(tiny_checkpoint(), tmp_path)
     assert os.path.samefile(tmp_path / "last.pt", tmp_path / "exp0.pt")
 
     class Exploding:
@@ -257,7 +272,7 @@ def test_last_points_at_the_newest_checkpoint_and_survives_a_failed_write(tmp_pa
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        save_run_checkpoint({"experience": 1, "bad": Exploding()}, tmp_path, 1)
+        save_run_checkpoint(tiny_checkpoint(experience=1, plugins=[{"bad": Exploding()}]), tmp_path)
     assert load_checkpoint(tmp_path / "last.pt")["experience"] == 0
     assert sorted(os.listdir(tmp_path)) == ["exp0.pt", "last.pt"]
 
@@ -267,5 +282,24 @@ def test_a_foreign_checkpoint_or_a_plain_avalanche_plugin_cannot_be_resumed(tmp_
     torch.save({"model": {}}, tmp_path / "checkpoints" / "last.pt")
     with pytest.raises(ResumeError, match="not a resumable clmtl run checkpoint"):
         load_run_checkpoint(tmp_path)
-    with pytest.raises(ResumeError, match="plugin object is not a clmtl.plugin.Plugin"):
+    with pytest.raises(ResumeError, match="plugin object is not a clmtl.training.plugin.Plugin"):
         restore_plugins([object()], [None], torch.nn.Linear(1, 1))
+
+
+def test_a_run_checkpoint_survives_saving_and_loading_field_for_field(tmp_path):
+    """What ``save_run_checkpoint`` writes, ``load_run_checkpoint`` reads back as the same typed checkpoint, also
+    inside an experience; a file without a run's entries is refused by name."""
+    written = tiny_checkpoint(task_states={0: {"bn.running_mean": torch.zeros(3)}})
+    for checkpoint in (written, written.inside_experience({"epoch": 1, "iteration": 7})):
+        save_run_checkpoint(checkpoint, tmp_path / "checkpoints")
+        read = load_run_checkpoint(tmp_path)
+        assert read.progress == checkpoint.progress and read.partial == checkpoint.partial
+        assert read.tasks == checkpoint.tasks and [t.name for t in read.tasks] == ["one", "two"]
+        torch.testing.assert_close(read.task_states, checkpoint.task_states)
+        assert read.to_dict().keys() == checkpoint.to_dict().keys()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["exp0.pt", "last.pt", "partial.pt"]
+    saved = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    del saved["clock"]
+    torch.save(saved, tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(ResumeError, match="not a resumable clmtl run checkpoint \\(missing clock\\)$"):
+        load_run_checkpoint(tmp_path)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from realdata import COCO_ANNOTATIONS, COCO_IMAGES, write_coco, write_image
 
 from clmtl.data.coco import CocoDetection
-from clmtl.errors import DataError
 from clmtl.data.letterbox import Letterbox
+from clmtl.errors import DataError
 from clmtl.metrics.scores import scorer_for
-from clmtl.tasks import DETECTION, TaskSpec
-from realdata import COCO_ANNOTATIONS, COCO_IMAGES, write_coco, write_image
+from clmtl.stream.tasks import DETECTION, TaskSpec
 
 
 def _load(written, **kwargs) -> CocoDetection:

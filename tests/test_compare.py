@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from benchmark_scripts import load_benchmark
 
-from clmtl.compare import Comparison, Stat
+from clmtl.studies.compare import Comparison, Stat
 
 TASKS = [{"name": "seg", "kind": "segmentation", "metric": "mIoU"},
          {"name": "cls", "kind": "classification", "metric": "top1"}]
@@ -128,10 +128,10 @@ def test_script_runs_resumes_and_writes_the_table(tmp_path, monkeypatch):
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    import clmtl.grid
+    import clmtl.studies.grid
 
-    monkeypatch.setattr(clmtl.grid, "train_strategy", must_not_train)
-    monkeypatch.setattr(clmtl.grid, "train_baselines", must_not_train)
+    monkeypatch.setattr(clmtl.studies.grid, "train_strategy", must_not_train)
+    monkeypatch.setattr(clmtl.studies.grid, "train_baselines", must_not_train)
     assert script.main(argv) == 0  # everything is reused
 
 
@@ -143,7 +143,7 @@ def test_stopping_a_parallel_run_terminates_its_workers(process_tree):
 
     import psutil
 
-    code = ("import time; from clmtl.engines import Engine, Job, run_jobs; "
+    code = ("import time; from clmtl.studies.engines import Engine, Job, run_jobs; "
             "run_jobs([Job('a', time.sleep, (120,)), Job('b', time.sleep, (120,))], Engine('local', 2))")
     parent = process_tree.start([sys.executable, "-c", code])
     deadline, workers = time.monotonic() + 60, []

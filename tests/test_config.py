@@ -285,7 +285,7 @@ def test_backbone_choices_are_the_registry():
 
 def test_precision_choices_are_what_the_precision_module_resolves():
     from clmtl.config import PRECISIONS
-    from clmtl.precision import PRECISIONS as RESOLVED
+    from clmtl.training.precision import PRECISIONS as RESOLVED
 
     assert PRECISIONS == RESOLVED
 

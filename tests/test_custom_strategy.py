@@ -25,7 +25,7 @@ def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm(isolate
     from avalanche.benchmarks.utils.flat_data import ConstantSequence
     from torch.utils.data import TensorDataset
 
-    from clmtl.registry import build_plugins, load_strategy_file
+    from clmtl.training.registry import build_plugins, load_strategy_file
 
     load_strategy_file(EXAMPLE)
     (plugin,) = build_plugins("mas", {"mas": {"batch_size": 4}})

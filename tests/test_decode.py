@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from clmtl.decode import box_from_raw, decode_detections, level_grid
-from clmtl.losses import detection_loss_terms
 from clmtl.models.anchors import AnchorLayout
+from clmtl.models.decode import box_from_raw, decode_detections, level_grid
+from clmtl.training.losses import detection_loss_terms
 
 SIZE = 64
 NUM_CLASSES = 3

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from clmtl.errors import ConfigError
-from clmtl.devices import resolve_device, resolve_threads
-from clmtl.precision import GradientScaler, resolve_precision
+from clmtl.training.devices import resolve_device, resolve_threads
+from clmtl.training.precision import GradientScaler, resolve_precision
 
 ROOT = Path(__file__).parents[1]
 TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
@@ -54,7 +54,7 @@ def test_an_absent_device_stops_the_command_before_it_writes_anything(tmp_path, 
     ({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}, 16, 3),  # set explicitly: it wins
 ])
 def test_auto_threads_are_the_usable_cores_shared_by_the_local_processes(monkeypatch, environment, cores, expected):
-    import clmtl.devices as devices
+    import clmtl.training.devices as devices
 
     for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -68,8 +68,9 @@ def test_auto_threads_are_the_usable_cores_shared_by_the_local_processes(monkeyp
 def test_importing_ultralytics_through_clmtl_leaves_the_thread_setting_and_torch_save_alone():
     """ultralytics sets OMP_NUM_THREADS=1 when it is unset ('auto' would then read 1 as the user's choice) and
     replaces torch.save with a wrapper that retries failures."""
-    code = ("import os, torch; import clmtl.ultralytics_shim, ultralytics; from clmtl.devices import resolve_threads, "
-            "usable_cores; print(os.environ.get('OMP_NUM_THREADS'), resolve_threads('auto') == usable_cores(), "
+    code = ("import os, torch; import clmtl.ultralytics_shim, ultralytics; "
+            "from clmtl.training.devices import resolve_threads, usable_cores; "
+            "print(os.environ.get('OMP_NUM_THREADS'), resolve_threads('auto') == usable_cores(), "
             "torch.save.__module__)")
     env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -106,18 +107,20 @@ def test_the_gradient_scaler_is_a_pass_through_except_for_fp16():
 
 ALLOWED_CPU = [  # (file, text on the line): device names, defaults, and checkpoint files saved and read on the CPU
     ("clmtl/config.py", '"auto", "cpu", "cuda", "mps"'),
-    ("clmtl/devices.py", 'DEVICE_CHOICES = ("auto", "cpu"'),
-    ("clmtl/devices.py", 'torch.device("mps" if _mps_available() else "cpu")'),
-    ("clmtl/devices.py", 'device.type not in ("cpu", "cuda", "mps")'),
-    ("clmtl/precision.py", 'device: torch.device | str = "cpu") -> str:'),
-    ("clmtl/precision.py", 'if kind == "cpu":'),
-    ("clmtl/precision.py", 'device: torch.device | str = "cpu") -> torch.autocast:'),
+    ("clmtl/training/devices.py", 'DEVICE_CHOICES = ("auto", "cpu"'),
+    ("clmtl/training/devices.py", 'torch.device("mps" if _mps_available() else "cpu")'),
+    ("clmtl/training/devices.py", 'device.type not in ("cpu", "cuda", "mps")'),
+    ("clmtl/training/precision.py", 'device: torch.device | str = "cpu") -> str:'),
+    ("clmtl/training/precision.py", 'if kind == "cpu":'),
+    ("clmtl/training/precision.py", 'device: torch.device | str = "cpu") -> torch.autocast:'),
     ("clmtl/models/unified.py", 'torch.load(path, map_location="cpu", weights_only=True)'),
-    ("clmtl/checkpoint.py", 'atomic_torch_save(to_device(checkpoint, "cpu"), path)'),
+    ("clmtl/training/checkpoint.py", 'atomic_torch_save(to_device(checkpoint.to_dict(), "cpu"), path)'),
     ("clmtl/io.py", 'map_location: str | torch.device = "cpu"'),
-    ("clmtl/plugin.py", 'non_blocking=torch.device(device).type != "cpu"'),  # a copy to the CPU blocks
-    ("clmtl/plugin_state.py", 'value.device.type == "cpu" else {KIND: "accelerator"'),  # saved: where it was
-    ("clmtl/distributed.py", 'to_device(plugin_states(plugins), "cpu")'),  # handed over as checkpoints hold them
+    ("clmtl/training/plugin.py", 'non_blocking=torch.device(device).type != "cpu"'),  # a copy to the CPU blocks
+    # saved: where it was
+    ("clmtl/training/plugin_state.py", 'value.device.type == "cpu" else {KIND: "accelerator"'),
+    # handed over as checkpoints hold them
+    ("clmtl/training/distributed.py", 'to_device(plugin_states(plugins), "cpu")'),
 ]
 
 
@@ -166,8 +169,8 @@ def test_every_strategy_eval_export_and_resume_run_on_an_explicit_device(tmp_pat
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_run_trains_on_cuda_in_mixed_precision(tmp_path, precision):
     from clmtl.config import load_config
-    from clmtl.registry import strategy_schemas
     from clmtl.runner import run
+    from clmtl.training.registry import strategy_schemas
 
     config = load_config(None, [*TINY, "train.device=cuda", f"train.precision={precision}"],
                          strategies=strategy_schemas())

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from clmtl.distributed import shard_bounds
 from distributed_worker import main as run_worker
 from inprocess import clmtl_here
+
 from clmtl.metrics.scores import CocoMAP, MeanIoU, Top1
+from clmtl.training.distributed import shard_bounds
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 RUN = ["data.train_size=32", "data.val_size=15", "data.image_size=64", "train.epochs=4", "train.batch_size=8",

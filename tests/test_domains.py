@@ -3,10 +3,10 @@ MNIST's angles, checked against the raw pixels they come from."""
 import numpy as np
 import pytest
 import torch
+from test_torchvision_sets import write_mnist
 
 import clmtl
 from clmtl.data.domains import DomainShifted, pixel_permutation
-from test_torchvision_sets import write_mnist
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from benchmark_scripts import load_benchmark
 
-from clmtl.engines import Engine, Failure, Job, run_jobs
+from clmtl.studies.engines import Engine, Failure, Job, run_jobs
 
 ray = pytest.importorskip("ray")
 # Under pytest-xdist the Ray tests share one worker: each starts a Ray instance, and one at a time they start faster.
@@ -67,7 +67,7 @@ def test_ray_runs_two_jobs_at_once_reports_a_failure_and_keeps_usage_stats_off(t
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray")
 def test_a_grid_on_ray_writes_what_the_local_engine_writes_and_resumes(tmp_path, capsys, monkeypatch):
-    from clmtl.grid import run_grid
+    from clmtl.studies.grid import run_grid
 
     tiny = ["data.train_size=6", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=3",
             "output.overlays=0", "output.checkpoints=false", "tasks=[cls]", "train.threads=1"]
@@ -98,7 +98,7 @@ def test_a_grid_on_ray_writes_what_the_local_engine_writes_and_resumes(tmp_path,
 def test_stopping_a_grid_on_ray_stops_its_trials_and_leaves_no_process(tmp_path):
     import psutil
 
-    code = ("import time; from clmtl.engines import Engine, Job, run_jobs; "
+    code = ("import time; from clmtl.studies.engines import Engine, Job, run_jobs; "
             "run_jobs([Job('a', time.sleep, (120,)), Job('b', time.sleep, (120,))], Engine('ray', 2))")
     log = open(tmp_path / "driver.log", "w")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)

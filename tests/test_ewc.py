@@ -8,9 +8,8 @@ from avalanche.benchmarks.utils.data_attribute import TaskLabels
 from avalanche.benchmarks.utils.flat_data import ConstantSequence
 from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import copy_params_dict
-from torch.utils.data import TensorDataset
-
 from clmtl.strategies.ewc import MultiTaskEWCPlugin, ewc_penalty, merge_anchors
+from torch.utils.data import TensorDataset
 
 
 def classification_data(n=40, features=6, classes=3, seed=0, dtype=torch.float32):
@@ -148,10 +147,10 @@ def test_batch_fisher_is_smaller_than_empirical():
 def unified():
     """The unified model at 64 px and a three-task shapes stream of three training images per task."""
     from clmtl.data.shapes import make_shapes_dataset, shapes_task
-    from clmtl.models import UnifiedModel
-    from clmtl.scenario import output_spaces
-    from clmtl.stream import build_stream
-    from clmtl.tasks import KINDS
+    from clmtl.models.unified import UnifiedModel
+    from clmtl.stream.experiences import build_stream
+    from clmtl.stream.scenario import output_spaces
+    from clmtl.stream.tasks import KINDS
 
     tasks = [shapes_task(kind, kind[:3]) for kind in KINDS]
     sets = [make_shapes_dataset(t.kind, "train", 3, 64) for t in tasks]
@@ -178,7 +177,7 @@ def per_sample_fisher(model, criterion, samples, head: int) -> dict[str, torch.T
 
 @pytest.mark.parametrize("label", [0, 1, 2], ids=["segmentation", "detection", "classification"])
 def test_empirical_fisher_equals_mean_squared_per_sample_gradients_on_every_target_kind(unified, label):
-    from clmtl.losses import MultiTaskLoss
+    from clmtl.training.losses import MultiTaskLoss
 
     tasks, sets, stream, model = unified
     model = copy.deepcopy(model)
@@ -200,7 +199,7 @@ def test_empirical_fisher_equals_mean_squared_per_sample_gradients_on_every_targ
 
 @pytest.mark.parametrize("estimator", ["empirical", "exact"])
 def test_fisher_of_the_unified_models_classification_head_equals_torch_func(unified, estimator):
-    from clmtl.losses import MultiTaskLoss
+    from clmtl.training.losses import MultiTaskLoss
 
     tasks, sets, stream, model = unified
     model, label = copy.deepcopy(model), 2
@@ -222,7 +221,7 @@ def test_fisher_of_the_unified_models_classification_head_equals_torch_func(unif
 def test_exact_fisher_is_nonnegative_and_nonzero_on_every_target_kind(unified):
     """On segmentation and detection the exact estimator draws labelings from the model (classification is summed over
     its classes and checked against ``torch.func`` above); on those only its sign and presence are checked."""
-    from clmtl.losses import MultiTaskLoss
+    from clmtl.training.losses import MultiTaskLoss
 
     tasks, _, stream, model = unified
     model = copy.deepcopy(model)

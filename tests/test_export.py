@@ -1,14 +1,14 @@
 """Export: the TorchScript and ONNX files reproduce the eager forward_all; ONNX without its packages fails clearly."""
-import json
 import importlib.util
+import json
 
 import pytest
 import torch
+from test_fuse import randomise_batchnorm, randomised_model
 
 from clmtl.data.shapes import shapes_task
-from clmtl.export import export_model, load_metadata
-from clmtl.tasks import TASK_KINDS
-from test_fuse import randomise_batchnorm, randomised_model
+from clmtl.deploy.export import export_model, load_metadata
+from clmtl.stream.tasks import TASK_KINDS
 
 SIZE = 64
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated in torch 2.14
@@ -86,10 +86,10 @@ def test_bad_format_or_size_is_refused(model, tmp_path, format, size, message):
 
 def run_checkpoint(path, tasks=None, backbone="yolov8n"):
     """A checkpoint as ``clmtl run`` writes it (plus ``tasks`` when given); returns the eval-mode model saved."""
+    from clmtl.builders import build_model
     from clmtl.config import load_config
     from clmtl.io import atomic_torch_save
-    from clmtl.benchmark import build_benchmark
-    from clmtl.builders import build_model
+    from clmtl.stream.benchmark import build_benchmark
 
     config = load_config(None, [f"data.image_size={SIZE}", "data.train_size=2", "data.val_size=2",
                                 f"model.backbone={backbone}"])
@@ -105,8 +105,8 @@ def run_checkpoint(path, tasks=None, backbone="yolov8n"):
 
 @pytest.mark.parametrize("with_tasks", [False, True])
 def test_checkpoint_export_rebuilds_the_run_model(tmp_path, with_tasks):
-    from clmtl.export import export_checkpoint
-    from clmtl.tasks import TaskSpec
+    from clmtl.deploy.export import export_checkpoint
+    from clmtl.stream.tasks import TaskSpec
 
     # tasks the shapes benchmark does not have: only a checkpoint's own task list can rebuild this model
     tasks = [TaskSpec("seg", "segmentation", ("bg", "a")), TaskSpec("det", "detection", ("x", "y", "z", "w")),
@@ -123,7 +123,7 @@ def test_checkpoint_export_rebuilds_the_run_model(tmp_path, with_tasks):
 
 
 def test_a_file_that_is_not_a_run_checkpoint_is_named(tmp_path):
-    from clmtl.export import export_checkpoint
+    from clmtl.deploy.export import export_checkpoint
 
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt: not a clmtl run checkpoint"):
@@ -131,7 +131,7 @@ def test_a_file_that_is_not_a_run_checkpoint_is_named(tmp_path):
 
 
 def test_checkpoint_export_keeps_the_runs_backbone(tmp_path):
-    from clmtl.export import export_checkpoint
+    from clmtl.deploy.export import export_checkpoint
 
     model = run_checkpoint(tmp_path / "last.pt", backbone="mobilenet_v3_small")
     path = export_checkpoint(tmp_path / "last.pt", tmp_path / "model.pt")
@@ -150,7 +150,7 @@ CUSTOM_TASKS = [("seg", "segmentation", ("bg", "a")), ("det", "detection", ("x",
 @pytest.fixture(scope="module")
 def saved_with_tasks(tmp_path_factory):
     """A run checkpoint with its own task list (tasks the shapes benchmark does not have), as loaded."""
-    from clmtl.tasks import TaskSpec
+    from clmtl.stream.tasks import TaskSpec
 
     path = tmp_path_factory.mktemp("checkpoint") / "last.pt"
     run_checkpoint(path, [TaskSpec(*task) for task in CUSTOM_TASKS])
@@ -187,7 +187,7 @@ def test_a_malformed_task_list_is_one_line_naming_the_checkpoint(saved_with_task
     import re
 
     from clmtl.cli import main
-    from clmtl.export import export_checkpoint
+    from clmtl.deploy.export import export_checkpoint
 
     monkeypatch.delenv("CLMTL_DEBUG", raising=False)
     saved = copy.deepcopy(saved_with_tasks)
@@ -203,12 +203,13 @@ def test_a_malformed_task_list_is_one_line_naming_the_checkpoint(saved_with_task
 
 
 def test_the_intact_task_list_gives_its_tasks(saved_with_tasks, tmp_path):
-    from clmtl.checkpoint import checkpoint_tasks
-    from clmtl.tasks import TaskSpec
+    from clmtl.stream.tasks import TaskSpec
+    from clmtl.training.checkpoint import checkpoint_tasks
 
-    assert checkpoint_tasks(saved_with_tasks, tmp_path / "last.pt") == [TaskSpec(*task) for task in CUSTOM_TASKS]
-    old = {"tasks": [{key: value for key, value in entry.items() if key not in ("head", "labels")}
-                     for entry in saved_with_tasks["tasks"]]}  # without head (its position) and labels
+    expected = [TaskSpec(*task) for task in CUSTOM_TASKS]
+    assert checkpoint_tasks(saved_with_tasks["tasks"], tmp_path / "last.pt") == expected
+    old = [{key: value for key, value in entry.items() if key not in ("head", "labels")}
+           for entry in saved_with_tasks["tasks"]]  # without head (its position) and labels
     assert checkpoint_tasks(old, "old.pt") == [TaskSpec(*task, head=head) for head, task in enumerate(CUSTOM_TASKS)]
 
 

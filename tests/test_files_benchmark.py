@@ -7,18 +7,18 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-import torch
 from realdata import COCO_IMAGES, write_coco, write_folder, write_voc
 
 from clmtl.config import load_config
 from clmtl.data.files import DetectionFiles, RootFiles, resolve_paths
+from clmtl.deploy.evaluation import evaluate_checkpoint
 from clmtl.errors import ConfigError
-from clmtl.evaluation import evaluate_checkpoint
-from clmtl.registry import strategy_schemas
 from clmtl.runner import run
+from clmtl.training.registry import strategy_schemas
 
 TINY = ["data.image_size=64", "train.epochs=1", "train.batch_size=2", "train.eval_batch_size=3",
         "output.overlays=1", "train.threads=1", "eval.score_threshold=0.0"]  # keep boxes of an untrained model
@@ -50,7 +50,7 @@ def test_data_root_alone_finds_the_challenge_layout_and_explicit_keys_win(bundle
 
 
 def test_missing_paths_are_clear_errors(bundle, tmp_path):
-    from clmtl.benchmark import build_benchmark
+    from clmtl.stream.benchmark import build_benchmark
 
     with pytest.raises(ConfigError, match="benchmark=files: data.seg.root is not set"):
         build_benchmark(load_config(None, ["benchmark=files", *TINY]))
@@ -114,8 +114,8 @@ def _cocoeval(annotation_file, detections: list[dict]) -> tuple[float, float]:
 
 
 def test_detection_map_of_known_detections_equals_cocoeval_on_the_annotation_file_and_the_hand_value(bundle):
-    from clmtl.benchmark import build_benchmark
     from clmtl.metrics.scores import scorer_for
+    from clmtl.stream.benchmark import build_benchmark
 
     root, _, coco, _ = bundle
     results = [{"image_id": image, "category_id": category, "bbox": box, "score": score}
@@ -189,7 +189,7 @@ def test_eval_exports_known_detections_that_cocoeval_scores_as_we_do(real_run, b
     """The trained model's detections score near 0, where agreement proves little: here the checkpoint's evaluation
     decodes to ``KNOWN_DETECTIONS`` instead, so the exported det.json must hold them in the file's pixels and ids, and
     both scores must be the hand value."""
-    import clmtl.builders
+    import clmtl.deploy.evaluation
 
     out, _ = real_run
     coco = bundle[2]
@@ -200,7 +200,7 @@ def test_eval_exports_known_detections_that_cocoeval_scores_as_we_do(real_run, b
             return [queue.pop(0) for _ in range(len(raw[0]))]
         return decode
 
-    monkeypatch.setattr(clmtl.builders, "make_decoder", known)
+    monkeypatch.setattr(clmtl.deploy.evaluation, "make_decoder", known)
     metrics = evaluate_checkpoint(out / "checkpoints" / "last.pt", tmp_path)
     assert not queue
     assert metrics["det"] == pytest.approx({"mAP50_95": KNOWN_MAP, "mAP50": KNOWN_MAP}, abs=1e-9)

@@ -3,11 +3,11 @@ import shutil
 
 import pytest
 import torch
+from realdata import write_folder
 
 from clmtl.data.folder import ImageFolderDataset
 from clmtl.errors import DataError
-from clmtl.tasks import CLASSIFICATION
-from realdata import write_folder
+from clmtl.stream.tasks import CLASSIFICATION
 
 
 def test_classes_labels_and_ignored_files(tmp_path):

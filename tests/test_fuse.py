@@ -5,10 +5,10 @@ from torch import nn
 from ultralytics.nn.modules import Conv, Conv2
 
 from clmtl.data.shapes import shapes_task
-from clmtl.fuse import fuse_batchnorm
-from clmtl.models import UnifiedModel
-from clmtl.scenario import output_spaces
-from clmtl.tasks import TASK_KINDS
+from clmtl.models.fuse import fuse_batchnorm
+from clmtl.models.unified import UnifiedModel
+from clmtl.stream.scenario import output_spaces
+from clmtl.stream.tasks import TASK_KINDS
 
 SIZE = 64
 

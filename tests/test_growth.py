@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clmtl.models import UnifiedModel
-from clmtl.scenario import output_spaces, plan_stream
-from clmtl.tasks import TaskSpec
+from clmtl.models.unified import UnifiedModel
+from clmtl.stream.scenario import output_spaces, plan_stream
+from clmtl.stream.tasks import TaskSpec
 
 SIZE = 64
 SEG_A = TaskSpec("seg_a", "segmentation", ("background", "disk", "square"))
@@ -21,7 +21,7 @@ STREAM = plan_stream([SEG_A, DET_A, CLS_A, SEG_B, DET_B, CLS_B], "class")
 
 
 def experience(task: TaskSpec):
-    """What ``clmtl.stream`` gives an experience: its task label (head) and classes in head labels."""
+    """What ``clmtl.stream.experiences`` gives an experience: its task label (head) and classes in head labels."""
     return SimpleNamespace(task_labels=[task.head], classes_in_this_experience=sorted(task.labels))
 
 
@@ -90,14 +90,14 @@ def test_the_template_optimizes_the_grown_parameters():
     from clmtl.builders import make_optimizer
     from clmtl.config import load_config
     from clmtl.data.shapes import make_shapes_dataset
-    from clmtl.losses import MultiTaskLoss
-    from clmtl.stream import build_stream
-    from clmtl.template import MultiTaskTemplate
+    from clmtl.stream.experiences import build_stream
+    from clmtl.training.losses import MultiTaskLoss
+    from clmtl.training.template import MultiTaskTemplate
 
     tasks = plan_stream([TaskSpec("a", "classification", ("heart", "arrow")),
                          TaskSpec("b", "classification", ("semicircle", "frame"))], "class")
     sets = [make_shapes_dataset("classification", "train", 8, SIZE, 0, task.classes) for task in tasks]
-    from clmtl.benchmark import in_head_labels
+    from clmtl.stream.benchmark import in_head_labels
 
     stream = build_stream(tasks, [in_head_labels(ds, t) for ds, t in zip(sets, tasks)],
                           [in_head_labels(ds, t) for ds, t in zip(sets, tasks)])
@@ -123,7 +123,6 @@ def test_ewc_penalty_on_grown_parameters_equals_avalanches(model):
     (``ParamData.expand``); ours must compute the same penalty and gradient."""
     from avalanche.training.plugins import EWCPlugin
     from avalanche.training.utils import copy_params_dict
-
     from clmtl.strategies.ewc import MultiTaskEWCPlugin
 
     theirs, ours = EWCPlugin(100.0), MultiTaskEWCPlugin(100.0)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFile
+from realdata import pattern, write_image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from clmtl.data.images import CachedImageDataset, SampleMeta, load_rgb
-from clmtl.errors import DataError
 from clmtl.data.letterbox import Letterbox, letterbox_image
-from realdata import pattern, write_image
+from clmtl.errors import DataError
 
 # --- modes ----------------------------------------------------------------------------------------------------
 

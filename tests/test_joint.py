@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
-from clmtl.losses import MultiTaskLoss
-from clmtl.models import UnifiedModel
-from clmtl.registry import build_plugins, parse_strategy
-from clmtl.scenario import output_spaces
-from clmtl.stream import build_stream
-from clmtl.tasks import KINDS
+from clmtl.models.unified import UnifiedModel
+from clmtl.stream.experiences import build_stream
+from clmtl.stream.scenario import output_spaces
+from clmtl.stream.tasks import KINDS
+from clmtl.training.losses import MultiTaskLoss
+from clmtl.training.registry import build_plugins, parse_strategy
 
 
 class LabelRecorder(torch.nn.Module):
@@ -57,7 +57,7 @@ def test_joint_without_the_stream_is_a_clear_error():
 
 
 def test_joint_does_not_compose_with_another_data_strategy(isolated_registry):
-    from clmtl.registry import register
+    from clmtl.training.registry import register
 
     register("probe_other_data", acts_on=("data",))(lambda: None)
     with pytest.raises(ValueError, match="takes over the data"):
@@ -67,9 +67,9 @@ def test_joint_does_not_compose_with_another_data_strategy(isolated_registry):
 def test_a_shared_heads_other_tasks_join_the_mini_batch():
     """Class scenario: both tasks use head 0, so the other task's batch is appended to the mini-batch (BatchNorm over
     both, as at evaluation) and nothing is added apart."""
-    from clmtl.benchmark import in_head_labels
-    from clmtl.scenario import plan_stream
-    from clmtl.tasks import TaskSpec
+    from clmtl.stream.benchmark import in_head_labels
+    from clmtl.stream.scenario import plan_stream
+    from clmtl.stream.tasks import TaskSpec
 
     tasks = plan_stream([TaskSpec("a", "classification", ("heart", "arrow")),
                          TaskSpec("b", "classification", ("semicircle", "frame"))], "class")

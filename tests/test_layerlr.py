@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clmtl.config import load_config
-from clmtl.registry import build_plugins
 from clmtl.builders import make_optimizer
-from clmtl.schedule import LRSchedule
+from clmtl.config import load_config
+from clmtl.training.registry import build_plugins
+from clmtl.training.schedule import LRSchedule
 
 
 class Parts(torch.nn.Module):

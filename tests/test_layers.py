@@ -5,6 +5,7 @@ followed through clmtl's own modules, so a lower module that reaches the config 
 """
 import ast
 import functools
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,3 +101,51 @@ def test_the_walk_sees_imports_inside_functions_relative_ones_and_chains(tmp_pat
 def test_no_data_model_or_strategy_module_imports_the_run_config(module):
     chain = path_to(module, RUN_CONFIG)
     assert chain is None, f"{module} imports the run's config: {' -> '.join(chain)}"
+
+
+LAZY_BOUNDARIES = {"clmtl/cli.py"}
+"""Modules that may import inside functions: the command line, so that ``clmtl --help`` and its argument errors come
+back without loading torch (``clmtl/__init__.py`` is the other boundary; it resolves names with importlib)."""
+OPTIONAL_PACKAGES = {"ray", "onnx"}
+"""Extras a user may not have installed; importing them where they are needed keeps the rest working without them."""
+
+
+def imports_inside_functions(path: Path) -> list[str]:
+    """``file:line module`` for each import statement inside a function body of ``path``."""
+    inner = {node for function in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+             if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+             for node in ast.walk(function) if isinstance(node, ast.Import | ast.ImportFrom)}
+    modules = {node: node.module if isinstance(node, ast.ImportFrom) else node.names[0].name for node in inner}
+    return [f"{path.relative_to(ROOT)}:{node.lineno} {module}"
+            for node, module in sorted(modules.items(), key=lambda item: item[0].lineno)
+            if (module or "").split(".")[0] not in OPTIONAL_PACKAGES]
+
+
+def test_the_inner_import_finder_sees_nested_functions_and_spares_optional_packages(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    module = tmp_path / "m.py"
+    module.write_text("import os\n\ndef f():\n    def g():\n        from clmtl import io\n    import ray\n")
+    assert imports_inside_functions(module) == ["m.py:5 clmtl"]
+
+
+@pytest.mark.parametrize("folder", ["clmtl", "strategies"])
+def test_imports_sit_at_module_top_so_the_dependency_graph_is_visible(folder):
+    inner = [line for path in sorted((ROOT / folder).rglob("*.py"))
+             if str(path.relative_to(ROOT)) not in LAZY_BOUNDARIES for line in imports_inside_functions(path)]
+    assert not inner, "imports inside functions:\n" + "\n".join(inner)
+
+
+def test_import_clmtl_loads_neither_torch_nor_avalanche():
+    """``import clmtl`` is the lazy boundary: the public names resolve on first use, so the import itself is cheap.
+    Measured side by side with ``-X importtime`` in one process, the package costs a small fraction of torch."""
+    probe = ("import sys, clmtl; heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'avalanche', "
+             "'ultralytics', 'numpy'}); print(','.join(heavy)); import torch")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", probe], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+    assert done.stdout.strip() == "", f"import clmtl loaded {done.stdout.strip()}"
+    cumulative = {fields[2].strip(): int(fields[1]) for fields in (line.split("|") for line in done.stderr.splitlines())
+                  if fields[0].startswith("import time:") and fields[1].strip().isdigit()}
+    assert cumulative["clmtl"] < cumulative["torch"] / 20
+    resolved = subprocess.run([sys.executable, "-c", "import clmtl; print(clmtl.run.__module__)"],
+                              capture_output=True, text=True, check=True, cwd=ROOT)
+    assert resolved.stdout.splitlines()[-1] == "clmtl.api"

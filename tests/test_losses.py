@@ -3,16 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clmtl.losses import (
-    LEVEL_BALANCE,
-    MultiTaskLoss,
-    classification_loss,
-    detection_loss,
-    detection_loss_terms,
-    segmentation_loss,
-)
 from clmtl.models.anchors import AnchorLayout
-from clmtl.tasks import TaskSpec
+from clmtl.stream.tasks import TaskSpec
+from clmtl.training.losses import (LEVEL_BALANCE, MultiTaskLoss, classification_loss, detection_loss,
+                                   detection_loss_terms, segmentation_loss)
 
 LAYOUT = AnchorLayout()
 SIZE = 64
@@ -89,8 +83,8 @@ def test_dispatcher_picks_the_loss_from_the_output_structure():
 
 
 def test_detection_loss_starts_on_the_scale_of_cross_entropy():
-    from clmtl.models import UnifiedModel
-    from clmtl.scenario import output_spaces
+    from clmtl.models.unified import UnifiedModel
+    from clmtl.stream.scenario import output_spaces
 
     torch.manual_seed(0)
     model = UnifiedModel(output_spaces([TaskSpec("det", "detection", ("a", "b", "c", "d"))]), image_size=SIZE)
@@ -105,8 +99,8 @@ def test_detection_loss_starts_on_the_scale_of_cross_entropy():
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["segmentation", "detection", "classification"])
 def test_each_loss_falls_on_a_tiny_batch(kind):
-    from clmtl.models import UnifiedModel
-    from clmtl.scenario import output_spaces
+    from clmtl.models.unified import UnifiedModel
+    from clmtl.stream.scenario import output_spaces
 
     torch.manual_seed(0)
     classes = ("background", "a", "b") if kind == "segmentation" else ("a", "b", "c")

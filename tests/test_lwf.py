@@ -8,19 +8,19 @@ import pytest
 import torch
 from avalanche.models import MultiTaskModule
 from avalanche.training.regularization import LearningWithoutForgetting
+from clmtl.strategies.bnfreeze import batch_norms
+from clmtl.strategies.ewc import MultiTaskEWCPlugin
+from clmtl.strategies.lwf import LwFPlugin, distillation_loss, frozen_copy
 
 import clmtl.builders
 import clmtl.runner
 from clmtl.config import load_config
 from clmtl.data.shapes import shapes_task
-from clmtl.models import UnifiedModel
-from clmtl.plugin import kept_statistics
-from clmtl.registry import build_plugins, strategy_schemas
-from clmtl.scenario import output_spaces
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
-from clmtl.strategies.bnfreeze import batch_norms
-from clmtl.strategies.ewc import MultiTaskEWCPlugin
-from clmtl.strategies.lwf import LwFPlugin, distillation_loss, frozen_copy
+from clmtl.models.unified import UnifiedModel
+from clmtl.stream.scenario import output_spaces
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+from clmtl.training.plugin import kept_statistics
+from clmtl.training.registry import build_plugins, strategy_schemas
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from clmtl.metrics.forgetting import forgetting
-from clmtl.metrics.plugin import (
-    TaskForgetting,
-    TaskMetrics,
-    metric_key,
-    task_metrics,
-    task_scores,
-)
+from clmtl.metrics.plugin import (TaskForgetting, TaskMetrics, metric_key, task_metrics, task_scores)
 from clmtl.metrics.scores import CocoMAP, MeanIoU
-from clmtl.tasks import TaskSpec
+from clmtl.stream.tasks import TaskSpec
 
 
 def accuracy_row(metrics, tasks):

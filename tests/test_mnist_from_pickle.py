@@ -4,7 +4,6 @@ import pickle
 
 import numpy as np
 import torchvision
-
 from benchmark_scripts import load_benchmark
 
 

@@ -4,10 +4,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from clmtl.models import AnchorLayout, UnifiedModel
+from clmtl.models.anchors import AnchorLayout
 from clmtl.models.backbone import YoloBackbone
-from clmtl.scenario import output_spaces
-from clmtl.tasks import TaskSpec
+from clmtl.models.unified import UnifiedModel
+from clmtl.stream.scenario import output_spaces
+from clmtl.stream.tasks import TaskSpec
 
 SIZE = 64
 TASKS = [

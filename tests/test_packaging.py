@@ -12,7 +12,7 @@ REINSTALL = "reinstall the project (pip install -e .) after changing setup.cfg's
 def test_strategies_install_as_clmtl_strategies_and_nothing_else_at_the_top_level(tmp_path):
     """Checked in a fresh interpreter away from the repository (``-I``: neither its folder nor PYTHONPATH on
     sys.path), so only what the install provides is importable."""
-    probe = ("import importlib.util, clmtl.strategies.ewc, clmtl.registry as r; "
+    probe = ("import importlib.util, clmtl.strategies.ewc, clmtl.training.registry as r; "
              "print(importlib.util.find_spec('strategies')); print(clmtl.strategies.ewc.__name__); "
              "print(r.available()['ewc'].factory.__module__)")
     result = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, capture_output=True, text=True,

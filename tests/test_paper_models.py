@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from avalanche.models import MTSimpleMLP
+from tiny_mnist import banded_mnist
 from torch import nn
 
 import clmtl
 from clmtl.errors import ConfigError
 from clmtl.models.classifier import build_classifier
 from clmtl.models.user import SingleHeadModule, user_model
-from clmtl.scenario import output_spaces
-from clmtl.tasks import CLASSIFICATION, SEGMENTATION, TaskSpec
-from tiny_mnist import banded_mnist
+from clmtl.stream.scenario import output_spaces
+from clmtl.stream.tasks import CLASSIFICATION, SEGMENTATION, TaskSpec
 
 
 def two_tasks() -> list[TaskSpec]:
@@ -128,7 +128,7 @@ def test_a_single_head_module_serves_only_its_active_outputs_and_refuses_the_tas
 
 
 def test_a_classifier_exports_to_torchscript_at_its_own_input_size(tmp_path):
-    from clmtl.export import export_model, load_metadata
+    from clmtl.deploy.export import export_model, load_metadata
 
     model = build_classifier(output_spaces(two_tasks()), "mlp", channels=1, image_size=28, hidden=[16]).eval()
     path = export_model(model, tmp_path / "mlp.ts", tasks=two_tasks(), image_size=28, channels=1)

@@ -1,5 +1,5 @@
-"""Declared plugin state (``clmtl.plugin_state``): what a plugin declares is saved as tensors and plain containers,
-loads with ``weights_only=True`` and comes back as it was; a tensor in an undeclared attribute, or a value a
+"""Declared plugin state (``clmtl.training.plugin_state``): what a plugin declares is saved as tensors and plain
+containers, loads with ``weights_only=True`` and comes back as it was; a tensor in an undeclared attribute, or a value a
 checkpoint cannot hold, is refused in one line naming the plugin and the attribute."""
 import io
 import pickle
@@ -14,7 +14,7 @@ import torch
 from avalanche.training.utils import ParamData
 from torch import nn
 
-from clmtl.plugin import Plugin, StateError, frozen_copy
+from clmtl.training.plugin import Plugin, StateError, frozen_copy
 
 
 @dataclass
@@ -114,8 +114,8 @@ def test_torchrun_hands_rank_0s_declared_state_to_every_other_process(monkeypatc
     from avalanche.distributed import DistributedHelper
     from test_checkpoint import same
 
-    from clmtl import distributed
-    from clmtl.checkpoint import plugin_states
+    from clmtl.training import distributed
+    from clmtl.training.checkpoint import plugin_states
 
     model = nn.Linear(3, 4)
     rank_0, other = filled(model), Keeper()
@@ -177,7 +177,7 @@ def test_a_declared_attribute_the_plugin_lacks_and_a_state_without_it_are_errors
 
 
 def test_a_plugin_that_cannot_resume_saves_nothing_and_says_why_at_resume():
-    from clmtl.checkpoint import ResumeError, restore_plugins
+    from clmtl.training.checkpoint import ResumeError, restore_plugins
 
     class Datasets(Plugin):
         no_resume = "its memory is datasets"
@@ -193,8 +193,8 @@ def test_a_plugin_that_cannot_resume_saves_nothing_and_says_why_at_resume():
 
 
 LEAKY = '''
-from clmtl.plugin import Plugin
-from clmtl.registry import register
+from clmtl.training.plugin import Plugin
+from clmtl.training.registry import register
 
 
 @register("leaky")

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-import clmtl.precision as precision
-from clmtl.config import load_config
-from clmtl.losses import MultiTaskLoss
-from clmtl.benchmark import build_benchmark
+import clmtl.training.precision as precision
 from clmtl.builders import build_model, make_template
-from clmtl.plugin import task_batch_loss
+from clmtl.config import load_config
+from clmtl.stream.benchmark import build_benchmark
+from clmtl.training.losses import MultiTaskLoss
+from clmtl.training.plugin import task_batch_loss
 
 TINY = ["data.train_size=4", "data.val_size=4", "data.image_size=64", "train.batch_size=4", "train.threads=1"]
 

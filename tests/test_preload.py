@@ -3,12 +3,12 @@ generator draws; only a stream whose samples never change, one task at a time, t
 import pytest
 import torch
 from avalanche.training.plugins import SupervisedPlugin
+from tiny_mnist import banded_mnist
 
 import clmtl
-from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, make_template
 from clmtl.data.preload import PreloadedLoader
-from tiny_mnist import banded_mnist
+from clmtl.stream.benchmark import build_benchmark
 
 BATCH = 4
 
@@ -80,8 +80,8 @@ def test_an_experience_of_several_tasks_keeps_avalanches_balanced_loader(root):
 
 
 def test_each_test_set_is_read_once_and_scores_as_avalanches_loader_does(root, monkeypatch):
-    from clmtl import template as template_module
     from clmtl.metrics.plugin import task_scores
+    from clmtl.training import template as template_module
 
     config = settings(root)
     benchmark = build_benchmark(config)

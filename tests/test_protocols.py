@@ -1,4 +1,4 @@
-"""Published experiments as data (``clmtl.protocols``, ``benchmarks/protocols/``): the verdict rule on hand-made
+"""Published experiments as data (``clmtl.studies.protocols``, ``benchmarks/protocols/``): the verdict rule on hand-made
 cells, the translation of the papers' hyperparameters into clmtl's conventions, and bad protocol files."""
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 import clmtl
 from clmtl.errors import ConfigError
-from clmtl.protocols import Cell, Protocol, Published, available_protocols, mnist_source, verdict
+from clmtl.studies.protocols import Cell, Protocol, Published, available_protocols, mnist_source, verdict
 
 PROTOCOLS = Path(__file__).parents[1] / "benchmarks" / "protocols"
 

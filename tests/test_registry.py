@@ -4,11 +4,11 @@ import inspect
 import re
 
 import pytest
+from clmtl.strategies.ewc import MultiTaskEWCPlugin
 
 from clmtl.errors import ConfigError
 from clmtl.settings import setting
-from clmtl.registry import available, build_plugins, parse_strategy, register, strategy_schemas
-from clmtl.strategies.ewc import MultiTaskEWCPlugin
+from clmtl.training.registry import available, build_plugins, parse_strategy, register, strategy_schemas
 
 
 @pytest.fixture(autouse=True)
@@ -144,10 +144,10 @@ def test_a_factory_that_does_not_take_its_settings_by_name_is_refused_at_registr
 
 def test_entry_point_plugin_of_an_installed_package_is_found(tmp_path, monkeypatch):
     """A tiny distribution on sys.path declaring the entry point group is discovered by name."""
-    import clmtl.registry as registry
+    import clmtl.training.registry as registry
 
     (tmp_path / "thirdparty_probe.py").write_text(
-        "from clmtl.registry import register\n\n"
+        "from clmtl.training.registry import register\n\n"
         "from dataclasses import dataclass\n\nfrom clmtl.settings import setting\n\n"
         "@dataclass\nclass Settings:\n    alpha: float = setting(0.5)\n\n"
         "@register('thirdparty', settings=Settings, acts_on=('loss',))\n"

@@ -13,17 +13,17 @@ from avalanche.benchmarks.utils.flat_data import ConstantSequence
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.storage_policy import ExperienceBalancedBuffer
+from clmtl.strategies.replay import MultiTaskReplayPlugin, TaskBuffer, class_balanced_order
 from torch.utils.data import TensorDataset
 
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
 from clmtl.data.transforms import train_augmentation
-from clmtl.losses import MultiTaskLoss
-from clmtl.models import UnifiedModel
-from clmtl.registry import available, build_plugins
-from clmtl.scenario import output_spaces
-from clmtl.stream import build_stream, collate_for
-from clmtl.tasks import CLASSIFICATION, DETECTION, KINDS, SEGMENTATION
-from clmtl.strategies.replay import MultiTaskReplayPlugin, TaskBuffer, class_balanced_order
+from clmtl.models.unified import UnifiedModel
+from clmtl.stream.experiences import build_stream, collate_for
+from clmtl.stream.scenario import output_spaces
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, KINDS, SEGMENTATION
+from clmtl.training.losses import MultiTaskLoss
+from clmtl.training.registry import available, build_plugins
 
 SIZE = 64  # make_shapes_dataset's smallest image size
 TASKS = [shapes_task(kind, name) for kind, name in zip(KINDS, ("seg", "det", "cls"))]
@@ -295,7 +295,7 @@ def test_a_tiny_run_replays_the_old_tasks(tmp_path, monkeypatch):
     import clmtl.builders
     import clmtl.runner
     from clmtl.config import load_config
-    from clmtl.registry import strategy_schemas
+    from clmtl.training.registry import strategy_schemas
 
     built = []
 
@@ -383,9 +383,9 @@ def test_replay_follows_avalanche_replay_plugin_trajectory():
 def test_a_shared_heads_stored_samples_join_the_mini_batch_as_avalanche_concatenates_them():
     """Class scenario: both tasks use head 0, so the replayed samples are appended to the current batch (one forward
     pass, BatchNorm over old and new samples together) and nothing is replayed apart."""
-    from clmtl.benchmark import in_head_labels
-    from clmtl.scenario import plan_stream
-    from clmtl.tasks import TaskSpec
+    from clmtl.stream.benchmark import in_head_labels
+    from clmtl.stream.scenario import plan_stream
+    from clmtl.stream.tasks import TaskSpec
 
     tasks = plan_stream([TaskSpec("a", CLASSIFICATION, ("heart", "arrow")),
                          TaskSpec("b", CLASSIFICATION, ("semicircle", "frame"))], "class")

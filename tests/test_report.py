@@ -14,8 +14,8 @@ from matplotlib.image import imread
 
 from clmtl.io import CheckpointError, atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
 from clmtl.metrics.forgetting import bwt, forgetting, forgetting_max
-from clmtl.report import (MAX_PLOT_WIDTH, accuracy_matrix_figure, prediction_overlays, summary_markdown,
-                          task_curves_figure, write_report)
+from clmtl.report.summary import (MAX_PLOT_WIDTH, accuracy_matrix_figure, prediction_overlays, summary_markdown,
+                                  task_curves_figure, write_report)
 
 TASKS = [{"name": "seg", "kind": "segmentation", "metric": "mIoU"},
          {"name": "det", "kind": "detection", "metric": "mAP50_95", "extra": ["mAP50"]},
@@ -365,7 +365,7 @@ def test_csv_logger_records_every_metric_of_a_real_avalanche_run(tmp_path):
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
 
-    from clmtl.csv_logger import MetricsCSVLogger
+    from clmtl.report.csv_logger import MetricsCSVLogger
 
     torch.manual_seed(0)
     data = [(torch.randn(32, 6), torch.randint(0, 2, (32,))) for _ in range(2)]
@@ -394,7 +394,7 @@ def test_csv_logger_records_every_metric_of_a_real_avalanche_run(tmp_path):
 
 
 def test_csv_logger_skips_non_numbers_and_appends(tmp_path):
-    from clmtl.csv_logger import MetricsCSVLogger
+    from clmtl.report.csv_logger import MetricsCSVLogger
 
     logger = MetricsCSVLogger(tmp_path / "m.csv")
     logger.log_single_metric("a", torch.tensor(0.5), 1)

@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
-from clmtl.config import load_config
-from clmtl.models import UnifiedModel
-from clmtl.registry import build_plugins, strategy_schemas
-from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, make_optimizer
+from clmtl.config import load_config
+from clmtl.models.unified import UnifiedModel
 from clmtl.runner import run
-from clmtl.scenario import output_spaces
-from clmtl.tasks import TaskSpec
+from clmtl.stream.benchmark import build_benchmark
+from clmtl.stream.scenario import output_spaces
+from clmtl.stream.tasks import TaskSpec
+from clmtl.training.registry import build_plugins, strategy_schemas
 
 SIZE = 64
 BATCH = 4
@@ -134,7 +134,7 @@ def test_forward_all_runs_each_tasks_own_route():
 
 
 def test_a_routing_state_dict_loads_into_a_freshly_built_model_and_exports(tmp_path):
-    from clmtl.export import export_checkpoint
+    from clmtl.deploy.export import export_checkpoint
     from clmtl.io import atomic_torch_save
 
     config = load_config(None, [f"data.image_size={SIZE}"])
@@ -172,7 +172,7 @@ def test_a_routing_state_dict_loads_into_a_freshly_built_model_and_exports(tmp_p
 def test_the_onnx_export_of_a_routed_model_takes_each_tasks_route(tmp_path):
     import onnxruntime
 
-    from clmtl.export import export_model
+    from clmtl.deploy.export import export_model
 
     model = routed_model()
     path = export_model(model, tmp_path / "model.onnx", "onnx", tasks=TASKS, image_size=SIZE)

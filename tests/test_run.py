@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from clmtl.config import load_config
-from clmtl.io import atomic_torch_save, load_checkpoint
 from avalanche.training.plugins import SupervisedPlugin
 
-from clmtl.registry import register, strategy_schemas
 from clmtl.baselines import Baselines
-from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model
+from clmtl.config import load_config
 from clmtl.errors import ConfigError
+from clmtl.io import atomic_torch_save, load_checkpoint
 from clmtl.runner import run
+from clmtl.stream.benchmark import build_benchmark
+from clmtl.training.registry import register, strategy_schemas
 
 TINY = ["data.train_size=8", "data.val_size=4", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
         "output.overlays=2", "train.threads=1"]
@@ -314,7 +313,7 @@ def test_clmtl_export_writes_a_torchscript_model_of_the_checkpoint(tiny_run, tmp
 @pytest.mark.slow
 def test_a_hybrid_calls_every_components_callbacks_in_the_composers_order(tmp_path, monkeypatch):
     import clmtl.builders
-    from clmtl.registry import build_plugins
+    from clmtl.training.registry import build_plugins
 
     calls = []
 

@@ -4,8 +4,8 @@ import re
 import pytest
 
 from clmtl.errors import ConfigError
-from clmtl.scenario import output_spaces, placed, plan_stream, require_own_heads
-from clmtl.tasks import TaskSpec
+from clmtl.stream.scenario import output_spaces, placed, plan_stream, require_own_heads
+from clmtl.stream.tasks import TaskSpec
 
 SEG_A = TaskSpec("seg_a", "segmentation", ("background", "disk", "square"))
 SEG_B = TaskSpec("seg_b", "segmentation", ("background", "triangle"))

@@ -6,10 +6,10 @@ import pytest
 import torch
 from avalanche.training.plugins.clock import Clock
 
+from clmtl.builders import make_schedule
 from clmtl.config import load_config
 from clmtl.errors import ConfigError
-from clmtl.builders import make_schedule
-from clmtl.schedule import LRSchedule
+from clmtl.training.schedule import LRSchedule
 
 
 def run_experience(plugin: LRSchedule, epochs: int = 2, batches: int = 5, lr: float = 0.01) -> tuple[list, float]:

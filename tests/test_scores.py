@@ -9,7 +9,7 @@ from pycocotools.cocoeval import COCOeval
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from clmtl.metrics.scores import CocoMAP, MeanIoU, Top1, scorer_for
-from clmtl.tasks import TaskSpec
+from clmtl.stream.tasks import TaskSpec
 
 # --- mIoU -----------------------------------------------------------------------------------------------------
 

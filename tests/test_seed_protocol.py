@@ -6,8 +6,8 @@ import pytest
 from benchmark_scripts import load_benchmark
 
 from clmtl.config import load_config
-from clmtl.registry import strategy_schemas
-from clmtl.tasks import DETECTION, TaskSpec
+from clmtl.stream.tasks import DETECTION, TaskSpec
+from clmtl.training.registry import strategy_schemas
 
 ROOT = Path(__file__).parents[1]
 

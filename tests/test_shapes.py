@@ -6,17 +6,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from clmtl.data.shapes import (
-    DISTRACTORS,
-    SHAPES_CLASSES,
-    ShapesDataset,
-    _void_borders,
-    make_shapes_dataset,
-    render_scene,
-    sample_rng,
-    shapes_task,
-)
-from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, KINDS, SEGMENTATION
+from clmtl.data.shapes import (DISTRACTORS, SHAPES_CLASSES, ShapesDataset, _void_borders, make_shapes_dataset,
+                                render_scene, sample_rng, shapes_task)
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, KINDS, SEGMENTATION
 
 S = 128
 

@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 from avalanche.training.plugins import SynapticIntelligencePlugin
+from clmtl.strategies.si import SynapticIntelligence
+from tiny_mnist import banded_mnist
 from torch import nn
 
 import clmtl
-from clmtl.benchmark import build_benchmark
 from clmtl.builders import build_model, build_strategy, make_template
-from clmtl.strategies.si import SynapticIntelligence
-from tiny_mnist import banded_mnist
+from clmtl.stream.benchmark import build_benchmark
 
 
 class FakeStrategy:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from clmtl.significance import (detection_power, minimum_detectable_difference, paired_test, seeds_to_resolve,
-                                signed_rank_p, t_half_width)
+from clmtl.studies.significance import (detection_power, minimum_detectable_difference, paired_test, seeds_to_resolve,
+                                         signed_rank_p, t_half_width)
 
 
 def test_t_half_width_is_the_student_interval():

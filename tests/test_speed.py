@@ -47,7 +47,7 @@ def test_throughput_and_ratios_of_hand_made_timings(speed, monkeypatch):
     forward_all at 36 ms: 1.2 (no target), decode at 2.1 ms: 0.05 of the pipeline (target 0.10: met)."""
     from types import SimpleNamespace
 
-    from clmtl.timing import Latency
+    from clmtl.studies.timing import Latency
 
     monkeypatch.setattr(speed, "training_cases", lambda args: ({"naive": None, "ewc": None}, {}))
     monkeypatch.setattr(speed, "time_interleaved", lambda cases, repeats, warmup: {
@@ -69,7 +69,7 @@ def test_throughput_and_ratios_of_hand_made_timings(speed, monkeypatch):
 
 
 def test_timed_steps_run_each_strategy_with_its_state_from_the_first_experience(speed, monkeypatch):
-    from clmtl.benchmark import build_benchmark
+    from clmtl.stream.benchmark import build_benchmark
 
     config = speed.training_config(64, 2)
     benchmark = build_benchmark(config)

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
-from clmtl.stream import build_stream
-from clmtl.tasks import TASK_KINDS
-from clmtl.plugin import to_device
+from clmtl.stream.experiences import build_stream
+from clmtl.stream.tasks import TASK_KINDS
+from clmtl.training.plugin import to_device
 
 
 def small_stream(order=("seg", "det", "cls"), size=6):

@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from realdata import write_folder, write_voc
 
-from clmtl.benchmark import build_benchmark, split_entries
 from clmtl.cli import main
 from clmtl.config import load_config
-from clmtl.evaluation import evaluate_checkpoint
+from clmtl.deploy.evaluation import evaluate_checkpoint
 from clmtl.io import load_checkpoint
-from clmtl.registry import strategy_schemas
 from clmtl.runner import run
-from realdata import write_folder, write_voc
+from clmtl.stream.benchmark import build_benchmark, split_entries
+from clmtl.training.registry import strategy_schemas
 
 TINY = ["data.image_size=64", "data.train_size=12", "data.val_size=6", "train.epochs=1", "train.batch_size=4",
         "output.overlays=0", "train.threads=1", "train.parallel_baselines=false"]

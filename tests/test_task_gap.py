@@ -1,7 +1,8 @@
 """``benchmarks/task_gap.py``: each row differs from the earlier setup in its one factor, set to the papers' value."""
 from benchmark_scripts import load_benchmark
+
 from clmtl.config import load_config
-from clmtl.grid import flatten
+from clmtl.studies.grid import flatten
 
 MNIST, DIGITS = {"format": "torchvision", "dataset": "MNIST", "root": "m"}, {"format": "folder", "root": "d"}
 

@@ -4,11 +4,11 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
-from clmtl.losses import MultiTaskLoss
-from clmtl.models import UnifiedModel
-from clmtl.scenario import output_spaces
-from clmtl.stream import build_stream
-from clmtl.template import MultiTaskTemplate
+from clmtl.models.unified import UnifiedModel
+from clmtl.stream.experiences import build_stream
+from clmtl.stream.scenario import output_spaces
+from clmtl.training.losses import MultiTaskLoss
+from clmtl.training.template import MultiTaskTemplate
 
 SIZE = 64
 

@@ -1,7 +1,7 @@
 """measure_latency: warm-up calls are not timed; the median and IQR come from the timed calls."""
 import pytest
 
-import clmtl.timing as timing
+import clmtl.studies.timing as timing
 
 
 def test_median_and_iqr_of_the_timed_calls_only(monkeypatch):

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.datasets as tvd
 
-from clmtl.errors import DataError
 from clmtl.data.torchvision_sets import TORCHVISION_DATASETS, TorchvisionClassification, torchvision_classes
-from clmtl.tasks import CLASSIFICATION
+from clmtl.errors import DataError
+from clmtl.stream.tasks import CLASSIFICATION
 
 DIGITS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

@@ -70,7 +70,7 @@ def test_random_hue_changes_the_image_and_leaves_mask_and_boxes_alone():
 
 def test_hue_rotation_applies_to_the_tasks_it_is_set_for():
     from clmtl.config import load_config
-    from clmtl.benchmark import build_benchmark
+    from clmtl.stream.benchmark import build_benchmark
 
     config = load_config(None, ["data.train_size=5", "data.val_size=5", "data.image_size=64", "data.hflip=0",
                                 "data.hue.cls=0.5"])

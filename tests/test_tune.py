@@ -5,10 +5,10 @@ import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
-from clmtl.benchmark import build_benchmark
 from clmtl.config import load_config
 from clmtl.settings import search_space
-from clmtl.registry import available, strategy_schemas
+from clmtl.stream.benchmark import build_benchmark
+from clmtl.training.registry import available, strategy_schemas
 
 TINY = ["data.train_size=8", "data.val_size=3", "data.image_size=64", "train.epochs=1", "train.batch_size=4",
         "output.overlays=0", "output.checkpoints=false", "train.threads=1", "train.warmup=0", "train.ema=0"]
@@ -54,7 +54,7 @@ def test_every_declared_search_value_passes_its_own_check():
 
 
 def test_tunable_components_and_their_candidates():
-    from clmtl.tune import candidates, tunable_components
+    from clmtl.studies.tune import candidates, tunable_components
 
     assert tunable_components(["naive", "ewc+replay", "replay+lwf"]) == ["replay", "ewc", "lwf"]
     assert tunable_components(["naive", "ewc+replay"], ["ewc"]) == ["ewc"]
@@ -66,7 +66,7 @@ def test_tunable_components_and_their_candidates():
 
 
 def test_grid_refuses_a_finished_run_trained_with_other_hyperparameters(tmp_path):
-    from clmtl.grid import check_reused, run_dir
+    from clmtl.studies.grid import check_reused, run_dir
 
     folder = run_dir(tmp_path, 0, "ewc+replay")
     folder.mkdir(parents=True)

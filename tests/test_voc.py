@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from clmtl.errors import DataError
-from clmtl.data.voc import VOC_CLASSES, VocSegmentation, read_label_map, voc_colormap
-from clmtl.tasks import SEGMENTATION
 from realdata import VOC_PALETTE, VOC_VOID, write_image, write_mask, write_voc
+
+from clmtl.data.voc import VOC_CLASSES, VocSegmentation, read_label_map, voc_colormap
+from clmtl.errors import DataError
+from clmtl.stream.tasks import SEGMENTATION
 
 
 def test_colormap_is_the_voc_palette():

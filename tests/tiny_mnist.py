@@ -3,7 +3,6 @@ over noise (four classes), so a small MLP learns it in a few iterations."""
 from pathlib import Path
 
 import numpy as np
-
 from test_torchvision_sets import write_mnist
 
 

@@ -27,7 +27,7 @@ from pycocotools.coco import COCO
 from clmtl.data.images import CachedImageDataset, Loaded, load_letterboxed
 from clmtl.data.letterbox import clip_boxes
 from clmtl.errors import DataError
-from clmtl.tasks import DETECTION
+from clmtl.stream.tasks import DETECTION
 
 _REQUIRED = {
     "images": (("id", int), ("file_name", str)),

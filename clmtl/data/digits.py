@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sklearn.datasets import load_digits
 
 VAL_EVERY = 4
 """Every fourth image of each digit goes to the validation split (about 45 per digit)."""
@@ -30,8 +31,6 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 def digit_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The digits as uint8 images ``[N, 8, 8]`` (0-255) and labels, split into train and val."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     images = np.round(digits.images * 255 / 16).astype(np.uint8)
     labels = digits.target.astype(np.int64)

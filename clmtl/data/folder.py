@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from torchvision.transforms.v2.functional import rgb_to_grayscale
+
 from clmtl.data.images import CachedImageDataset, Loaded, check_class_names, is_image_file, load_letterboxed
 from clmtl.errors import DataError
-from clmtl.tasks import CLASSIFICATION
-from torchvision.transforms.v2.functional import rgb_to_grayscale
+from clmtl.stream.tasks import CLASSIFICATION
 
 SPLITS = ("train", "val")
 IMAGENETTE_NAMES = {

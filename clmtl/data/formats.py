@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clmtl.settings import AT_LEAST_ONE, NON_NEGATIVE, one_of
-from clmtl.tasks import TASK_KINDS
+from clmtl.stream.tasks import TASK_KINDS
 
 DATA_FORMATS = ("shapes", "coco", "voc", "folder", "torchvision")
 FORMAT_KINDS = {"coco": ("detection",), "voc": ("segmentation",), "folder": ("classification",),

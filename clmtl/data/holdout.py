@@ -1,8 +1,9 @@
 """A validation split carved from a task's training data, for selecting hyperparameters without the evaluation set.
 
-``data.holdout: F`` (``clmtl.tune`` sets it) moves a fraction ``F`` of each task's training samples into the set the
-run evaluates on, in place of the task's validation data, and trains on the rest. Which samples move is a permutation
-drawn from the run's seed and the task's position in the stream, so the same config always carves the same samples.
+``data.holdout: F`` (``clmtl.studies.tune`` sets it) moves a fraction ``F`` of each task's training samples into the set
+the run evaluates on, in place of the task's validation data, and trains on the rest. Which samples move is a
+permutation drawn from the run's seed and the task's position in the stream, so the same config always carves the
+same samples.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from clmtl.data.images import draw
-from clmtl.errors import DataError
 from clmtl.data.relabel import targets_of
+from clmtl.errors import DataError
 
 
 class Part(Dataset):

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from clmtl.data.letterbox import Letterbox, Size, letterbox_image
 from clmtl.errors import DataError
+from clmtl.ultralytics_shim import pil_open
 
 MAX_PIXELS = 40_000_000
 """Largest image (width x height) we decode; bigger is treated as a decompression bomb."""
@@ -83,8 +84,6 @@ def _pil_open():
     """PIL's own ``Image.open``: importing ultralytics replaces it (``clmtl.ultralytics_shim``), and data loading
     need not import ultralytics when nothing else has."""
     if "ultralytics" in sys.modules:
-        from clmtl.ultralytics_shim import pil_open
-
         return pil_open()
     return Image.open
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from clmtl.tasks import IGNORE_INDEX
+from clmtl.stream.tasks import IGNORE_INDEX
 
 IMAGE_FILL = 114
 MASK_FILL = IGNORE_INDEX

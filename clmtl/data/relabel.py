@@ -1,8 +1,8 @@
 """A dataset with its class labels renamed, and classes outside the mapping removed as each task kind requires.
 
 Two uses: picking a task's classes from a dataset (a ``classes:`` subset, or a ``split:``), and placing a task's
-labels in the model's head (``clmtl.scenario``: in the class scenario a task's class 0 may be the head's class 7).
-What happens to a class the mapping leaves out follows the protocols of the literature:
+labels in the model's head (``clmtl.stream.scenario``: in the class scenario a task's class 0 may be the head's class
+7). What happens to a class the mapping leaves out follows the protocols of the literature:
 
 - classification: its samples are dropped;
 - segmentation: its pixels become background (label 0), as MiB and PLOP label the classes a step does not cover;
@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from clmtl.data.images import draw
 from clmtl.errors import DataError
-from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
 
 
 class Relabelled(Dataset):

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, KINDS, SEGMENTATION, TaskSpec
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, KINDS, SEGMENTATION, TaskSpec
 
 SHAPES_CLASSES: dict[str, tuple[str, ...]] = {
     SEGMENTATION: ("background", "disk", "square", "triangle", "ring"),

@@ -20,12 +20,16 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from clmtl.data.coco import CocoDetection, category_names
+from clmtl.data.folder import ImageFolderDataset, class_names
 from clmtl.data.formats import DataSource
 from clmtl.data.images import check_class_names
 from clmtl.data.relabel import Relabelled
 from clmtl.data.shapes import SHAPES_CLASSES, make_shapes_dataset
+from clmtl.data.torchvision_sets import TorchvisionClassification, torchvision_classes
+from clmtl.data.voc import VOC_CLASSES, VocSegmentation
 from clmtl.errors import ConfigError, DataError
-from clmtl.tasks import CLASSIFICATION, SEGMENTATION, TaskSpec
+from clmtl.stream.tasks import CLASSIFICATION, SEGMENTATION, TaskSpec
 
 SPLITS = ("train", "val")
 
@@ -70,19 +74,11 @@ def source_classes(kind: str, source: DataSource) -> tuple[str, ...]:
     if source.format == "shapes":
         return SHAPES_CLASSES[kind][1:] if kind == SEGMENTATION else SHAPES_CLASSES[kind]
     if source.format == "voc":
-        from clmtl.data.voc import VOC_CLASSES
-
         return VOC_CLASSES[1:]
     if source.format == "coco":
-        from clmtl.data.coco import category_names
-
         return category_names(_existing(source.train_ann, "train_ann"))
     if source.format == "folder":
-        from clmtl.data.folder import class_names
-
         return class_names(_existing(source.root, "root"), "train")
-    from clmtl.data.torchvision_sets import torchvision_classes
-
     return torchvision_classes(source.dataset, _existing(source.root, "root"), source.download)
 
 
@@ -115,8 +111,6 @@ def _subset(kind: str, all_classes: Sequence[str], picked: Sequence[str]) -> tup
 
 
 def _coco(kind: str, source: DataSource, options: LoadOptions):
-    from clmtl.data.coco import CocoDetection
-
     common = {"image_size": options.image_size, "on_bad_sample": options.on_bad_sample, "seed": options.seed,
               "classes": source.classes, "keep_empty": source.keep_empty}
     train = CocoDetection(_existing(source.train_images, "train_images"), _existing(source.train_ann, "train_ann"),
@@ -130,8 +124,6 @@ def _coco(kind: str, source: DataSource, options: LoadOptions):
 
 
 def _voc(kind: str, source: DataSource, options: LoadOptions):
-    from clmtl.data.voc import VOC_CLASSES, VocSegmentation
-
     root = _existing(source.root, "root")
     common = {"image_size": options.image_size, "on_bad_sample": options.on_bad_sample, "seed": options.seed}
     if source.classes is None:
@@ -145,8 +137,6 @@ def _voc(kind: str, source: DataSource, options: LoadOptions):
 
 
 def _folder(kind: str, source: DataSource, options: LoadOptions):
-    from clmtl.data.folder import ImageFolderDataset
-
     root = _existing(source.root, "root")
     splits = [ImageFolderDataset(root, split, options.image_size, options.on_bad_sample, _sizes(source)[split],
                                  options.seed, source.classes, options.channels) for split in SPLITS]
@@ -154,8 +144,6 @@ def _folder(kind: str, source: DataSource, options: LoadOptions):
 
 
 def _torchvision(kind: str, source: DataSource, options: LoadOptions):
-    from clmtl.data.torchvision_sets import TorchvisionClassification
-
     root = Path(source.root).expanduser()
     splits = [TorchvisionClassification(source.dataset, root, split, options.image_size, source.classes,
                                         _sizes(source)[split], options.seed, source.download, options.channels)

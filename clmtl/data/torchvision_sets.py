@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from clmtl.errors import DataError
-from clmtl.tasks import CLASSIFICATION
+from clmtl.stream.tasks import CLASSIFICATION
 
 TORCHVISION_DATASETS: tuple[str, ...] = ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100", "SVHN")
 SPLITS = ("train", "val")

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from clmtl.tasks import DETECTION, SEGMENTATION
+from clmtl.stream.tasks import DETECTION, SEGMENTATION
 
 
 class JointTransform(Dataset):

@@ -22,7 +22,7 @@ from torchvision import tv_tensors
 
 from clmtl.data.images import CachedImageDataset, Loaded, is_image_file, load_letterboxed, open_image
 from clmtl.errors import DataError
-from clmtl.tasks import IGNORE_INDEX, SEGMENTATION
+from clmtl.stream.tasks import IGNORE_INDEX, SEGMENTATION
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -18,11 +18,11 @@ from avalanche.evaluation.metric_utils import get_metric_name
 from avalanche.evaluation.metrics.forgetting_bwt import GenericExperienceForgetting, GenericStreamForgetting
 from torch import Tensor
 
-from clmtl import distributed
-from clmtl.decode import predict
 from clmtl.metrics.scores import CocoMAP, Scorer, scorer_for
-from clmtl.scenario import output_spaces, placed
-from clmtl.tasks import DETECTION, TaskSpec
+from clmtl.models.decode import predict
+from clmtl.stream.scenario import output_spaces, placed
+from clmtl.stream.tasks import DETECTION, TaskSpec
+from clmtl.training import distributed
 
 Decode = Callable[[list[Tensor]], list[dict]]
 
@@ -165,7 +165,7 @@ def task_scores(
 
     ``None`` for a task that was not evaluated (none of its metrics present); a task with only some of its metrics
     present raises ``KeyError``. Task ``e`` is experience ``e``, with task label ``tasks[e].head``, as
-    ``clmtl.stream`` builds the stream.
+    ``clmtl.stream.experiences`` builds the stream.
     """
     rows: list[dict[str, float] | None] = []
     for index, task in enumerate(placed(tasks)):

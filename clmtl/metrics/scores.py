@@ -21,8 +21,8 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
 from clmtl.data.letterbox import Letterbox
-from clmtl.decode import class_indices
-from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION, OutputSpace, TaskSpec
+from clmtl.models.decode import class_indices
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION, OutputSpace, TaskSpec
 
 
 class MeanIoU:

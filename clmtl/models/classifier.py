@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock
 
 from clmtl.models.heads import HeadedModel
 from clmtl.models.unified_head import ClassRows
-from clmtl.tasks import CLASSIFICATION, OutputSpace
+from clmtl.stream.tasks import CLASSIFICATION, OutputSpace
 
 CLASSIFIER_BACKBONES = ("mlp", "reduced_resnet18")
 

@@ -1,10 +1,10 @@
 """What every clmtl model shares: output spaces (heads), an Avalanche multi-task forward that dispatches on the task
 label, and heads that grow with the stream.
 
-A model is built from its output spaces (``clmtl.tasks.OutputSpace``); which tasks use which head is the scenario's
-business (``clmtl.scenario.output_spaces``). A task label is a head index (``TaskSpec.head``). ``HeadedModel`` keeps
-the bookkeeping; a subclass says how a head's output is computed (``forward_single_task``, ``forward_all``) and where
-a head's rows live (``rows``).
+A model is built from its output spaces (``clmtl.stream.tasks.OutputSpace``); which tasks use which head is the
+scenario's business (``clmtl.stream.scenario.output_spaces``). A task label is a head index (``TaskSpec.head``).
+``HeadedModel`` keeps the bookkeeping; a subclass says how a head's output is computed (``forward_single_task``,
+``forward_all``) and where a head's rows live (``rows``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 
 from clmtl.models.unified_head import ClassRows
-from clmtl.tasks import OutputSpace
+from clmtl.stream.tasks import OutputSpace
 
 Output = torch.Tensor | list[torch.Tensor]
 

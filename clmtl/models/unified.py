@@ -18,19 +18,19 @@ from clmtl.models.fpn import FPN
 from clmtl.models.heads import HeadedModel, Output
 from clmtl.models.routing import TaskRoutes, gate_points
 from clmtl.models.unified_head import ClassRows, UnifiedHead
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, OutputSpace
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, OutputSpace
 
 
 class UnifiedModel(HeadedModel):
     """Backbone + FPN + one shared head; ``forward(x, task_label)`` returns the output of head ``task_label``.
 
-    ``spaces`` are its heads (``clmtl.scenario.output_spaces`` of the stream's tasks): head ``i`` is the Avalanche
-    task label of the experiences whose tasks use it.
+    ``spaces`` are its heads (``clmtl.stream.scenario.output_spaces`` of the stream's tasks): head ``i`` is the
+    Avalanche task label of the experiences whose tasks use it.
     ``backbone`` names an entry of ``clmtl.models.backbone.BACKBONES``.
 
     Outputs: segmentation ``[B, C, S, S]`` logits; classification ``[B, C]`` logits; detection a list
-    (strides 8/16/32) of raw ``[B, A, H, W, 5 + C]`` tensors (see ``clmtl.decode``). ``C`` is the head's classes so
-    far: a class-scenario head grows as experiences bring new classes (``adaptation``).
+    (strides 8/16/32) of raw ``[B, A, H, W, 5 + C]`` tensors (see ``clmtl.models.decode``). ``C`` is the head's classes
+    so far: a class-scenario head grows as experiences bring new classes (``adaptation``).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """One head shared by every task and pyramid level: a 3x3 conv + BN + ReLU, then a single 1x1 prediction conv.
 
-The 1x1 conv's output rows are held per output space (a head of ``clmtl.scenario``): a detection head owns
+The 1x1 conv's output rows are held per output space (a head of ``clmtl.stream.scenario``): a detection head owns
 ``A * (5 + C)`` rows (per anchor: box, objectness, classes), a segmentation head ``C`` rows; a task that needs one
 head convolves with that head's rows only, and ``conv_outputs`` runs several heads as one conv over their rows
 concatenated. A classification head is a linear layer on the globally pooled shared features of the coarsest level.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 
 OBJECTNESS_PRIOR = 0.01
 """Initial objectness probability: most anchors are background, so start there (as RetinaNet/YOLOv5 do)."""

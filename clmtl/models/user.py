@@ -20,7 +20,7 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 
 from clmtl.models.heads import HeadedModel
-from clmtl.tasks import CLASSIFICATION, OutputSpace
+from clmtl.stream.tasks import CLASSIFICATION, OutputSpace
 
 
 class UserModelError(ValueError):

@@ -21,8 +21,12 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
+from avalanche.distributed import DistributedHelper
 from torch import nn
 from torch.utils.data import Sampler
+
+from clmtl.training.checkpoint import plugin_states
+from clmtl.training.plugin import to_device
 
 
 def launched_by_torchrun() -> bool:
@@ -33,8 +37,6 @@ def launched_by_torchrun() -> bool:
 def init_from_environment(seed: int, device: torch.device) -> None:
     """Join the process group torchrun describes, once per process: NCCL when training on CUDA (each process on the
     GPU of its ``LOCAL_RANK``), gloo on the CPU."""
-    from avalanche.distributed import DistributedHelper
-
     if DistributedHelper.is_distributed:
         return
     cuda = device.type == "cuda"
@@ -89,8 +91,6 @@ class ShardedBatchSampler(Sampler[list[int]]):
         self.batches, self.shard, self.shards = batches, shard, shards
 
     def __iter__(self) -> Iterator[list[int]]:
-        from avalanche.distributed import DistributedHelper
-
         epoch = DistributedHelper.broadcast_object(list(self.batches) if self.shard == 0 else None)
         for batch in epoch:
             if len(batch) >= self.shards:
@@ -130,12 +130,7 @@ def broadcast_plugin_states(plugins: Sequence, model: nn.Module) -> None:
     """Give every process rank 0's plugin states (EWC's Fisher, replay buffers...), which rank 0 also checkpoints.
 
     They travel on the CPU, as in a checkpoint: a tensor pickled on rank 0's GPU would be unpickled onto that same GPU
-    by every process; each puts them back on its own device (``clmtl.plugin_state``)."""
-    from avalanche.distributed import DistributedHelper
-
-    from clmtl.checkpoint import plugin_states
-    from clmtl.plugin import to_device
-
+    by every process; each puts them back on its own device (``clmtl.training.plugin_state``)."""
     states = DistributedHelper.broadcast_object(to_device(plugin_states(plugins), "cpu") if is_main_process() else None)
     if not is_main_process():
         for plugin, state in zip(plugins, states):
@@ -145,6 +140,4 @@ def broadcast_plugin_states(plugins: Sequence, model: nn.Module) -> None:
 
 def gather(obj):
     """``obj`` from every process, in rank order."""
-    from avalanche.distributed import DistributedHelper
-
     return DistributedHelper.gather_all_objects(obj)

@@ -9,7 +9,7 @@ it, each with a default, so a plugin writes only what it has:
   ``model_copies`` names frozen copies of the model (LwF's teacher), saved as their state dict and rebuilt from the
   run's model; ``transient`` names attributes that hold tensors but are no state (caches rebuilt from it, a step's
   working values). A plugin holding tensors in an attribute it does not declare is refused at the run's first
-  checkpoint (``clmtl.plugin_state``, which also says what a value may be);
+  checkpoint (``clmtl.training.plugin_state``, which also says what a value may be);
 - ``no_resume``: for a plugin whose state is no value that a checkpoint can hold, why a run with it cannot resume;
 - ``memory_bytes``: memory it holds beside the model, reported in results.json;
 - ``stats()``: what results.json records of it (``strategy_stats``);
@@ -37,7 +37,7 @@ import torch
 from avalanche.training.plugins import SupervisedPlugin
 from torch import nn
 
-from clmtl.plugin_state import StateError, frozen_copy, restore_state, saved_state
+from clmtl.training.plugin_state import StateError, frozen_copy, restore_state, saved_state
 
 __all__ = ["Plugin", "StateError", "evaluating", "frozen_copy", "joined", "kept_statistics", "task_batch_loss",
            "to_device"]
@@ -73,7 +73,7 @@ class Plugin(SupervisedPlugin):
         return {}
 
     def bind_benchmark(self, benchmark) -> None:
-        """See the whole benchmark (``clmtl.benchmark.Benchmark``) before training starts."""
+        """See the whole benchmark (``clmtl.stream.benchmark.Benchmark``) before training starts."""
 
     def task_model_states(self) -> dict[int, dict[str, torch.Tensor]]:
         """Model tensors by task label (head) that the shared model does not hold, e.g. per-task BatchNorm."""

@@ -17,11 +17,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from avalanche.benchmarks.scenarios import CLScenario, benchmark_from_datasets, with_task_labels
+from avalanche.benchmarks.scenarios.generic_scenario import EagerCLStream
+from avalanche.benchmarks.utils import AvalancheDataset, DataAttribute
+from avalanche.benchmarks.utils.data_attribute import TaskLabels
+from avalanche.benchmarks.utils.flat_data import ConstantSequence
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
-from clmtl.scenario import placed
-from clmtl.tasks import CLASSIFICATION, DETECTION, TaskSpec
+from clmtl.data.relabel import targets_of
+from clmtl.data.transforms import JointTransform
+from clmtl.stream.scenario import placed
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, TaskSpec
 
 
 def detection_collate(batch: Sequence[Sequence[Any]]) -> list[Any]:
@@ -40,9 +47,6 @@ def collate_for(kind: str) -> Callable[[Sequence[Any]], Any]:
 def class_labels(dataset: Dataset) -> list[int]:
     """Each sample's class of a classification dataset, through the training augmentation (``JointTransform``, which
     leaves class ids untouched), without loading images where the dataset keeps its targets apart."""
-    from clmtl.data.relabel import targets_of
-    from clmtl.data.transforms import JointTransform
-
     while isinstance(dataset, JointTransform):
         dataset = dataset.dataset
     return [int(target) for target in targets_of(dataset)]
@@ -51,10 +55,6 @@ def class_labels(dataset: Dataset) -> list[int]:
 def task_dataset(dataset: Dataset, task: TaskSpec, task_label: int):
     """Wrap a ``(image, target)`` dataset as an AvalancheDataset yielding ``[image, target, task_label]``; a
     classification dataset also gets the ``targets`` attribute (``class_labels``)."""
-    from avalanche.benchmarks.utils import AvalancheDataset, DataAttribute
-    from avalanche.benchmarks.utils.data_attribute import TaskLabels
-    from avalanche.benchmarks.utils.flat_data import ConstantSequence
-
     if len(dataset) == 0:
         raise ValueError(f"task {task.name!r}: the dataset is empty")
     attributes = [TaskLabels(ConstantSequence(task_label, len(dataset)))]
@@ -65,8 +65,6 @@ def task_dataset(dataset: Dataset, task: TaskSpec, task_label: int):
 
 def build_stream(tasks: Sequence[TaskSpec], train_sets: Sequence[Dataset], test_sets: Sequence[Dataset]):
     """The benchmark: experience ``i`` of both streams is task ``tasks[i]``, with task label ``tasks[i].head``."""
-    from avalanche.benchmarks.scenarios import benchmark_from_datasets, with_task_labels
-
     if not len(tasks) == len(train_sets) == len(test_sets):
         raise ValueError("build_stream needs one train and one test dataset per task")
     tasks = placed(tasks)
@@ -82,9 +80,6 @@ def with_class_timeline(benchmark, tasks: Sequence[TaskSpec]):
     do not have as single ints; the tasks already know their classes. Classes of other heads (other kinds, or other
     tasks in the task scenario) are other label spaces, so the timeline of an experience counts its head's only.
     """
-    from avalanche.benchmarks.scenarios import CLScenario
-    from avalanche.benchmarks.scenarios.generic_scenario import EagerCLStream
-
     streams = []
     for stream in benchmark.streams.values():
         experiences = []

@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from clmtl import distributed
-from clmtl.plugin import Plugin, frozen_copy
+from clmtl.training import distributed
+from clmtl.training.plugin import Plugin, frozen_copy
 
 
 class WeightAveraging(Plugin, supports_distributed=True):

@@ -1,7 +1,7 @@
 """Strategy comparison across seeds: from many runs' results.json to one paper-ready table.
 
 Every number is the mean ± the half-width of its 95 % confidence interval over the seeds a strategy ran with
-(``clmtl.significance``; table.csv also holds the sample standard deviation); a value that is undefined in a run
+(``clmtl.studies.significance``; table.csv also holds the sample standard deviation); a value that is undefined in a run
 (null, e.g. a drop without baseline) is left out of that mean. Columns: the average accuracy (mean of the last row of
 the accuracy matrix), the final primary metric of every task, the average forgetting (Avalanche's definition, over
 all tasks but the last), BWT, the relative drop vs the single-task baseline of every task, training seconds of the
@@ -25,8 +25,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from clmtl.io import atomic_write_text
-from clmtl.significance import (ALPHA, MIN_SEEDS, POWER, PairedDifference, minimum_detectable_difference, paired_test,
-                                seeds_to_resolve, t_half_width)
+from clmtl.studies.significance import (ALPHA, MIN_SEEDS, POWER, PairedDifference, minimum_detectable_difference,
+                                        paired_test, seeds_to_resolve, t_half_width)
 
 RESOLVE = 0.05
 """The difference of a score (0-1 scale) a comparison should resolve; the table says how many seeds that needs."""

@@ -5,7 +5,7 @@ the newest, each written atomically), and with ``output.checkpoint_every=N`` als
 when a stop is requested (SIGTERM, Ctrl-C: ``StopRequest``), as ``partial.pt`` with ``last.pt`` pointing at it.
 It holds only tensors and plain containers, so it loads with ``weights_only=True`` (Avalanche's own
 ``save_checkpoint`` pickles the whole strategy with dill): the model's state dict, every plugin's declared state
-(EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task BatchNorm...: ``clmtl.plugin_state``), the
+(EWC's θ* and Fisher, the replay buffer, the LwF teacher, per-task BatchNorm...: ``clmtl.training.plugin_state``), the
 template's clock (EWC and layerlr read the experience counter from it), the random-number generators' states, the
 accuracy matrix and scores so far, the baselines, the config and the strategy.
 
@@ -21,16 +21,103 @@ from __future__ import annotations
 import os
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from clmtl.config import load_config
 from clmtl.io import atomic_torch_save, load_checkpoint
-from clmtl.plugin import Plugin, StateError, to_device
-from clmtl.tasks import TaskSpec
+from clmtl.stream.tasks import TaskSpec
+from clmtl.training.plugin import Plugin, StateError, to_device
+
+
+@dataclass
+class StreamProgress:
+    """What the stream has given so far, which a checkpoint carries to a resumed run."""
+
+    matrix: list[list[float | None]] = field(default_factory=list)
+    """``matrix[i][j]``: task j's primary metric after experience i."""
+    scores: list[dict[str, float] | None] = field(default_factory=list)
+    """Every metric of each task after the last finished experience."""
+    train_seconds: dict[str, float] = field(default_factory=dict)
+    random_init: list[float | None] = field(default_factory=list)
+    """Each task's primary metric for the model as initialised (forward transfer's reference)."""
+    finished: int = -1
+    """The last experience trained and evaluated."""
+
+
+@dataclass(kw_only=True)
+class ModelCheckpoint:
+    """What using a trained model needs of a run checkpoint (``clmtl eval``, ``clmtl export``): its weights, the
+    config that describes it, the stream's tasks and the tensors that differ per task (``task_model_states``)."""
+
+    model: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    task_entries: list[dict[str, Any]] | None = None
+    """The stream's tasks as ``TaskSpec.as_dict`` entries (None in a checkpoint written without them)."""
+    task_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    source: str = "checkpoint"
+    """Where it was read from, for the errors its entries raise."""
+
+    @property
+    def tasks(self) -> list[TaskSpec] | None:
+        """The tasks, checked when read: ``clmtl eval`` rebuilds them from the config and never needs these."""
+        return None if self.task_entries is None else checkpoint_tasks(self.task_entries, self.source)
+
+    @classmethod
+    def from_dict(cls, saved: Any, source: str | Path) -> ModelCheckpoint:
+        if not isinstance(saved, Mapping) or "model" not in saved or "config" not in saved:
+            raise ValueError(f"{source}: not a clmtl run checkpoint (expected 'model' and 'config' entries)")
+        return cls(model=saved["model"], config=saved["config"], task_entries=saved.get("tasks"),
+                   task_states=saved.get("task_states", {}), source=str(source))
+
+
+@dataclass(kw_only=True)
+class RunCheckpoint(ModelCheckpoint):
+    """Everything a run needs to go on from where it stopped; written as plain containers of tensors
+    (``to_dict``), so it loads with ``weights_only=True``."""
+
+    strategy: str
+    progress: StreamProgress
+    baselines: dict[str, dict] | None
+    """The single-task baselines' ``scores`` and ``seconds``; None until they are trained."""
+    plugins: list[dict | None]
+    """Each plugin's declared state (``plugin_states``)."""
+    clock: dict[str, int]
+    rng: dict[str, Any]
+    partial: dict[str, Any] | None = None
+    """The template's position inside the experience after ``progress.finished`` (``partial.pt``), else None."""
+
+    ENTRIES = ("model", "config", "tasks", "strategy", "experience", "matrix", "scores", "plugins", "clock", "rng")
+
+    def to_dict(self) -> dict[str, Any]:
+        progress = self.progress
+        saved = {"model": self.model, "config": self.config, "tasks": self.task_entries,
+                 "task_states": self.task_states, "strategy": self.strategy, "experience": progress.finished,
+                 "matrix": progress.matrix, "scores": progress.scores, "random_init": progress.random_init,
+                 "train_seconds": progress.train_seconds, "baselines": self.baselines, "plugins": self.plugins,
+                 "clock": self.clock, "rng": self.rng}
+        return saved if self.partial is None else {**saved, "partial": self.partial}
+
+    @classmethod
+    def from_dict(cls, saved: Any, source: str | Path) -> RunCheckpoint:
+        missing = [key for key in cls.ENTRIES if not isinstance(saved, Mapping) or key not in saved]
+        if missing:
+            raise ResumeError(f"{source}: not a resumable clmtl run checkpoint (missing {', '.join(missing)})")
+        progress = StreamProgress(saved["matrix"], saved["scores"], saved.get("train_seconds", {}),
+                                  saved.get("random_init", [None] * len(saved["tasks"])), saved["experience"])
+        return cls(model=saved["model"], config=saved["config"], task_entries=saved["tasks"],
+                   task_states=saved.get("task_states", {}), source=str(source), strategy=saved["strategy"],
+                   progress=progress, baselines=saved.get("baselines"), plugins=saved["plugins"],
+                   clock=saved["clock"], rng=saved["rng"], partial=saved.get("partial"))
+
+    def inside_experience(self, position: dict[str, Any]) -> RunCheckpoint:
+        """This checkpoint, taken at ``position`` inside the experience after the last finished one."""
+        return replace(self, partial=position)
 
 
 class ResumeError(ValueError):
@@ -116,13 +203,13 @@ def load_task_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) ->
 
 def check_resumable(plugins: list) -> None:
     """Refuse, in one line, a plugin whose state a checkpoint does not hold: a plain Avalanche plugin, or a
-    ``clmtl.plugin.Plugin`` that says why it cannot resume (``no_resume``)."""
+    ``clmtl.training.plugin.Plugin`` that says why it cannot resume (``no_resume``)."""
     for plugin in plugins:
         if isinstance(plugin, Plugin) and plugin.no_resume:
             raise ResumeError(f"plugin {type(plugin).__name__} cannot be resumed: {plugin.no_resume}")
         if not isinstance(plugin, Plugin):
-            raise ResumeError(f"plugin {type(plugin).__name__} is not a clmtl.plugin.Plugin, so its state cannot be "
-                              "restored; subclass Plugin and declare its state (clmtl.plugin)")
+            raise ResumeError(f"plugin {type(plugin).__name__} is not a clmtl.training.plugin.Plugin, so its state "
+                              "cannot be restored; subclass Plugin and declare its state (clmtl.training.plugin)")
 
 
 def restore_plugins(plugins: list, states: list[dict | None], model: torch.nn.Module) -> None:
@@ -141,11 +228,12 @@ def restore_plugins(plugins: list, states: list[dict | None], model: torch.nn.Mo
 PARTIAL = "partial.pt"
 
 
-def save_run_checkpoint(checkpoint: dict[str, Any], checkpoint_dir: Path, experience: int | None) -> Path:
-    """Write ``exp{experience}.pt`` (``partial.pt`` for None: inside an experience) atomically, then point
-    ``last.pt`` at it (one serialisation, atomic link). A finished experience's checkpoint replaces the partial one."""
+def save_run_checkpoint(checkpoint: RunCheckpoint, checkpoint_dir: Path) -> Path:
+    """Write ``exp{k}.pt`` (``partial.pt`` for a checkpoint inside an experience) atomically, then point ``last.pt``
+    at it (one serialisation, atomic link). A finished experience's checkpoint replaces the partial one."""
+    experience = None if checkpoint.partial is not None else checkpoint.progress.finished
     path = checkpoint_dir / (PARTIAL if experience is None else f"exp{experience}.pt")
-    atomic_torch_save(to_device(checkpoint, "cpu"), path)  # loads anywhere: the run moves what it needs
+    atomic_torch_save(to_device(checkpoint.to_dict(), "cpu"), path)  # loads anywhere: the run moves what it needs
     link = checkpoint_dir / f".last.pt.{secrets.token_hex(4)}.tmp"
     os.link(path, link)
     os.replace(link, checkpoint_dir / "last.pt")
@@ -154,26 +242,20 @@ def save_run_checkpoint(checkpoint: dict[str, Any], checkpoint_dir: Path, experi
     return path
 
 
-def load_model_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_model_checkpoint(path: str | Path) -> ModelCheckpoint:
     """A checkpoint ``clmtl run`` wrote (``exp{k}.pt`` or ``last.pt``): at least the model's state and its config."""
-    saved = load_checkpoint(path)
-    if not isinstance(saved, dict) or "model" not in saved or "config" not in saved:
-        raise ValueError(f"{path}: not a clmtl run checkpoint (expected 'model' and 'config' entries)")
-    return saved
+    return ModelCheckpoint.from_dict(load_checkpoint(path), path)
 
 
-def checkpoint_config(saved: dict[str, Any], source: str | Path, config_file: str | Path | None = None,
+def checkpoint_config(saved: ModelCheckpoint, source: str | Path, config_file: str | Path | None = None,
                       overrides: Sequence[str] = ()):
     """The config a checkpoint was trained with, validated, with an optional file and overrides on top."""
-    from clmtl.config import load_config
-
-    return load_config(config_file, overrides, base=saved["config"], base_source=f"{source} (saved config)")
+    return load_config(config_file, overrides, base=saved.config, base_source=f"{source} (saved config)")
 
 
-def checkpoint_tasks(saved: dict[str, Any], source: str | Path) -> list[TaskSpec]:
+def checkpoint_tasks(entries: Any, source: str | Path) -> list[TaskSpec]:
     """The tasks of a checkpoint's ``tasks`` entry (``TaskSpec.as_dict`` entries), checked: a malformed one raises
     ``ValueError`` in one line naming ``source`` and the entry, instead of a ``KeyError`` or ``TypeError`` later."""
-    entries = saved["tasks"]
     if not isinstance(entries, list) or not entries:
         got = "an empty list" if isinstance(entries, list) else type(entries).__name__
         raise ValueError(f"{source}: 'tasks' must be a non-empty list of task entries, got {got}")
@@ -204,14 +286,9 @@ def checkpoint_tasks(saved: dict[str, Any], source: str | Path) -> list[TaskSpec
     return tasks
 
 
-def load_run_checkpoint(out_dir: str | Path) -> dict[str, Any]:
+def load_run_checkpoint(out_dir: str | Path) -> RunCheckpoint:
     """The newest checkpoint of the run in ``out_dir``, checked to be one clmtl wrote."""
     path = Path(out_dir) / "checkpoints" / "last.pt"
     if not path.exists():
         raise ResumeError(f"{out_dir}: no checkpoints/last.pt to resume from")
-    checkpoint = load_checkpoint(path)
-    expected = {"model", "config", "strategy", "experience", "matrix", "scores", "plugins", "clock", "rng"}
-    if not isinstance(checkpoint, dict) or not expected <= set(checkpoint):
-        missing = sorted(expected - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(expected)
-        raise ResumeError(f"{path}: not a resumable clmtl run checkpoint (missing {', '.join(missing)})")
-    return checkpoint
+    return RunCheckpoint.from_dict(load_checkpoint(path), path)

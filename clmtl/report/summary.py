@@ -1,6 +1,6 @@
 """Turn a run's results into what people read: results.json, summary.md tables and plots.
 
-Everything here works from the results dict of ``clmtl.results`` (or from tensors for the overlays),
+Everything here works from the results dict of ``clmtl.report.results`` (or from tensors for the overlays),
 so a report can be rebuilt from an old results.json without the model. Plots use matplotlib's object API
 with the Agg canvas (no pyplot state, no GUI backend, bundled DejaVu font).
 """
@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from clmtl.io import atomic_write_json, atomic_write_text
 from clmtl.metrics.forgetting import absolute_drop, relative_drop
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 
 NONE_MARK = "–"
 """How a missing value (null in results.json) appears in tables and plots."""

@@ -1,10 +1,10 @@
 """Export the unified model for deployment: every task's output from one pass, as TorchScript or ONNX.
 
-What is exported is ``forward_all`` of the BatchNorm-folded model (``clmtl.fuse``) behind a wrapper that returns a
-flat tuple, because tracers and ONNX take tensors and tuples, not dicts keyed by task label. The tuple holds, for
+What is exported is ``forward_all`` of the BatchNorm-folded model (``clmtl.models.fuse``) behind a wrapper that returns
+a flat tuple, because tracers and ONNX take tensors and tuples, not dicts keyed by task label. The tuple holds, for
 the model's heads by kind in ``OUTPUT_ORDER`` (then by head index): segmentation logits ``[B, C, S, S]``,
 classification logits ``[B, C]``, then detection's raw levels ``[B, A, H, W, 5 + C]`` (strides 8/16/32, decoded by
-``clmtl.decode``). A head is named after its task, or after its kind when several tasks share it (the class and
+``clmtl.models.decode``). A head is named after its task, or after its kind when several tasks share it (the class and
 domain scenarios). Post-processing
 (NMS, argmax) stays outside the graph: NMS is data-dependent control flow that neither format keeps portable.
 
@@ -22,10 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clmtl.fuse import fuse_batchnorm
+from clmtl.builders import build_model
+from clmtl.models.fuse import fuse_batchnorm
 from clmtl.models.heads import HeadedModel
-from clmtl.scenario import placed
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
+from clmtl.stream.benchmark import build_benchmark
+from clmtl.stream.scenario import placed
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, TaskSpec
+from clmtl.training.checkpoint import checkpoint_config, load_model_checkpoint
 
 FORMATS = ("torchscript", "onnx")
 OUTPUT_ORDER = (SEGMENTATION, CLASSIFICATION, DETECTION)
@@ -133,19 +136,12 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, format: str = "t
     ``clmtl eval`` does; for ``files`` that reads the datasets' class lists). ``image_size`` defaults to the
     run's ``data.image_size``; the anchors stay those the model was trained with.
     """
-    from clmtl.checkpoint import checkpoint_config, checkpoint_tasks, load_model_checkpoint
-    from clmtl.benchmark import build_benchmark
-    from clmtl.builders import build_model
-
     saved = load_model_checkpoint(checkpoint)
     config = checkpoint_config(saved, checkpoint)
-    if "tasks" in saved:
-        tasks = checkpoint_tasks(saved, checkpoint)
-    else:
-        tasks = build_benchmark(config).tasks
+    tasks = saved.tasks if saved.tasks is not None else build_benchmark(config).tasks
     model = build_model(config, tasks, initial_weights=False)  # its backbone, fpn width and anchors
     try:
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(saved.model)
     except RuntimeError as error:
         raise ValueError(f"{checkpoint}: its weights do not fit the model its config describes: {error}") from None
     return export_model(model.eval(), path, format, tasks=tasks, image_size=image_size or config.data.image_size,

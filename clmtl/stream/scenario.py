@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from clmtl.errors import ConfigError
-from clmtl.tasks import DETECTION, SEGMENTATION, OutputSpace, TaskSpec, short_kind
+from clmtl.stream.tasks import DETECTION, SEGMENTATION, OutputSpace, TaskSpec, short_kind
 
 SCENARIOS = ("task", "class", "domain")
 """van de Ven & Tolias (2019): task labels at test time (task), none and one growing output space per kind

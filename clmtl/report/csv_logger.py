@@ -2,7 +2,7 @@
 
 Avalanche's own CSVLogger only writes its hard-coded accuracy/loss columns (our mIoU and mAP come out as 0);
 this one writes whatever the EvaluationPlugin emits, one row per value, flushed at once so a killed run keeps it.
-It lives apart from clmtl.report so that importing the report does not import Avalanche (~4.5 s).
+It lives apart from clmtl.report.summary so that importing the report does not import Avalanche (~4.5 s).
 """
 from __future__ import annotations
 

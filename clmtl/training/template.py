@@ -2,18 +2,18 @@
 
 Only two things in the stock template assume class-int targets: the minibatch is moved to the device
 with ``.to`` on every element (a detection batch holds a list of dicts), and the loss is a single
-``CrossEntropyLoss``. The loss routing lives in the criterion (``clmtl.losses.MultiTaskLoss``), so
+``CrossEntropyLoss``. The loss routing lives in the criterion (``clmtl.training.losses.MultiTaskLoss``), so
 plugins that call ``strategy._criterion`` directly (EWC's Fisher) route the same way; this class only
 moves nested batches. Everything else — callbacks, plugins, evaluator, loggers — is Avalanche's.
 
 Training forwards (the mini-batch's and ``task_batch_loss``'s) run in the configured precision: under bfloat16
-autocast for ``bf16``, their outputs cast back to float32 (``clmtl.precision``).
+autocast for ``bf16``, their outputs cast back to float32 (``clmtl.training.precision``).
 
 It can also stop and continue inside an experience: ``checkpoint_every`` / ``on_checkpoint`` hand the caller the
-training position every N iterations (and when a stop was requested, ``clmtl.checkpoint.StopRequest``), and
-``train_for(resume=...)`` continues from such a position (``clmtl.checkpoint``).
+training position every N iterations (and when a stop was requested, ``clmtl.training.checkpoint.StopRequest``), and
+``train_for(resume=...)`` continues from such a position (``clmtl.training.checkpoint``).
 
-Under ``torchrun`` (``clmtl.distributed``) it also shards each global training batch and the evaluation sets
+Under ``torchrun`` (``clmtl.training.distributed``) it also shards each global training batch and the evaluation sets
 between the processes, averages gradients after every backward pass and BatchNorm statistics after every
 experience.
 """
@@ -29,12 +29,11 @@ from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, Task
 from avalanche.models.utils import avalanche_forward
 from avalanche.training.templates import SupervisedTemplate
 
-from clmtl import distributed
-from clmtl.checkpoint import (StopRequest, StopRequested, clock_state, rng_state, set_clock_state,
-                              set_rng_state)
 from clmtl.data.preload import PRELOAD_LIMIT_BYTES, PreloadedLoader, image_bytes
-from clmtl.plugin import to_device
-from clmtl.precision import GradientScaler, autocast, to_float
+from clmtl.training import distributed
+from clmtl.training.checkpoint import StopRequest, StopRequested, clock_state, rng_state, set_clock_state, set_rng_state
+from clmtl.training.plugin import to_device
+from clmtl.training.precision import GradientScaler, autocast, to_float
 
 
 class MultiTaskTemplate(SupervisedTemplate):
@@ -45,8 +44,8 @@ class MultiTaskTemplate(SupervisedTemplate):
                  stop: StopRequest | None = None, preload: bool = False, **kwargs) -> None:
         """Avalanche's ``SupervisedTemplate`` arguments, plus:
 
-        - ``precision``: ``fp32``, ``bf16`` or ``fp16`` (training forwards under autocast, ``clmtl.precision``; fp16
-          with a gradient scaler);
+        - ``precision``: ``fp32``, ``bf16`` or ``fp16`` (training forwards under autocast,
+          ``clmtl.training.precision``; fp16 with a gradient scaler);
         - ``clip_grad_norm``: rescale the gradients to at most this total norm before each update (0: never);
         - ``reset_optimizer``: start every experience with a fresh optimizer state (False: one state for the stream);
         - ``on_checkpoint``: receives the training position (``position()``) every ``checkpoint_every`` training

@@ -1,7 +1,7 @@
 """A plugin's declared state, saved and restored without a ``state_dict`` / ``load_state_dict`` of its own.
 
-``clmtl.plugin.Plugin`` names three kinds of attributes (each class adds to its bases' names; a dotted name such as
-``buffer.tasks`` is an attribute of an attribute):
+``clmtl.training.plugin.Plugin`` names three kinds of attributes (each class adds to its bases' names; a dotted name
+such as ``buffer.tasks`` is an attribute of an attribute):
 
 - ``state``: what carries over from one experience to the next, and inside one for a run stopped there. Run
   checkpoints save it, ``--resume`` restores it, and under torchrun rank 0 hands it to every process;

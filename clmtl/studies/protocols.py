@@ -18,11 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from clmtl.config import load_config
 from clmtl.errors import ConfigError
-from clmtl.scenario import SCENARIOS
-from clmtl.significance import t_half_width
+from clmtl.io import atomic_write_json
+from clmtl.runner import run
+from clmtl.stream.scenario import SCENARIOS
+from clmtl.studies.avalanche_reference import train_avalanche
+from clmtl.studies.significance import t_half_width
+from clmtl.training.registry import strategy_schemas
 
 METHODS = ("naive", "joint", "ewc", "online_ewc", "si", "lwf", "replay")
 """The methods a protocol file may list, by clmtl's names."""
@@ -193,10 +199,6 @@ def _published(table: Mapping[str, Any] | None, scenario: str) -> Published | No
 def train_clmtl(config: Mapping[str, Any], strategy: str, overrides: list[str], seed: int, out: Path) -> None:
     """One training of a cell (no baselines, one thread), its report written to ``out``: a job of
     ``benchmarks/reproduce.py``, importable by its worker processes."""
-    from clmtl.config import load_config
-    from clmtl.registry import strategy_schemas
-    from clmtl.runner import run
-
     settings = load_config(None, [*overrides, f"seed={seed}"], strategies=strategy_schemas(), base=config,
                            base_source="protocol")
     run(settings, strategy, out, baselines=False, threads=1)
@@ -204,14 +206,8 @@ def train_clmtl(config: Mapping[str, Any], strategy: str, overrides: list[str], 
 
 def train_avalanche_cell(config: Mapping[str, Any], name: str, hyperparameters: Mapping[str, Any], seed: int,
                          out: Path) -> None:
-    """One training of Avalanche's own strategy ``name`` (``clmtl.avalanche_reference``), its results in
+    """One training of Avalanche's own strategy ``name`` (``clmtl.studies.avalanche_reference``), its results in
     ``out/results.json``."""
-    import torch
-
-    from clmtl.avalanche_reference import train_avalanche
-    from clmtl.config import load_config
-    from clmtl.io import atomic_write_json
-
     callers = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -57,9 +57,9 @@ from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTa
 from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin, SynapticIntelligencePlugin
 from torch import nn
 
-from clmtl.benchmark import build_benchmark
-from clmtl.devices import resolve_device
 from clmtl.models.classifier import mlp
+from clmtl.stream.benchmark import build_benchmark
+from clmtl.training.devices import resolve_device
 
 AVALANCHE_STRATEGIES = ("Naive", "EWC", "SynapticIntelligence", "LwF", "Replay")
 

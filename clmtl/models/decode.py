@@ -17,7 +17,7 @@ import torch
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from clmtl.models.anchors import AnchorLayout
-from clmtl.tasks import DETECTION
+from clmtl.stream.tasks import DETECTION
 
 PRE_NMS_TOP_K = 3000
 """Per image, only the best-scoring (box, class) candidates go to NMS, which bounds its cost at low thresholds."""

@@ -21,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clmtl.engines import Engine, Job, run_jobs
+from clmtl.io import atomic_write_json
+from clmtl.settings import search_space
+from clmtl.studies.engines import Engine, Job, run_jobs
+from clmtl.studies.grid import check_reused, seed_config, train_strategy, write_failures
+from clmtl.training.registry import available, parse_strategy
 
 HOLDOUT = 0.25
 """Fraction of each task's training data held out to score the candidates."""
@@ -45,9 +49,6 @@ class Candidate:
 
 def candidates(component: str) -> list[Candidate]:
     """Every combination of ``component``'s search values, in declaration order (none without a search space)."""
-    from clmtl.settings import search_space
-    from clmtl.registry import available
-
     space = search_space(available()[component].settings)
     if not space:
         return []
@@ -57,8 +58,6 @@ def candidates(component: str) -> list[Candidate]:
 def tunable_components(strategies: Sequence[str], only: Sequence[str] | None = None) -> list[str]:
     """The components of ``strategies`` (in order of first appearance) that declare a search space, limited to
     ``only`` where given (a name in ``only`` that no strategy uses, or that has nothing to tune, is an error)."""
-    from clmtl.registry import parse_strategy
-
     components = list(dict.fromkeys(name for spec in strategies for name in parse_strategy(spec)))
     tunable = [name for name in components if candidates(name)]
     if only is None:
@@ -75,9 +74,6 @@ def tune(config_file: Path | None, overrides: Sequence[str], components: Sequenc
     """Select each component's values (module docstring); return them as overrides and write
     ``OUT/tune/selected.json``. A candidate whose training failed is left out of the selection (listed in
     ``OUT/tune/failures.log``)."""
-    from clmtl.grid import check_reused, seed_config, train_strategy, write_failures
-    from clmtl.io import atomic_write_json
-
     threads = engine.job_threads
     common = [*overrides, f"data.holdout={holdout}"]
     planned = [(candidate, out / "tune" / component / candidate.label.replace("=", "_"))

@@ -13,15 +13,16 @@ import json
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from clmtl.benchmark import Benchmark
 from clmtl.config import Config
 from clmtl.metrics.forgetting import average_accuracy, bwt, drop_vs_baseline, forgetting, forgetting_max, fwt
+from clmtl.report.summary import summary_markdown
+from clmtl.stream.benchmark import Benchmark
 
 VERSIONED_PACKAGES = ("clmtl", "torch", "torchvision", "avalanche-lib", "ultralytics", "pycocotools", "numpy")
 
@@ -134,8 +135,6 @@ class Results:
 
     def summary(self) -> str:
         """The markdown tables ``clmtl run`` prints (and writes to summary.md)."""
-        from clmtl.report import summary_markdown
-
         return summary_markdown(self.to_dict())
 
     def _repr_markdown_(self) -> str:  # a notebook shows the tables

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import complete_box_iou_loss
 
-from clmtl.decode import box_from_raw
 from clmtl.models.anchors import DEFAULT_IMAGE_SIZE, AnchorLayout
-from clmtl.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
+from clmtl.models.decode import box_from_raw
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
 
 ANCHOR_IOU_THRESHOLD = 0.25
 """A ground truth box is assigned to every anchor whose (w, h) IoU with it exceeds this (plus its best anchor)."""

@@ -23,7 +23,7 @@ training, a strategy on a stream with a task of another kind (Avalanche's own pl
 one logits tensor per mini-batch, so they handle classification only); ``clmtl.builders.build_strategy`` calls it.
 
 A strategy can also live in a plain Python file: ``use_strategy_files(paths)`` (``clmtl run --plugin-file PATH``)
-imports it; a benchmark's worker processes are handed the same paths with each job (``clmtl.grid``).
+imports it; a benchmark's worker processes are handed the same paths with each job (``clmtl.studies.grid``).
 
 A plugin that needs the whole benchmark (``joint`` trains on every task's data) defines
 ``bind_benchmark(benchmark)``; ``clmtl run`` calls it before training.
@@ -38,15 +38,18 @@ import importlib.util
 import inspect
 import pkgutil
 import sys
-from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import clmtl.strategies
 from clmtl.errors import ConfigError
 from clmtl.settings import make_settings, schema_defaults
-from clmtl.tasks import KINDS, TASK_KINDS
+from clmtl.stream.tasks import KINDS, TASK_KINDS
 
 ENTRY_POINT_GROUP = "clmtl.strategies"
 
@@ -64,8 +67,6 @@ def _has_task_routes(model: Any) -> bool:
 
 
 def _has_batchnorm(model: Any) -> bool:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
     return any(isinstance(module, _BatchNorm) for module in model.modules())
 
 
@@ -123,10 +124,10 @@ def register(name: str, settings: type | None = None, acts_on: tuple[str, ...] =
     factory must take each field by its name, and need no other argument (checked here, ``TypeError`` otherwise);
     ``acts_on`` lists what its plugin changes, a subset of ``ACTIONS``; ``kinds`` the task kinds it handles (full or
     short names, ``("classification",)`` or ``("cls",)``; default every kind); ``check(name, tasks)`` any further
-    condition on the stream's tasks (``clmtl.tasks.TaskSpec``, placed in heads), raising a one-line ``ConfigError``
-    (``clmtl.scenario.require_own_heads`` is one). Both are checked before training (``check_stream``). ``needs``
-    names what its plugin reads of the model beyond a ``torch.nn.Module`` (keys of ``MODEL_NEEDS``), checked once
-    the model is built (``check_model``): a strategy reads nothing else of it.
+    condition on the stream's tasks (``clmtl.stream.tasks.TaskSpec``, placed in heads), raising a one-line
+    ``ConfigError`` (``clmtl.stream.scenario.require_own_heads`` is one). Both are checked before training
+    (``check_stream``). ``needs`` names what its plugin reads of the model beyond a ``torch.nn.Module`` (keys of
+    ``MODEL_NEEDS``), checked once the model is built (``check_model``): a strategy reads nothing else of it.
     """
     if settings is not None and not dataclasses.is_dataclass(settings):
         raise TypeError(f"strategy {name!r}: settings must be a dataclass, got {settings!r}")
@@ -187,8 +188,6 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    import clmtl.strategies
-
     for module in pkgutil.iter_modules(clmtl.strategies.__path__):
         importlib.import_module(f"clmtl.strategies.{module.name}")
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
@@ -270,7 +269,7 @@ def build_plugins(spec: str, params: Mapping[str, Mapping[str, Any]] | None = No
 
 def check_stream(spec: str, tasks: Sequence[Any]) -> None:
     """Refuse (one-line ``ConfigError``) a strategy with a component that does not handle the kind of one of
-    ``tasks`` (``clmtl.tasks.TaskSpec``) or whose ``check`` refuses them, before anything trains."""
+    ``tasks`` (``clmtl.stream.tasks.TaskSpec``) or whose ``check`` refuses them, before anything trains."""
     registry = available()
     for name in parse_strategy(spec):
         entry = registry[name]

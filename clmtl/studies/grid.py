@@ -3,7 +3,7 @@
 Each (strategy, seed) run writes ``OUT/seed<N>/<strategy>/`` (results.json and the usual report); a run whose
 results.json exists is skipped, so an interrupted grid resumes where it stopped. Single-task baselines are trained
 once per seed (``OUT/seed<N>/baselines.json``) and shared by every strategy of that seed. ``jobs`` trainings run at
-at once, one thread each, on this machine or on a Ray cluster (``clmtl.engines``); stopping the grid (Ctrl-C,
+at once, one thread each, on this machine or on a Ray cluster (``clmtl.studies.engines``); stopping the grid (Ctrl-C,
 SIGTERM) stops them too, and a training that fails is reported in ``OUT/failures.log`` while the others run on.
 
 Every job names the strategy files it needs (``--plugin-file``), so a worker registers the same strategies as the
@@ -17,7 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clmtl.engines import Engine, Failure, Job, run_jobs
+from clmtl.baselines import Baselines, baselines_alone
+from clmtl.config import load_config
+from clmtl.io import atomic_write_json
+from clmtl.runner import run
+from clmtl.studies.engines import Engine, Failure, Job, run_jobs
+from clmtl.training.registry import available, parse_strategy, strategy_schemas, use_strategy_files
 
 FP32_NCHW_SEQUENTIAL = ("train.precision=fp32", "train.channels_last=false", "train.parallel_baselines=false")
 """Float32 without autocast, NCHW weights, and the baselines trained in the run's process, one training after the
@@ -35,9 +40,6 @@ def run_dir(out: Path, seed: int, strategy: str) -> Path:
 def seed_config(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None,
                 strategy_files: Sequence[Path] = ()):
     """The config of one training of the grid (after registering ``strategy_files``, so their keys validate)."""
-    from clmtl.config import load_config
-    from clmtl.registry import strategy_schemas, use_strategy_files
-
     use_strategy_files(strategy_files)
     extra = [f"seed={seed}"] + ([f"train.threads={threads}"] if threads else [])
     return load_config(config_file, [*overrides, *extra], strategies=strategy_schemas())
@@ -46,9 +48,6 @@ def seed_config(config_file: Path | None, overrides: Sequence[str], seed: int, t
 def train_baselines(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None,
                     strategy_files: Sequence[Path], path: Path) -> None:
     """Train the seed's single-task baselines and store them as JSON."""
-    from clmtl.baselines import baselines_alone
-    from clmtl.io import atomic_write_json
-
     config = seed_config(config_file, overrides, seed, threads, strategy_files)
     with open(path.with_suffix(".log"), "w") as log:
         baselines, _ = baselines_alone(config, log)
@@ -58,9 +57,6 @@ def train_baselines(config_file: Path | None, overrides: Sequence[str], seed: in
 def train_strategy(config_file: Path | None, overrides: Sequence[str], seed: int, threads: int | None,
                    strategy_files: Sequence[Path], strategy: str, out: Path, baselines_path: Path | None) -> None:
     """One sequential run with the seed's stored baselines (``baselines_path`` None: without baselines)."""
-    from clmtl.baselines import Baselines
-    from clmtl.runner import run
-
     config = seed_config(config_file, overrides, seed, threads, strategy_files)
     reused = None
     if baselines_path is not None:
@@ -71,7 +67,7 @@ def train_strategy(config_file: Path | None, overrides: Sequence[str], seed: int
 
 def run_grid(config_file: Path | None, overrides: Sequence[str], strategies: Sequence[str], seeds: Sequence[int],
              out: Path, engine: Engine = Engine(), strategy_files: Sequence[Path] = ()) -> list[dict[str, Any]]:
-    """Run what is missing (baselines first) on ``engine`` (``clmtl.engines``), then return the results of every
+    """Run what is missing (baselines first) on ``engine`` (``clmtl.studies.engines``), then return the results of every
     finished run, seed by seed in strategy order; failed trainings are listed in ``OUT/failures.log``."""
     threads = engine.job_threads
     common = (config_file, list(overrides))
@@ -107,8 +103,6 @@ def check_reused(path: Path, strategy: str, planned: Any) -> None:
     was trained with another config than ``planned`` (other overrides, or ``--tune`` selected other values): its
     folder name alone cannot tell. Thread counts may differ, keys one side lacks are skipped (a run of an earlier
     clmtl), and of the ``strategy`` section only the run's own components count, with their defaults filled in."""
-    from clmtl.registry import available, parse_strategy
-
     if not path.exists():
         return
 

@@ -3,7 +3,7 @@
 A stream is ``tasks:`` (built-in shapes tasks ``seg``, ``det``, ``cls`` and ``{name, kind, data}`` entries, any
 number, kinds may repeat) or ``split:`` (one dataset's classes dealt into tasks with disjoint class sets). Each
 task's data is loaded in the task's own labels (``clmtl.data.sources``), the scenario places every task in a head of
-the model (``clmtl.scenario``), and ``clmtl.stream`` makes the experiences.
+the model (``clmtl.stream.scenario``), and ``clmtl.stream.experiences`` makes the experiences.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from clmtl.data.relabel import Relabelled
 from clmtl.data.sources import LoadOptions, TaskData, load_task, source_classes
 from clmtl.data.transforms import train_augmentation
 from clmtl.errors import ConfigError
-from clmtl.scenario import plan_stream
-from clmtl.stream import build_stream
-from clmtl.tasks import CLASSIFICATION, TASK_KINDS, TaskSpec, kind_name, short_kind
+from clmtl.stream.experiences import build_stream
+from clmtl.stream.scenario import plan_stream
+from clmtl.stream.tasks import CLASSIFICATION, TASK_KINDS, TaskSpec, kind_name, short_kind
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Benchmark:
     name: str
     """What results call the stream (``benchmark_name``; ``avalanche`` for a user's Avalanche benchmark)."""
     scenario: str
-    """``task``, ``class`` or ``domain``: how the tasks share the model's heads (``clmtl.scenario``)."""
+    """``task``, ``class`` or ``domain``: how the tasks share the model's heads (``clmtl.stream.scenario``)."""
     held_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     """With ``data.holdout``: each task's training samples evaluated on instead of trained on (``val_sets``)."""
     iterations: list[int | None] = dataclasses.field(default_factory=list)

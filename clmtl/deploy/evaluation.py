@@ -25,16 +25,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clmtl.benchmark import Benchmark, build_benchmark
-from clmtl.checkpoint import checkpoint_config, load_model_checkpoint, load_task_state
+from clmtl.builders import build_model, make_decoder
 from clmtl.config import Config
-from clmtl.decode import class_indices, predict
-from clmtl.devices import resolve_device, resolve_threads
 from clmtl.io import atomic_write_json, atomic_write_text
 from clmtl.metrics.scores import scorer_for
-from clmtl.models import UnifiedModel
-from clmtl.stream import collate_for
-from clmtl.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, OutputSpace, TaskSpec
+from clmtl.models.unified import UnifiedModel
+from clmtl.models.decode import class_indices, predict
+from clmtl.stream.benchmark import Benchmark, build_benchmark
+from clmtl.stream.experiences import collate_for
+from clmtl.stream.tasks import CLASSIFICATION, DETECTION, SEGMENTATION, OutputSpace, TaskSpec
+from clmtl.training.checkpoint import checkpoint_config, load_model_checkpoint, load_task_state
+from clmtl.training.devices import resolve_device, resolve_threads
 
 
 class PredictionWriter:
@@ -94,8 +95,6 @@ def evaluate_task(model: UnifiedModel, task: TaskSpec, dataset: Any, config: Con
     """Every metric of ``task`` on ``dataset`` (its validation split, in head labels), in dataset order."""
     model.eval()
     scorer = scorer_for(task, model.spaces[task.head])
-    from clmtl.builders import make_decoder
-
     decode = make_decoder(config, model)
     loader = DataLoader(dataset, batch_size=config.train.eval_batch_size, collate_fn=_pairs_collate(task.kind))
     index = 0
@@ -133,8 +132,6 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     eval thresholds). It computes on ``train.threads`` threads and puts the caller's count back however it ends.
     Returns ``{task name: {metric: value}}``.
     """
-    from clmtl.builders import build_model
-
     saved = load_model_checkpoint(checkpoint)
     config = checkpoint_config(saved, checkpoint, config_file, overrides)
     callers_threads = torch.get_num_threads()
@@ -142,10 +139,10 @@ def evaluate_checkpoint(checkpoint: str | Path, predictions: str | Path | None =
     try:
         benchmark = build_benchmark(config)
         model = build_model(config, benchmark.tasks, initial_weights=False)
-        model.load_state_dict(saved["model"])
+        model.load_state_dict(saved.model)
         model.to(resolve_device(config.train.device))
         out_dir = Path(predictions) if predictions is not None else None
-        metrics = evaluate_model(model, benchmark, config, out_dir, saved.get("task_states", {}))
+        metrics = evaluate_model(model, benchmark, config, out_dir, saved.task_states)
     finally:
         torch.set_num_threads(callers_threads)
     if out_dir is not None:

@@ -24,13 +24,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
-from clmtl.benchmark import Benchmark, in_head_labels
 from clmtl.config import Config
 from clmtl.data.relabel import Relabelled
 from clmtl.errors import ConfigError
-from clmtl.scenario import plan_stream
-from clmtl.stream import build_stream
-from clmtl.tasks import CLASSIFICATION, TaskSpec, short_kind
+from clmtl.stream.benchmark import Benchmark, in_head_labels
+from clmtl.stream.experiences import build_stream
+from clmtl.stream.scenario import plan_stream
+from clmtl.stream.tasks import CLASSIFICATION, TaskSpec, short_kind
 
 
 class ModelImages(Dataset):

@@ -42,9 +42,9 @@ class TaskSpec:
     annotation file's own id of a detection class (e.g. COCO's non-contiguous ids), so scores use the file's terms.
 
     ``head`` is the model's output space the task uses, which is also its Avalanche task label, and ``labels[i]`` the
-    index of the task's class ``i`` in that space (``clmtl.scenario``): in the task scenario every task has a head of
-    its own and ``labels`` is ``0, 1, ...``; in the class scenario tasks of one kind share a head whose classes grow.
-    A task not placed yet (``head`` None) takes the head of its position in the stream (the task scenario).
+    index of the task's class ``i`` in that space (``clmtl.stream.scenario``): in the task scenario every task has a
+    head of its own and ``labels`` is ``0, 1, ...``; in the class scenario tasks of one kind share a head whose classes
+    grow. A task not placed yet (``head`` None) takes the head of its position in the stream (the task scenario).
     """
 
     name: str
@@ -109,7 +109,8 @@ class TaskSpec:
 class OutputSpace:
     """One head of a model: its kind, every class it holds once the stream is over, and its starting size.
 
-    A model is built from its output spaces; which tasks share one is the scenario's business (``clmtl.scenario``).
+    A model is built from its output spaces; which tasks share one is the scenario's business
+    (``clmtl.stream.scenario``).
     """
 
     kind: str

@@ -1,0 +1,1 @@
+"""What a run reports: the ``results.json`` contract, ``report.md`` with its plots, the per-epoch CSV."""
