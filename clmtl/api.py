@@ -22,6 +22,7 @@ from clmtl.config import Config, load_config
 from clmtl.deploy.evaluation import evaluate_model
 from clmtl.report.results import Results
 from clmtl.runner import run as run_stream
+from clmtl.deploy.continuation import continued_config, read_parent
 from clmtl.stream.benchmark import Benchmark
 from clmtl.training.registry import parse_strategy
 
@@ -30,9 +31,10 @@ ConfigSource = Config | Mapping[str, Any] | str | Path | None
 ``load_config`` (``clmtl.config``'s, the one loader) takes any of them."""
 
 
-def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | None = None, *,
+def run(config: ConfigSource = None, strategy: str | None = None, out: str | Path | None = None, *,
         overrides: Sequence[str] = (), benchmark: Benchmark | None = None, baselines: bool = False,
-        threads: int | None = None, baselines_beside: bool = False, model: Any = None) -> Results:
+        threads: int | None = None, baselines_beside: bool = False, model: Any = None,
+        start_from: str | Path | None = None) -> Results:
     """Train ``strategy`` (a name or a hybrid, ``ewc+replay``) on the config's stream, or on ``benchmark``, and
     return what results.json holds.
 
@@ -42,8 +44,18 @@ def run(config: ConfigSource = None, strategy: str = "ewc", out: str | Path | No
     Avalanche ``MultiTaskModule`` for the task scenario. It is copied, so the module you pass stays as it was.
     ``baselines``: also train each task alone, the reference of the drops (``baselines_beside``: in a second
     process, beside the stream, on half of ``threads``). ``threads``: torch threads for the run (None: as they are).
+    ``strategy``: None is ``ewc``, or the parent's strategy for a continuation.
+
+    ``start_from``: the folder of a finished run to continue (docs/continue.md): ``config`` then lists only the new
+    tasks (and whatever else changes); the rest comes from that run, which is only read.
     """
-    config = load_config(config, overrides)
+    if start_from is not None:
+        parent = read_parent(start_from)
+        config = continued_config(parent, config, overrides)
+        strategy = strategy or parent.checkpoint.strategy
+    else:
+        config = load_config(config, overrides)
+    strategy = strategy or "ewc"
     parse_strategy(strategy)
     return run_stream(config, strategy, out, baselines=baselines, benchmark=benchmark,
                       threads=torch.get_num_threads() if threads is None else threads,

@@ -1,4 +1,5 @@
-"""The `clmtl` command: run, eval, export, strategies. Heavy imports (torch, avalanche) happen only inside commands."""
+"""The `clmtl` command: run, continue, eval, export, strategies. Heavy imports (torch, avalanche) happen only inside
+commands."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-baselines", action="store_true", help="skip the single-task baselines")
     run.add_argument("--resume", type=Path, metavar="OUT",
                      help="continue the interrupted run in OUT after its last finished experience")
+
+    proceed = commands.add_parser("continue", help="train a finished run's final model on new tasks, keeping the "
+                                  "strategy's state; every task, old and new, is evaluated")
+    _add_plugin_files(proceed)
+    proceed.add_argument("parent", type=Path, metavar="RUN", help="the folder of a finished run (clmtl run --out)")
+    proceed.add_argument("--config", type=Path, required=True,
+                         help="YAML listing the new tasks (tasks:, split: or domains:) and whatever else changes")
+    proceed.add_argument("--out", type=Path, required=True, help="output directory of the continued run (a new one)")
+    proceed.add_argument("--strategy", help="registered strategy or a+b composition (default: the parent's)")
+    proceed.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="dotted config overrides, e.g. train.lr=1e-3")
 
     evaluate = commands.add_parser("eval", help="score a saved model on every task's validation split")
     _add_common(evaluate)
@@ -71,7 +83,9 @@ def _load(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        if args.resume:
+        if args.command == "continue":
+            config, strategy, out = _continued(args)
+        elif args.resume:
             config, strategy, out = _resumed(args)
         else:
             strategy = args.strategy or "ewc"
@@ -83,6 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                f"{strategy.replace('+', '-')}_seed{config.seed}")
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # bad config, strategy or checkpoint: one line
         return _fail(error)
+    from clmtl.deploy.continuation import ContinueError
     from clmtl.errors import ConfigError, DataError
     from clmtl.runner import run
     from clmtl.training import distributed
@@ -98,9 +113,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         distributed.init_from_environment(config.seed, resolve_device(config.train.device))
     try:
-        results = run(config, strategy, out, baselines=not args.no_baselines, resume=bool(args.resume), stop=stop)
-    except (ConfigError, DataError, ResumeError, StateError) as error:  # data paths, bad files, undeclared state:
-        return _fail(error)  # one line naming the file or the plugin's attribute
+        results = run(config, strategy, out, baselines=not getattr(args, "no_baselines", True),
+                      resume=bool(getattr(args, "resume", None)), stop=stop)
+    except (ConfigError, DataError, ResumeError, StateError, ContinueError) as error:  # data paths, bad files,
+        return _fail(error)  # undeclared state: one line naming the file or the plugin's attribute
     except KeyboardInterrupt:
         print(f"\nclmtl: stopped. {out}/checkpoints/ holds every finished experience and, when training was "
               f"stopped by a signal, the iteration it stopped at; continue with: clmtl run --resume {out}",
@@ -123,6 +139,18 @@ def _interrupt(stop, signum: int, frame: object) -> None:
     if stop.requested:
         raise KeyboardInterrupt
     stop.request()
+
+
+def _continued(args: argparse.Namespace):
+    """The parent's config with the new tasks, the strategy (the parent's unless given) and the new folder."""
+    from clmtl.deploy.continuation import continued_config, read_parent
+    from clmtl.training.registry import parse_strategy, use_strategy_files
+
+    use_strategy_files(args.plugin_file)
+    parent = read_parent(args.parent)
+    strategy = args.strategy or parent.checkpoint.strategy
+    parse_strategy(strategy)
+    return continued_config(parent, args.config, args.overrides), strategy, args.out
 
 
 def _resumed(args: argparse.Namespace):
@@ -204,8 +232,15 @@ def _fail(error: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = {"run": cmd_run, "eval": cmd_eval, "export": cmd_export, "strategies": cmd_strategies}[args.command]
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(text.startswith("-") or "=" not in text for text in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # KEY=VALUE after an option that follows the positional arguments: overrides too
+        args.overrides = [*args.overrides, *extra]
+    commands = {"run": cmd_run, "continue": cmd_run, "eval": cmd_eval, "export": cmd_export,
+                "strategies": cmd_strategies}
+    command = commands[args.command]
     return command(args)
 
 

@@ -197,6 +197,19 @@ class DomainsConfig:
 
 
 @dataclass
+class ContinuesConfig:
+    """A continued run (``clmtl continue``): its first ``tasks`` tasks are the parent run's, in the folder ``run``;
+    it starts from that run's final model and strategy state, evaluates those tasks on their validation data and
+    trains the tasks after them only."""
+
+    run: str = ""
+    tasks: int = field(default=1, metadata=AT_LEAST_ONE)
+    moved: dict[str, str] = field(default_factory=dict)
+    """Folders of the parent's data that moved, ``{OLD: NEW}``: a data path of an inherited task that starts with
+    ``OLD`` is read under ``NEW`` instead."""
+
+
+@dataclass
 class DataConfig:
     image_size: int = field(default=128, metadata=rule(lambda v: v >= 8, "must be >= 8"))
     channels: int = field(default=3, metadata=rule(lambda v: v in (1, 3), "must be 1 (grey) or 3 (RGB)"))
@@ -274,6 +287,7 @@ class Config:
         lambda v: len(v) >= 1, "must list at least one task"))
     split: SplitConfig | None = None
     domains: DomainsConfig | None = None
+    continues: ContinuesConfig | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -354,6 +368,9 @@ def load_config(source: Config | Mapping[str, Any] | str | Path | None = None, o
         raise ConfigError("config: split: needs kind (classification, segmentation or detection)")
     if config.domains is not None and config.domains.permute is None and config.domains.rotate is None:
         raise ConfigError("config: domains: needs permute: N (tasks) or rotate: [DEGREES, ...]")
+    if config.continues is not None and config.data.holdout:
+        raise ConfigError("config: data.holdout carves validation data from training data, which a continued run "
+                          "does not have for the tasks it inherits; set data.holdout=0")
     return config
 
 
@@ -365,7 +382,9 @@ class _ConfigChecker(Checker):
         super().__init__(source, Config)
         self.strategies = strategies
 
-    def mapping(self, value: Any, hint: Any, path: str) -> dict[str, dict[str, Any]]:
+    def mapping(self, value: Any, hint: Any, path: str) -> dict[str, Any]:
+        if path != "strategy":
+            return super().mapping(value, hint, path)
         if not isinstance(value, Mapping):
             raise self.error(path, f"expected a mapping of strategy names to parameters, got {describe(value)}")
         checked = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import os
 import time
@@ -28,6 +29,9 @@ from clmtl.baselines import BackgroundBaselines, Baselines, baseline_threads, si
 from clmtl.builders import (build_model, build_strategy, make_decoder, make_loggers, make_template, recipe_plugins,
                             seed_everything)
 from clmtl.config import Config, check_model_input
+from clmtl.deploy.continuation import (Lineage, ParentRun, carried_plugin_states, check_output_folder,
+                                       inherited_tasks, load_parent_weights, output_folder_claimed, read_parent,
+                                       same_strategy_names)
 from clmtl.errors import ConfigError
 from clmtl.metrics.plugin import task_scores
 from clmtl.models.unified import UnifiedModel
@@ -93,6 +97,9 @@ class Run:
         self.checkpoints = config.output.checkpoints and self.writes
         self.resume_point: dict | None = None
         """Where a run stopped inside an experience continues."""
+        self.parent: ParentRun | None = None
+        """The finished run a continued run starts from (``config.continues``), read before anything is written."""
+        self.lineage: Lineage | None = None
 
     @property
     def tasks(self) -> list[TaskSpec]:
@@ -104,12 +111,14 @@ class Run:
         self.check()
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(torch.set_num_threads, torch.get_num_threads())
-            self.prepare()
+            self.prepare(cleanup)
             self.log = cleanup.enter_context(self.open_log())
             self.start_baselines(cleanup)
             self.build()
             if self.saved is not None:
                 self.restore()
+            elif self.parent is not None:
+                self.start_from_parent()
             else:
                 self.score_initial()
             self.train_stream()
@@ -138,8 +147,14 @@ class Run:
             check_model_input(config)
         if self.resume:
             self.saved = _resumable_checkpoint(self.out_dir, config, self.strategy)
+            self.lineage = Lineage(**self.saved.lineage) if self.saved.lineage else None
+        elif config.continues is not None:
+            self.parent = read_parent(config.continues.run)
+            self.lineage = inherited_tasks(self.parent, config)
+            if self.out_dir is not None:
+                check_output_folder(self.out_dir, self.parent.folder)
 
-    def prepare(self) -> None:
+    def prepare(self, cleanup: contextlib.ExitStack) -> None:
         """Threads and seed, the stream and the strategy's plugins (bad data, a stream the scenario or the strategy
         refuses, a resumed run with a plugin a checkpoint cannot hold: the run stops before writing), then the output
         folder."""
@@ -148,9 +163,11 @@ class Run:
         if self.benchmark is None:
             self.benchmark = build_benchmark(self.config)
         self.plugins = [*recipe_plugins(self.config), *build_strategy(self.strategy, self.config, self.benchmark)]
-        if self.saved is not None:  # a plugin whose state the checkpoint cannot hold: refused before writing
-            check_resumable(self.plugins)
+        if self.saved is not None or self.parent is not None:  # a plugin whose state a checkpoint cannot hold:
+            check_resumable(self.plugins)  # refused before writing
         if self.writes:
+            if self.parent is not None:  # before anything is written there
+                cleanup.enter_context(output_folder_claimed(self.out_dir))
             (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             if self.saved is None:
                 (self.out_dir / "metrics.csv").unlink(missing_ok=True)  # a rerun into the same folder starts afresh
@@ -165,9 +182,10 @@ class Run:
         process beside the stream (stopped by ``cleanup`` however the run ends)."""
         share = baseline_threads(self.total_threads, self.beside)
         self.threads = {"stream": self.total_threads - share, "baselines": None}
-        if self.saved is not None and self.saved.baselines is not None:
-            self.baselines = Baselines(**self.saved.baselines)
-        elif not self.train_baselines:
+        inherited = self.saved if self.saved is not None else self.parent.checkpoint if self.parent else None
+        if inherited is not None and inherited.baselines is not None:  # a continuation's: the parent's tasks only
+            self.baselines = Baselines(**inherited.baselines)
+        elif not self.train_baselines or self.parent is not None:
             return
         elif share:
             self.threads["baselines"] = share
@@ -193,6 +211,8 @@ class Run:
         check_model(self.strategy, self.model)
         if self.saved is not None:  # before the optimizer is made: heads take the checkpoint's (grown) shapes
             self.model.load_state_dict(self.saved.model)
+        elif self.parent is not None:
+            load_parent_weights(self.model, self.parent)
         loggers = make_loggers(config, self.out_dir, self.log) if self.writes else []
         self.template = make_template(config, self.model, self.tasks, self.plugins, loggers, stop=self.stop,
                                       preload=self.benchmark.fixed_samples,
@@ -215,6 +235,27 @@ class Run:
         set_clock_state(self.template.clock, saved.clock)
         set_rng_state(saved.rng)
         self.log.write(f"== resumed after experience {finished} ==\n")
+
+    def start_from_parent(self) -> None:
+        """A continued run: the parent's progress (its rows, the new tasks' columns empty), the plugin states the
+        strategy takes over, the parent's training clock and generators."""
+        saved = self.parent.checkpoint
+        progress, new = copy.deepcopy(saved.progress), len(self.tasks) - len(saved.task_entries)
+        progress.matrix = [row + [None] * new for row in progress.matrix]
+        progress.scores, progress.random_init = progress.scores + [None] * new, progress.random_init + [None] * new
+        self.progress = progress
+        names = saved.plugin_names or same_strategy_names(saved, self.strategy, self.plugins)
+        states, self.lineage.not_taken_over = carried_plugin_states(names, saved.plugins, self.plugins)
+        for plugin, state in zip(self.plugins, states):
+            if state is not None:
+                restore_plugins([plugin], [state], self.model)
+        set_clock_state(self.template.clock, saved.clock)
+        set_rng_state(saved.rng)
+        self.log.write(f"== continued from {self.parent.folder} after its {len(saved.task_entries)} tasks ==\n")
+        for note in self.lineage.not_taken_over:
+            self.log.write(f"not taken over: {note}\n")
+            if self.writes:
+                print(f"clmtl: {note}", flush=True)
 
     def score_initial(self) -> None:
         self.log.write("== scores of the model as initialised (forward transfer's reference) ==\n")
@@ -258,7 +299,9 @@ class Run:
             task_entries=[task.as_dict() for task in self.tasks], task_states=task_model_states(self.plugins),
             strategy=self.strategy, progress=self.progress,
             baselines=None if baselines is None else {"scores": baselines.scores, "seconds": baselines.seconds},
-            plugins=plugin_states(self.plugins), clock=clock_state(self.template.clock), rng=rng_state())
+            plugins=plugin_states(self.plugins), clock=clock_state(self.template.clock), rng=rng_state(),
+            plugin_names=[type(plugin).__name__ for plugin in self.plugins],
+            lineage=None if self.lineage is None else dataclasses.asdict(self.lineage))
 
     def save_partial(self, position: dict) -> None:
         """The template's position inside an experience, as ``partial.pt`` (``output.checkpoint_every``, a stop)."""
@@ -275,7 +318,8 @@ class Run:
             baseline_train_seconds=baselines.seconds, memory_bytes=sum(p.memory_bytes for p in stateful),
             strategy_stats={type(p).__name__: p.stats() for p in stateful if p.stats()}, total_seconds=total_seconds,
             processes=distributed.world_size(), threads=self.threads, precision=template.precision,
-            device=str(template.device), device_name=device_name(template.device))
+            device=str(template.device), device_name=device_name(template.device),
+            parent=None if self.lineage is None else dataclasses.asdict(self.lineage))
 
     def report(self, results: Results) -> None:
         """results.json, summary.md and plots into ``out_dir``; a few validation images with the final model's

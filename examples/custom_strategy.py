@@ -3,10 +3,10 @@ clmtl run --plugin-file examples/custom_strategy.py --strategy mas"""
 from dataclasses import dataclass
 
 import torch
-from clmtl.strategies.ewc import ewc_penalty, merge_anchors  # sum over anchors of importance * (theta - theta*)^2
 from torch.utils.data import DataLoader
 
 from clmtl.settings import AT_LEAST_ONE, NON_NEGATIVE, setting
+from clmtl.strategies.ewc import ewc_penalty, merge_anchors  # sum over anchors of importance * (theta - theta*)^2
 from clmtl.training.plugin import Plugin, to_device
 from clmtl.training.registry import register
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader
 
+from clmtl.errors import ConfigError
 from clmtl.stream.scenario import placed
 from clmtl.training.plugin import Plugin, joined, task_batch_loss, to_device
 from clmtl.training.registry import register
@@ -42,6 +43,9 @@ class JointTraining(Plugin, supports_distributed=True):
 
     def bind_benchmark(self, benchmark) -> None:
         """Take every task's training data, by experience (called by ``clmtl run`` before training)."""
+        if benchmark.inherited:
+            raise ConfigError("joint trains on every task's training data at once; a continued run has none for the "
+                              f"{benchmark.inherited} task(s) it inherits")
         self.tasks = placed(benchmark.tasks)
         self.datasets = {exp.current_experience: exp.dataset for exp in benchmark.stream.train_stream}
 

@@ -10,8 +10,6 @@ import pytest
 import torch
 from avalanche.training import plugins as avalanche_plugins
 from avalanche.training.plugins import SupervisedPlugin
-from clmtl.strategies.avalanche_stock import AGEM, GEM, MAS, SI, GDumb, RWalk
-from clmtl.strategies.ewc import MultiTaskEWCPlugin
 from torch.utils.data import Dataset
 
 from clmtl.builders import build_model, build_strategy, make_template, seed_everything
@@ -19,6 +17,8 @@ from clmtl.cli import main
 from clmtl.config import load_config
 from clmtl.data.transforms import train_augmentation
 from clmtl.errors import ConfigError
+from clmtl.strategies.avalanche_stock import AGEM, GEM, MAS, SI, GDumb, RWalk
+from clmtl.strategies.ewc import MultiTaskEWCPlugin
 from clmtl.stream.benchmark import build_benchmark
 from clmtl.stream.experiences import class_labels
 from clmtl.stream.scenario import plan_stream

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bitwise import same
 from inprocess import clmtl_here
 
 from clmtl.io import load_checkpoint
@@ -144,17 +145,6 @@ CLASSIFICATION = ["scenario=class", "tasks=[{name: a, kind: cls, data: {classes:
                   "{name: b, kind: cls, data: {classes: [semicircle, frame]}}]"]
 STOPPED_INSIDE = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16", "train.epochs=2",
                   "output.checkpoint_every=3", *CLASSIFICATION]
-
-
-def same(a, b) -> bool:
-    """Equal nested containers of tensors, every tensor bit for bit."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
-    return a == b
 
 
 @pytest.mark.slow

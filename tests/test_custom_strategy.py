@@ -65,7 +65,7 @@ def test_the_example_stopped_inside_its_second_experience_resumes_to_the_uninter
         tmp_path, isolated_registry, clmtl_cli, monkeypatch):
     """SIGTERM inside the second experience checkpoints the iteration it interrupts; the resumed run keeps the MAS
     anchors of the first experience (declared state) and ends bit for bit like an uninterrupted run."""
-    from test_checkpoint import same
+    from bitwise import same
 
     from clmtl.io import load_checkpoint
 

@@ -8,8 +8,9 @@ from avalanche.benchmarks.utils.data_attribute import TaskLabels
 from avalanche.benchmarks.utils.flat_data import ConstantSequence
 from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import copy_params_dict
-from clmtl.strategies.ewc import MultiTaskEWCPlugin, ewc_penalty, merge_anchors
 from torch.utils.data import TensorDataset
+
+from clmtl.strategies.ewc import MultiTaskEWCPlugin, ewc_penalty, merge_anchors
 
 
 def classification_data(n=40, features=6, classes=3, seed=0, dtype=torch.float32):

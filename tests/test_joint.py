@@ -31,7 +31,7 @@ def test_each_step_adds_the_full_loss_of_every_other_task():
     model = UnifiedModel(output_spaces(tasks), image_size=64).eval()  # eval: BN statistics do not move between forwards
     criterion = MultiTaskLoss(model.anchor_layout)
     (plugin,) = build_plugins("joint")
-    plugin.bind_benchmark(SimpleNamespace(stream=stream, tasks=tasks))
+    plugin.bind_benchmark(SimpleNamespace(stream=stream, tasks=tasks, inherited=0))
     recorder = LabelRecorder(model)
     strategy = SimpleNamespace(model=recorder, _criterion=criterion, device="cpu", train_mb_size=4,
                                experience=stream.train_stream[1], loss=torch.zeros(()))
@@ -76,7 +76,7 @@ def test_a_shared_heads_other_tasks_join_the_mini_batch():
     sets = [in_head_labels(make_shapes_dataset("classification", "train", 4, 64, 1, t.classes), t) for t in tasks]
     stream = build_stream(tasks, sets, sets)
     (plugin,) = build_plugins("joint")
-    plugin.bind_benchmark(SimpleNamespace(stream=stream, tasks=tasks))
+    plugin.bind_benchmark(SimpleNamespace(stream=stream, tasks=tasks, inherited=0))
     batch = stream.train_stream[1].dataset.collate_fn([stream.train_stream[1].dataset[i] for i in range(4)])
     strategy = SimpleNamespace(mbatch=list(batch), device="cpu", train_mb_size=4, loss=torch.zeros(()),
                                experience=stream.train_stream[1])

@@ -112,7 +112,7 @@ def test_declared_state_comes_back_through_a_weights_only_checkpoint():
 
 def test_torchrun_hands_rank_0s_declared_state_to_every_other_process(monkeypatch):
     from avalanche.distributed import DistributedHelper
-    from test_checkpoint import same
+    from bitwise import same
 
     from clmtl.training import distributed
     from clmtl.training.checkpoint import plugin_states

@@ -13,12 +13,12 @@ from avalanche.benchmarks.utils.flat_data import ConstantSequence
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.storage_policy import ExperienceBalancedBuffer
-from clmtl.strategies.replay import MultiTaskReplayPlugin, TaskBuffer, class_balanced_order
 from torch.utils.data import TensorDataset
 
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
 from clmtl.data.transforms import train_augmentation
 from clmtl.models.unified import UnifiedModel
+from clmtl.strategies.replay import MultiTaskReplayPlugin, TaskBuffer, class_balanced_order
 from clmtl.stream.experiences import build_stream, collate_for
 from clmtl.stream.scenario import output_spaces
 from clmtl.stream.tasks import CLASSIFICATION, DETECTION, KINDS, SEGMENTATION

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 from avalanche.training.plugins import SynapticIntelligencePlugin
-from clmtl.strategies.si import SynapticIntelligence
 from tiny_mnist import banded_mnist
 from torch import nn
 
 import clmtl
 from clmtl.builders import build_model, build_strategy, make_template
+from clmtl.strategies.si import SynapticIntelligence
 from clmtl.stream.benchmark import build_benchmark
 
 

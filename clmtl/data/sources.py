@@ -11,11 +11,14 @@ A task's ``data`` names a format and that format's keys (``clmtl.data.formats.FO
 
 ``classes`` keeps a subset of the data's classes by name, in label order (``clmtl.data.relabel`` says what happens
 to the others); ``train_size`` / ``val_size`` draw that many samples with the run's seed, after the subset.
+
+A task a continued run inherits from its parent is only evaluated: ``load_task(..., train=False)`` reads its
+validation data alone, so its training files may be gone.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -45,6 +48,8 @@ class LoadOptions:
     channels: int = 3
     shapes_train_size: int = 240
     shapes_val_size: int = 60
+    splits: tuple[str, ...] = SPLITS
+    """The splits to read; a loader returns None for the others."""
 
 
 @dataclass
@@ -56,14 +61,17 @@ class TaskData:
     val: Dataset
 
 
-def load_task(name: str, kind: str, source: DataSource, options: LoadOptions) -> TaskData:
-    """Task ``name`` of ``kind`` from ``source``, with the class subset and sizes it asks for."""
+def load_task(name: str, kind: str, source: DataSource, options: LoadOptions, train: bool = True) -> TaskData:
+    """Task ``name`` of ``kind`` from ``source``, with the class subset and sizes it asks for; ``train=False`` reads
+    the validation data only, which then stands in for the training data too (a task evaluated, never trained)."""
     loader = {"shapes": _shapes, "coco": _coco, "voc": _voc, "folder": _folder, "torchvision": _torchvision}
+    options = options if train else replace(options, splits=("val",))
     try:
-        train, val, classes, category_ids = loader[source.format](kind, source, options)
+        splits, classes, category_ids = loader[source.format](kind, source, options)
     except (ConfigError, DataError) as error:  # say which task, the stream may read several files
         raise type(error)(f"task {name!r}: {error}") from None
-    return TaskData(TaskSpec(name, kind, classes, category_ids), train, val)
+    val = splits["val"]
+    return TaskData(TaskSpec(name, kind, classes, category_ids), splits.get("train", val), val)
 
 
 def source_classes(kind: str, source: DataSource) -> tuple[str, ...]:
@@ -94,13 +102,15 @@ def _shapes(kind: str, source: DataSource, options: LoadOptions):
         check_class_names(source.classes, own, f"shapes {kind}")
     if kind == CLASSIFICATION:
         picked = tuple(source.classes) if source.classes is not None else None
-        splits = [make_shapes_dataset(kind, split, sizes[split], options.image_size, seed, picked) for split in SPLITS]
-        return *splits, splits[0].classes, None
-    splits = [make_shapes_dataset(kind, split, sizes[split], options.image_size, seed) for split in SPLITS]
+        splits = {split: make_shapes_dataset(kind, split, sizes[split], options.image_size, seed, picked)
+                  for split in options.splits}
+        return splits, splits["val"].classes, None
+    splits = {split: make_shapes_dataset(kind, split, sizes[split], options.image_size, seed)
+              for split in options.splits}
     if source.classes is None:
-        return *splits, splits[0].classes, None
+        return splits, splits["val"].classes, None
     classes, mapping = _subset(kind, SHAPES_CLASSES[kind], source.classes)
-    return *[Relabelled(ds, kind, mapping, source.keep_empty) for ds in splits], classes, None
+    return {split: Relabelled(ds, kind, mapping, source.keep_empty) for split, ds in splits.items()}, classes, None
 
 
 def _subset(kind: str, all_classes: Sequence[str], picked: Sequence[str]) -> tuple[tuple[str, ...], dict[int, int]]:
@@ -113,42 +123,43 @@ def _subset(kind: str, all_classes: Sequence[str], picked: Sequence[str]) -> tup
 def _coco(kind: str, source: DataSource, options: LoadOptions):
     common = {"image_size": options.image_size, "on_bad_sample": options.on_bad_sample, "seed": options.seed,
               "classes": source.classes, "keep_empty": source.keep_empty}
-    train = CocoDetection(_existing(source.train_images, "train_images"), _existing(source.train_ann, "train_ann"),
-                          subset=source.train_size, **common)
-    val = CocoDetection(_existing(source.val_images, "val_images"), _existing(source.val_ann, "val_ann"),
-                        subset=source.val_size, **common)
+    splits = {split: CocoDetection(_existing(getattr(source, f"{split}_images"), f"{split}_images"),
+                                   _existing(getattr(source, f"{split}_ann"), f"{split}_ann"),
+                                   subset=_sizes(source)[split], **common) for split in options.splits}
+    val, train = splits["val"], splits.get("train", splits["val"])
     if (train.classes, train.category_ids) != (val.classes, val.category_ids):
         raise DataError(f"detection: {train.annotation_file} and {val.annotation_file} have different categories "
                         f"({list(train.classes)} vs {list(val.classes)}); pick the shared ones with classes")
-    return train, val, train.classes, tuple(train.category_ids)
+    return splits, val.classes, tuple(val.category_ids)
 
 
 def _voc(kind: str, source: DataSource, options: LoadOptions):
     root = _existing(source.root, "root")
     common = {"image_size": options.image_size, "on_bad_sample": options.on_bad_sample, "seed": options.seed}
     if source.classes is None:
-        splits = [VocSegmentation(root, split, subset=_sizes(source)[split], **common) for split in SPLITS]
-        return *splits, splits[0].classes, None
+        splits = {split: VocSegmentation(root, split, subset=_sizes(source)[split], **common)
+                  for split in options.splits}
+        return splits, splits["val"].classes, None
     check_class_names(source.classes, VOC_CLASSES[1:], str(root))
     classes, mapping = _subset(kind, VOC_CLASSES, source.classes)
-    splits = [Relabelled(VocSegmentation(root, split, **common), kind, mapping, source.keep_empty,
-                         subset=_sizes(source)[split], seed=options.seed) for split in SPLITS]
-    return *splits, classes, None
+    splits = {split: Relabelled(VocSegmentation(root, split, **common), kind, mapping, source.keep_empty,
+                                subset=_sizes(source)[split], seed=options.seed) for split in options.splits}
+    return splits, classes, None
 
 
 def _folder(kind: str, source: DataSource, options: LoadOptions):
     root = _existing(source.root, "root")
-    splits = [ImageFolderDataset(root, split, options.image_size, options.on_bad_sample, _sizes(source)[split],
-                                 options.seed, source.classes, options.channels) for split in SPLITS]
-    return *splits, splits[0].classes, None
+    splits = {split: ImageFolderDataset(root, split, options.image_size, options.on_bad_sample, _sizes(source)[split],
+                                        options.seed, source.classes, options.channels) for split in options.splits}
+    return splits, splits["val"].classes, None
 
 
 def _torchvision(kind: str, source: DataSource, options: LoadOptions):
     root = Path(source.root).expanduser()
-    splits = [TorchvisionClassification(source.dataset, root, split, options.image_size, source.classes,
-                                        _sizes(source)[split], options.seed, source.download, options.channels)
-              for split in SPLITS]
-    return *splits, splits[0].classes, None
+    splits = {split: TorchvisionClassification(source.dataset, root, split, options.image_size, source.classes,
+                                               _sizes(source)[split], options.seed, source.download, options.channels)
+              for split in options.splits}
+    return splits, splits["val"].classes, None
 
 
 def _existing(value: str | None, key: str) -> Path:

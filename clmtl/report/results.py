@@ -44,7 +44,8 @@ def assemble_results(config: Config, strategy: str, benchmark: Benchmark, matrix
                      final_scores: Scores, baseline_scores: Scores, random_init: list[float | None],
                      model: torch.nn.Module, **measured: Any) -> Results:
     """The results of one run; ``measured`` are what it measured of itself, the ``Results`` fields from
-    ``train_seconds`` to ``device_name`` (timings, the strategy's memory, threads, device)."""
+    ``train_seconds`` to ``device_name`` (timings, the strategy's memory, threads, device), and a continued run's
+    ``parent``."""
     tasks = benchmark.tasks
     names = [t.name for t in tasks]
     versions = package_versions()
@@ -117,6 +118,9 @@ class Results:
     device: str
     device_name: str
     versions: dict[str, str]
+    parent: dict[str, Any] | None = None
+    """A continued run's parent: its folder (``run``), the SHA-256 of its results.json, how many of the stream's
+    tasks are its (``tasks``), its strategy, and what the new strategy did not take over (``not_taken_over``)."""
 
     @classmethod
     def from_dict(cls, results: Mapping[str, Any]) -> Results:

@@ -57,9 +57,20 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
              f"benchmark `{results.get('benchmark', '?')}`, seed {results.get('seed', '?')}", "",
              f"clmtl {results.get('clmtl_version', '?')}. Scenario: {scenario_text}. "
              f"Stream order ({len(tasks)} task{'' if len(tasks) == 1 else 's'}): {names}."]
+    lines += _lineage_lines(results.get("parent"))
     for section in (_stream_section, _final_section, _matrix_section, _forgetting_section, _cost_section):
         lines += [""] + section(results)
     return "\n".join(lines) + "\n"
+
+
+def _lineage_lines(parent: Mapping[str, Any] | None) -> list[str]:
+    """A continued run: where its first tasks were trained, and what its strategy did not take over."""
+    if not parent:
+        return []
+    lines = ["", f"Continued from `{parent['run']}` (strategy `{parent['strategy']}`; its results.json has SHA-256 "
+                 f"`{parent['results_sha256'][:12]}…`): the first {parent['tasks']} tasks and their matrix rows are "
+                 "that run's."]
+    return lines + [f"- {note}." for note in parent.get("not_taken_over", [])]
 
 
 def _stream_section(results: Mapping[str, Any]) -> list[str]:

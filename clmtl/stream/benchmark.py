@@ -21,7 +21,7 @@ from clmtl.data.holdout import carve
 from clmtl.data.relabel import Relabelled
 from clmtl.data.sources import LoadOptions, TaskData, load_task, source_classes
 from clmtl.data.transforms import train_augmentation
-from clmtl.errors import ConfigError
+from clmtl.errors import ConfigError, DataError
 from clmtl.stream.experiences import build_stream
 from clmtl.stream.scenario import plan_stream
 from clmtl.stream.tasks import CLASSIFICATION, TASK_KINDS, TaskSpec, kind_name, short_kind
@@ -48,6 +48,10 @@ class Benchmark:
     fixed_samples: bool = False
     """Every training sample is the same each time it is read (classification, no random augmentation): training may
     read an experience into memory once (``MultiTaskTemplate(preload=)``)."""
+    inherited: int = 0
+    """A continued run's first tasks, its parent's: evaluated, never trained. Their training experiences hold their
+    validation data in place of training data, which the run does not read (an Avalanche experience cannot be
+    empty); a plugin that reads every experience's training data refuses such a stream."""
 
     def budget(self, label: int) -> tuple[int, int | None]:
         """Task ``label``'s training budget as ``MultiTaskTemplate.train_for`` takes it: (epochs, iterations)."""
@@ -61,8 +65,10 @@ def build_benchmark(config: Config) -> Benchmark:
     data = config.data
     options = LoadOptions(data.image_size, config.seed, data.on_bad_sample, data.channels, data.train_size,
                           data.val_size)
-    loaded = [shifted(load_task(entry.name, kind_name(entry.kind), entry.data, options), entry, config.seed)
-              for entry in entries]
+    inherited = config.continues.tasks if config.continues is not None else 0  # evaluated only: no training data
+    loaded = [shifted(load_inherited(entry, options) if index < inherited else
+                      load_task(entry.name, kind_name(entry.kind), entry.data, options), entry, config.seed)
+              for index, entry in enumerate(entries)]
     positional = config.split is not None and config.scenario == "domain"
     tasks = plan_stream([task_data.task for task_data in loaded], config.scenario, positional)
     train = [in_head_labels(task_data.train, task) for task_data, task in zip(loaded, tasks)]
@@ -75,7 +81,16 @@ def build_benchmark(config: Config) -> Benchmark:
     epochs, iterations = zip(*(task_budget(entry, config) for entry in entries))
     fixed = all(ds is plain for ds, plain in zip(augmented, train)) and all(t.kind == CLASSIFICATION for t in tasks)
     return Benchmark(tasks, build_stream(tasks, augmented, val), val, list(epochs), benchmark_name(config),
-                     config.scenario, held_out, list(iterations), fixed)
+                     config.scenario, held_out, list(iterations), fixed, inherited)
+
+
+def load_inherited(entry: TaskConfig, options: LoadOptions) -> TaskData:
+    """A task a continued run inherits from its parent: its validation data only, with a way out if it moved."""
+    try:
+        return load_task(entry.name, kind_name(entry.kind), entry.data, options, train=False)
+    except (ConfigError, DataError) as error:
+        raise type(error)(f"{error} (a task of the parent run: if its data moved, continue with "
+                          "continues.moved='{OLD_FOLDER: NEW_FOLDER}')") from None
 
 
 def task_budget(entry: TaskConfig, config: Config) -> tuple[int, int | None]:

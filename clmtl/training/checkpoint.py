@@ -91,6 +91,11 @@ class RunCheckpoint(ModelCheckpoint):
     rng: dict[str, Any]
     partial: dict[str, Any] | None = None
     """The template's position inside the experience after ``progress.finished`` (``partial.pt``), else None."""
+    plugin_names: list[str] = field(default_factory=list)
+    """Each plugin's class name, so a continuation with another strategy knows whose state is whose (empty in a
+    checkpoint written before they were recorded)."""
+    lineage: dict[str, Any] | None = None
+    """A continued run's parent (``clmtl.deploy.continuation.Lineage``), else None."""
 
     ENTRIES = ("model", "config", "tasks", "strategy", "experience", "matrix", "scores", "plugins", "clock", "rng")
 
@@ -100,7 +105,7 @@ class RunCheckpoint(ModelCheckpoint):
                  "task_states": self.task_states, "strategy": self.strategy, "experience": progress.finished,
                  "matrix": progress.matrix, "scores": progress.scores, "random_init": progress.random_init,
                  "train_seconds": progress.train_seconds, "baselines": self.baselines, "plugins": self.plugins,
-                 "clock": self.clock, "rng": self.rng}
+                 "clock": self.clock, "rng": self.rng, "plugin_names": self.plugin_names, "lineage": self.lineage}
         return saved if self.partial is None else {**saved, "partial": self.partial}
 
     @classmethod
@@ -113,7 +118,8 @@ class RunCheckpoint(ModelCheckpoint):
         return cls(model=saved["model"], config=saved["config"], task_entries=saved["tasks"],
                    task_states=saved.get("task_states", {}), source=str(source), strategy=saved["strategy"],
                    progress=progress, baselines=saved.get("baselines"), plugins=saved["plugins"],
-                   clock=saved["clock"], rng=saved["rng"], partial=saved.get("partial"))
+                   clock=saved["clock"], rng=saved["rng"], partial=saved.get("partial"),
+                   plugin_names=saved.get("plugin_names", []), lineage=saved.get("lineage"))
 
     def inside_experience(self, position: dict[str, Any]) -> RunCheckpoint:
         """This checkpoint, taken at ``position`` inside the experience after the last finished one."""
