@@ -324,18 +324,24 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
 
 
 @dataclass(frozen=True)
-class ReplaySettings:
-    """Replay's hyperparameters, ``strategy.replay.<key>`` (module docstring)."""
+class MemorySettings:
+    """What a memory of stored samples and its draws take (``replay``, ``der``, ``derpp``)."""
 
     mem_size: int = setting(200, AT_LEAST_ONE, help="samples stored over all tasks", search=(100, 200, 400))
     ratio: float = setting(0.5, POSITIVE, help="replayed samples per current sample in a step")
     split: str = setting("equal", one_of(*SPLITS), help="how the memory is shared between tasks")
     selection: str = setting("reservoir", one_of(*SELECTIONS), help="which samples of a task are kept")
-    weight: float = setting(1.0, NON_NEGATIVE, help="weight of the replay loss of other heads")
     per_task_cap: int | None = setting(None, AT_LEAST_ONE, help="at most this many samples of a task per step")
     seed: int = setting(0, NON_NEGATIVE, help="seed of the selection and of the draws")
     mem_per_class: int | None = setting(None, AT_LEAST_ONE, help="instead of mem_size: this many samples per class "
                                         "of each task, the memory growing with the stream")
+
+
+@dataclass(frozen=True)
+class ReplaySettings(MemorySettings):
+    """Replay's hyperparameters, ``strategy.replay.<key>`` (module docstring)."""
+
+    weight: float = setting(1.0, NON_NEGATIVE, help="weight of the replay loss of other heads")
 
 
 register("replay", settings=ReplaySettings, acts_on=("data", "loss"))(MultiTaskReplayPlugin)

@@ -1,0 +1,91 @@
+"""DER and DER++: the logits stored with the memory, the loss against its definition (a head grown since storing
+included), the bytes it reports, and refusal of streams it cannot act on."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clmtl
+from clmtl.errors import ConfigError
+from clmtl.strategies.der import DarkExperienceReplayPlugin
+from clmtl.strategies.replay import MultiTaskReplayPlugin
+
+
+class TwoHeads(nn.Module):
+    """``forward(x, task_label)``: a shared linear body, then the task's own linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(3 * 4 * 4, 5)
+        self.heads = nn.ModuleList([nn.Linear(5, 3), nn.Linear(5, 2)])
+
+    def forward(self, x, task_label):
+        return self.heads[task_label](torch.relu(self.body(x.flatten(1))))
+
+
+def experience(index: int, head: int, classes: int, size: int = 8):
+    generator = torch.Generator().manual_seed(index)
+    samples = [[torch.rand(3, 4, 4, generator=generator), i % classes, head] for i in range(size)]
+    return SimpleNamespace(dataset=samples, current_experience=index, task_label=head)
+
+
+def stored_images(plugin, index):
+    memory = plugin.buffer.tasks[index]
+    return torch.stack([memory[i][0] for i in range(len(memory))])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4])  # der, derpp
+def test_the_added_loss_is_the_definition_on_the_logits_stored_at_the_end_of_the_experience(beta):
+    torch.manual_seed(0)
+    model = TwoHeads()
+    plugin = DarkExperienceReplayPlugin(alpha=0.7, beta=beta, mem_size=6, ratio=1.0, seed=3)
+    first = experience(0, head=0, classes=3)
+    plugin.after_training_exp(SimpleNamespace(model=model, experience=first, device="cpu"))
+    with torch.no_grad():
+        stored = model(stored_images(plugin, 0), 0)
+    assert torch.equal(torch.stack(plugin.logits[0]), stored)  # what the head gave each stored sample
+
+    with torch.no_grad():  # training moved on, and the head grew from 3 classes to 5 (the class scenario)
+        grown = nn.Linear(5, 5)
+        grown.weight[:3], grown.bias[:3] = model.heads[0].weight, model.heads[0].bias
+        model.heads[0] = grown
+        model.body.weight.add_(0.1)
+    strategy = SimpleNamespace(model=model, experience=experience(1, head=1, classes=2), device="cpu",
+                               mb_x=torch.zeros(4, 3, 4, 4), loss=torch.tensor(0.0))
+    draws = torch.Generator()
+    draws.set_state(plugin.generator.get_state())
+    plugin.before_backward(strategy)
+
+    images, targets = stored_images(plugin, 0), torch.tensor(plugin.buffer.tasks[0].targets)
+    logits = torch.stack(plugin.logits[0])
+    first_pick, second_pick = (torch.randperm(6, generator=draws)[:4] for _ in range(2))
+    distill = ((model(images[first_pick], 0)[:, :3] - logits[first_pick]) ** 2).mean()
+    labels = F.cross_entropy(model(images[second_pick], 0), targets[second_pick])
+    assert float(strategy.loss) == pytest.approx(float(0.7 * distill + beta * labels), rel=1e-6)
+    assert plugin.replayed[0] == 8
+
+
+def test_memory_bytes_count_the_stored_logits_beside_the_samples():
+    model, plugin, replay = TwoHeads(), DarkExperienceReplayPlugin(mem_size=6), MultiTaskReplayPlugin(mem_size=6)
+    for each in (plugin, replay):
+        each.after_training_exp(SimpleNamespace(model=model, experience=experience(0, 0, 3), device="cpu"))
+    assert plugin.memory_bytes == replay.memory_bytes + 6 * 3 * 4  # six samples, three float32 logits each
+
+
+def test_a_second_experience_trims_the_first_ones_logits_with_its_samples():
+    model, plugin = TwoHeads(), DarkExperienceReplayPlugin(mem_size=6)
+    for index in (0, 1):
+        plugin.after_training_exp(SimpleNamespace(model=model, experience=experience(index, index, 3 - index),
+                                                  device="cpu"))
+    assert [len(plugin.logits[e]) for e in (0, 1)] == [len(plugin.buffer.tasks[e]) for e in (0, 1)] == [3, 3]
+    with torch.no_grad():
+        assert torch.equal(torch.stack(plugin.logits[1]), model(stored_images(plugin, 1), 1))
+
+
+@pytest.mark.parametrize("strategy", ["der", "derpp+ewc"])
+def test_a_stream_with_segmentation_or_detection_is_refused_in_one_line(strategy):
+    with pytest.raises(ConfigError) as refused:
+        clmtl.run({"tasks": ["seg", "cls"], "data": {"image_size": 64, "train_size": 4, "val_size": 2}}, strategy)
+    assert "segmentation" in str(refused.value) and "\n" not in str(refused.value)
