@@ -156,6 +156,7 @@ STOPPED_INSIDE = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16
     ("si+bnfreeze", ["strategy.si.c=100.0", "strategy.bnfreeze.mode=freeze"]),  # SI's path integral so far
     ("ewc", ["strategy.ewc.mode=online"]),  # its stores stay defaultdicts, which online mode writes new keys into
     ("derpp+ewc", ["strategy.derpp.mem_size=6"]),  # DER++'s draws inside the experience, its stored logits
+    ("er_ace", ["strategy.er_ace.mem_size=6"]),
 ])
 def test_a_strategy_with_declared_state_stopped_inside_an_experience_resumes_bit_for_bit(tmp_path, uninterrupted,
                                                                                          strategy, overrides):

@@ -1,5 +1,6 @@
-"""DER and DER++: the logits stored with the memory, the loss against its definition (a head grown since storing
-included), the bytes it reports, and refusal of streams it cannot act on."""
+"""Replay methods of the classification literature on replay's memory: DER and DER++ (the logits stored with the
+memory, the loss against its definition with a head grown since storing, the bytes they report) and ER-ACE (its
+asymmetric cross-entropy against its definition); each refuses streams it cannot act on."""
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 import clmtl
 from clmtl.errors import ConfigError
 from clmtl.strategies.der import DarkExperienceReplayPlugin
+from clmtl.strategies.er_ace import ERACEPlugin, present_class_logits
 from clmtl.strategies.replay import MultiTaskReplayPlugin
 
 
@@ -84,8 +86,41 @@ def test_a_second_experience_trims_the_first_ones_logits_with_its_samples():
         assert torch.equal(torch.stack(plugin.logits[1]), model(stored_images(plugin, 1), 1))
 
 
-@pytest.mark.parametrize("strategy", ["der", "derpp+ewc"])
+@pytest.mark.parametrize("strategy", ["der", "derpp+ewc", "er_ace"])
 def test_a_stream_with_segmentation_or_detection_is_refused_in_one_line(strategy):
     with pytest.raises(ConfigError) as refused:
         clmtl.run({"tasks": ["seg", "cls"], "data": {"image_size": 64, "train_size": 4, "val_size": 2}}, strategy)
     assert "segmentation" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_only_the_classes_present_in_the_batch_keep_their_logits():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
+    masked = present_class_logits(logits, torch.tensor([2, 0]))
+    lowest = torch.finfo(torch.float32).min
+    assert torch.equal(masked, torch.tensor([[1.0, lowest, 3.0, lowest], [0.5, lowest, 0.5, lowest]]))
+    assert float(F.cross_entropy(masked, torch.tensor([2, 0]))) == pytest.approx(
+        float(-(torch.log_softmax(torch.tensor([1.0, 3.0]), 0)[1] + torch.log_softmax(torch.tensor([0.5, 0.5]), 0)[0])
+              / 2))  # the softmax over the present classes only
+
+
+def test_er_ace_replaces_the_batch_loss_by_its_asymmetric_one_and_adds_the_stored_samples_full_one():
+    torch.manual_seed(0)
+    model = TwoHeads()
+    model.heads[0] = nn.Linear(5, 5)  # one shared head of five classes: the class scenario after two tasks
+    plugin = ERACEPlugin(mem_size=6, ratio=0.5, seed=1)
+    plugin.after_training_exp(SimpleNamespace(model=model, experience=experience(0, head=0, classes=3),
+                                              device="cpu"))
+    x, y = torch.rand(4, 3, 4, 4), torch.tensor([3, 4, 4, 3])  # the new task's classes 3 and 4
+    output = model(x, 0)
+    plain = F.cross_entropy(output, y)
+    strategy = SimpleNamespace(model=model, experience=experience(1, head=0, classes=2), device="cpu", mb_x=x,
+                               mb_output=output, mb_y=y, loss=plain + 0.25, _criterion=F.cross_entropy)  # 0.25: ewc's
+    draws = torch.Generator()
+    draws.set_state(plugin.generator.get_state())
+    plugin.before_backward(strategy)
+
+    images, targets = stored_images(plugin, 0), torch.tensor(plugin.buffer.tasks[0].targets)
+    picked = torch.randperm(6, generator=draws)[:2]  # ceil(0.5 * 4) stored samples
+    asymmetric = -torch.log_softmax(output[:, 3:], 1).gather(1, (y - 3)[:, None]).mean()
+    expected = asymmetric + 0.25 + F.cross_entropy(model(images[picked], 0), targets[picked])
+    assert float(strategy.loss) == pytest.approx(float(expected), rel=1e-6)
