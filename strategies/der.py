@@ -9,8 +9,10 @@ adds
 
 to the current task's loss: ``der`` has ``beta = 0``, ``derpp`` (DER++) both terms. ``f`` is the sample's own head,
 ``z`` its stored logits. In Buzzega et al.'s code the network has an output for every class of the stream from the
-start, so stored logits cover future classes too; a clmtl head has the classes seen so far and grows (the class
-scenario), so a stored sample's logits are compared on the classes its head had when it was stored.
+start, so a stored sample's logits also hold its scores for the classes still to come, which the MSE keeps low; a
+clmtl head has the classes seen so far and grows (the class scenario), so each class added after a sample was stored
+gets that sample's lowest stored logit as its target (``widened``): without it, nothing would stop the new classes'
+logits from rising on old samples, and DER would forget like fine-tuning.
 
 The defaults are the paper's for Seq-MNIST with a 200-sample memory (alpha 0.2; DER++ beta 1.0; as many stored
 samples per term as the mini-batch has, ``ratio: 1``). One departure from the paper, said here so a table can say
@@ -29,6 +31,13 @@ from clmtl.settings import NON_NEGATIVE, POSITIVE, setting
 from clmtl.strategies.replay import MemorySettings, MultiTaskReplayPlugin
 from clmtl.training.plugin import to_device
 from clmtl.training.registry import register
+
+
+def widened(logits: torch.Tensor, classes: int) -> torch.Tensor:
+    """Stored logits ``[n, k]`` for a head that now has ``classes`` outputs: each class added since is given the
+    sample's lowest stored logit, the score of a class it was then least likely to be."""
+    extra = classes - logits.shape[1]
+    return torch.cat([logits, logits.min(1, keepdim=True).values.expand(-1, extra)], 1) if extra > 0 else logits
 
 
 class DarkExperienceReplayPlugin(MultiTaskReplayPlugin):
@@ -78,12 +87,13 @@ class DarkExperienceReplayPlugin(MultiTaskReplayPlugin):
             if not size:
                 continue
             memory = self.buffer.tasks[experience]
+            forward = getattr(strategy, "task_output", strategy.model)  # the template's: its training precision
             for picked, term in ((self._pick(experience, size), distill), (self._pick(experience, size), labels)):
                 images = torch.stack([memory[i][0] for i in picked]).to(strategy.device)
-                outputs = strategy.model(images, memory.head)
+                outputs = forward(images, memory.head)
                 if term is distill:
-                    targets = torch.stack([self.logits[experience][i] for i in picked]).to(outputs)
-                    term.append(F.mse_loss(outputs[:, :targets.shape[1]], targets, reduction="none").mean(1))
+                    targets = widened(torch.stack([self.logits[experience][i] for i in picked]), outputs.shape[1])
+                    term.append(F.mse_loss(outputs, targets.to(outputs), reduction="none").mean(1))
                 elif self.beta:
                     targets = torch.tensor([memory.targets[i] for i in picked], device=outputs.device)
                     term.append(F.cross_entropy(outputs, targets, reduction="none"))

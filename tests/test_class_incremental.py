@@ -1,0 +1,33 @@
+"""benchmarks/class_incremental.py: old / new / all from a hand-made matrix, and a tiny run of the whole script whose
+table rows equal what its runs' results hold."""
+import csv
+import json
+
+import pytest
+from benchmark_scripts import load_benchmark
+
+script = load_benchmark("class_incremental")
+
+
+def test_old_is_the_first_task_new_the_later_ones_all_every_task_and_steps_average_the_tasks_so_far():
+    matrix = [[0.9, 0.0, 0.0], [0.5, 0.8, 0.0], [0.3, 0.4, 0.7]]
+    assert script.old_new_all(matrix) == pytest.approx((0.3, 0.55, 1.4 / 3))
+    assert script.all_per_step(matrix) == pytest.approx([0.9, 0.65, 1.4 / 3])
+
+
+@pytest.mark.slow
+def test_the_script_writes_a_table_of_its_runs(tmp_path):
+    out = tmp_path / "ci"
+    assert script.main(["--kind", "seg", "--strategies", "naive,replay", "--seeds", "0,1", "--out", str(out),
+                        "--jobs", "1", "data.image_size=64", "data.train_size=8", "data.val_size=4",
+                        "train.epochs=1", "train.batch_size=4", "output.overlays=0"]) == 0
+    with open(out / "table.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["kind"], row["setting"], row["strategy"], row["seeds"]) for row in rows] == [
+        ("seg", "shapes-seg-2-1-1", "naive", "2"), ("seg", "shapes-seg-2-1-1", "replay", "2")]
+    for row in rows:
+        runs = [json.loads((out / f"seed{seed}" / row["strategy"] / "results.json").read_text()) for seed in (0, 1)]
+        assert [len(run["matrix"]) for run in runs] == [3, 3] and runs[0]["scenario"] == "class"
+        expected = [sum(script.old_new_all(run["matrix"])[i] for run in runs) / 2 for i in range(3)]
+        assert [float(row[name]) for name in ("old", "new", "all")] == pytest.approx(expected, abs=1e-4)
+    assert (out / "plots" / "steps.png").stat().st_size > 0 and "| replay | 2 |" in (out / "table.md").read_text()
