@@ -88,16 +88,17 @@ class DarkExperienceReplayPlugin(MultiTaskReplayPlugin):
                 continue
             memory = self.buffer.tasks[experience]
             forward = getattr(strategy, "task_output", strategy.model)  # the template's: its training precision
-            for picked, term in ((self._pick(experience, size), distill), (self._pick(experience, size), labels)):
+            for term in (distill, labels) if self.beta else (distill,):  # each term draws its own samples
+                picked = self._pick(experience, size)
                 images = torch.stack([memory[i][0] for i in picked]).to(strategy.device)
                 outputs = forward(images, memory.head)
                 if term is distill:
                     targets = widened(torch.stack([self.logits[experience][i] for i in picked]), outputs.shape[1])
                     term.append(F.mse_loss(outputs, targets.to(outputs), reduction="none").mean(1))
-                elif self.beta:
+                else:
                     targets = torch.tensor([memory.targets[i] for i in picked], device=outputs.device)
                     term.append(F.cross_entropy(outputs, targets, reduction="none"))
-            self.replayed[experience] += 2 * len(picked)
+                self.replayed[experience] += len(picked)
         strategy.loss += self.alpha * torch.cat(distill).mean()
         if self.beta:
             strategy.loss += self.beta * torch.cat(labels).mean()
