@@ -77,8 +77,7 @@ class DarkExperienceReplayPlugin(MultiTaskReplayPlugin):
             del logits[len(self.buffer.tasks[stored]):]
 
     def before_backward(self, strategy, **kwargs) -> None:
-        stored = [e for e, memory in self.buffer.tasks.items()
-                  if e != strategy.experience.current_experience and len(memory)]
+        stored = self.stored_before(strategy)
         if not stored:
             return
         sizes = self.replay_sizes(len(strategy.mb_x), stored)
@@ -89,7 +88,7 @@ class DarkExperienceReplayPlugin(MultiTaskReplayPlugin):
             memory = self.buffer.tasks[experience]
             forward = getattr(strategy, "task_output", strategy.model)  # the template's: its training precision
             for term in (distill, labels) if self.beta else (distill,):  # each term draws its own samples
-                picked = self._pick(experience, size)
+                picked = self.buffer.pick(experience, size, self.generator)
                 images = torch.stack([memory[i][0] for i in picked]).to(strategy.device)
                 outputs = forward(images, memory.head)
                 if term is distill:
@@ -102,10 +101,6 @@ class DarkExperienceReplayPlugin(MultiTaskReplayPlugin):
         strategy.loss += self.alpha * torch.cat(distill).mean()
         if self.beta:
             strategy.loss += self.beta * torch.cat(labels).mean()
-
-    def _pick(self, experience: int, size: int) -> list[int]:
-        """``size`` distinct stored samples of ``experience`` (fewer if fewer stored), from the draws' generator."""
-        return torch.randperm(len(self.buffer.tasks[experience]), generator=self.generator)[:size].tolist()
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,7 @@ class ERACEPlugin(MultiTaskReplayPlugin):
         """Nothing joins the mini-batch: the stored samples are replayed apart, in ``before_backward``."""
 
     def before_backward(self, strategy, **kwargs) -> None:
-        stored = [e for e, memory in self.buffer.tasks.items()
-                  if e != strategy.experience.current_experience and len(memory)]
+        stored = self.stored_before(strategy)
         if not stored:
             return
         output, labels = strategy.mb_output, strategy.mb_y
@@ -62,7 +61,7 @@ class ERACEPlugin(MultiTaskReplayPlugin):
         for experience, size in zip(stored, self.replay_sizes(len(strategy.mb_x), stored)):
             if size:
                 memory = self.buffer.tasks[experience]
-                picked = torch.randperm(len(memory), generator=self.generator)[:size].tolist()
+                picked = self.buffer.pick(experience, size, self.generator)
                 batch = [torch.stack([memory[i][0] for i in picked]), torch.tensor([memory.targets[i] for i in picked])]
                 losses.append(task_batch_loss(strategy, batch, memory.head) * len(picked))
                 counts.append(len(picked))

@@ -242,11 +242,14 @@ class TaskBuffer:
         for stored, size in self.quotas().items():
             self.tasks[stored].trim(size)
 
+    def pick(self, experience: int, count: int, generator: torch.Generator) -> list[int]:
+        """``count`` distinct stored positions of an experience (fewer if fewer stored)."""
+        return torch.randperm(len(self.tasks[experience]), generator=generator)[:count].tolist()
+
     def draw(self, experience: int, count: int, generator: torch.Generator) -> list[list[Any]]:
         """``count`` distinct samples ``[image, target, head]`` of an experience (fewer if fewer stored)."""
         memory = self.tasks[experience]
-        picks = torch.randperm(len(memory), generator=generator)[:count].tolist()
-        return [[*memory[i], memory.head] for i in picks]
+        return [[*memory[i], memory.head] for i in self.pick(experience, count, generator)]
 
 
 class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
@@ -289,6 +292,11 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
         return {"stored": {str(experience): len(memory) for experience, memory in self.buffer.tasks.items()},
                 "replayed": {str(experience): count for experience, count in self.replayed.items()}}
 
+    def stored_before(self, strategy) -> list[int]:
+        """The experiences with samples in memory, other than the one being trained."""
+        current = strategy.experience.current_experience
+        return [e for e, memory in self.buffer.tasks.items() if e != current and len(memory)]
+
     def after_training_exp(self, strategy, **kwargs) -> None:
         experience = strategy.experience
         self.buffer.add(experience.dataset, experience.current_experience, experience.task_label)
@@ -297,8 +305,7 @@ class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
         """Draw this step's replay samples: those of the head being trained join the mini-batch, the others wait for
         ``before_backward`` in one batch per head."""
         self._pending = {}
-        current = strategy.experience.current_experience
-        stored = [e for e, memory in self.buffer.tasks.items() if e != current and len(memory)]
+        stored = self.stored_before(strategy)
         if not stored:
             return
         batches: dict[int, list] = {}  # by head: experiences that share a head are replayed in one batch
