@@ -49,6 +49,7 @@ def run(config: ConfigSource = None, strategy: str | None = None, out: str | Pat
     ``start_from``: the folder of a finished run to continue (docs/continue.md): ``config`` then lists only the new
     tasks (and whatever else changes); the rest comes from that run, which is only read.
     """
+    parent = None
     if start_from is not None:
         parent = read_parent(start_from)
         config = continued_config(parent, config, overrides)
@@ -59,7 +60,7 @@ def run(config: ConfigSource = None, strategy: str | None = None, out: str | Pat
     parse_strategy(strategy)
     return run_stream(config, strategy, out, baselines=baselines, benchmark=benchmark,
                       threads=torch.get_num_threads() if threads is None else threads,
-                      baselines_beside=baselines_beside, model=model)
+                      baselines_beside=baselines_beside, model=model, parent=parent)
 
 
 def evaluate(model: Any, benchmark: Benchmark, config: ConfigSource = None) -> dict[str, dict[str, float]]:

@@ -82,9 +82,10 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    parent = None
     try:
         if args.command == "continue":
-            config, strategy, out = _continued(args)
+            config, strategy, out, parent = _continued(args)
         elif args.resume:
             config, strategy, out = _resumed(args)
         else:
@@ -114,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         distributed.init_from_environment(config.seed, resolve_device(config.train.device))
     try:
         results = run(config, strategy, out, baselines=not getattr(args, "no_baselines", True),
-                      resume=bool(getattr(args, "resume", None)), stop=stop)
+                      resume=bool(getattr(args, "resume", None)), stop=stop, parent=parent)
     except (ConfigError, DataError, ResumeError, StateError, ContinueError) as error:  # data paths, bad files,
         return _fail(error)  # undeclared state: one line naming the file or the plugin's attribute
     except KeyboardInterrupt:
@@ -142,7 +143,8 @@ def _interrupt(stop, signum: int, frame: object) -> None:
 
 
 def _continued(args: argparse.Namespace):
-    """The parent's config with the new tasks, the strategy (the parent's unless given) and the new folder."""
+    """The parent run (read once), its config with the new tasks, the strategy (the parent's unless given), the new
+    folder."""
     from clmtl.deploy.continuation import continued_config, read_parent
     from clmtl.training.registry import parse_strategy, use_strategy_files
 
@@ -150,7 +152,7 @@ def _continued(args: argparse.Namespace):
     parent = read_parent(args.parent)
     strategy = args.strategy or parent.checkpoint.strategy
     parse_strategy(strategy)
-    return continued_config(parent, args.config, args.overrides), strategy, args.out
+    return continued_config(parent, args.config, args.overrides), strategy, args.out, parent
 
 
 def _resumed(args: argparse.Namespace):

@@ -69,12 +69,15 @@ class Run:
     ``stop``, once requested (the command line's signal handler), checkpoints and stops after the current training
     iteration. In a process group (``torchrun``, see ``clmtl.training.distributed``) every process trains its share and
     gets the same results; only rank 0 writes to ``out_dir``.
+
+    ``parent``: the run ``config.continues`` names, when the caller has read it already (``read_parent``).
     """
 
     def __init__(self, config: Config, strategy: str, out_dir: str | Path | None = None, *, baselines: bool = True,
                  reuse_baselines: Baselines | None = None, resume: bool = False, stop: StopRequest | None = None,
                  benchmark: Benchmark | None = None, threads: int | None = None,
-                 baselines_beside: bool | None = None, model: torch.nn.Module | None = None) -> None:
+                 baselines_beside: bool | None = None, model: torch.nn.Module | None = None,
+                 parent: ParentRun | None = None) -> None:
         self.config, self.strategy = config, strategy
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.writes = distributed.is_main_process() and out_dir is not None
@@ -97,7 +100,7 @@ class Run:
         self.checkpoints = config.output.checkpoints and self.writes
         self.resume_point: dict | None = None
         """Where a run stopped inside an experience continues."""
-        self.parent: ParentRun | None = None
+        self.parent = parent
         """The finished run a continued run starts from (``config.continues``), read before anything is written."""
         self.lineage: Lineage | None = None
 
@@ -149,7 +152,8 @@ class Run:
             self.saved = _resumable_checkpoint(self.out_dir, config, self.strategy)
             self.lineage = Lineage(**self.saved.lineage) if self.saved.lineage else None
         elif config.continues is not None:
-            self.parent = read_parent(config.continues.run)
+            if self.parent is None or self.parent.folder.resolve() != Path(config.continues.run).resolve():
+                self.parent = read_parent(config.continues.run)
             self.lineage = inherited_tasks(self.parent, config)
             if self.out_dir is not None:
                 check_output_folder(self.out_dir, self.parent.folder)
