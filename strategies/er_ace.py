@@ -9,7 +9,7 @@ abrupt representation change the paper measures; stored samples are replayed wit
 
 Before the first stored sample exists the loss is the plain cross-entropy, as in the authors' code. The memory is
 replay's (``strategies/replay.py``); ``ratio`` stored samples are drawn per current sample. The asymmetric term
-replaces the template's own loss of the mini-batch (the same criterion on the masked logits), so terms other
+replaces the mini-batch's own loss (``batch_loss``: the same criterion on the masked logits), so terms other
 plugins add (``er_ace+ewc``) stay as they are.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ERACESettings(MemorySettings):
     ratio: float = setting(1.0, POSITIVE, help="stored samples replayed per current sample")
 
 
-@register("er_ace", settings=ERACESettings, acts_on=("loss",), kinds=("classification",))
+@register("er_ace", settings=ERACESettings, acts_on=("criterion", "loss"), kinds=("classification",))
 class ERACEPlugin(MultiTaskReplayPlugin):
     """ER-ACE: the current batch's cross-entropy over its own classes, stored samples' over all (Caccia et al.)."""
 
@@ -50,13 +50,16 @@ class ERACEPlugin(MultiTaskReplayPlugin):
     def before_forward(self, strategy, **kwargs) -> None:
         """Nothing joins the mini-batch: the stored samples are replayed apart, in ``before_backward``."""
 
+    def batch_loss(self, strategy) -> torch.Tensor | None:
+        """The cross-entropy over the mini-batch's own classes, once samples are stored."""
+        if not self.stored_before(strategy):
+            return None
+        return strategy._criterion(present_class_logits(strategy.mb_output, strategy.mb_y), strategy.mb_y)
+
     def before_backward(self, strategy, **kwargs) -> None:
         stored = self.stored_before(strategy)
         if not stored:
             return
-        output, labels = strategy.mb_output, strategy.mb_y
-        strategy.loss += (strategy._criterion(present_class_logits(output, labels), labels)
-                          - strategy._criterion(output, labels))
         losses, counts = [], []
         for experience, size in zip(stored, self.replay_sizes(len(strategy.mb_x), stored)):
             if size:

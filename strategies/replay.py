@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +181,10 @@ class TaskMemory:
         return sum(image.nbytes for image in self.images) + sum(_target_bytes(t, self.kind) for t in self.targets)
 
 
+Ranking = Callable[[Dataset, list, int], list[int]]
+"""``rank(dataset, targets, quota)``: a task's samples in the order a memory keeps them (at least ``quota`` of them)."""
+
+
 class TaskBuffer:
     """Memory of ``mem_size`` samples over the tasks seen, or ``mem_per_class`` per class of each, by experience
     (see the module doc)."""
@@ -213,8 +217,11 @@ class TaskBuffer:
         labels = list(self.train_sizes)
         return dict(zip(labels, split_quotas(self.mem_size, [self.train_sizes[t] for t in labels], self.split)))
 
-    def add(self, dataset: Dataset, experience: int, head: int) -> None:
-        """Store samples of a new task from its ``[image, target, ...]`` dataset, then trim the older tasks."""
+    def add(self, dataset: Dataset, experience: int, head: int, rank: Ranking | None = None) -> None:
+        """Store samples of a new task from its ``[image, target, ...]`` dataset, then trim the older tasks.
+
+        ``rank(dataset, targets, quota)``: the priority order to keep instead of ``selection``'s (iCaRL's herding),
+        called with the dataset read as it is stored."""
         if experience in self.train_sizes:
             raise ValueError(f"replay: experience {experience} is already in memory; each experience may come once")
         dataset = dataset.eval() if hasattr(dataset, "eval") else dataset
@@ -224,12 +231,14 @@ class TaskBuffer:
             torch.manual_seed(read_seed)
             memory = TaskMemory(target_kind(dataset[0][1]), head)
             targets = None  # targets only: holding every image of a large training set would not fit
-            if self.selection == "class_balanced" or self.mem_per_class is not None:
+            if self.selection == "class_balanced" or self.mem_per_class is not None or rank is not None:
                 targets = [dataset[i][1] for i in range(len(dataset))]
             if self.mem_per_class is not None:
                 self.class_counts[experience] = len(set().union(*(present_classes(t, memory.kind) for t in targets)))
             quota = self.quotas()[experience]
-            if self.selection == "reservoir":
+            if rank is not None:
+                order = rank(dataset, targets, quota)[:quota]
+            elif self.selection == "reservoir":
                 order = torch.randperm(len(dataset), generator=self.generator)[:quota].tolist()
             else:
                 order = class_balanced_order(targets, memory.kind, self.generator)[:quota]

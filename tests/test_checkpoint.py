@@ -157,6 +157,7 @@ STOPPED_INSIDE = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16
     ("ewc", ["strategy.ewc.mode=online"]),  # its stores stay defaultdicts, which online mode writes new keys into
     ("derpp+ewc", ["strategy.derpp.mem_size=6"]),  # DER++'s draws inside the experience, its stored logits
     ("er_ace", ["strategy.er_ace.mem_size=6"]),
+    ("icarl+ewc", ["strategy.icarl.mem_size=6"]),  # the exemplars, class means and previous model
 ])
 def test_a_strategy_with_declared_state_stopped_inside_an_experience_resumes_bit_for_bit(tmp_path, uninterrupted,
                                                                                          strategy, overrides):

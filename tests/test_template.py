@@ -1,6 +1,8 @@
-"""MultiTaskTemplate's own settings: gradient-norm clipping, and no loss computed during evaluation."""
+"""MultiTaskTemplate's own settings: gradient-norm clipping, no loss computed during evaluation, and a plugin's
+loss in place of the criterion's."""
 import pytest
 import torch
+import torch.nn.functional as F
 from avalanche.training.plugins import SupervisedPlugin
 
 from clmtl.data.shapes import make_shapes_dataset, shapes_task
@@ -8,6 +10,7 @@ from clmtl.models.unified import UnifiedModel
 from clmtl.stream.experiences import build_stream
 from clmtl.stream.scenario import output_spaces
 from clmtl.training.losses import MultiTaskLoss
+from clmtl.training.plugin import Plugin
 from clmtl.training.template import MultiTaskTemplate
 
 SIZE = 64
@@ -62,3 +65,21 @@ def test_evaluation_computes_no_loss():
     template.is_training = True
     with pytest.raises(IndexError):  # label 7 of 5 logits: the training loss does fail, evaluation must not try
         template.criterion()
+
+
+class Replacer(Plugin):
+    """Acts on the criterion: the mini-batch's loss is the sum of its logits."""
+
+    def batch_loss(self, strategy):
+        return strategy.mb_output.sum()
+
+
+def test_a_plugin_that_acts_on_the_criterion_replaces_the_mini_batchs_loss_and_plain_ones_keep_it():
+    template, _ = template_for(0.0, GradientRecorder())
+    template.is_training = True
+    logits = torch.randn(2, 5)
+    template.mb_output, template.mbatch = logits, [torch.zeros(2, 3, SIZE, SIZE), torch.tensor([1, 3]),
+                                                   torch.zeros(2, dtype=torch.long)]
+    assert float(template.criterion()) == pytest.approx(float(F.cross_entropy(logits, torch.tensor([1, 3]))))
+    template.plugins.insert(0, Replacer())
+    assert float(template.criterion()) == pytest.approx(float(logits.sum()))

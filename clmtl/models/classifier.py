@@ -51,6 +51,10 @@ class ClassifierModel(HeadedModel):
         rows = self.rows(task_label)
         return F.linear(self.body(x), rows.weight, rows.bias)
 
+    def embed(self, x: torch.Tensor, head: int) -> torch.Tensor:
+        """The features head ``head``'s linear layer reads (the body's output; every head reads the same)."""
+        return self.body(x)
+
     def forward_all(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """Every head's logits from one pass of the body."""
         features = self.body(x)

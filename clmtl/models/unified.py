@@ -66,18 +66,28 @@ class UnifiedModel(HeadedModel):
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> Output:
         """The output of head ``task_label``, computing only the pyramid levels and head rows it needs."""
         kind = self.head_kinds[task_label]
+        if kind == CLASSIFICATION:
+            rows = self.rows(task_label)
+            return F.linear(self.embed(x, task_label), rows.weight, rows.bias)
         if self.routes is not None:
             self.routes.active = task_label
         feats = self.backbone(x)
-        finest, coarsest = 0, len(feats) - 1
         if kind == SEGMENTATION:
-            h = self.head.features(self.neck(feats, levels=(finest,))[finest])
+            h = self.head.features(self.neck(feats, levels=(0,))[0])  # the finest level
             return self._upsample(self.head.segmentation(h, task_label), x)
-        if kind == CLASSIFICATION:
-            h = self.head.features(self.neck(feats, levels=(coarsest,))[coarsest])
-            return self.head.classification(h, [task_label])[task_label]
         pyramid = self.neck(feats)
         return [self.head.detection(self.head.features(pyramid[i]), task_label) for i in sorted(pyramid)]
+
+    def embed(self, x: torch.Tensor, head: int) -> torch.Tensor:
+        """The features classification head ``head``'s linear layer reads: the shared features of the coarsest level,
+        globally averaged ``[B, channels]`` (iCaRL's feature space)."""
+        if self.head_kinds[head] != CLASSIFICATION:
+            raise ValueError(f"head {head} is {self.head_kinds[head]}; only a classification head reads embeddings")
+        if self.routes is not None:
+            self.routes.active = head
+        feats = self.backbone(x)
+        coarsest = len(feats) - 1
+        return self.head.features(self.neck(feats, levels=(coarsest,))[coarsest]).mean(dim=(2, 3))
 
     def forward_all(self, x: torch.Tensor) -> dict[int, Output]:
         """Every head's output, keyed by head index: from one backbone + FPN pass over the levels the heads need

@@ -11,6 +11,8 @@ it, each with a default, so a plugin writes only what it has:
   working values). A plugin holding tensors in an attribute it does not declare is refused at the run's first
   checkpoint (``clmtl.training.plugin_state``, which also says what a value may be);
 - ``no_resume``: for a plugin whose state is no value that a checkpoint can hold, why a run with it cannot resume;
+- ``batch_loss(strategy)``: the mini-batch's own loss in place of its task's criterion (a strategy that acts on the
+  ``criterion``: ER-ACE, iCaRL, MiB), or None to keep it; other plugins' terms are added to it as to the criterion's;
 - ``memory_bytes``: memory it holds beside the model, reported in results.json;
 - ``stats()``: what results.json records of it (``strategy_stats``);
 - ``bind_benchmark(benchmark)``: called with the whole benchmark before training (joint takes every task's data,
@@ -64,6 +66,11 @@ class Plugin(SupervisedPlugin):
     def load_state_dict(self, state: dict, model: torch.nn.Module) -> None:
         """Take back what ``state_dict`` returned; ``model`` is the run's model, already restored."""
         restore_state(self, state, model)
+
+    def batch_loss(self, strategy) -> torch.Tensor | None:
+        """The training mini-batch's loss in place of the task criterion's (``strategy.mb_output`` against
+        ``strategy.mb_y``), or None: the criterion's stands."""
+        return None
 
     @property
     def memory_bytes(self) -> int:

@@ -53,17 +53,22 @@ from clmtl.stream.tasks import KINDS, TASK_KINDS
 
 ENTRY_POINT_GROUP = "clmtl.strategies"
 
-ACTIONS = ("model", "optimizer", "data", "loss", "gradient")
+ACTIONS = ("model", "optimizer", "data", "criterion", "loss", "gradient")
 """What a strategy may act on, in the order the composer applies plugins:
 ``model`` changes the model or its mode (freezing, gating); ``optimizer`` reconfigures the optimizer or its
 learning rates; ``data`` changes what a training step sees (mixes in stored or other tasks' samples);
-``loss`` adds a term to the loss; ``gradient`` changes the gradient between the backward pass and the optimizer
-step (GEM's projection)."""
-EXCLUSIVE_ACTIONS = frozenset({"optimizer", "data", "gradient"})
+``criterion`` replaces the mini-batch's own loss (``Plugin.batch_loss``: ER-ACE's asymmetric cross-entropy, iCaRL's
+binary one, MiB's unbiased one); ``loss`` adds a term to the loss; ``gradient`` changes the gradient between the
+backward pass and the optimizer step (GEM's projection)."""
+EXCLUSIVE_ACTIONS = frozenset({"optimizer", "data", "criterion", "gradient"})
 """Actions at most one component of a hybrid may hold."""
 
 def _has_task_routes(model: Any) -> bool:
     return hasattr(model, "enable_routing")
+
+
+def _has_embeddings(model: Any) -> bool:
+    return callable(getattr(model, "embed", None))
 
 
 def _has_batchnorm(model: Any) -> bool:
@@ -74,6 +79,8 @@ MODEL_NEEDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task_routes": (_has_task_routes, "per-task channel gates on its shared layers (the unified model: "
                                       "model.backbone yolov8n, mobilenet_v3_small or efficientnet_b0)"),
     "batchnorm": (_has_batchnorm, "BatchNorm layers"),
+    "embeddings": (_has_embeddings, "embed(x, head), the features its classification heads read (the unified model, "
+                                    "mlp, reduced_resnet18)"),
 }
 """What a strategy may need of the model beyond a ``torch.nn.Module``: a test of the model, and what it names."""
 

@@ -32,7 +32,7 @@ from avalanche.training.templates import SupervisedTemplate
 from clmtl.data.preload import PRELOAD_LIMIT_BYTES, PreloadedLoader, image_bytes
 from clmtl.training import distributed
 from clmtl.training.checkpoint import StopRequest, StopRequested, clock_state, rng_state, set_clock_state, set_rng_state
-from clmtl.training.plugin import to_device
+from clmtl.training.plugin import Plugin, to_device
 from clmtl.training.precision import GradientScaler, autocast, to_float
 
 
@@ -75,10 +75,15 @@ class MultiTaskTemplate(SupervisedTemplate):
         return self.task_output(self.mb_x, self.mb_task_id)
 
     def criterion(self) -> torch.Tensor:
-        """The training loss; evaluation computes none: its scores come from the metrics, and a task not trained yet
-        may hold classes its head cannot predict (class scenario), which no loss accepts."""
+        """The training loss: the task criterion's, or the one a plugin that acts on the criterion puts in its place
+        (``Plugin.batch_loss``). Evaluation computes none: its scores come from the metrics, and a task not trained
+        yet may hold classes its head cannot predict (class scenario), which no loss accepts."""
         if not self.is_training:
             return torch.zeros((), device=self.device)
+        for plugin in self.plugins:
+            replaced = plugin.batch_loss(self) if isinstance(plugin, Plugin) else None
+            if replaced is not None:
+                return replaced
         return super().criterion()
 
     def train_for(self, experience, epochs: int, iterations: int | None = None, num_workers: int = 0,
