@@ -158,6 +158,8 @@ STOPPED_INSIDE = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16
     ("derpp+ewc", ["strategy.derpp.mem_size=6"]),  # DER++'s draws inside the experience, its stored logits
     ("er_ace", ["strategy.er_ace.mem_size=6"]),
     ("icarl+ewc", ["strategy.icarl.mem_size=6"]),  # the exemplars, class means and previous model
+    ("mib+replay", ["scenario=class", "tasks=[{name: a, kind: seg, data: {classes: [disk, square]}}, "
+                    "{name: b, kind: seg, data: {classes: [ring]}}]"]),  # its initial rows are not drawn again
 ])
 def test_a_strategy_with_declared_state_stopped_inside_an_experience_resumes_bit_for_bit(tmp_path, uninterrupted,
                                                                                          strategy, overrides):
