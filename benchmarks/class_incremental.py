@@ -37,7 +37,7 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
             ("naive", "joint", "ewc", "lwf", "replay", "der", "derpp", "er_ace", "icarl")),
     "seg": ("shapes-seg-2-1-1",
             ("scenario=class", "split={kind: segmentation, data: {format: shapes}, experiences: [2, 1, 1]}"),
-            ("naive", "joint", "ewc", "lwf", "replay", "mib")),
+            ("naive", "joint", "ewc", "lwf", "replay", "mib", "plop")),
     "det": ("shapes-det-3-1",
             ("scenario=class", "split={kind: detection, data: {format: shapes}, experiences: [3, 1]}"),
             ("naive", "joint", "ewc", "lwf", "replay")),

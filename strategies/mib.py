@@ -70,15 +70,15 @@ def initialise_from_background(weight: torch.Tensor, bias: torch.Tensor, old: in
     bias[0] = shared
 
 
-class MiBPlugin(Plugin, supports_distributed=True):
-    """MiB: unbiased cross-entropy and distillation, new classes initialised from the background."""
+class BackgroundShiftPlugin(Plugin, supports_distributed=True):
+    """What MiB and PLOP share: the previous experience's model, the class scenario, and new classes' rows started
+    from the background row."""
 
     model_copies = ("teacher",)
     """The previous experience's model, whose old classes are distilled."""
 
-    def __init__(self, kd: float = 10.0) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.kd = kd
         self.teacher: nn.Module | None = None
 
     @property
@@ -89,7 +89,8 @@ class MiBPlugin(Plugin, supports_distributed=True):
 
     def bind_benchmark(self, benchmark) -> None:
         if benchmark.scenario != "class":
-            raise ConfigError(f"mib acts in the class scenario, where one segmentation head grows with the stream; "
+            name = type(self).__name__.removesuffix("Plugin").lower()
+            raise ConfigError(f"{name} acts in the class scenario, where one segmentation head grows with the stream; "
                               f"this stream is in the {benchmark.scenario} scenario")
 
     def old_classes(self, strategy) -> int:
@@ -107,6 +108,14 @@ class MiBPlugin(Plugin, supports_distributed=True):
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self.teacher = frozen_copy(strategy.model)
+
+
+class MiBPlugin(BackgroundShiftPlugin):
+    """MiB: unbiased cross-entropy and distillation, new classes initialised from the background."""
+
+    def __init__(self, kd: float = 10.0) -> None:
+        super().__init__()
+        self.kd = kd
 
     def batch_loss(self, strategy) -> torch.Tensor | None:
         old = self.old_classes(strategy)

@@ -44,6 +44,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from torch.nn import Module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import clmtl.strategies
@@ -67,6 +68,10 @@ def _has_task_routes(model: Any) -> bool:
     return hasattr(model, "enable_routing")
 
 
+def _has_pyramid(model: Any) -> bool:
+    return isinstance(getattr(model, "backbone", None), Module) and isinstance(getattr(model, "neck", None), Module)
+
+
 def _has_embeddings(model: Any) -> bool:
     return callable(getattr(model, "embed", None))
 
@@ -79,6 +84,7 @@ MODEL_NEEDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task_routes": (_has_task_routes, "per-task channel gates on its shared layers (the unified model: "
                                       "model.backbone yolov8n, mobilenet_v3_small or efficientnet_b0)"),
     "batchnorm": (_has_batchnorm, "BatchNorm layers"),
+    "pyramid": (_has_pyramid, "a backbone and an FPN neck whose maps a strategy distils (the unified model)"),
     "embeddings": (_has_embeddings, "embed(x, head), the features its classification heads read (the unified model, "
                                     "mlp, reduced_resnet18)"),
 }
