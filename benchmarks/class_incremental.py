@@ -36,10 +36,12 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
              "train.epochs=10", "train.warmup=0"),
             ("naive", "joint", "ewc", "lwf", "replay", "der", "derpp", "er_ace", "icarl")),
     "seg": ("shapes-seg-2-1-1",
-            ("scenario=class", "split={kind: segmentation, data: {format: shapes}, experiences: [2, 1, 1]}"),
+            ("scenario=class", "split={kind: segmentation, data: {format: shapes}, experiences: [2, 1, 1]}",
+             "data.image_size=64"),
             ("naive", "joint", "ewc", "lwf", "replay", "mib", "plop")),
     "det": ("shapes-det-3-1",
-            ("scenario=class", "split={kind: detection, data: {format: shapes}, experiences: [3, 1]}"),
+            ("scenario=class", "split={kind: detection, data: {format: shapes}, experiences: [3, 1]}",
+             "data.image_size=64"),
             ("naive", "joint", "ewc", "lwf", "replay")),
 }
 """Per kind: the setting's name, the config overrides that make its stream and recipe, and the strategies run by
