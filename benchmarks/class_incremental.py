@@ -42,7 +42,7 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "det": ("shapes-det-3-1",
             ("scenario=class", "split={kind: detection, data: {format: shapes}, experiences: [3, 1]}",
              "data.image_size=64"),
-            ("naive", "joint", "ewc", "lwf", "replay")),
+            ("naive", "joint", "ewc", "lwf", "replay", "det_distill", "pseudo_labels")),
 }
 """Per kind: the setting's name, the config overrides that make its stream and recipe, and the strategies run by
 default (the kind's own methods as they land)."""

@@ -28,12 +28,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from clmtl.errors import ConfigError
 from clmtl.settings import NON_NEGATIVE, setting
+from clmtl.strategies.previous_model import PreviousModelPlugin
 from clmtl.stream.tasks import IGNORE_INDEX
-from clmtl.training.plugin import Plugin, frozen_copy
 from clmtl.training.registry import register
 
 
@@ -70,32 +68,9 @@ def initialise_from_background(weight: torch.Tensor, bias: torch.Tensor, old: in
     bias[0] = shared
 
 
-class BackgroundShiftPlugin(Plugin, supports_distributed=True):
-    """What MiB and PLOP share: the previous experience's model, the class scenario, and new classes' rows started
-    from the background row."""
-
-    model_copies = ("teacher",)
-    """The previous experience's model, whose old classes are distilled."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.teacher: nn.Module | None = None
-
-    @property
-    def memory_bytes(self) -> int:
-        if self.teacher is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (*self.teacher.parameters(), *self.teacher.buffers()))
-
-    def bind_benchmark(self, benchmark) -> None:
-        if benchmark.scenario != "class":
-            name = type(self).__name__.removesuffix("Plugin").lower()
-            raise ConfigError(f"{name} acts in the class scenario, where one segmentation head grows with the stream; "
-                              f"this stream is in the {benchmark.scenario} scenario")
-
-    def old_classes(self, strategy) -> int:
-        """Classes the head being trained had before this experience (0: no previous model)."""
-        return 0 if self.teacher is None else self.teacher.num_classes(strategy.experience.task_label)
+class BackgroundShiftPlugin(PreviousModelPlugin):
+    """What MiB and PLOP share: the previous model, the class scenario, and new classes' rows started from the
+    background row."""
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         """Initialise the rows the head grew (an experience resumed from inside starts before the teacher is restored,
@@ -106,12 +81,12 @@ class BackgroundShiftPlugin(Plugin, supports_distributed=True):
             if rows.num_classes > old:
                 initialise_from_background(rows.weight.data, rows.bias.data, old)
 
-    def after_training_exp(self, strategy, **kwargs) -> None:
-        self.teacher = frozen_copy(strategy.model)
 
 
 class MiBPlugin(BackgroundShiftPlugin):
     """MiB: unbiased cross-entropy and distillation, new classes initialised from the background."""
+
+    method = "mib"
 
     def __init__(self, kd: float = 10.0) -> None:
         super().__init__()
@@ -123,8 +98,7 @@ class MiBPlugin(BackgroundShiftPlugin):
 
     def before_backward(self, strategy, **kwargs) -> None:
         if self.old_classes(strategy) and self.kd:
-            with torch.no_grad():
-                old_logits = self.teacher(strategy.mb_x, strategy.experience.task_label).float()
+            old_logits = self.previous_output(strategy).float()
             strategy.loss += self.kd * unbiased_distillation(strategy.mb_output, old_logits)
 
 

@@ -119,6 +119,7 @@ class FeatureTap:
 class PLOPPlugin(BackgroundShiftPlugin):
     """PLOP: Local POD of the features and logits, pseudo-labels of old classes on confident background pixels."""
 
+    method = "plop"
     state = ("thresholds", "thresholds_for")
     transient = ("_tap", "_old")
 
@@ -163,8 +164,7 @@ class PLOPPlugin(BackgroundShiftPlugin):
         if not self.old_classes(strategy):
             return None
         tap = FeatureTap(self.teacher)
-        with torch.no_grad():
-            old_logits = self.teacher(strategy.mb_x, strategy.experience.task_label).float()
+        old_logits = self.previous_output(strategy).float()
         self._old = old_logits, tap.remove()
         labels, weight = pseudo_labelled(strategy.mb_y, old_logits, self.thresholds)
         return weighted_cross_entropy(strategy.mb_output, labels, weight)

@@ -162,6 +162,8 @@ STOPPED_INSIDE = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16
                     "{name: b, kind: seg, data: {classes: [ring]}}]"]),  # its initial rows are not drawn again
     ("plop", ["scenario=class", "tasks=[{name: a, kind: seg, data: {classes: [disk, square]}}, "
               "{name: b, kind: seg, data: {classes: [ring]}}]"]),  # its entropy thresholds
+    ("det_distill+pseudo_labels", ["scenario=class", "tasks=[{name: a, kind: det, data: {classes: [cross, star]}}, "
+                                   "{name: b, kind: det, data: {classes: [hexagon]}}]"]),
 ])
 def test_a_strategy_with_declared_state_stopped_inside_an_experience_resumes_bit_for_bit(tmp_path, uninterrupted,
                                                                                          strategy, overrides):

@@ -54,10 +54,11 @@ from clmtl.stream.tasks import KINDS, TASK_KINDS
 
 ENTRY_POINT_GROUP = "clmtl.strategies"
 
-ACTIONS = ("model", "optimizer", "data", "criterion", "loss", "gradient")
+ACTIONS = ("model", "optimizer", "data", "targets", "criterion", "loss", "gradient")
 """What a strategy may act on, in the order the composer applies plugins:
 ``model`` changes the model or its mode (freezing, gating); ``optimizer`` reconfigures the optimizer or its
 learning rates; ``data`` changes what a training step sees (mixes in stored or other tasks' samples);
+``targets`` adds to the labels of a step's samples (pseudo-labels), after any samples are mixed in;
 ``criterion`` replaces the mini-batch's own loss (``Plugin.batch_loss``: ER-ACE's asymmetric cross-entropy, iCaRL's
 binary one, MiB's unbiased one); ``loss`` adds a term to the loss; ``gradient`` changes the gradient between the
 backward pass and the optimizer step (GEM's projection)."""
