@@ -46,7 +46,7 @@ def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list,
             continue
         model = build_model(config, benchmark.tasks, module=module)
         template = make_template(config, model, benchmark.tasks, recipe_plugins(config), loggers, label="baseline ",
-                                 progress=progress, preload=benchmark.fixed_samples)
+                                 progress=progress, preload=benchmark.fixed_samples, val_sets=benchmark.val_sets)
         seconds[task.name] = template.train_for(benchmark.stream.train_stream[label], *benchmark.budget(label),
                                                 config.data.num_workers)
         metrics = template.eval([benchmark.stream.test_stream[label]])

@@ -137,14 +137,16 @@ def make_schedule(config: Config) -> LRSchedule | None:
 
 def make_template(config: Config, model: HeadedModel, tasks: Sequence[TaskSpec], plugins: Sequence = (),
                   loggers: Sequence = (), label: str = "", progress: bool = True, preload: bool = False,
-                  **checkpointing: Any) -> MultiTaskTemplate:
+                  val_sets: Sequence = (), **checkpointing: Any) -> MultiTaskTemplate:
     """The Avalanche template with our criterion, metrics and (``progress``, on the main process) progress bar;
-    ``preload`` (the stream's ``Benchmark.fixed_samples``) and ``checkpointing`` (``checkpoint_every``,
+    ``val_sets`` (the stream's evaluation sets, ``Benchmark.val_sets``) let segmentation be scored at its files'
+    resolution; ``preload`` (the stream's ``Benchmark.fixed_samples``) and ``checkpointing`` (``checkpoint_every``,
     ``on_checkpoint``, ``stop``) go to ``MultiTaskTemplate``.
 
     Training is Avalanche's: ``template.train_for(experience, epochs)`` trains one experience of the stream (its
     ``train_stream``), ``template.eval(test_stream)`` scores (``clmtl.metrics.plugin.task_scores`` reads them)."""
-    evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model)), loggers=list(loggers))
+    evaluator = EvaluationPlugin(*task_metrics(tasks, make_decoder(config, model), datasets=val_sets),
+                                 loggers=list(loggers))
     schedule = make_schedule(config)
     return MultiTaskTemplate(
         model=model,

@@ -219,7 +219,7 @@ class Run:
             load_parent_weights(self.model, self.parent)
         loggers = make_loggers(config, self.out_dir, self.log) if self.writes else []
         self.template = make_template(config, self.model, self.tasks, self.plugins, loggers, stop=self.stop,
-                                      preload=self.benchmark.fixed_samples,
+                                      preload=self.benchmark.fixed_samples, val_sets=self.benchmark.val_sets,
                                       checkpoint_every=config.output.checkpoint_every if self.checkpoints else 0,
                                       on_checkpoint=self.save_partial if self.checkpoints else None)
 

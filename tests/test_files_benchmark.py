@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchmetrics.classification import MulticlassJaccardIndex
 from realdata import COCO_IMAGES, write_coco, write_folder, write_voc
 
 from clmtl.config import load_config
@@ -173,9 +174,12 @@ def test_eval_reproduces_the_run_and_exports_predictions_external_tools_score_th
     assert min(external) >= 0  # defined (the file has ground truth): no -1 to hide
     assert (metrics["det"]["mAP50_95"], metrics["det"]["mAP50"]) == pytest.approx(external, abs=1e-6)
 
+    jaccard = MulticlassJaccardIndex(num_classes=21, average="macro", ignore_index=255)
     for sample in voc.splits["val"]:
         written = np.asarray(Image.open(tmp_path / "seg" / f"{sample.id}.png"))
         assert written.shape == sample.labels.shape and written.max() < 21
+        jaccard.update(torch.from_numpy(written).long()[None], torch.from_numpy(sample.labels).long()[None])
+    assert metrics["seg"]["mIoU"] == pytest.approx(float(jaccard.compute()), abs=1e-6)  # at the files' resolution
 
     with open(tmp_path / "cls.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -243,3 +247,32 @@ def test_the_cli_reports_bad_data_in_one_line(bundle, tmp_path, clmtl_cli):
     result = clmtl_cli("run", "--out", tmp_path / "o", f"data.root={root}", *TINY)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "instances_val.json" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_segmentation_is_scored_at_each_files_resolution_the_resolution_of_its_exports(bundle, tmp_path):
+    from clmtl.builders import build_model
+    from clmtl.deploy.evaluation import PredictionWriter, evaluate_task
+    from clmtl.metrics.scores import MeanIoU
+    from clmtl.stream.benchmark import build_benchmark
+
+    root, voc, _, _ = bundle
+    config = load_config(None, [f"data.root={root}", *TINY])
+    benchmark = build_benchmark(config)
+    label = [task.kind for task in benchmark.tasks].index("segmentation")
+    task, val = benchmark.tasks[label], benchmark.val_sets[label]
+    model = build_model(config, benchmark.tasks)
+    mixing = torch.randn(21, 3, generator=torch.Generator().manual_seed(0))
+    model.forward = lambda x, head: torch.einsum("bchw,kc->bkhw", x, mixing)  # predictions follow the colour blocks
+    reported = evaluate_task(model, task, val, config, PredictionWriter(task, model.spaces[label], val, tmp_path))
+
+    jaccard = MulticlassJaccardIndex(num_classes=21, average="macro", ignore_index=255)
+    for sample in voc.splits["val"]:
+        written = torch.from_numpy(np.asarray(Image.open(tmp_path / task.name / f"{sample.id}.png"))).long()
+        jaccard.update(written[None], torch.from_numpy(sample.labels).long()[None])
+    assert reported["mIoU"] == pytest.approx(float(jaccard.compute()), abs=1e-6)
+
+    at_model = MeanIoU(21)  # what scoring at the model's resolution gives: another number
+    for i in range(len(val)):
+        image, target = val[i]
+        at_model.update(model(image[None], label), target[None])
+    assert at_model.result()["mIoU"] != pytest.approx(reported["mIoU"], rel=0.05)

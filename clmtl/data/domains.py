@@ -64,3 +64,11 @@ class DomainShifted(Dataset):
     def meta(self, i: int):
         """The wrapped sample's file metadata (real-format datasets, else None)."""
         return self.dataset.meta(i) if hasattr(self.dataset, "meta") else None
+
+    @property
+    def has_original_targets(self) -> bool:
+        return getattr(self.dataset, "has_original_targets", False)
+
+    def original_target(self, i: int) -> Any:
+        """Target ``i`` at its file's resolution (a domain shifts images, not labels)."""
+        return self.dataset.original_target(i)

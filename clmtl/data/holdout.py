@@ -38,6 +38,13 @@ class Part(Dataset):
     def meta(self, i: int):
         return self.dataset.meta(self.indices[i]) if hasattr(self.dataset, "meta") else None
 
+    @property
+    def has_original_targets(self) -> bool:
+        return getattr(self.dataset, "has_original_targets", False)
+
+    def original_target(self, i: int) -> Any:
+        return self.dataset.original_target(self.indices[i])
+
 
 def carve(dataset: Dataset, fraction: float, seed: int, task_index: int) -> tuple[Part, Part]:
     """``dataset`` split into (training part, held-out part) with ``round(fraction * len)`` samples held out."""

@@ -158,6 +158,8 @@ class CachedImageDataset(Dataset):
 
     kind: str
     classes: tuple[str, ...]
+    has_original_targets = False
+    """Whether ``original_target(i)`` gives sample ``i``'s label map at its file's resolution (segmentation files)."""
 
     def __init__(self, source: str | Path, samples: Sequence[Any], load: Callable[[Any], Loaded],
                  on_bad_sample: str = "error", subset: int | None = None, seed: int = 0) -> None:
@@ -189,6 +191,8 @@ class CachedImageDataset(Dataset):
         if not loaded:
             raise DataError(f"{source}: no usable sample in the split")
         kept = [loaded[index] for index in sorted(loaded)]
+        self.sources = [samples[index] for index in sorted(loaded)]
+        """What each kept sample was loaded from (an entry of ``samples``)."""
         self.images = torch.stack([image for image, _, _ in kept])
         self.targets = [target for _, target, _ in kept]
         self._metas = [meta for _, _, meta in kept]

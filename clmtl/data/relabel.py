@@ -83,6 +83,14 @@ class Relabelled(Dataset):
             relabelled["original"] = _boxes(target["original"], self.mapping)
         return relabelled
 
+    @property
+    def has_original_targets(self) -> bool:
+        return getattr(self.dataset, "has_original_targets", False)
+
+    def original_target(self, i: int) -> Tensor:
+        """Target ``i`` at its file's resolution, relabelled."""
+        return self.relabel(self.dataset.original_target(self.indices[i]))
+
     def meta(self, i: int):
         """The wrapped sample's file metadata (real-format datasets, else None), for predictions in the file's
         terms."""

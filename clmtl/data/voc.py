@@ -56,8 +56,14 @@ class VocSegmentation(CachedImageDataset):
         super().__init__(f"{self.root} (split {split!r})", _list_pairs(self.root, split), self._load,
                          on_bad_sample, subset, seed)
 
+    has_original_targets = True
+
     def target(self, i: int) -> Tensor:
         return self.targets[i].long()  # stored as uint8
+
+    def original_target(self, i: int) -> Tensor:
+        """Sample ``i``'s mask as its file has it ``[h, w]``, read again (evaluation scores at this resolution)."""
+        return torch.from_numpy(read_label_map(self.sources[i][1], self.root, len(self.classes))).long()
 
     def _load(self, pair: tuple[str, str]) -> Loaded:
         image_path, mask_path = pair

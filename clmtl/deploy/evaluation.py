@@ -9,7 +9,7 @@ tools (for the default stream, whose tasks are named seg, det and cls: ``det.jso
   ``bbox`` xywh in original-image pixels (for the shapes benchmark: image ids 1, 2, ... in validation order, model
   pixels);
 - ``<task>/<image stem>.png`` for a segmentation task: class indices as an 8-bit PNG at the image's original size
-  (shapes: ``<index>.png``);
+  (shapes: ``<index>.png``), the resolution its mIoU is scored at;
 - ``<task>.csv`` for a classification task: file, true label, predicted label;
 - ``metrics.json``: ``{task name: {metric: value}}``.
 """
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from clmtl.builders import build_model, make_decoder
 from clmtl.config import Config
 from clmtl.io import atomic_write_json, atomic_write_text
-from clmtl.metrics.scores import scorer_for
+from clmtl.metrics.scores import scorer_for, update_segmentation
 from clmtl.models.unified import UnifiedModel
 from clmtl.models.decode import class_indices, predict
 from clmtl.stream.benchmark import Benchmark, build_benchmark
@@ -102,7 +102,10 @@ def evaluate_task(model: UnifiedModel, task: TaskSpec, dataset: Any, config: Con
     for images, targets in loader:
         output = model(images.to(device, non_blocking=True), task.head)
         predictions = predict(output, task.kind, decode)
-        scorer.update(predictions, targets)
+        if task.kind == SEGMENTATION:  # at the files' resolution where they have one, as the exports are
+            update_segmentation(scorer, output, targets, dataset, index)
+        else:
+            scorer.update(predictions, targets)
         if writer is not None:
             written = output if task.kind == SEGMENTATION else predictions  # logits: resized to the file's size
             for offset in range(len(images)):

@@ -10,7 +10,7 @@ Importing this module imports Avalanche (~4.5 s); ``clmtl.metrics`` itself does 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from avalanche.evaluation.metric_definitions import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
@@ -18,10 +18,10 @@ from avalanche.evaluation.metric_utils import get_metric_name
 from avalanche.evaluation.metrics.forgetting_bwt import GenericExperienceForgetting, GenericStreamForgetting
 from torch import Tensor
 
-from clmtl.metrics.scores import CocoMAP, Scorer, scorer_for
+from clmtl.metrics.scores import CocoMAP, Scorer, scorer_for, update_segmentation
 from clmtl.models.decode import predict
 from clmtl.stream.scenario import output_spaces, placed
-from clmtl.stream.tasks import DETECTION, TaskSpec
+from clmtl.stream.tasks import DETECTION, SEGMENTATION, TaskSpec
 from clmtl.training import distributed
 
 Decode = Callable[[list[Tensor]], list[dict]]
@@ -32,12 +32,17 @@ class TaskMetrics(PluginMetric[dict[str, float]]):
 
     ``tasks[e]`` describes experience ``e`` of the stream (its task label is ``tasks[e].head``). ``decode`` turns a
     raw detection output into per-image ``{"boxes", "scores", "labels"}`` dicts and is required when a task is a
-    detection task.
+    detection task. ``datasets[e]``, experience ``e``'s evaluation set, lets a segmentation task with its files'
+    label maps be scored at their resolution (``update_segmentation``).
     """
 
-    def __init__(self, tasks: Sequence[TaskSpec], decode: Decode | None = None) -> None:
+    def __init__(self, tasks: Sequence[TaskSpec], decode: Decode | None = None,
+                 datasets: Sequence[Any] = ()) -> None:
         super().__init__()
         self.tasks = tuple(placed(tasks))
+        self.datasets = tuple(datasets)
+        self.position = 0
+        """Index in its evaluation set of the next sample of the experience being evaluated."""
         if decode is None and any(task.kind == DETECTION for task in self.tasks):
             raise ValueError("a detection task needs `decode` to turn raw outputs into boxes")
         self.decode = decode
@@ -61,16 +66,23 @@ class TaskMetrics(PluginMetric[dict[str, float]]):
                              f"the {len(self.tasks)} tasks these metrics score")
         self.experience = index
         scorer = self.scorers[index]
-        if isinstance(scorer, CocoMAP) and distributed.is_distributed():  # this process scores a slice of the set
-            start, _ = distributed.shard_bounds(len(strategy.experience.dataset), distributed.rank(),
-                                                distributed.world_size())
-            scorer.first_image_id = start + 1
+        self.position = 0
+        if distributed.is_distributed():  # this process scores a slice of the set
+            self.position, _ = distributed.shard_bounds(len(strategy.experience.dataset), distributed.rank(),
+                                                        distributed.world_size())
+            if isinstance(scorer, CocoMAP):
+                scorer.first_image_id = self.position + 1
         scorer.reset()
 
     def after_eval_iteration(self, strategy) -> None:
         super().after_eval_iteration(strategy)
-        predictions = predict(strategy.mb_output, self.tasks[self.experience].kind, self.decode)
-        self.scorers[self.experience].update(predictions, strategy.mb_y)
+        task, scorer = self.tasks[self.experience], self.scorers[self.experience]
+        if task.kind == SEGMENTATION:
+            dataset = self.datasets[self.experience] if self.datasets else None
+            update_segmentation(scorer, strategy.mb_output, strategy.mb_y, dataset, self.position)
+        else:
+            scorer.update(predict(strategy.mb_output, task.kind, self.decode), strategy.mb_y)
+        self.position += len(strategy.mb_y)
 
     def after_eval_exp(self, strategy) -> list[MetricValue]:
         if distributed.is_distributed():  # every process scored its slice: score the whole set, on every process
@@ -141,10 +153,11 @@ class TaskStreamForgetting(GenericStreamForgetting[TaskMetrics]):
 
 
 def task_metrics(
-    tasks: Sequence[TaskSpec], decode: Decode | None = None, *, forgetting: bool = True, stream_forgetting: bool = True
+    tasks: Sequence[TaskSpec], decode: Decode | None = None, *, forgetting: bool = True, stream_forgetting: bool = True,
+    datasets: Sequence[Any] = ()
 ) -> list[PluginMetric]:
     """``TaskMetrics`` plus the forgetting metrics that share it, ready for ``EvaluationPlugin(*task_metrics(...))``."""
-    scores = TaskMetrics(tasks, decode)
+    scores = TaskMetrics(tasks, decode, datasets)
     metrics: list[PluginMetric] = [scores]
     if forgetting:
         metrics.append(TaskForgetting(scores))

@@ -219,6 +219,23 @@ def _xywh(box: Sequence[float]) -> list[float]:
 Scorer = MeanIoU | CocoMAP | Top1
 
 
+def update_segmentation(scorer: MeanIoU, logits: Tensor, targets: Tensor, dataset=None, start: int = 0) -> None:
+    """Add a batch of segmentation ``logits [B, C, S, S]`` (samples ``start``, ``start + 1`` ... of ``dataset``).
+
+    When ``dataset`` has its files' label maps (``has_original_targets``), each sample is scored at its file's
+    resolution, as the segmentation literature scores VOC: its logits mapped back as ``clmtl eval --predictions``
+    exports them (letterbox padding cropped, bilinear resize), then the argmax, against the file's own labels.
+    Otherwise at the model's resolution, against ``targets``.
+    """
+    if not getattr(dataset, "has_original_targets", False):
+        scorer.update(logits, targets)
+        return
+    for offset, sample in enumerate(logits):
+        meta = dataset.meta(start + offset)
+        predicted = class_indices(meta.letterbox.logits_to_original(sample, meta.original_size), 0)
+        scorer.update(predicted[None], dataset.original_target(start + offset)[None])
+
+
 def scorer_for(task: TaskSpec, space: OutputSpace | None = None) -> Scorer:
     """The accumulator that scores ``task`` with its primary and extra metrics, on its own classes within its head
     ``space`` (default: a head of the task's classes alone)."""
