@@ -153,6 +153,8 @@ class TaskConfig:
 
 
 _CLASS_ORDERS = ("sorted", "seed")
+SPLIT_SETTINGS = ("overlapped", "disjoint")
+"""How a class-incremental segmentation split picks each step's training images (``SplitConfig.setting``)."""
 
 
 @dataclass
@@ -161,6 +163,9 @@ class SplitConfig:
 
     ``experiences`` is a number of equal tasks (the remainder to the first ones) or a list of task sizes in classes
     (``[15, 5]``: VOC 15-5). ``class_order`` deals the classes in their label order or shuffled by the run's seed.
+    ``setting`` (segmentation) picks each step's training images as the segmentation literature does (Cermelli et
+    al. 2020): ``overlapped``, those showing at least one of the step's classes, other classes' pixels background;
+    ``disjoint``, of those, only the ones showing no class of a later step. Unset: every image.
     """
 
     kind: str = field(default="", metadata=_TASK_KIND)
@@ -169,9 +174,12 @@ class SplitConfig:
         lambda v: (v >= 1) if isinstance(v, int) else (len(v) >= 1 and min(v) >= 1),
         "must be a number of tasks >= 1 or a list of class counts >= 1"))
     class_order: str = field(default="sorted", metadata=one_of(*_CLASS_ORDERS))
+    setting: str | None = field(default=None, metadata=one_of(*SPLIT_SETTINGS))
 
     @staticmethod
     def check_keys(data: Mapping[str, Any]) -> str | None:
+        if data.get("setting") is not None and TASK_KINDS.get(data.get("kind"), data.get("kind")) != "segmentation":
+            return f"setting {data['setting']!r} is a segmentation split's; this split is {data.get('kind')!r}"
         if "kind" not in data:  # an override of one key (split.data.root=DIR); the merged config must have a kind
             return None
         return TaskConfig.check_keys({"name": "split", **data})

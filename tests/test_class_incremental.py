@@ -11,15 +11,38 @@ script = load_benchmark("class_incremental")
 
 def test_old_is_the_first_task_new_the_later_ones_all_every_task_and_steps_average_the_tasks_so_far():
     matrix = [[0.9, 0.0, 0.0], [0.5, 0.8, 0.0], [0.3, 0.4, 0.7]]
-    assert script.old_new_all(matrix) == pytest.approx((0.3, 0.55, 1.4 / 3))
+    run = {"matrix": matrix, "tasks": [{"name": "a"}, {"name": "b"}, {"name": "c"}],
+           "extra": {"final": {"a": {"mAP50": 0.6}, "b": {"mAP50": 0.5}, "c": {"mAP50": 0.9}}}}
+    assert script.old_new_all(script.final_scores(run, "seg")) == pytest.approx((0.3, 0.55, 1.4 / 3))
+    assert script.final_scores(run, "det") == [0.6, 0.5, 0.9]  # detection's table reads mAP50, as its literature
     assert script.all_per_step(matrix) == pytest.approx([0.9, 0.65, 1.4 / 3])
+
+
+@pytest.mark.parametrize("setting,kind,steps", [
+    ("voc-15-1", "segmentation", [15, 1, 1, 1, 1, 1]), ("voc-10-1", "segmentation", [10] + [1] * 10),
+    ("voc-15-5", "segmentation", [15, 5]), ("voc-det-19-1", "detection", [19, 1]),
+    ("voc-det-10-10", "detection", [10, 10]), ("voc-det-15-5", "detection", [15, 5])])
+def test_the_voc_settings_are_the_literatures_splits(setting, kind, steps):
+    from clmtl.config import load_config
+
+    _, overrides, _ = script.SETTINGS[setting]
+    config = load_config(None, [item.replace("ROOT", "/data/VOC") for item in overrides])
+    assert (config.scenario, config.split.kind, config.split.experiences) == ("class", kind, steps)
+    assert config.split.setting == ("overlapped" if kind == "segmentation" else None)
+    assert config.split.data.format == ("voc" if kind == "segmentation" else "coco")
+
+
+def test_a_voc_setting_without_its_root_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--setting", "voc-15-1"])
+    assert "setting voc-15-1 reads its data at --root" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_the_script_writes_a_table_of_its_runs(tmp_path):
     out = tmp_path / "ci"
     assert script.main(["--kind", "seg", "--strategies", "naive,replay", "--seeds", "0,1", "--out", str(out),
-                        "--jobs", "1", "data.image_size=64", "data.train_size=8", "data.val_size=4",
+                        "--jobs", "1", "data.image_size=64", "data.train_size=16", "data.val_size=12",
                         "train.epochs=1", "train.batch_size=4", "output.overlays=0"]) == 0
     with open(out / "table.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -28,6 +51,6 @@ def test_the_script_writes_a_table_of_its_runs(tmp_path):
     for row in rows:
         runs = [json.loads((out / f"seed{seed}" / row["strategy"] / "results.json").read_text()) for seed in (0, 1)]
         assert [len(run["matrix"]) for run in runs] == [3, 3] and runs[0]["scenario"] == "class"
-        expected = [sum(script.old_new_all(run["matrix"])[i] for run in runs) / 2 for i in range(3)]
+        expected = [sum(script.old_new_all(run["matrix"][-1])[i] for run in runs) / 2 for i in range(3)]
         assert [float(row[name]) for name in ("old", "new", "all")] == pytest.approx(expected, abs=1e-4)
     assert (out / "plots" / "steps.png").stat().st_size > 0 and "| replay | 2 |" in (out / "table.md").read_text()

@@ -1,5 +1,6 @@
 """General streams: any number of tasks of any kind from real files or shapes, in the task, class and domain
 scenarios, trained, evaluated and reproduced by ``clmtl eval``; and every bad stream refused in one line."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,10 @@ from realdata import write_folder, write_voc
 
 from clmtl.cli import main
 from clmtl.config import load_config
+from clmtl.data.shapes import make_shapes_dataset
+from clmtl.data.sources import LoadOptions, load_task
 from clmtl.deploy.evaluation import evaluate_checkpoint
+from clmtl.errors import ConfigError
 from clmtl.io import load_checkpoint
 from clmtl.runner import run
 from clmtl.stream.benchmark import build_benchmark, split_entries
@@ -164,6 +168,37 @@ def test_split_deals_classes_into_tasks_with_disjoint_sets():
     assert sorted(dealt) == ["disk", "ring", "square", "triangle"] and [len(e.data.classes) for e in shuffled] == [1, 3]
     assert dealt == [name for entry in split_entries(config.split, seed=3) for name in entry.data.classes]
     assert dealt != [name for entry in split_entries(config.split, seed=4) for name in entry.data.classes]
+
+
+@pytest.mark.parametrize("setting", [None, "overlapped", "disjoint"])
+def test_the_segmentation_settings_pick_each_steps_training_images_as_the_literature_does(setting):
+    config = load_config(None, [f"split={{kind: seg, data: {{format: shapes}}, experiences: [2, 1, 1], "
+                                f"setting: {setting or 'null'}}}"])
+    names = ("background", "disk", "square", "triangle", "ring")
+    options = LoadOptions(image_size=64, seed=0, shapes_train_size=60, shapes_val_size=30)
+    every = make_shapes_dataset("segmentation", "train", 60, 64, 0)  # what each step draws its images from
+    for step, entry in enumerate(split_entries(config.split, seed=0)):
+        own = {names.index(name) for name in entry.data.classes}
+        later = {names.index(name) for later in split_entries(config.split, seed=0)[step + 1:]
+                 for name in later.data.classes}
+        expected = [i for i in range(len(every)) if setting is None or (
+            set(every[i][1].unique().tolist()) & own
+            and not (setting == "disjoint" and set(every[i][1].unique().tolist()) & later))]
+        data = load_task(entry.name, "segmentation", entry.data, options)
+        assert data.train.indices == expected  # overlapped: a class of the step; disjoint: and none still to come
+        shown = {label for i in range(len(data.val)) for label in data.val[i][1].unique().tolist()}
+        assert shown <= {0, *range(1, len(own) + 1), 255}  # other classes' pixels are background
+        if setting == "disjoint" and later:
+            overlapped = load_task(entry.name, "segmentation", dataclasses.replace(entry.data, exclude=None), options)
+            assert len(data.train) < len(overlapped.train) and len(data.val) == len(overlapped.val)
+
+
+def test_a_setting_is_refused_on_a_split_of_another_kind_and_exclude_needs_classes():
+    with pytest.raises(ConfigError, match="setting 'disjoint' is a segmentation split's; this split is 'det'"):
+        load_config(None, ["split={kind: det, data: {format: shapes}, experiences: 2, setting: disjoint}"])
+    source = load_config(None, ["tasks=[{name: a, kind: seg, data: {exclude: [ring]}}]"]).tasks[0].data
+    with pytest.raises(ConfigError, match="data.exclude drops images of classes outside the task's; it needs"):
+        load_task("a", "segmentation", source, LoadOptions(image_size=64, seed=0))
 
 
 BAD = {

@@ -17,9 +17,9 @@ FORMAT_KINDS = {"coco": ("detection",), "voc": ("segmentation",), "folder": ("cl
                 "torchvision": ("classification",), "shapes": tuple(TASK_KINDS.values())}
 """The task kinds each data format can describe."""
 FORMAT_KEYS = {
-    "shapes": ("classes", "keep_empty", "train_size", "val_size", "seed"),
+    "shapes": ("classes", "keep_empty", "exclude", "train_size", "val_size", "seed"),
     "coco": ("train_images", "train_ann", "val_images", "val_ann", "classes", "keep_empty", "train_size", "val_size"),
-    "voc": ("root", "classes", "keep_empty", "train_size", "val_size"),
+    "voc": ("root", "classes", "keep_empty", "exclude", "train_size", "val_size"),
     "folder": ("root", "classes", "train_size", "val_size"),
     "torchvision": ("dataset", "root", "download", "classes", "train_size", "val_size"),
 }
@@ -34,6 +34,8 @@ class DataSource:
 
     ``classes`` picks a subset by name, in label order (segmentation: the foreground classes; background is always
     label 0). ``keep_empty`` keeps images that show none of the picked classes (segmentation, detection).
+    ``exclude`` drops the training images that show any of these classes (segmentation: the ``disjoint`` setting of
+    a class-incremental split, where a step never sees the classes still to come).
     """
 
     format: str = field(default="shapes", metadata=one_of(*DATA_FORMATS))
@@ -46,6 +48,7 @@ class DataSource:
     val_ann: str | None = None
     classes: list[str] | None = None
     keep_empty: bool = True
+    exclude: list[str] | None = None
     train_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
     val_size: int | None = field(default=None, metadata=AT_LEAST_ONE)
     seed: int | None = field(default=None, metadata=NON_NEGATIVE)

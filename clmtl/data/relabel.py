@@ -11,11 +11,11 @@ labels in the model's head (``clmtl.stream.scenario``: in the class scenario a t
   carry only its own classes' boxes.
 
 ``keep_empty=False`` also drops the segmentation and detection images that show none of the kept classes (only
-background, or no box left).
+background, or no box left); ``exclude`` drops those that show any of the listed labels (before renaming).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -35,8 +35,9 @@ class Relabelled(Dataset):
     """
 
     def __init__(self, dataset: Dataset, kind: str, mapping: Mapping[int, int], keep_empty: bool = True,
-                 subset: int | None = None, seed: int = 0) -> None:
+                 subset: int | None = None, seed: int = 0, exclude: Collection[int] = ()) -> None:
         self.dataset, self.kind, self.mapping = dataset, kind, dict(mapping)
+        self.exclude = set(exclude)
         if kind == SEGMENTATION:
             self._lut = torch.zeros(256, dtype=torch.long)  # every unmapped class becomes background
             self._lut[IGNORE_INDEX] = IGNORE_INDEX
@@ -53,12 +54,14 @@ class Relabelled(Dataset):
     def _keeps(self, target: Any, keep_empty: bool) -> bool:
         if self.kind == CLASSIFICATION:
             return int(target) in self.mapping
+        present = set((torch.as_tensor(target) if self.kind == SEGMENTATION else target["labels"]).unique().tolist())
+        if present & self.exclude:
+            return False
         if keep_empty:
             return True
         if self.kind == SEGMENTATION:
-            present = torch.as_tensor(target).unique().tolist()
             return any(label in self.mapping and self.mapping[label] != 0 for label in present)
-        return any(int(label) in self.mapping for label in target["labels"])
+        return any(label in self.mapping for label in present)
 
     def __len__(self) -> int:
         return len(self.indices)

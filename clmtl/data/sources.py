@@ -95,6 +95,7 @@ def _sizes(source: DataSource) -> dict[str, int | None]:
 
 
 def _shapes(kind: str, source: DataSource, options: LoadOptions):
+    _check_exclude(source)
     seed = options.seed if source.seed is None else source.seed
     sizes = {"train": source.train_size or options.shapes_train_size, "val": source.val_size or options.shapes_val_size}
     own = SHAPES_CLASSES[kind][1:] if kind == SEGMENTATION else SHAPES_CLASSES[kind]
@@ -110,7 +111,23 @@ def _shapes(kind: str, source: DataSource, options: LoadOptions):
     if source.classes is None:
         return splits, splits["val"].classes, None
     classes, mapping = _subset(kind, SHAPES_CLASSES[kind], source.classes)
-    return {split: Relabelled(ds, kind, mapping, source.keep_empty) for split, ds in splits.items()}, classes, None
+    return {split: Relabelled(ds, kind, mapping, source.keep_empty,
+                              exclude=_excluded(source, split, SHAPES_CLASSES[kind]))
+            for split, ds in splits.items()}, classes, None
+
+
+def _check_exclude(source: DataSource) -> None:
+    if source.exclude and source.classes is None:
+        raise ConfigError("data.exclude drops images of classes outside the task's; it needs data.classes")
+
+
+def _excluded(source: DataSource, split: str, all_classes: Sequence[str]) -> list[int]:
+    """The labels whose images a split drops: ``exclude``'s classes, in the training split only (evaluation keeps
+    every image of a task's classes)."""
+    if split != "train" or not source.exclude:
+        return []
+    check_class_names(source.exclude, all_classes, "exclude")
+    return [all_classes.index(name) for name in source.exclude]
 
 
 def _subset(kind: str, all_classes: Sequence[str], picked: Sequence[str]) -> tuple[tuple[str, ...], dict[int, int]]:
@@ -134,6 +151,7 @@ def _coco(kind: str, source: DataSource, options: LoadOptions):
 
 
 def _voc(kind: str, source: DataSource, options: LoadOptions):
+    _check_exclude(source)
     root = _existing(source.root, "root")
     common = {"image_size": options.image_size, "on_bad_sample": options.on_bad_sample, "seed": options.seed}
     if source.classes is None:
@@ -143,7 +161,8 @@ def _voc(kind: str, source: DataSource, options: LoadOptions):
     check_class_names(source.classes, VOC_CLASSES[1:], str(root))
     classes, mapping = _subset(kind, VOC_CLASSES, source.classes)
     splits = {split: Relabelled(VocSegmentation(root, split, **common), kind, mapping, source.keep_empty,
-                                subset=_sizes(source)[split], seed=options.seed) for split in options.splits}
+                                subset=_sizes(source)[split], seed=options.seed,
+                                exclude=_excluded(source, split, VOC_CLASSES)) for split in options.splits}
     return splits, classes, None
 
 

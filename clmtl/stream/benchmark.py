@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clmtl.config import Config, DomainsConfig, SplitConfig, TaskConfig, TransformConfig
+from clmtl.data.formats import DataSource
 from clmtl.data.domains import DomainShifted
 from clmtl.data.files import files_sources
 from clmtl.data.holdout import carve
@@ -163,8 +164,16 @@ def split_entries(split: SplitConfig, seed: int) -> list[TaskConfig]:
         raise ConfigError(f"split: experiences {sizes} deal {sum(sizes)} classes, but the data has {len(classes)}")
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return [TaskConfig(name=f"{short_kind(kind)}{i + 1}", kind=kind,
-                       data=dataclasses.replace(split.data, classes=classes[start:start + size]))
+                       data=step_data(split, classes[start:start + size], classes[start + size:]))
             for i, (start, size) in enumerate(zip(starts, sizes))]
+
+
+def step_data(split: SplitConfig, own: list[str], later: list[str]) -> DataSource:
+    """One step's data: its classes, and the training images its ``setting`` shows (``SplitConfig``)."""
+    if split.setting is None:
+        return dataclasses.replace(split.data, classes=own)
+    exclude = later if split.setting == "disjoint" and later else None
+    return dataclasses.replace(split.data, classes=own, keep_empty=False, exclude=exclude)
 
 
 def domain_entries(domains: DomainsConfig) -> list[TaskConfig]:
