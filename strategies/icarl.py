@@ -85,8 +85,7 @@ def embeddings(model: nn.Module, images: torch.Tensor, head: int, device) -> tor
 
 
 class ICaRLPlugin(MultiTaskReplayPlugin):
-    """iCaRL: herding exemplars, a binary cross-entropy with the previous model's outputs as old classes' targets, and
-    a nearest-mean-of-exemplars classifier at test time."""
+    """iCaRL: herding exemplars, distillation in a binary cross-entropy, nearest mean of exemplars at test time."""
 
     state = ("means",)
     """Replay's memory and generators, and each head's class means."""
