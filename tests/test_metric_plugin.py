@@ -150,7 +150,8 @@ def test_segmentation_and_detection_scores_and_names():
     expected_seg = MeanIoU(3)
     for output, target in seg_batches:
         expected_seg.update(output, target)
-    assert seg == {"mIoU/eval_phase/test_stream/Task000/Exp000": pytest.approx(expected_seg.result()["mIoU"])}
+    assert seg == {"mIoU/eval_phase/test_stream/Task000/Exp000": pytest.approx(expected_seg.result()["mIoU"]),
+                   "mIoU_fg/eval_phase/test_stream/Task000/Exp000": pytest.approx(expected_seg.result()["mIoU_fg"])}
 
     det = _eval_experience(metric, _strategy(1), [(raw, det_targets)])
     expected_det = CocoMAP()

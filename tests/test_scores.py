@@ -23,6 +23,10 @@ def test_miou_hand_case_skips_ignored_pixels_and_absent_classes():
     miou = MeanIoU(num_classes=4)
     miou.update(HAND_PRED, HAND_TARGET)
     assert miou.result()["mIoU"] == pytest.approx(1 / 3)
+    assert miou.result()["mIoU_fg"] == pytest.approx((2 / 3 + 0) / 2)  # classes 1 and 2: background left out
+    scored = MeanIoU(num_classes=4, scored=[0, 2])
+    scored.update(HAND_PRED, HAND_TARGET)
+    assert scored.result() == pytest.approx({"mIoU": 1 / 6, "mIoU_fg": 0.0})
 
 
 def test_miou_accepts_logits():

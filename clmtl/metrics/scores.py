@@ -65,14 +65,19 @@ class MeanIoU:
         self.confusion += other.confusion
 
     def result(self) -> dict[str, float]:
+        """``mIoU``, and ``mIoU_fg`` the same mean without background (class 0): the class-incremental literature's
+        score of old and new classes."""
         intersection = self.confusion.diag().double()
         union = self.confusion.sum(0).double() + self.confusion.sum(1).double() - intersection
-        if self.scored is not None:
-            intersection, union = intersection[self.scored], union[self.scored]
-        present = union > 0
-        if not present.any():
-            return {"mIoU": 0.0}
-        return {"mIoU": float((intersection[present] / union[present]).mean())}
+        scored = torch.arange(self.num_classes) if self.scored is None else self.scored
+        return {"mIoU": _mean_iou(intersection[scored], union[scored]),
+                "mIoU_fg": _mean_iou(intersection[scored[scored != 0]], union[scored[scored != 0]])}
+
+
+def _mean_iou(intersection: Tensor, union: Tensor) -> float:
+    """The mean IoU of the classes with a non-empty union (0.0 when none has one)."""
+    present = union > 0
+    return float((intersection[present] / union[present]).mean()) if present.any() else 0.0
 
 
 class Top1:

@@ -52,8 +52,9 @@ def assemble_results(config: Config, strategy: str, benchmark: Benchmark, matrix
     final = {t.name: final_scores[t.name][t.metric] for t in tasks}
     baseline = {t.name: baseline_scores[t.name][t.metric] for t in tasks if t.name in baseline_scores}
 
-    def secondary(scores: Scores) -> Scores:
-        return {t.name: {m: scores[t.name][m] for m in t.extra_metrics} for t in tasks if t.name in scores}
+    def secondary(scores: Scores) -> Scores:  # baselines saved before a metric existed lack it
+        return {t.name: {m: scores[t.name][m] for m in t.extra_metrics if m in scores[t.name]}
+                for t in tasks if t.name in scores}
 
     return Results(
         clmtl_version=versions["clmtl"],

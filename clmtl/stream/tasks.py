@@ -13,7 +13,7 @@ CLASSIFICATION = "classification"
 KINDS = (SEGMENTATION, DETECTION, CLASSIFICATION)
 
 PRIMARY_METRIC = {SEGMENTATION: "mIoU", DETECTION: "mAP50_95", CLASSIFICATION: "top1"}
-EXTRA_METRICS = {SEGMENTATION: (), DETECTION: ("mAP50",), CLASSIFICATION: ()}
+EXTRA_METRICS = {SEGMENTATION: ("mIoU_fg",), DETECTION: ("mAP50",), CLASSIFICATION: ()}
 
 TASK_KINDS = {"seg": SEGMENTATION, "det": DETECTION, "cls": CLASSIFICATION}
 """Short name of each kind: the built-in shapes tasks a config names, and the keys of per-kind settings
