@@ -82,7 +82,6 @@ class BackgroundShiftPlugin(PreviousModelPlugin):
                 initialise_from_background(rows.weight.data, rows.bias.data, old)
 
 
-
 class MiBPlugin(BackgroundShiftPlugin):
     """MiB: unbiased cross-entropy and distillation, new classes initialised from the background."""
 
