@@ -54,6 +54,8 @@ class Relabelled(Dataset):
     def _keeps(self, target: Any, keep_empty: bool) -> bool:
         if self.kind == CLASSIFICATION:
             return int(target) in self.mapping
+        if keep_empty and not self.exclude:
+            return True
         present = set((torch.as_tensor(target) if self.kind == SEGMENTATION else target["labels"]).unique().tolist())
         if present & self.exclude:
             return False
