@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from clmtl.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, one_of, setting
 from clmtl.strategies.replay import SPLITS, MultiTaskReplayPlugin
-from clmtl.training.plugin import evaluating, frozen_copy
+from clmtl.training.plugin import copy_bytes, evaluating, frozen_copy
 from clmtl.training.registry import register
 
 CLASSIFIERS = ("nme", "softmax")
@@ -103,9 +103,8 @@ class ICaRLPlugin(MultiTaskReplayPlugin):
     @property
     def memory_bytes(self) -> int:
         """The stored samples, the class means and the previous model."""
-        teacher = [] if self.teacher is None else [*self.teacher.parameters(), *self.teacher.buffers()]
         return (super().memory_bytes + sum(mean.nbytes for mean in self.means.values())
-                + sum(t.numel() * t.element_size() for t in teacher))
+                + copy_bytes(self.teacher))
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kwargs) -> None:

@@ -42,7 +42,7 @@ from torch import nn
 from clmtl.settings import FRACTION, NON_NEGATIVE, PER_EXPERIENCE, POSITIVE, setting
 from clmtl.stream.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
 from clmtl.training.losses import output_kind
-from clmtl.training.plugin import Plugin, frozen_copy, kept_statistics
+from clmtl.training.plugin import Plugin, copy_bytes, frozen_copy, kept_statistics
 from clmtl.training.registry import register
 
 Output = torch.Tensor | list[torch.Tensor]
@@ -138,10 +138,7 @@ class LwFPlugin(Plugin, supports_distributed=True):
     @property
     def memory_bytes(self) -> int:
         """Bytes of the teacher's parameters and buffers."""
-        if self.teacher is None:
-            return 0
-        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return copy_bytes(self.teacher)
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         label = strategy.experience.task_label

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from clmtl.errors import ConfigError
-from clmtl.training.plugin import Plugin, frozen_copy
+from clmtl.training.plugin import Plugin, copy_bytes, frozen_copy
 
 
 class PreviousModelPlugin(Plugin, supports_distributed=True):
@@ -26,9 +26,7 @@ class PreviousModelPlugin(Plugin, supports_distributed=True):
 
     @property
     def memory_bytes(self) -> int:
-        if self.teacher is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (*self.teacher.parameters(), *self.teacher.buffers()))
+        return copy_bytes(self.teacher)
 
     def bind_benchmark(self, benchmark) -> None:
         if benchmark.scenario != "class":

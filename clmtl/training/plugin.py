@@ -41,8 +41,8 @@ from torch import nn
 
 from clmtl.training.plugin_state import StateError, frozen_copy, restore_state, saved_state
 
-__all__ = ["Plugin", "StateError", "evaluating", "frozen_copy", "joined", "kept_statistics", "task_batch_loss",
-           "to_device"]
+__all__ = ["Plugin", "StateError", "copy_bytes", "evaluating", "frozen_copy", "joined", "kept_statistics",
+           "task_batch_loss", "to_device"]
 
 
 class Plugin(SupervisedPlugin):
@@ -85,6 +85,13 @@ class Plugin(SupervisedPlugin):
     def task_model_states(self) -> dict[int, dict[str, torch.Tensor]]:
         """Model tensors by task label (head) that the shared model does not hold, e.g. per-task BatchNorm."""
         return {}
+
+
+def copy_bytes(model: nn.Module | None) -> int:
+    """Bytes of a model copy's parameters and buffers (a plugin's teacher, for its ``memory_bytes``); 0 for None."""
+    if model is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
