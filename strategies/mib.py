@@ -17,6 +17,8 @@ classes are background. MiB models that shift in three parts, on the segmentatio
 - **Initialisation.** When the head grows, each new class's classifier row starts as the background row, with the
   bias ``b_bg - log(new + 1)``, which the background row takes too: the new model's first prediction splits the old
   background's probability evenly over background and the new classes, so the first steps start from the old model.
+  ``init_from_background: false`` keeps the grown rows as the head drew them (the paper's ablation, Table 5): a new
+  class then starts apart from background, which a short step needs to learn it (docs/benchmarks.md measures both).
 
 Both losses are tested against a hand-computed 2×2 image with 3 classes (``tests/test_mib.py``). MiB acts in the class
 scenario on segmentation tasks (a task scenario's heads never grow, so there is no old class to model).
@@ -70,13 +72,17 @@ def initialise_from_background(weight: torch.Tensor, bias: torch.Tensor, old: in
 
 class BackgroundShiftPlugin(PreviousModelPlugin):
     """What MiB and PLOP share: the previous model, the class scenario, and new classes' rows started from the
-    background row."""
+    background row (unless ``init_from_background`` is False)."""
+
+    def __init__(self, init_from_background: bool = True) -> None:
+        super().__init__()
+        self.init_from_background = init_from_background
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         """Initialise the rows the head grew (an experience resumed from inside starts before the teacher is restored,
         so its rows stay as its checkpoint has them)."""
         old = self.old_classes(strategy)
-        if old:
+        if old and self.init_from_background:
             rows = strategy.model.rows(strategy.experience.task_label)
             if rows.num_classes > old:
                 initialise_from_background(rows.weight.data, rows.bias.data, old)
@@ -87,8 +93,8 @@ class MiBPlugin(BackgroundShiftPlugin):
 
     method = "mib"
 
-    def __init__(self, kd: float = 10.0) -> None:
-        super().__init__()
+    def __init__(self, kd: float = 10.0, init_from_background: bool = True) -> None:
+        super().__init__(init_from_background)
         self.kd = kd
 
     def batch_loss(self, strategy) -> torch.Tensor | None:
@@ -102,7 +108,15 @@ class MiBPlugin(BackgroundShiftPlugin):
 
 
 @dataclass(frozen=True)
-class MiBSettings:
+class BackgroundShiftSettings:
+    """The setting MiB and PLOP share."""
+
+    init_from_background: bool = setting(True, help="new classes' rows start as the background row (the papers'); "
+                                                    "false: as the grown head drew them")
+
+
+@dataclass(frozen=True)
+class MiBSettings(BackgroundShiftSettings):
     """MiB's hyperparameters, ``strategy.mib.<key>``."""
 
     kd: float = setting(10.0, NON_NEGATIVE, help="weight of the unbiased distillation (the paper's lambda)",

@@ -16,7 +16,8 @@ On the segmentation head the class scenario shares, with ``old`` the classes it 
   its pixels, ignored ones counting 0, as in the authors' code) is weighted by the fraction of its background pixels
   that got a confident label; an image without background pixels keeps weight 1 (the authors' code gives it 0).
   This replaces the mini-batch's cross-entropy (the criterion action).
-- **Initialisation.** New classes' rows start from the background row, as MiB's (``strategies/mib.py``).
+- **Initialisation.** New classes' rows start from the background row, as MiB's (``strategies/mib.py``; also
+  ``init_from_background``).
 
 Local POD is tested against the formula on a hand-made map (``tests/test_plop.py``). The features are read from the
 model's ``backbone`` and ``neck`` (declared: ``needs=("pyramid",)``).
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clmtl.settings import FRACTION, NON_NEGATIVE, setting
-from clmtl.strategies.mib import BackgroundShiftPlugin
+from clmtl.strategies.mib import BackgroundShiftPlugin, BackgroundShiftSettings
 from clmtl.stream.tasks import IGNORE_INDEX
 from clmtl.training.plugin import evaluating, to_device
 from clmtl.training.registry import register
@@ -123,8 +124,9 @@ class PLOPPlugin(BackgroundShiftPlugin):
     state = ("thresholds", "thresholds_for")
     transient = ("_tap", "_old")
 
-    def __init__(self, pod: float = 0.01, pod_logits: float = 0.0005, min_threshold: float = 0.001) -> None:
-        super().__init__()
+    def __init__(self, pod: float = 0.01, pod_logits: float = 0.0005, min_threshold: float = 0.001,
+                 init_from_background: bool = True) -> None:
+        super().__init__(init_from_background)
         self.pod, self.pod_logits, self.min_threshold = pod, pod_logits, min_threshold
         self.thresholds: torch.Tensor | None = None
         """Per old class, the normalised entropy below which the previous model's label is taken."""
@@ -182,7 +184,7 @@ class PLOPPlugin(BackgroundShiftPlugin):
 
 
 @dataclass(frozen=True)
-class PLOPSettings:
+class PLOPSettings(BackgroundShiftSettings):
     """PLOP's hyperparameters, ``strategy.plop.<key>`` (the paper's defaults)."""
 
     pod: float = setting(0.01, NON_NEGATIVE, help="weight of Local POD on the backbone and FPN maps",

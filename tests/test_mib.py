@@ -113,6 +113,20 @@ def test_a_grown_head_starts_its_new_class_from_the_background_row():
     assert float(bias[3]) == float(bias[0]) == pytest.approx(float(grown[1][0]) - math.log(2))
 
 
+def test_without_the_background_initialisation_grown_rows_stay_as_drawn():
+    torch.manual_seed(0)
+    space = OutputSpace("segmentation", ("background", "disk", "square", "ring"), None, 3)
+    model = UnifiedModel([space], image_size=64)
+    plugin = MiBPlugin(init_from_background=False)
+    strategy = SimpleNamespace(model=model, experience=SimpleNamespace(task_label=0))
+    plugin.after_training_exp(strategy)
+    model.grow(0, 4)
+    rows = model.rows(0)
+    grown = rows.weight.detach().clone(), rows.bias.detach().clone()
+    plugin.before_training_exp(strategy)
+    assert torch.equal(rows.weight, grown[0]) and torch.equal(rows.bias, grown[1])
+
+
 @pytest.mark.parametrize("config,message", [
     ({**STREAM, "scenario": "task"}, "mib acts in the class scenario"),
     ({**STREAM, "tasks": ["seg", "cls"]}, "strategy mib handles segmentation tasks only"),
