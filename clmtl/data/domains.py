@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from clmtl.data.relabel import targets_of
+from clmtl.data.views import DatasetView
 
 _INDEX_STRIDE = 1_000_003
 """Separates the generators of a seed's permutations from those of the next seed."""
@@ -28,7 +29,7 @@ def pixel_permutation(num_pixels: int, seed: int, index: int) -> Tensor:
     return torch.randperm(num_pixels, generator=generator)
 
 
-class DomainShifted(Dataset):
+class DomainShifted(DatasetView):
     """``dataset``'s ``(image, target)`` samples with every image permuted (``permute``: the permutation's index) or
     rotated (``rotate``: degrees counter-clockwise, bilinear, corners filled with 0)."""
 
@@ -60,15 +61,3 @@ class DomainShifted(Dataset):
     def target(self, i: int) -> Any:
         """Target ``i``, without touching the image."""
         return self._targets[i]
-
-    def meta(self, i: int):
-        """The wrapped sample's file metadata (real-format datasets, else None)."""
-        return self.dataset.meta(i) if hasattr(self.dataset, "meta") else None
-
-    @property
-    def has_original_targets(self) -> bool:
-        return getattr(self.dataset, "has_original_targets", False)
-
-    def original_target(self, i: int) -> Any:
-        """Target ``i`` at its file's resolution (a domain shifts images, not labels)."""
-        return self.dataset.original_target(i)

@@ -14,10 +14,11 @@ from torch.utils.data import Dataset
 
 from clmtl.data.images import draw
 from clmtl.data.relabel import targets_of
+from clmtl.data.views import DatasetView
 from clmtl.errors import DataError
 
 
-class Part(Dataset):
+class Part(DatasetView):
     """The samples ``indices`` of ``dataset``, which still answer ``target(i)`` and ``meta(i)`` without decoding."""
 
     def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
@@ -35,15 +36,8 @@ class Part(Dataset):
             self._targets = targets_of(self.dataset)
         return self._targets[self.indices[i]]
 
-    def meta(self, i: int):
-        return self.dataset.meta(self.indices[i]) if hasattr(self.dataset, "meta") else None
-
-    @property
-    def has_original_targets(self) -> bool:
-        return getattr(self.dataset, "has_original_targets", False)
-
-    def original_target(self, i: int) -> Any:
-        return self.dataset.original_target(self.indices[i])
+    def source_index(self, i: int) -> int:
+        return self.indices[i]
 
 
 def carve(dataset: Dataset, fraction: float, seed: int, task_index: int) -> tuple[Part, Part]:

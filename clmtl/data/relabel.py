@@ -23,11 +23,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from clmtl.data.images import draw
+from clmtl.data.views import DatasetView
 from clmtl.errors import DataError
 from clmtl.stream.tasks import CLASSIFICATION, DETECTION, IGNORE_INDEX, SEGMENTATION
 
 
-class Relabelled(Dataset):
+class Relabelled(DatasetView):
     """``dataset``'s ``(image, target)`` samples with labels renamed by ``mapping`` (old label -> new label).
 
     ``subset`` then keeps that many of the remaining samples, drawn with ``seed`` as the real-format loaders draw
@@ -88,18 +89,12 @@ class Relabelled(Dataset):
             relabelled["original"] = _boxes(target["original"], self.mapping)
         return relabelled
 
-    @property
-    def has_original_targets(self) -> bool:
-        return getattr(self.dataset, "has_original_targets", False)
+    def source_index(self, i: int) -> int:
+        return self.indices[i]
 
-    def original_target(self, i: int) -> Tensor:
+    def original_target(self, i: int) -> Any:
         """Target ``i`` at its file's resolution, relabelled."""
-        return self.relabel(self.dataset.original_target(self.indices[i]))
-
-    def meta(self, i: int):
-        """The wrapped sample's file metadata (real-format datasets, else None), for predictions in the file's
-        terms."""
-        return self.dataset.meta(self.indices[i]) if hasattr(self.dataset, "meta") else None
+        return self.relabel(super().original_target(i))
 
 
 PER_BOX = ("boxes", "labels", "iscrowd")
