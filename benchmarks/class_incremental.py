@@ -4,10 +4,12 @@ of every step.
     python benchmarks/class_incremental.py --kind cls --out runs/ci_cls     # Split digits, 5 x 2 classes
     python benchmarks/class_incremental.py --kind seg --out runs/ci_seg     # shapes segmentation, 2 + 1 + 1, overlapped
     python benchmarks/class_incremental.py --kind det --out runs/ci_det     # shapes detection, 3 + 1 classes
+    python benchmarks/class_incremental.py --setting shapes-seg-1-1-1-1 --strategies mib,plop   # the longest stream
     python benchmarks/class_incremental.py --setting voc-15-1 --root VOCdevkit/VOC2012 --out runs/voc_15_1
     python benchmarks/class_incremental.py --kind cls --strategies naive,replay,derpp --seeds 0,1,2 --engine ray
 
-Each setting's stream is split as its literature splits a dataset, many classes first, then fewer (VOC 15-1, 19-1):
+Each setting's stream is split as its literature splits a dataset, many classes first, then fewer (VOC 15-1, 19-1;
+shapes segmentation's four classes one per step is its longest stream, as VOC 10-1 is VOC's):
 the class scenario, one head per kind that grows with the stream, scored per task inside it. ``old`` is the first
 task's score after the last step (its classes are the base classes), ``new`` the mean of the later tasks', ``all``
 the mean over every task (the average accuracy), each in the metric the kind's literature reports (top-1, mIoU of the
@@ -36,9 +38,10 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
         "scenario=class", "split={kind: classification, data: {format: folder, root: ROOT}, experiences: 5}",
         "data.image_size=64", "train.optimizer=sgd", "train.lr=0.01", "train.clip_grad_norm=1.0", "train.epochs=10",
         "train.warmup=0"), ("naive", "joint", "ewc", "lwf", "replay", "der", "derpp", "er_ace", "icarl")),
-    "shapes-seg-2-1-1": ("seg", (
-        "scenario=class", "split={kind: segmentation, data: {format: shapes}, experiences: [2, 1, 1], "
-        "setting: overlapped}", "data.image_size=64"), ("naive", "joint", "ewc", "lwf", "replay", "mib", "plop")),
+    **{f"shapes-seg-{name}": ("seg", (
+        "scenario=class", f"split={{kind: segmentation, data: {{format: shapes}}, experiences: {steps}, "
+        "setting: overlapped}", "data.image_size=64"), ("naive", "joint", "ewc", "lwf", "replay", "mib", "plop"))
+       for name, steps in (("2-1-1", [2, 1, 1]), ("1-1-1-1", [1, 1, 1, 1]))},
     "shapes-det-3-1": ("det", (
         "scenario=class", "split={kind: detection, data: {format: shapes}, experiences: [3, 1]}", "data.image_size=64"),
         ("naive", "joint", "ewc", "lwf", "replay", "det_distill", "pseudo_labels")),
