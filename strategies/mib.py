@@ -17,7 +17,7 @@ classes are background. MiB models that shift in three parts, on the segmentatio
 - **Initialisation.** When the head grows, each new class's classifier row starts as the background row, with the
   bias ``b_bg - log(new + 1)``, which the background row takes too: the new model's first prediction splits the old
   background's probability evenly over background and the new classes, so the first steps start from the old model.
-  ``init_from_background: false`` keeps the grown rows as the head drew them (the paper's ablation, Table 5): a new
+  ``init_from_background: false`` keeps the grown rows as the head drew them (ablated in the paper): a new
   class then starts apart from background, which a short step needs to learn it (docs/benchmarks.md measures both).
 
 Both losses are tested against a hand-computed 2×2 image with 3 classes (``tests/test_mib.py``). MiB acts in the class
