@@ -39,7 +39,7 @@ from avalanche.training.utils import ParamData
 from torch.utils.data import DataLoader
 
 from clmtl.settings import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, one_of, setting
-from clmtl.training.plugin import Plugin, to_device
+from clmtl.training.plugin import Plugin, tensor_bytes, to_device
 from clmtl.training.registry import register
 
 
@@ -204,7 +204,7 @@ class MultiTaskEWCPlugin(EWCPlugin, Plugin, supports_distributed=True):
     def memory_bytes(self) -> int:
         """Bytes of the stored anchors θ* and Fisher diagonals (one pair per experience in separate mode)."""
         stores = [*self.saved_params.values(), *self.importances.values()]
-        return sum(p.data.numel() * p.data.element_size() for store in stores for p in store.values())
+        return tensor_bytes(p.data for store in stores for p in store.values())
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         self._anchor = None  # the anchors changed after the last experience

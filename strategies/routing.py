@@ -35,7 +35,7 @@ from torch import nn
 from clmtl.models.routing import TaskRoutes
 from clmtl.settings import NON_NEGATIVE, POSITIVE, rule, setting
 from clmtl.stream.scenario import require_own_heads
-from clmtl.training.plugin import Plugin
+from clmtl.training.plugin import Plugin, tensor_bytes
 from clmtl.training.registry import register
 
 
@@ -92,10 +92,6 @@ class _FrozenStatistics:
         return torch.where(self.used, frozen, output)
 
 
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 class RoutingPlugin(Plugin, supports_distributed=True):
     """Dynamic routing (HAT): learned per-task channel gates; channels of finished tasks frozen.
 
@@ -137,7 +133,7 @@ class RoutingPlugin(Plugin, supports_distributed=True):
     # -- training --------------------------------------------------------------------------------------------------
     def before_training(self, strategy, **kwargs) -> None:
         params = list(strategy.model.enable_routing().parameters())
-        self._routes_bytes = _bytes(params)
+        self._routes_bytes = tensor_bytes(params)
         if not any(p is params[0] for group in strategy.optimizer.param_groups for p in group["params"]):
             strategy.optimizer.add_param_group({"params": params, "name": "routes", "lr": self.lr, "weight_decay": 0.0})
 
@@ -148,7 +144,7 @@ class RoutingPlugin(Plugin, supports_distributed=True):
         routes.training_task = self._task
         self._iterations = max(1, strategy.planned_iterations)
         self._frozen = protected_entries(model, self._task)
-        self.snapshot_bytes = max(self.snapshot_bytes, _bytes(e.values for e in self._frozen))
+        self.snapshot_bytes = max(self.snapshot_bytes, tensor_bytes(e.values for e in self._frozen))
         used = routes.used(exclude=self._task)
         self._free = [~mask for mask in used]
         self._hooks = [point.bn.register_forward_hook(_FrozenStatistics(point.bn, mask))

@@ -20,7 +20,7 @@ import torch
 from clmtl.strategies.ewc import Anchor, ewc_penalty, grown
 
 from clmtl.settings import NON_NEGATIVE, POSITIVE, setting
-from clmtl.training.plugin import Plugin
+from clmtl.training.plugin import Plugin, tensor_bytes
 from clmtl.training.registry import register
 
 
@@ -49,7 +49,7 @@ class SynapticIntelligence(Plugin, supports_distributed=True):
     @property
     def memory_bytes(self) -> int:
         """Bytes of Ω and θ* (the per-task path integrals are as large again while a task trains)."""
-        return sum(t.numel() * t.element_size() for t in [*self.importance.values(), *self.anchor.values()])
+        return tensor_bytes([*self.importance.values(), *self.anchor.values()])
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         params = dict(strategy.model.named_parameters())

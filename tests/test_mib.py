@@ -96,11 +96,12 @@ STREAM = {"scenario": "class", "seed": 0, "output": {"overlays": 0},
                     {"name": "b", "kind": "seg", "data": {"classes": ["ring"]}}]}
 
 
-def test_a_grown_head_starts_its_new_class_from_the_background_row():
+def grown_then_initialised(plugin: MiBPlugin):
+    """A head that knew background, disk and square grows ring; returns its rows as grown (before the plugin's
+    ``before_training_exp``) and the rows after it."""
     torch.manual_seed(0)
     space = OutputSpace("segmentation", ("background", "disk", "square", "ring"), None, 3)
     model = UnifiedModel([space], image_size=64)
-    plugin = MiBPlugin()
     strategy = SimpleNamespace(model=model, experience=SimpleNamespace(task_label=0))
     plugin.before_training_exp(strategy)  # the first experience: nothing to initialise
     plugin.after_training_exp(strategy)  # the teacher knows background, disk, square
@@ -108,23 +109,18 @@ def test_a_grown_head_starts_its_new_class_from_the_background_row():
     rows = model.rows(0)
     grown = rows.weight.detach().clone(), rows.bias.detach().clone()
     plugin.before_training_exp(strategy)
-    bias = rows.bias.detach()
-    assert torch.equal(rows.weight[3], rows.weight[0]) and torch.equal(rows.weight[:3], grown[0][:3])
+    return grown, (rows.weight.detach(), rows.bias.detach())
+
+
+def test_a_grown_head_starts_its_new_class_from_the_background_row():
+    grown, (weight, bias) = grown_then_initialised(MiBPlugin())
+    assert torch.equal(weight[3], weight[0]) and torch.equal(weight[:3], grown[0][:3])
     assert float(bias[3]) == float(bias[0]) == pytest.approx(float(grown[1][0]) - math.log(2))
 
 
 def test_without_the_background_initialisation_grown_rows_stay_as_drawn():
-    torch.manual_seed(0)
-    space = OutputSpace("segmentation", ("background", "disk", "square", "ring"), None, 3)
-    model = UnifiedModel([space], image_size=64)
-    plugin = MiBPlugin(init_from_background=False)
-    strategy = SimpleNamespace(model=model, experience=SimpleNamespace(task_label=0))
-    plugin.after_training_exp(strategy)
-    model.grow(0, 4)
-    rows = model.rows(0)
-    grown = rows.weight.detach().clone(), rows.bias.detach().clone()
-    plugin.before_training_exp(strategy)
-    assert torch.equal(rows.weight, grown[0]) and torch.equal(rows.bias, grown[1])
+    grown, (weight, bias) = grown_then_initialised(MiBPlugin(init_from_background=False))
+    assert torch.equal(weight, grown[0]) and torch.equal(bias, grown[1])
 
 
 @pytest.mark.parametrize("config,message", [

@@ -32,7 +32,7 @@ they train, running statistics left as they are).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -42,7 +42,7 @@ from torch import nn
 from clmtl.training.plugin_state import StateError, frozen_copy, restore_state, saved_state
 
 __all__ = ["Plugin", "StateError", "copy_bytes", "evaluating", "frozen_copy", "joined", "kept_statistics",
-           "task_batch_loss", "to_device"]
+           "task_batch_loss", "tensor_bytes", "to_device"]
 
 
 class Plugin(SupervisedPlugin):
@@ -87,11 +87,14 @@ class Plugin(SupervisedPlugin):
         return {}
 
 
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes the ``tensors`` hold (what a plugin's ``memory_bytes`` adds up)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def copy_bytes(model: nn.Module | None) -> int:
     """Bytes of a model copy's parameters and buffers (a plugin's teacher, for its ``memory_bytes``); 0 for None."""
-    if model is None:
-        return 0
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return 0 if model is None else tensor_bytes((*model.parameters(), *model.buffers()))
 
 
 def to_device(value: Any, device: torch.device | str) -> Any:
