@@ -41,7 +41,8 @@ from typing import Any
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from clmtl.builders import build_model, build_strategy, make_template, seed_everything  # noqa: E402
+from clmtl.builders import build_model, build_strategy, make_template  # noqa: E402
+from clmtl.training.seeding import seed_everything  # noqa: E402
 from clmtl.config import load_config  # noqa: E402
 from clmtl.data.shapes import shapes_task  # noqa: E402
 from clmtl.io import atomic_write_json, atomic_write_text  # noqa: E402

@@ -17,7 +17,7 @@ from typing import TextIO
 import torch
 from avalanche.logging import TextLogger
 
-from clmtl.builders import build_model, make_template, recipe_plugins, seed_everything
+from clmtl.builders import build_model, make_template, recipe_plugins
 from clmtl.config import Config
 from clmtl.metrics.plugin import task_scores
 from clmtl.orphans import exit_with_parent
@@ -25,6 +25,7 @@ from clmtl.stream.benchmark import Benchmark, build_benchmark
 from clmtl.stream.tasks import TaskSpec
 from clmtl.training import distributed
 from clmtl.training.devices import resolve_threads
+from clmtl.training.seeding import seed_everything, start_experience
 
 
 @dataclass
@@ -47,6 +48,7 @@ def single_task_baselines(config: Config, benchmark: Benchmark, loggers: list,
         model = build_model(config, benchmark.tasks, module=module)
         template = make_template(config, model, benchmark.tasks, recipe_plugins(config), loggers, label="baseline ",
                                  progress=progress, preload=benchmark.fixed_samples, val_sets=benchmark.val_sets)
+        start_experience(config.seed, label)
         seconds[task.name] = template.train_for(benchmark.stream.train_stream[label], *benchmark.budget(label),
                                                 config.data.num_workers)
         metrics = template.eval([benchmark.stream.test_stream[label]])

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 from avalanche.logging import TensorboardLogger, TextLogger
 from avalanche.training.plugins import EvaluationPlugin
@@ -39,13 +37,6 @@ from clmtl.training.progress import ProgressBar
 from clmtl.training.registry import build_plugins, check_stream
 from clmtl.training.schedule import LRSchedule
 from clmtl.training.template import MultiTaskTemplate
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so a run is repeatable on CPU."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_model(config: Config, tasks: Sequence[TaskSpec], initial_weights: bool = True,

@@ -26,8 +26,7 @@ import torch
 from avalanche.logging import TextLogger
 
 from clmtl.baselines import BackgroundBaselines, Baselines, baseline_threads, single_task_baselines
-from clmtl.builders import (build_model, build_strategy, make_decoder, make_loggers, make_template, recipe_plugins,
-                            seed_everything)
+from clmtl.builders import build_model, build_strategy, make_decoder, make_loggers, make_template, recipe_plugins
 from clmtl.config import Config, check_model_input
 from clmtl.deploy.continuation import (Lineage, ParentRun, carried_plugin_states, check_output_folder,
                                        inherited_tasks, load_parent_weights, output_folder_claimed, read_parent,
@@ -48,6 +47,7 @@ from clmtl.training.checkpoint import (ResumeError, RunCheckpoint, StopRequest, 
 from clmtl.training.devices import device_name, resolve_device, resolve_threads
 from clmtl.training.plugin import Plugin
 from clmtl.training.registry import check_model
+from clmtl.training.seeding import seed_everything, start_experience
 
 
 class Run:
@@ -215,8 +215,10 @@ class Run:
         check_model(self.strategy, self.model)
         if self.saved is not None:  # before the optimizer is made: heads take the checkpoint's (grown) shapes
             self.model.load_state_dict(self.saved.model)
+            self.model.mark_trained(task.head for task in self.tasks[:self.saved.progress.finished + 1])
         elif self.parent is not None:
             load_parent_weights(self.model, self.parent)
+            self.model.mark_trained(task.head for task in self.tasks[:len(self.parent.checkpoint.task_entries)])
         loggers = make_loggers(config, self.out_dir, self.log) if self.writes else []
         self.template = make_template(config, self.model, self.tasks, self.plugins, loggers, stop=self.stop,
                                       preload=self.benchmark.fixed_samples, val_sets=self.benchmark.val_sets,
@@ -272,7 +274,11 @@ class Run:
                 self.train_experience(label, experience)
 
     def train_experience(self, label: int, experience) -> None:
+        """Train experience ``label`` from its own random stream (``clmtl.training.seeding``; a resumed experience
+        continues from its checkpoint's generators), then evaluate every task and checkpoint."""
         progress = self.progress
+        if self.resume_point is None:
+            start_experience(self.config.seed, label)
         progress.train_seconds[self.tasks[label].name] = self.template.train_for(
             experience, *self.benchmark.budget(label), self.config.data.num_workers, self.resume_point)
         self.resume_point = None

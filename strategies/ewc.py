@@ -67,11 +67,22 @@ def grown(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def merge_anchors(anchors: Sequence[tuple[Mapping[str, ParamData], Mapping[str, ParamData]]]) -> Anchor:
     """The ``Anchor`` of several (θ*, F) pairs of name -> tensor (or Avalanche ``ParamData``) maps; a parameter counts
-    in the pairs that saved it, each padded to the largest shape the parameter had (``grown``)."""
+    in the pairs that saved it with a nonzero F, each padded to the largest shape the parameter had (``grown``).
+
+    A pair whose F is zero for a parameter (a head its experience did not train) adds nothing to the penalty, so it
+    is left out, and a parameter no pair weighs gets no penalty term: its gradient stays None, which an optimizer
+    skips, where a zero one would still decay it. This keeps μ = θ* exact where one experience weighs a parameter
+    (F θ* / F would round, and Adam turns a rounding-sized gradient into a full step) and leaves the heads of tasks
+    not trained yet untouched, so a continued run, whose parent never had the new tasks' heads, trains exactly as
+    one run with every task."""
     names = list(dict.fromkeys(name for saved, _ in anchors for name in saved))
-    sqrt_weight, center, constant = [], [], 0.0
+    sqrt_weight, center, constant, weighed = [], [], 0.0, []
     for name in names:
-        pairs = [(saved[name].data, importances[name].data) for saved, importances in anchors if name in saved]
+        pairs = [(saved[name].data, importances[name].data) for saved, importances in anchors
+                 if name in saved and importances[name].data.any()]
+        if not pairs:
+            continue
+        weighed.append(name)
         shape = [max(sizes) for sizes in zip(*(value.shape for value, _ in pairs))]
         values = [grown(value, shape) for value, _ in pairs]
         weights = [grown(weight, shape) for _, weight in pairs]
@@ -83,7 +94,7 @@ def merge_anchors(anchors: Sequence[tuple[Mapping[str, ParamData], Mapping[str, 
             constant += sum(float((w * (v - mean).pow(2)).sum(dtype=torch.float64)) for w, v in zip(weights, values))
         sqrt_weight.append(total.sqrt())
         center.append(mean)
-    return Anchor(names, sqrt_weight, center, constant)
+    return Anchor(weighed, sqrt_weight, center, constant)
 
 
 class _QuadraticPenalty(torch.autograd.Function):

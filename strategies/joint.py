@@ -50,9 +50,11 @@ class JointTraining(Plugin, supports_distributed=True):
         self.datasets = {exp.current_experience: exp.dataset for exp in benchmark.stream.train_stream}
 
     def before_training(self, strategy, **kwargs) -> None:
-        """Every head with all its classes, before the template hands the parameters to the optimizer."""
+        """Every head with all its classes, before the template hands the parameters to the optimizer, and trained
+        from the first experience on."""
         for task in self.tasks:
             strategy.model.grow(task.head, max(task.labels) + 1)
+        strategy.model.mark_trained(task.head for task in self.tasks)
 
     def before_training_exp(self, strategy, **kwargs) -> None:
         if not self.datasets:

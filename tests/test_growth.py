@@ -1,6 +1,7 @@
 """Heads that grow with the stream (class scenario): old rows kept bit for bit, new rows seeded, the optimizer and
 per-parameter plugin state (EWC) following the grown parameters, predictions over every class seen so far."""
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -69,6 +70,24 @@ def test_new_rows_are_seeded_by_the_model_not_by_when_they_grow():
     assert torch.equal(grown[0], grown[1])
     bound = 1 / 64 ** 0.5  # a fresh linear layer's init range
     assert grown[0].abs().max() <= bound and grown[0].std() > bound / 4
+
+
+def test_a_head_starts_the_same_whatever_other_heads_the_model_has():
+    """Each head's initial rows come from its own generator: the first two tasks' model is the four-task model's
+    start, shared layers and heads alike, and the global generator ends where it would without the extra heads."""
+    tasks = plan_stream([SEG_A, DET_A, CLS_A, TaskSpec("seg_c", "segmentation", ("background", "disk"))], "task")
+    models, states = [], []
+    for count in (2, 4):
+        torch.manual_seed(0)
+        models.append(UnifiedModel(output_spaces(tasks[:count]), image_size=SIZE).state_dict())
+        states.append(torch.get_rng_state())
+    short, long = models
+    assert set(short) < set(long) and all(torch.equal(short[name], long[name]) for name in short)
+    assert torch.equal(states[0], states[1])
+    assert not torch.equal(long["head.outputs.0.weight"], long["head.outputs.3.weight"])  # two heads, two draws
+    detection = long["head.outputs.1.bias"]  # [anchors, 5 + classes]: objectness and classes at their priors
+    assert torch.allclose(detection[:, 4], torch.full((3,), -4.59512), atol=1e-5)
+    assert torch.allclose(detection[:, 5:], torch.full((3, 2), math.log(0.6 / (2 - 0.99))))
 
 
 def test_a_grown_model_loads_into_a_fresh_one_and_an_old_state_into_a_grown_one(model):

@@ -38,11 +38,9 @@ class ClassifierModel(HeadedModel):
                              f"{other.kind} (its kind needs a unified-model backbone such as yolov8n)")
         self.backbone_name = name
         self.body = body
-        made = {}
-        for head, space in enumerate(self.spaces):
-            linear = nn.Linear(features, space.initial)
-            made[str(head)] = ClassRows(linear.weight.detach(), linear.bias.detach(), CLASSIFICATION)
-        self.heads = nn.ModuleDict(made)
+        self.heads = nn.ModuleDict({
+            str(head): ClassRows.drawn(CLASSIFICATION, space.initial, features, self.head_generator(head))
+            for head, space in enumerate(self.spaces)})
 
     def rows(self, head: int) -> ClassRows:
         return self.heads[str(head)]

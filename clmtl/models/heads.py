@@ -8,7 +8,7 @@ scenario's business (``clmtl.stream.scenario.output_spaces``). A task label is a
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from avalanche.models import MultiTaskModule
@@ -16,6 +16,7 @@ from torch import nn
 
 from clmtl.models.unified_head import ClassRows
 from clmtl.stream.tasks import OutputSpace
+from clmtl.training.seeding import generator_for
 
 Output = torch.Tensor | list[torch.Tensor]
 
@@ -35,9 +36,13 @@ class HeadedModel(MultiTaskModule):
         if not spaces:
             raise ValueError("a model needs at least one output space")
         self.spaces = tuple(spaces)
-        self.growth_seed = torch.initial_seed()
-        """Seeds the rows heads grow (``grow``), so they do not depend on the global generator's state when growth
-        happens, nor on the process under torchrun."""
+        self.head_seed = torch.initial_seed()
+        """Seeds each head's initial rows (``head_generator``) and the rows it grows (``grow``), so they depend on
+        neither the global generator's state nor the other heads, nor on the process under torchrun."""
+
+    def head_generator(self, head: int) -> torch.Generator:
+        """The generator of head ``head``'s initial rows."""
+        return generator_for(self.head_seed, "head", head)
 
     def rows(self, head: int) -> ClassRows:
         """Head ``head``'s output rows."""
@@ -92,17 +97,30 @@ class HeadedModel(MultiTaskModule):
             raise ValueError(f"experience has task labels {unknown}; the model's heads are {sorted(self.head_kinds)}")
         if not self.training:
             return
-        self.known_train_tasks_labels = self.known_train_tasks_labels | labels
+        self.mark_trained(labels)
         classes = getattr(experience, "classes_in_this_experience", None)
         if classes and len(labels) == 1:
             self.grow(labels.pop(), max(classes) + 1)
+
+    def mark_trained(self, heads: Iterable[int]) -> None:
+        """Count ``heads`` as trained from now on (Avalanche's ``known_train_tasks_labels``): by an experience's
+        adaptation, by a resumed or continued run for the tasks its checkpoint had trained, by ``joint`` for every
+        head at once."""
+        self.known_train_tasks_labels = self.known_train_tasks_labels | set(heads)
+
+    def untrained_parameters(self) -> list[nn.Parameter]:
+        """The rows of the heads no experience has trained yet. The template drops their gradients before each
+        step: a computation shared by several heads (their rows run as one conv) gives them zero gradients, which an
+        optimizer with weight decay or momentum would still apply. So a head starts its first task as initialised,
+        in one run with every task as in a run that continues a shorter one."""
+        return [param for head in range(len(self.spaces)) if head not in self.known_train_tasks_labels
+                for param in self.rows(head).parameters()]
 
     def grow(self, head: int, num_classes: int) -> None:
         """Give ``head`` ``num_classes`` classes (no change if it has as many), trained rows kept bit for bit."""
         rows = self.rows(head)
         if num_classes > rows.num_classes:
-            seed = hash((self.growth_seed, head, rows.num_classes)) & (2**63 - 1)
-            rows.grow(num_classes, torch.Generator().manual_seed(seed))
+            rows.grow(num_classes, generator_for(self.head_seed, "growth", head, rows.num_classes))
 
     def resize_heads(self, state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
         """Give every head as many classes as ``state_dict`` has under ``<prefix><head>.weight`` (a checkpoint of a

@@ -53,7 +53,7 @@ class UnifiedModel(HeadedModel):
             )
         self.neck = FPN(self.backbone.out_channels, fpn_channels, smooth=fpn_smooth)
         self.head = UnifiedHead(fpn_channels, self.anchor_layout.num_anchors, [s.kind for s in self.spaces],
-                                [s.initial for s in self.spaces])
+                                [s.initial for s in self.spaces], [self.head_generator(h) for h in range(len(spaces))])
         self.routes: TaskRoutes | None = None
         """Per-task channel gates on the shared layers, once ``enable_routing`` added them (``routing`` strategy)."""
         if weights is not None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clmtl.stream.tasks import CLASSIFICATION, DETECTION, SEGMENTATION
+from clmtl.stream.tasks import DETECTION, SEGMENTATION
 
 OBJECTNESS_PRIOR = 0.01
 """Initial objectness probability: most anchors are background, so start there (as RetinaNet/YOLOv5 do)."""
@@ -33,6 +33,14 @@ def class_prior_bias(num_classes: int) -> float:
     return math.log(0.6 / (num_classes - 0.99))
 
 
+def _uniform_rows(shape: Sequence[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``shape`` and its bias (``shape`` without the input dimension), uniform in ±1/sqrt(fan_in) as PyTorch
+    initialises a fresh ``Linear`` or 1x1 ``Conv2d``."""
+    bound = 1 / math.sqrt(shape[-1])
+    weight = torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    return weight, torch.empty(shape[:-1]).uniform_(-bound, bound, generator=generator)
+
+
 class ClassRows(nn.Module):
     """One head's output rows: ``weight [A, 5 + C, in]`` (detection) or ``[C, in]``, ``bias`` without ``in``."""
 
@@ -41,6 +49,18 @@ class ClassRows(nn.Module):
         self.kind = kind
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias)
+
+    @classmethod
+    def drawn(cls, kind: str, num_classes: int, in_features: int, generator: torch.Generator,
+              num_anchors: int = 1) -> ClassRows:
+        """A fresh head's rows from ``generator``: as a fresh layer's, a detection head's objectness and class biases
+        at their priors."""
+        if kind != DETECTION:
+            return cls(*_uniform_rows((num_classes, in_features), generator), kind)
+        weight, bias = _uniform_rows((num_anchors, BOX_OUTPUTS + num_classes, in_features), generator)
+        bias[:, 4] = math.log(OBJECTNESS_PRIOR / (1 - OBJECTNESS_PRIOR))  # start near the prior
+        bias[:, BOX_OUTPUTS:] = class_prior_bias(num_classes)
+        return cls(weight, bias, kind)
 
     @property
     def class_dim(self) -> int:
@@ -64,9 +84,7 @@ class ClassRows(nn.Module):
             return
         shape = list(self.weight.shape)
         shape[self.class_dim] = extra
-        bound = 1 / math.sqrt(self.weight.shape[-1])
-        weight = torch.empty(shape).uniform_(-bound, bound, generator=generator)
-        bias = torch.empty(shape[:-1]).uniform_(-bound, bound, generator=generator)
+        weight, bias = _uniform_rows(shape, generator)
         if self.kind == DETECTION:
             bias[:] = class_prior_bias(num_classes)
         self.weight = nn.Parameter(torch.cat([self.weight, weight.to(self.weight)], self.class_dim))
@@ -83,35 +101,21 @@ class ClassRows(nn.Module):
 class UnifiedHead(nn.Module):
     """Shared conv stem + one 1x1 prediction conv (rows per detection / segmentation head) + linear classifiers.
 
-    ``kinds[h]`` and ``classes[h]`` describe head ``h``. All prediction rows are drawn as ONE conv layer, detection
-    heads first, then segmentation heads, then one linear layer per classification head, so a stream of one head per
-    kind starts from the weights a model with a single ``[detection | segmentation]`` conv would have.
+    ``kinds[h]`` and ``classes[h]`` describe head ``h``; its initial rows are drawn from ``heads[h]``, a generator of
+    its own (``clmtl.training.seeding``), so a head starts the same whatever other heads the model has.
     """
 
-    def __init__(self, channels: int, num_anchors: int, kinds: Sequence[str], classes: Sequence[int]) -> None:
+    def __init__(self, channels: int, num_anchors: int, kinds: Sequence[str], classes: Sequence[int],
+                 heads: Sequence[torch.Generator]) -> None:
         super().__init__()
         self.shared = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
         )
         self.num_anchors = num_anchors
         self.kinds = tuple(kinds)
-        conv_heads = self.conv_order(range(len(kinds)))
-        rows = [num_anchors * (BOX_OUTPUTS + classes[h]) if kinds[h] == DETECTION else classes[h] for h in conv_heads]
-        block = nn.Conv2d(channels, sum(rows), 1) if rows else None  # one draw for every conv head's rows
-        made: dict[int, ClassRows] = {}
-        for head, start, count in zip(conv_heads, [sum(rows[:i]) for i in range(len(rows))], rows):
-            weight = block.weight.detach()[start:start + count, :, 0, 0].clone()
-            bias = block.bias.detach()[start:start + count].clone()
-            if kinds[head] == DETECTION:
-                weight, bias = weight.view(num_anchors, -1, channels), bias.view(num_anchors, -1)
-                bias[:, 4] = math.log(OBJECTNESS_PRIOR / (1 - OBJECTNESS_PRIOR))  # start near the prior
-                bias[:, BOX_OUTPUTS:] = class_prior_bias(classes[head])
-            made[head] = ClassRows(weight, bias, kinds[head])
-        for head, kind in enumerate(kinds):
-            if kind == CLASSIFICATION:
-                linear = nn.Linear(channels, classes[head])
-                made[head] = ClassRows(linear.weight.detach(), linear.bias.detach(), kind)
-        self.outputs = nn.ModuleDict({str(head): made[head] for head in range(len(kinds))})
+        self.outputs = nn.ModuleDict({
+            str(head): ClassRows.drawn(kind, count, channels, generator, num_anchors)
+            for head, (kind, count, generator) in enumerate(zip(kinds, classes, heads, strict=True))})
 
     def conv_order(self, heads) -> list[int]:
         """The detection and segmentation heads among ``heads``, in the order their rows are concatenated."""

@@ -84,6 +84,10 @@ class MultiTaskUserModule(HeadedModel):
     def forward_all(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         return {head: self.module(x, head) for head in self.head_kinds if head in self.module.known_train_tasks_labels}
 
+    def untrained_parameters(self) -> list[nn.Parameter]:
+        """None: Avalanche's multi-head classifier makes a task's head when the task's first experience comes."""
+        return []
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"backbone": list(self.module.parameters())}
 

@@ -249,7 +249,10 @@ def restore_state(plugin: Any, state: dict[str, Any], model: nn.Module) -> None:
     for key in declared(type(plugin), "model_copies"):
         owner, last = _parent(plugin, key)
         rebuilt = None
-        if state[key] is not None:
-            rebuilt = frozen_copy(model)
-            rebuilt.load_state_dict(decode(state[key], device))
+        if state[key] is not None:  # a copy saved before the model had some parts (a continued run's new heads)
+            rebuilt = frozen_copy(model)  # takes the model's values for them, as a copy made then would have
+            unexpected = rebuilt.load_state_dict(decode(state[key], device), strict=False).unexpected_keys
+            if unexpected:
+                raise StateError(f"plugin {name}: model copy {key!r} holds tensors the model does not have "
+                                 f"({', '.join(unexpected[:3])})")
         setattr(owner, last, rebuilt)

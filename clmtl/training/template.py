@@ -150,6 +150,8 @@ class MultiTaskTemplate(SupervisedTemplate):
                 "optimizer": self.optimizer.state_dict(), "seconds": self.experience_seconds}
 
     def optimizer_step(self) -> None:
+        for param in self.model.untrained_parameters():  # heads of tasks to come stay as initialised
+            param.grad = None
         self.scaler.step(self.optimizer)
 
     def _unpack_minibatch(self) -> None:
