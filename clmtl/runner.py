@@ -240,6 +240,8 @@ class Run:
         restore_plugins(self.plugins, saved.plugins, self.model)
         set_clock_state(self.template.clock, saved.clock)
         set_rng_state(saved.rng)
+        if saved.optimizer is not None:
+            self.template.carry_optimizer_state(saved.optimizer)
         self.log.write(f"== resumed after experience {finished} ==\n")
 
     def start_from_parent(self) -> None:
@@ -257,6 +259,8 @@ class Run:
                 restore_plugins([plugin], [state], self.model)
         set_clock_state(self.template.clock, saved.clock)
         set_rng_state(saved.rng)
+        if saved.optimizer is not None and not self.config.train.reset_optimizer:
+            self.template.carry_optimizer_state(saved.optimizer)
         self.log.write(f"== continued from {self.parent.folder} after its {len(saved.task_entries)} tasks ==\n")
         for note in self.lineage.not_taken_over:
             self.log.write(f"not taken over: {note}\n")
@@ -311,7 +315,8 @@ class Run:
             baselines=None if baselines is None else {"scores": baselines.scores, "seconds": baselines.seconds},
             plugins=plugin_states(self.plugins), clock=clock_state(self.template.clock), rng=rng_state(),
             plugin_names=[type(plugin).__name__ for plugin in self.plugins],
-            lineage=None if self.lineage is None else dataclasses.asdict(self.lineage))
+            lineage=None if self.lineage is None else dataclasses.asdict(self.lineage),
+            optimizer=None if self.config.train.reset_optimizer else self.template.optimizer_state())
 
     def save_partial(self, position: dict) -> None:
         """The template's position inside an experience, as ``partial.pt`` (``output.checkpoint_every``, a stop)."""

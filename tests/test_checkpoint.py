@@ -141,6 +141,24 @@ def test_a_class_scenario_run_stopped_after_its_head_grew_resumes_to_the_same_mo
         assert torch.equal(tensor, reference_model[name]), name
 
 
+@pytest.mark.slow
+def test_one_optimizer_state_for_the_stream_resumes_after_an_experience_bit_for_bit(tmp_path, uninterrupted):
+    """``train.reset_optimizer=false`` (one Adam state for the stream, as the papers keep it): a run killed in its
+    second experience goes on from the first one's checkpoint with the optimizer's state as it was then (it used to
+    start a fresh one), and ends with the uninterrupted run's model."""
+    common = ["--plugin-file", str(KILLER), "--strategy", "ewc+killer", "--no-baselines",
+              *(o for o in TINY if "bnfreeze" not in o), "data.train_size=16", "train.epochs=2",
+              "train.reset_optimizer=false"]
+    reference = uninterrupted(*common)
+    killed = stopped_run(*common, "--out", str(tmp_path / "run"), at=2)
+    assert killed.returncode == -9 and load_run_checkpoint(tmp_path / "run").optimizer  # Adam's moments by name
+    resumed = clmtl_here("run", "--plugin-file", str(KILLER), "--resume", str(tmp_path / "run"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference_model = load_checkpoint(reference / "checkpoints" / "last.pt")["model"]
+    for name, tensor in load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"].items():
+        assert torch.equal(tensor, reference_model[name]), name
+
+
 CLASSIFICATION = ["scenario=class", "tasks=[{name: a, kind: cls, data: {classes: [heart, arrow]}}, "
                   "{name: b, kind: cls, data: {classes: [semicircle, frame]}}]"]
 STOPPED_INSIDE = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16", "train.epochs=2",

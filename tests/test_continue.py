@@ -85,7 +85,8 @@ SGD = ["train.optimizer=sgd", "train.lr=0.001", "train.weight_decay=0.01"]  # de
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,optimizer", [("ewc", []), ("replay", []), ("lwf", []), ("ewc+replay", []),
-                                                ("mas", []), ("lwf", SGD), ("ewc", SGD)])
+                                                ("mas", []), ("lwf", SGD), ("ewc", SGD),
+                                                ("ewc", ["train.reset_optimizer=false"])])  # the papers' one state
 def test_four_tasks_in_one_run_equal_two_then_two_more_continued(tmp_path, isolated_registry, strategy, optimizer):
     """The must-show: a run of four tasks, and a run of the first two continued with the last two, end with the
     same matrix and the same model, bit for bit (the parent's rows have no entries for the tasks it never had)."""

@@ -10,11 +10,13 @@ template's clock (EWC and layerlr read the experience counter from it), the rand
 accuracy matrix and scores so far, the baselines, the config and the strategy.
 
 Resuming rebuilds the benchmark, model, plugins and template from the saved config, loads all of that, and goes on
-with the next experience. The optimizer is rebuilt fresh at every experience anyway (``reset_optimizer_state``), and
-the data order comes from the restored generators, so a resumed run reproduces the uninterrupted one exactly on
-CPU. A partial checkpoint also holds the position inside the experience (``MultiTaskTemplate.position``: epoch,
-iteration, optimizer state, the generators at the start of the epoch and now); resuming finishes that experience
-from there, the same way. Without one, work inside an unfinished experience is redone from its start.
+with the next experience. The optimizer is rebuilt fresh at every experience (``train.reset_optimizer``), or, when
+one state runs through the stream, starts from the state the checkpoint keeps by parameter name; each experience
+draws from its own random stream (``clmtl.training.seeding``); so a resumed run reproduces the uninterrupted one
+exactly on CPU. A partial checkpoint also holds the position inside the experience
+(``MultiTaskTemplate.position``: epoch, iteration, optimizer state, the generators at the start of the epoch and
+now); resuming finishes that experience from there, the same way. Without one, work inside an unfinished
+experience is redone from its start.
 """
 from __future__ import annotations
 
@@ -96,6 +98,9 @@ class RunCheckpoint(ModelCheckpoint):
     checkpoint written before they were recorded)."""
     lineage: dict[str, Any] | None = None
     """A continued run's parent (``clmtl.deploy.continuation.Lineage``), else None."""
+    optimizer: dict[str, dict[str, Any]] | None = None
+    """The optimizer's state by parameter name after the last finished experience, when one state runs through the
+    stream (``train.reset_optimizer=false``; ``MultiTaskTemplate.optimizer_state``), else None."""
 
     ENTRIES = ("model", "config", "tasks", "strategy", "experience", "matrix", "scores", "plugins", "clock", "rng")
 
@@ -105,7 +110,8 @@ class RunCheckpoint(ModelCheckpoint):
                  "task_states": self.task_states, "strategy": self.strategy, "experience": progress.finished,
                  "matrix": progress.matrix, "scores": progress.scores, "random_init": progress.random_init,
                  "train_seconds": progress.train_seconds, "baselines": self.baselines, "plugins": self.plugins,
-                 "clock": self.clock, "rng": self.rng, "plugin_names": self.plugin_names, "lineage": self.lineage}
+                 "clock": self.clock, "rng": self.rng, "plugin_names": self.plugin_names, "lineage": self.lineage,
+                 "optimizer": self.optimizer}
         return saved if self.partial is None else {**saved, "partial": self.partial}
 
     @classmethod
@@ -119,7 +125,8 @@ class RunCheckpoint(ModelCheckpoint):
                    task_states=saved.get("task_states", {}), source=str(source), strategy=saved["strategy"],
                    progress=progress, baselines=saved.get("baselines"), plugins=saved["plugins"],
                    clock=saved["clock"], rng=saved["rng"], partial=saved.get("partial"),
-                   plugin_names=saved.get("plugin_names", []), lineage=saved.get("lineage"))
+                   plugin_names=saved.get("plugin_names", []), lineage=saved.get("lineage"),
+                   optimizer=saved.get("optimizer"))
 
     def inside_experience(self, position: dict[str, Any]) -> RunCheckpoint:
         """This checkpoint, taken at ``position`` inside the experience after the last finished one."""

@@ -70,6 +70,8 @@ class MultiTaskTemplate(SupervisedTemplate):
         """What ``train_for(resume=...)`` continues: set for that call only."""
         self.iteration_limit: int | None = None
         """The experience's budget in iterations, when it is counted so (``train_for``)."""
+        self._carried_optimizer_state: dict[str, dict[str, Any]] | None = None
+        """A checkpoint's ``optimizer_state``, for the next experience's optimizer (``carry_optimizer_state``)."""
 
     def forward(self):
         return self.task_output(self.mb_x, self.mb_task_id)
@@ -196,8 +198,28 @@ class MultiTaskTemplate(SupervisedTemplate):
 
     def make_optimizer(self, reset_optimizer_state: bool = False, **kwargs) -> None:
         """Avalanche's optimizer update, also dropping parameters the model no longer has: a head grown outside an
-        experience's adaptation (joint grows every head before training) leaves its old tensor behind otherwise."""
+        experience's adaptation (joint grows every head before training) leaves its old tensor behind otherwise.
+        Then a carried state (``carry_optimizer_state``) goes to the parameters of the same name and shape."""
         super().make_optimizer(reset_optimizer_state=reset_optimizer_state, remove_params=True, **kwargs)
+        carried, self._carried_optimizer_state = self._carried_optimizer_state, None
+        for name, param in self.model.named_parameters() if carried else ():
+            state = carried.get(name)
+            if state is not None and all(value.shape == param.shape for value in state.values()
+                                         if isinstance(value, torch.Tensor) and value.dim() > 0):
+                self.optimizer.state[param] = {key: value.to(param.device) if isinstance(value, torch.Tensor)
+                                               else value for key, value in state.items()}
+
+    def optimizer_state(self) -> dict[str, dict[str, Any]]:
+        """The optimizer's per-parameter state (Adam's moments, SGD's momentum) by parameter name: what a resumed or
+        continued run needs when one state runs through the stream (``reset_optimizer=False``). By name, as
+        Avalanche maps parameters, so it fits a model with more heads (a continued run) as well."""
+        names = {param: name for name, param in self.model.named_parameters()}
+        return {names[param]: dict(state) for param, state in self.optimizer.state.items() if param in names}
+
+    def carry_optimizer_state(self, state: dict[str, dict[str, Any]]) -> None:
+        """Start the next experience's optimizer from ``state`` (an ``optimizer_state``) instead of a fresh one. A
+        grown head's old state does not fit its new shape and is left out, as Avalanche drops it in one run."""
+        self._carried_optimizer_state = state
 
     def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None, persistent_workers=False,
                               drop_last=False, **kwargs) -> None:
