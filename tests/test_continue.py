@@ -104,6 +104,20 @@ def test_four_tasks_in_one_run_equal_two_then_two_more_continued(tmp_path, isola
 
 
 @pytest.mark.slow
+def test_in_the_class_scenario_too_four_tasks_equal_two_then_two_more_continued(tmp_path):
+    """The shared head grows at every task, in one run as in the parent and its continuation."""
+    write_folder(tmp_path / "digits", classes=tuple("01234567"), counts={"train": 6, "val": 3})
+    tasks = [digit_task(f"d{pair}", tmp_path / "digits", pair) for pair in ("01", "23", "45", "67")]
+    settings = {"overrides": [*TINY, "scenario=class", "train.epochs=2"], "baselines": False}
+    whole = clmtl.run({"tasks": tasks}, "ewc+replay", tmp_path / "whole", **settings)
+    clmtl.run({"tasks": tasks[:2]}, "ewc+replay", tmp_path / "first", **settings)
+    then = clmtl.run({"tasks": tasks[2:]}, out=tmp_path / "then", start_from=tmp_path / "first")
+    assert then.matrix[2:] == whole.matrix[2:] and then.bwt == whole.bwt
+    ours, theirs = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("then", "whole"))
+    assert ours["model"]["head.outputs.0.weight"].shape[0] == 8 and same(ours["model"], theirs["model"])
+
+
+@pytest.mark.slow
 def test_a_continued_run_is_evaluated_exported_resumed_and_continued_again(lineage, tmp_path):
     root, _, child, _ = lineage
     scores = evaluate_checkpoint(root / "B" / "checkpoints" / "last.pt")  # the old training images are gone
