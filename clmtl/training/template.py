@@ -202,7 +202,9 @@ class MultiTaskTemplate(SupervisedTemplate):
         Then a carried state (``carry_optimizer_state``) goes to the parameters of the same name and shape."""
         super().make_optimizer(reset_optimizer_state=reset_optimizer_state, remove_params=True, **kwargs)
         carried, self._carried_optimizer_state = self._carried_optimizer_state, None
-        for name, param in self.model.named_parameters() if carried else ():
+        if carried is None:
+            return
+        for name, param in self.model.named_parameters():
             state = carried.get(name)
             if state is not None and all(value.shape == param.shape for value in state.values()
                                          if isinstance(value, torch.Tensor) and value.dim() > 0):
