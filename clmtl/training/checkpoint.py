@@ -129,8 +129,10 @@ class RunCheckpoint(ModelCheckpoint):
                    optimizer=saved.get("optimizer"))
 
     def inside_experience(self, position: dict[str, Any]) -> RunCheckpoint:
-        """This checkpoint, taken at ``position`` inside the experience after the last finished one."""
-        return replace(self, partial=position)
+        """This checkpoint, taken at ``position`` inside the experience after the last finished one. The position
+        holds the optimizer's state as it is there, so ``optimizer`` (the state after a finished experience) is not
+        kept twice."""
+        return replace(self, partial=position, optimizer=None)
 
 
 class ResumeError(ValueError):
