@@ -40,20 +40,20 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
         "train.warmup=0"), ("naive", "joint", "ewc", "lwf", "replay", "der", "derpp", "er_ace", "icarl")),
     **{f"shapes-seg-{name}": ("seg", (
         "scenario=class", f"split={{kind: segmentation, data: {{format: shapes}}, experiences: {steps}, "
-        "setting: overlapped}", "data.image_size=64"), ("naive", "joint", "ewc", "lwf", "replay", "mib", "plop"))
+        "setting: overlapped}", "data.image_size=64"), ("naive", "joint", "ewc", "lwf", "replay", "derpp", "mib", "plop"))
        for name, steps in (("2-1-1", [2, 1, 1]), ("1-1-1-1", [1, 1, 1, 1]))},
     "shapes-det-3-1": ("det", (
         "scenario=class", "split={kind: detection, data: {format: shapes}, experiences: [3, 1]}", "data.image_size=64"),
-        ("naive", "joint", "ewc", "lwf", "replay", "det_distill", "pseudo_labels")),
+        ("naive", "joint", "ewc", "lwf", "replay", "derpp", "det_distill", "pseudo_labels")),
     **{f"voc-{name}": ("seg", (
         "scenario=class", f"split={{kind: segmentation, data: {{format: voc, root: ROOT}}, experiences: {steps}, "
-        "setting: overlapped}", "data.image_size=512"), ("naive", "joint", "ewc", "lwf", "replay", "mib", "plop"))
+        "setting: overlapped}", "data.image_size=512"), ("naive", "joint", "ewc", "lwf", "replay", "derpp", "mib", "plop"))
        for name, steps in (("15-5", [15, 5]), ("15-1", [15, 1, 1, 1, 1, 1]), ("10-1", [10] + [1] * 10))},
     **{f"voc-det-{name}": ("det", (
         "scenario=class", "split={kind: detection, data: {format: coco, train_images: ROOT/train, "
         "train_ann: ROOT/annotations/instances_train.json, val_images: ROOT/val, "
         f"val_ann: ROOT/annotations/instances_val.json}}, experiences: {steps}}}", "data.image_size=512"),
-        ("naive", "joint", "ewc", "lwf", "replay", "det_distill", "pseudo_labels"))
+        ("naive", "joint", "ewc", "lwf", "replay", "derpp", "det_distill", "pseudo_labels"))
        for name, steps in (("19-1", [19, 1]), ("10-10", [10, 10]), ("15-5", [15, 5]))},
 }
 """Per setting: its task kind, the config overrides that make its stream and recipe (``ROOT``: ``--root``), and the

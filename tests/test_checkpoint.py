@@ -174,6 +174,8 @@ STOPPED_INSIDE = [*(o for o in TINY if "bnfreeze" not in o), "data.train_size=16
     ("si+bnfreeze", ["strategy.si.c=100.0", "strategy.bnfreeze.mode=freeze"]),  # SI's path integral so far
     ("ewc", ["strategy.ewc.mode=online"]),  # its stores stay defaultdicts, which online mode writes new keys into
     ("derpp+ewc", ["strategy.derpp.mem_size=6"]),  # DER++'s draws inside the experience, its stored logits
+    ("derpp", ["strategy.derpp.mem_size=6", "scenario=class", "tasks=[{name: a, kind: det, data: {classes: [cross]}}, "
+               "{name: b, kind: det, data: {classes: [hexagon]}}]"]),  # stored detection outputs: levels per sample
     ("er_ace", ["strategy.er_ace.mem_size=6"]),
     ("icarl+ewc", ["strategy.icarl.mem_size=6"]),  # the exemplars, class means and previous model
     ("mib+replay", ["scenario=class", "tasks=[{name: a, kind: seg, data: {classes: [disk, square]}}, "

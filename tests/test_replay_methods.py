@@ -1,6 +1,7 @@
-"""Replay methods of the classification literature on replay's memory: DER and DER++ (the logits stored with the
-memory, the loss against its definition with a head grown since storing, the bytes they report) and ER-ACE (its
-asymmetric cross-entropy against its definition); each refuses streams it cannot act on."""
+"""Replay methods of the classification literature on replay's memory: DER and DER++ (the outputs stored with the
+memory, the loss against its definition with a head grown since storing, for classification, segmentation at reduced
+resolution and detection; the bytes they report) and ER-ACE (its asymmetric cross-entropy against its definition,
+refusing streams it cannot act on)."""
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import clmtl
 from clmtl.errors import ConfigError
-from clmtl.strategies.der import DarkExperienceReplayPlugin
+from clmtl.strategies.der import DarkExperienceReplayPlugin, widened
 from clmtl.strategies.er_ace import ERACEPlugin, present_class_logits
 from clmtl.strategies.replay import MultiTaskReplayPlugin
 
@@ -55,7 +56,7 @@ def test_the_added_loss_is_the_definition_on_the_logits_stored_at_the_end_of_the
         model.heads[0] = grown
         model.body.weight.add_(0.1)
     strategy = SimpleNamespace(model=model, experience=experience(1, head=1, classes=2), device="cpu",
-                               mb_x=torch.zeros(4, 3, 4, 4), loss=torch.tensor(0.0))
+                               mb_x=torch.zeros(4, 3, 4, 4), loss=torch.tensor(0.0), _criterion=F.cross_entropy)
     draws = torch.Generator()
     draws.set_state(plugin.generator.get_state())
     plugin.before_backward(strategy)
@@ -87,7 +88,61 @@ def test_a_second_experience_trims_the_first_ones_logits_with_its_samples():
         assert torch.equal(torch.stack(plugin.logits[1]), model(stored_images(plugin, 1), 1))
 
 
-@pytest.mark.parametrize("strategy", ["der", "derpp+ewc", "er_ace"])
+class SegmentationHead(nn.Module):
+    """``forward(x, task_label)``: a 1x1 conv's class map at a quarter of the image, upsampled to it as the unified
+    model's is."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, classes, 1)
+
+    def forward(self, x, task_label):
+        return F.interpolate(self.conv(F.avg_pool2d(x, 4)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def test_a_segmentation_output_is_stored_pooled_and_matched_pooled_with_the_grown_classes_at_its_lowest():
+    torch.manual_seed(0)
+    model, generator = SegmentationHead(), torch.Generator().manual_seed(5)
+    samples = [[torch.rand(3, 16, 16, generator=generator), torch.randint(0, 3, (16, 16), generator=generator), 0]
+               for _ in range(6)]
+    plugin = DarkExperienceReplayPlugin(alpha=0.5, beta=0.3, mem_size=4, output_stride=4, seed=2)
+    replay = MultiTaskReplayPlugin(mem_size=4, seed=2)
+    for each in (plugin, replay):
+        each.after_training_exp(SimpleNamespace(model=model, experience=SimpleNamespace(
+            dataset=samples, current_experience=0, task_label=0), device="cpu"))
+    images, masks = stored_images(plugin, 0), torch.stack([t.long() for t in plugin.buffer.tasks[0].targets])
+    with torch.no_grad():
+        pooled = F.avg_pool2d(model(images, 0), 4)  # [4, 3, 4, 4]: a 16-pixel map kept as 4 x 4 cells
+    assert torch.allclose(torch.stack(plugin.logits[0]), pooled, atol=1e-6)
+    assert plugin.memory_bytes == replay.memory_bytes + 4 * 3 * 4 * 4 * 4  # four samples, 3 x 4 x 4 float32 each
+    assert plugin.stats()["output_bytes"] == {"0": 4 * 3 * 4 * 4 * 4}
+
+    with torch.no_grad():  # the head grew from 3 classes to 5 and moved on
+        grown = nn.Conv2d(3, 5, 1)
+        grown.weight[:3], grown.bias[:3] = model.conv.weight + 0.1, model.conv.bias
+        model.conv = grown
+    strategy = SimpleNamespace(model=model, experience=SimpleNamespace(current_experience=1, task_label=0),
+                               device="cpu", mb_x=torch.zeros(2, 3, 16, 16), loss=torch.tensor(0.0),
+                               _criterion=lambda output, target: F.cross_entropy(output, target, ignore_index=255))
+    draws = torch.Generator()
+    draws.set_state(plugin.generator.get_state())
+    plugin.before_backward(strategy)
+
+    first_pick, second_pick = (torch.randperm(4, generator=draws)[:2] for _ in range(2))
+    lowest = pooled.min(1, keepdim=True).values  # per cell: classes 3 and 4 get the sample's lowest stored logit
+    targets = torch.cat([pooled, lowest, lowest], 1)
+    distill = ((F.avg_pool2d(model(images[first_pick], 0), 4) - targets[first_pick]) ** 2).mean()
+    labels = F.cross_entropy(model(images[second_pick], 0), masks[second_pick])
+    assert float(strategy.loss) == pytest.approx(float(0.5 * distill + 0.3 * labels), rel=1e-5)
+
+
+def test_a_detection_output_keeps_its_boxes_and_gives_new_classes_the_lowest_class_logit():
+    stored = [torch.tensor([[[[[-9.0, 1.0, 2.0, 3.0, 0.5, 2.0, -1.0]]]]])]  # [1, A, H, W, 5 + 2]: box, obj, 2 classes
+    grown = [torch.zeros(1, 1, 1, 1, 8)]  # the head now has 3 classes
+    assert widened(stored, grown, "detection")[0].flatten().tolist() == [-9.0, 1.0, 2.0, 3.0, 0.5, 2.0, -1.0, -1.0]
+
+
+@pytest.mark.parametrize("strategy", ["er_ace", "er_ace+ewc"])
 def test_a_stream_with_segmentation_or_detection_is_refused_in_one_line(strategy):
     with pytest.raises(ConfigError) as refused:
         clmtl.run({"tasks": ["seg", "cls"], "data": {"image_size": 64, "train_size": 4, "val_size": 2}}, strategy)
