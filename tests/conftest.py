@@ -1,11 +1,15 @@
 """Test-wide settings: no network for ultralytics, its settings file in a temporary folder, 1 thread; the order and
 grouping of tests on pytest-xdist's workers."""
+import atexit
 import collections
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="clmtl-yolo-"))
+if "YOLO_CONFIG_DIR" not in os.environ:  # made once by the main process; the workers and subprocesses inherit it
+    os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="clmtl-yolo-")
+    atexit.register(shutil.rmtree, os.environ["YOLO_CONFIG_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
