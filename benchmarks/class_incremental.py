@@ -33,6 +33,9 @@ from pathlib import Path
 
 from clmtl.studies.engines import Engine, add_engine_arguments
 
+SEG_METHODS = ("naive", "joint", "ewc", "lwf", "replay", "derpp", "mib", "plop")
+DET_METHODS = ("naive", "joint", "ewc", "lwf", "replay", "derpp", "det_distill", "pseudo_labels")
+"""What a segmentation and a detection setting run by default: the generic strategies, then the kind's own."""
 SETTINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "split-digits-5x2": ("cls", (
         "scenario=class", "split={kind: classification, data: {format: folder, root: ROOT}, experiences: 5}",
@@ -40,20 +43,20 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
         "train.warmup=0"), ("naive", "joint", "ewc", "lwf", "replay", "der", "derpp", "er_ace", "icarl")),
     **{f"shapes-seg-{name}": ("seg", (
         "scenario=class", f"split={{kind: segmentation, data: {{format: shapes}}, experiences: {steps}, "
-        "setting: overlapped}", "data.image_size=64"), ("naive", "joint", "ewc", "lwf", "replay", "derpp", "mib", "plop"))
+        "setting: overlapped}", "data.image_size=64"), SEG_METHODS)
        for name, steps in (("2-1-1", [2, 1, 1]), ("1-1-1-1", [1, 1, 1, 1]))},
     "shapes-det-3-1": ("det", (
         "scenario=class", "split={kind: detection, data: {format: shapes}, experiences: [3, 1]}", "data.image_size=64"),
-        ("naive", "joint", "ewc", "lwf", "replay", "derpp", "det_distill", "pseudo_labels")),
+        DET_METHODS),
     **{f"voc-{name}": ("seg", (
         "scenario=class", f"split={{kind: segmentation, data: {{format: voc, root: ROOT}}, experiences: {steps}, "
-        "setting: overlapped}", "data.image_size=512"), ("naive", "joint", "ewc", "lwf", "replay", "derpp", "mib", "plop"))
+        "setting: overlapped}", "data.image_size=512"), SEG_METHODS)
        for name, steps in (("15-5", [15, 5]), ("15-1", [15, 1, 1, 1, 1, 1]), ("10-1", [10] + [1] * 10))},
     **{f"voc-det-{name}": ("det", (
         "scenario=class", "split={kind: detection, data: {format: coco, train_images: ROOT/train, "
         "train_ann: ROOT/annotations/instances_train.json, val_images: ROOT/val, "
         f"val_ann: ROOT/annotations/instances_val.json}}, experiences: {steps}}}", "data.image_size=512"),
-        ("naive", "joint", "ewc", "lwf", "replay", "derpp", "det_distill", "pseudo_labels"))
+        DET_METHODS)
        for name, steps in (("19-1", [19, 1]), ("10-10", [10, 10]), ("15-5", [15, 5]))},
 }
 """Per setting: its task kind, the config overrides that make its stream and recipe (``ROOT``: ``--root``), and the
