@@ -9,7 +9,7 @@ paper's mean lies inside our 95 % interval widened by the paper's standard error
     python benchmarks/reproduce.py --list
     python benchmarks/reproduce.py --protocol split_mnist_2019 --root DIR --out runs/split_mnist_2019
     python benchmarks/reproduce.py --protocol split_mnist_2019 --root DIR --avalanche     # + Avalanche's own rows
-    python benchmarks/reproduce.py --protocol split_mnist_2019 --check                    # rerun benchmarks/targets
+    python benchmarks/reproduce.py --protocol split_mnist_2019 --check   # rerun reproduce_targets.csv's cells
 
 ``--out`` receives ``table.md`` (with the command, the images used and the wall time), ``table.csv``
 (``protocol,scenario,strategy,seeds,mean,low,high,paper,verdict``), ``plots/<protocol>.png`` and every run under
@@ -65,6 +65,25 @@ def plan(protocol, scenarios: Sequence[str], methods: Sequence[str], seeds: Sequ
                                  Job(f"{scenario} avalanche:{name} seed {seed}", train_avalanche_cell,
                                      (config, name, hyper, seed, folder))))
     return runs
+
+
+def check_runs(protocol, targets: Sequence[dict], data: dict, iterations: int | None, out: Path,
+               changes: Sequence[str] = ()) -> list[tuple[str, str, int, Path, Job]]:
+    """The runs ``--check`` reruns: each target cell on its own number of seeds (one cell may average more orders
+    than the others), a run two cells share planned once."""
+    runs: dict[Path, tuple] = {}
+    for target in targets:
+        row, scenario, seeds = target["strategy"], target["scenario"], range(int(target["seeds"]))
+        if row.startswith("avalanche:"):
+            method = next(m for m in protocol.methods if (protocol.avalanche_for(m, scenario) or ("",))[0] ==
+                          row.split(":", 1)[1])
+            planned = [run for run in plan(protocol, [scenario], [method], seeds, data, iterations, out, True, changes)
+                       if run[1] == row]
+        else:
+            planned = plan(protocol, [scenario], [row], seeds, data, iterations, out, False, changes)
+        for run in planned:
+            runs.setdefault(run[3], run)
+    return list(runs.values())
 
 
 def applies(change: str, strategy: str) -> bool:
@@ -207,11 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not targets:
             parser.error(f"{TARGETS.name} has no cell of {protocol.name}")
         out = out / "check"
-        rows = list(dict.fromkeys(t["strategy"] for t in targets))
-        methods = [row for row in rows if row in protocol.methods]
-        args.avalanche = any(row.startswith("avalanche:") for row in rows)
         scenarios = list(dict.fromkeys(t["scenario"] for t in targets))
-        seeds = list(range(int(targets[0]["seeds"])))
     try:
         data = mnist_source(args.root) if args.root else None
     except ConfigError as error:
@@ -228,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "protocol.yaml").write_text(yaml.safe_dump({"protocol": protocol.name, "data": data,
                                                        "iterations": args.iterations, "changes": args.changes},
                                                       sort_keys=False))
-    runs = plan(protocol, scenarios, methods, seeds, data, args.iterations, out, args.avalanche, args.changes)
+    runs = (check_runs(protocol, targets, data, args.iterations, out, args.changes) if args.check else
+            plan(protocol, scenarios, methods, seeds, data, args.iterations, out, args.avalanche, args.changes))
     train_missing(runs, Engine.from_arguments(args), out)
     table = cells(protocol, runs)
     with open(out / "table.csv", "w", newline="") as handle:

@@ -1,5 +1,6 @@
 """Published experiments as data (``clmtl.studies.protocols``, ``benchmarks/protocols/``): the verdict rule on hand-made
 cells, the translation of the papers' hyperparameters into clmtl's conventions, and bad protocol files."""
+import collections
 import json
 from pathlib import Path
 
@@ -127,3 +128,17 @@ def test_check_compares_each_rerun_cell_with_its_shipped_mean(capsys):
     far = Cell("split_mnist_2019", "task", "si", (float(target["mean"]) - 0.05,), None)
     assert script.check([near], [target]) == 0 and capsys.readouterr().out.startswith("ok")
     assert script.check([far], [target]) == 1 and capsys.readouterr().out.startswith("FAIL")
+
+
+def test_check_reruns_each_cell_on_its_own_seeds_and_a_shared_run_once(tmp_path):
+    from benchmark_scripts import load_benchmark
+
+    script = load_benchmark("reproduce")
+    protocol = Protocol.load(PROTOCOLS / "split_mnist_2019.yaml")
+    targets = [{"scenario": "domain", "strategy": "naive", "seeds": "20"},
+               {"scenario": "task", "strategy": "ewc", "seeds": "5"},
+               {"scenario": "task", "strategy": "avalanche:EWC", "seeds": "5"}]
+    runs = script.check_runs(protocol, targets, {"format": "folder", "root": "DIR"}, None, tmp_path)
+    counted = collections.Counter((scenario, row) for scenario, row, *_ in runs)
+    assert counted == {("domain", "naive"): 20, ("task", "ewc"): 5, ("task", "avalanche:EWC"): 5}
+    assert len({folder for *_, folder, _ in runs}) == len(runs)
