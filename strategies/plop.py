@@ -15,7 +15,9 @@ On the segmentation head the class scenario shares, with ``old`` the classes it 
   when the experience starts. Unconfident background pixels are ignored. Each image's cross-entropy (a mean over all
   its pixels, ignored ones counting 0, as in the authors' code) is weighted by the fraction of its background pixels
   that got a confident label; an image without background pixels keeps weight 1 (the authors' code gives it 0).
-  This replaces the mini-batch's cross-entropy (the criterion action).
+  This replaces the mini-batch's cross-entropy (the criterion action). The threshold is the paper's median; the
+  authors' released code sums each histogram bin's index where it means the bin's count, which keeps every pixel of a
+  class that no single bin holds half of (``min_threshold: 1`` keeps every pixel; docs/benchmarks.md measures both).
 - **Initialisation.** New classes' rows start from the background row, as MiB's (``strategies/mib.py``; also
   ``init_from_background``).
 
