@@ -1,10 +1,13 @@
-"""benchmarks/class_incremental.py: old / new / all from a hand-made matrix, and a tiny run of the whole script whose
-table rows equal what its runs' results hold."""
+"""benchmarks/class_incremental.py: old / new / all from a hand-made matrix, a tiny run of the whole script whose
+table rows equal what its runs' results hold, and a VOC setting on files in VOC's own layout."""
 import csv
 import json
 
 import pytest
 from benchmark_scripts import load_benchmark
+from realdata import write_voc
+
+from clmtl.data.voc import VOC_CLASSES
 
 script = load_benchmark("class_incremental")
 
@@ -56,3 +59,23 @@ def test_the_script_writes_a_table_of_its_runs(tmp_path):
         expected = [sum(script.old_new_all(script.final_scores(run, "seg"))[i] for run in runs) / 2 for i in range(3)]
         assert [float(row[name]) for name in ("old", "new", "all")] == pytest.approx(expected, abs=1e-4)
     assert (out / "plots" / "steps.png").stat().st_size > 0 and "| replay | 2 |" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_voc_setting_runs_on_files_in_vocs_own_layout(tmp_path):
+    """voc-15-5 on a small folder in VOC's layout (JPEGImages, SegmentationClass, ImageSets): 15 classes, then the
+    last 5 in one head that grows to 21 outputs."""
+    samples = {"train": [(f"2007_{i:06d}", (48, 48)) for i in range(30)],
+               "val": [(f"2008_{i:06d}", (48, 48)) for i in range(16)]}
+    root = write_voc(tmp_path / "VOC2012", samples=samples).root
+    out = tmp_path / "ci"
+    assert script.main(["--setting", "voc-15-5", "--root", str(root), "--strategies", "naive,mib", "--seeds", "0",
+                        "--out", str(out), "--jobs", "1", "data.image_size=64", "train.epochs=1",
+                        "train.batch_size=8", "output.overlays=0"]) == 0
+    with open(out / "table.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["kind"], row["setting"], row["strategy"]) for row in rows] == [
+        ("seg", "voc-15-5", "naive"), ("seg", "voc-15-5", "mib")]
+    run = json.loads((out / "seed0" / "mib" / "results.json").read_text())
+    assert [task["labels"] for task in run["tasks"]] == [list(range(16)), [0, *range(16, 21)]]
+    assert [task["classes"][1:] for task in run["tasks"]] == [list(VOC_CLASSES[1:16]), list(VOC_CLASSES[16:])]
