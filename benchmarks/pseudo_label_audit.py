@@ -88,6 +88,9 @@ def audit(run: Path) -> list[dict]:
     """One row per step after the first: the shares of ``OUTCOMES`` over the old classes' pixels labelled background,
     the share the previous model's argmax finds, and the pixels counted."""
     checkpoints = sorted(run.glob("checkpoints/exp*.pt"), key=lambda path: int(path.stem[3:]))
+    if len(checkpoints) < 2:
+        raise SystemExit(f"{run}: needs checkpoints/exp0.pt and exp1.pt at least (a run of two steps or more, "
+                         "with output.checkpoints: true)")
     rows = []
     for step in range(1, len(checkpoints)):
         saved = load_model_checkpoint(checkpoints[step - 1])
@@ -115,9 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a class-incremental segmentation run's folder (with checkpoints/)")
     args = parser.parse_args(argv)
+    rows = audit(args.run)
     print("| step | old-class pixels labelled background | previous model finds | " + " | ".join(OUTCOMES) + " |")
     print("|---" * (3 + len(OUTCOMES)) + "|")
-    for row in audit(args.run):
+    for row in rows:
         print(f"| {row['step']} | {row['pixels']} | {row['found']:.3f} | "
               + " | ".join(f"{row[name]:.3f}" for name in OUTCOMES) + " |")
     return 0

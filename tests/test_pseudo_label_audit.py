@@ -1,5 +1,6 @@
 """benchmarks/pseudo_label_audit.py: what PLOP's pseudo-labels make of old classes' pixels, on hand-made labels, and
 the source's masks found under the step's views."""
+import pytest
 import torch
 
 from benchmark_scripts import load_benchmark
@@ -26,3 +27,9 @@ def test_the_source_and_each_samples_index_in_it_are_found_under_nested_views():
     assert found is source and len(positions) == 2 and set(positions) < {2, 4, 5}
     for i, position in enumerate(positions):
         assert int((head[i][1] == 5).sum()) == int((masks[position] == 3).sum())
+
+
+def test_a_folder_without_checkpoints_is_one_line_naming_it(tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        audit.main([str(tmp_path)])
+    assert str(tmp_path) in str(refused.value) and "\n" not in str(refused.value)
