@@ -46,6 +46,7 @@ from clmtl.strategies.replay import MemorySettings, MultiTaskReplayPlugin
 from clmtl.stream.experiences import collate_for
 from clmtl.stream.tasks import DETECTION, SEGMENTATION
 from clmtl.training.plugin import evaluating, to_device
+from clmtl.training.precision import to_float
 from clmtl.training.registry import register
 
 BOX_VALUES = 5
@@ -141,8 +142,7 @@ class DarkExperienceReplayPlugin(MultiTaskReplayPlugin):
         with evaluating(strategy.model):
             for start in range(0, len(memory), STORE_BATCH):
                 images = torch.stack([memory[i][0] for i in range(start, min(start + STORE_BATCH, len(memory)))])
-                output = strategy.model(to_device(images, strategy.device), memory.head)
-                output = [level.float().cpu() for level in output] if memory.kind == DETECTION else output.float().cpu()
+                output = to_device(to_float(strategy.model(to_device(images, strategy.device), memory.head)), "cpu")
                 outputs += split_samples(reduced(output, memory.kind, self.output_stride), memory.kind)
         self.logits[experience] = outputs
         for stored, logits in self.logits.items():  # the quotas of older experiences shrank
@@ -161,8 +161,7 @@ class DarkExperienceReplayPlugin(MultiTaskReplayPlugin):
             memory = self.buffer.tasks[experience]
             for term in (distill, labels) if self.beta else (distill,):  # each term draws its own samples
                 picked = self.buffer.pick(experience, size, self.generator)
-                batch = to_device(collate_for(memory.kind)([[*memory[i], memory.head] for i in picked]),
-                                  strategy.device)
+                batch = to_device(collate_for(memory.kind)(memory.samples(picked)), strategy.device)
                 output = forward(batch[0], memory.head)
                 if term is distill:
                     output = reduced(output, memory.kind, self.output_stride)

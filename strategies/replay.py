@@ -173,6 +173,10 @@ class TaskMemory:
         target = self.targets[i]
         return self.images[i].float().div_(255), target.long() if self.kind == SEGMENTATION else target
 
+    def samples(self, positions: list[int]) -> list[list[Any]]:
+        """The stored samples at ``positions`` as ``[image, target, head]``, what ``collate_for`` batches."""
+        return [[*self[i], self.head] for i in positions]
+
     def trim(self, size: int) -> None:
         del self.images[size:], self.targets[size:], self.indices[size:]
 
@@ -257,8 +261,7 @@ class TaskBuffer:
 
     def draw(self, experience: int, count: int, generator: torch.Generator) -> list[list[Any]]:
         """``count`` distinct samples ``[image, target, head]`` of an experience (fewer if fewer stored)."""
-        memory = self.tasks[experience]
-        return [[*memory[i], memory.head] for i in self.pick(experience, count, generator)]
+        return self.tasks[experience].samples(self.pick(experience, count, generator))
 
 
 class MultiTaskReplayPlugin(Plugin, supports_distributed=True):
