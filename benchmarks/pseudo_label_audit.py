@@ -27,8 +27,8 @@ import torch
 
 from clmtl.builders import build_model
 from clmtl.data.relabel import Relabelled
-from clmtl.data.sources import LoadOptions, load_task
-from clmtl.stream.benchmark import build_benchmark, in_head_labels, task_entries
+from clmtl.data.sources import load_task
+from clmtl.stream.benchmark import build_benchmark, in_head_labels, load_options, task_entries
 from clmtl.stream.tasks import IGNORE_INDEX, SEGMENTATION, kind_name
 from clmtl.strategies.plop import entropy_thresholds, pseudo_labelled
 from clmtl.training.checkpoint import checkpoint_config, load_model_checkpoint
@@ -60,10 +60,8 @@ def step_pixels(config, tasks, step: int) -> tuple[torch.Tensor, torch.Tensor, t
     """Step ``step``'s training images, their labels as the step gives them (head labels) and every class's true
     head label, read without augmentation."""
     entry = task_entries(config)[step]
-    data = config.data
-    options = LoadOptions(data.image_size, config.seed, data.on_bad_sample, data.channels, data.train_size,
-                          data.val_size)
-    train = in_head_labels(load_task(entry.name, kind_name(entry.kind), entry.data, options).train, tasks[step])
+    train = in_head_labels(load_task(entry.name, kind_name(entry.kind), entry.data, load_options(config)).train,
+                           tasks[step])
     source, positions = source_view(train)
     head_label = torch.zeros(256, dtype=torch.long)  # source label -> head label, by class name over every task
     head_label[IGNORE_INDEX] = IGNORE_INDEX
@@ -91,16 +89,14 @@ def audit(run: Path) -> list[dict]:
     if len(checkpoints) < 2:
         raise SystemExit(f"{run}: needs checkpoints/exp0.pt and exp1.pt at least (a run of two steps or more, "
                          "with output.checkpoints: true)")
+    config = checkpoint_config(load_model_checkpoint(checkpoints[0]), checkpoints[0])  # every step's: the run's
+    benchmark = build_benchmark(config)
+    model = build_model(config, benchmark.tasks, initial_weights=False).eval()
     rows = []
     for step in range(1, len(checkpoints)):
-        saved = load_model_checkpoint(checkpoints[step - 1])
-        config = checkpoint_config(saved, checkpoints[step - 1])
-        benchmark = build_benchmark(config)
         if benchmark.scenario != "class" or benchmark.tasks[step].kind != SEGMENTATION:
             raise SystemExit(f"{run}: not a class-incremental segmentation run")
-        model = build_model(config, benchmark.tasks, initial_weights=False)
-        model.load_state_dict(saved.model)
-        model.eval()
+        model.load_state_dict(load_model_checkpoint(checkpoints[step - 1]).model)
         old = 1 + sum(len(task.classes) - 1 for task in benchmark.tasks[:step])
         head = benchmark.stream.train_stream[step].task_label
         images, labels, truth = step_pixels(config, benchmark.tasks, step)

@@ -64,8 +64,7 @@ def build_benchmark(config: Config) -> Benchmark:
     """The configured stream as one Avalanche benchmark; the same config and seed always give the same data."""
     entries = task_entries(config)
     data = config.data
-    options = LoadOptions(data.image_size, config.seed, data.on_bad_sample, data.channels, data.train_size,
-                          data.val_size)
+    options = load_options(config)
     inherited = config.continues.tasks if config.continues is not None else 0  # evaluated only: no training data
     loaded = [shifted(load_inherited(entry, options) if index < inherited else
                       load_task(entry.name, kind_name(entry.kind), entry.data, options), entry, config.seed)
@@ -83,6 +82,12 @@ def build_benchmark(config: Config) -> Benchmark:
     fixed = all(ds is plain for ds, plain in zip(augmented, train)) and all(t.kind == CLASSIFICATION for t in tasks)
     return Benchmark(tasks, build_stream(tasks, augmented, val), val, list(epochs), benchmark_name(config),
                      config.scenario, held_out, list(iterations), fixed, inherited)
+
+
+def load_options(config: Config) -> LoadOptions:
+    """How the config's tasks are read: their size, channels, seed, sample counts and what a bad sample does."""
+    data = config.data
+    return LoadOptions(data.image_size, config.seed, data.on_bad_sample, data.channels, data.train_size, data.val_size)
 
 
 def load_inherited(entry: TaskConfig, options: LoadOptions) -> TaskData:
