@@ -46,7 +46,6 @@ from clmtl.strategies.replay import MemorySettings, MultiTaskReplayPlugin
 from clmtl.stream.experiences import collate_for
 from clmtl.stream.tasks import DETECTION, SEGMENTATION
 from clmtl.training.plugin import evaluating, to_device
-from clmtl.training.precision import to_float
 from clmtl.training.registry import register
 
 BOX_VALUES = 5
@@ -142,7 +141,8 @@ class DarkExperienceReplayPlugin(MultiTaskReplayPlugin):
         with evaluating(strategy.model):
             for start in range(0, len(memory), STORE_BATCH):
                 images = torch.stack([memory[i][0] for i in range(start, min(start + STORE_BATCH, len(memory)))])
-                output = to_device(to_float(strategy.model(to_device(images, strategy.device), memory.head)), "cpu")
+                output = strategy.model(to_device(images, strategy.device), memory.head)
+                output = [level.float().cpu() for level in output] if memory.kind == DETECTION else output.float().cpu()
                 outputs += split_samples(reduced(output, memory.kind, self.output_stride), memory.kind)
         self.logits[experience] = outputs
         for stored, logits in self.logits.items():  # the quotas of older experiences shrank
